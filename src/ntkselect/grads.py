@@ -1,0 +1,169 @@
+"""Per-example gradients over the LoRA parameters, in one batched backward pass.
+
+For a LoRA linear map y = W x + s·B(A x), the per-example gradient of any objective that is
+a sum of per-example terms factorises over the tokens of that example:
+
+    dL/dA_b = Σ_t (∂L/∂(A x_t))ᵀ x_t      # (r, d_in)
+    dL/dB_b = Σ_t (∂L/∂(B a_t))ᵀ a_t      # (d_out, r), a_t = A x_t
+
+so forward hooks that keep each LoRA sub-layer's input, and tensor hooks that keep the
+gradient of its output, give every example's gradient from one backward pass of the summed
+objective (examples do not interact in a causal LM with padding masked). The factors are
+either materialised per example (:meth:`LoraGradientHooks.per_example`) or contracted
+against a fixed vector without ever forming the gradient (:meth:`LoraGradientHooks.dot`),
+which is what mean-kernel scoring needs.
+
+Reductions are done in float32 even when the forward pass runs under bfloat16 autocast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import NtkSelectError
+
+__all__ = ["LoraGradientHooks", "lora_parameters", "flatten_grads", "unflatten_grads"]
+
+
+def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The trainable parameters, in registration order: this order defines the layout of
+    the flattened gradient vector (and so of the projection)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+@dataclass
+class _Site:
+    module: nn.Linear
+    params: list[tuple[str, str]] = field(default_factory=list)  # (param name, "weight"|"bias")
+    inputs: list[torch.Tensor] = field(default_factory=list)  # each (B, T, d_in)
+    grads: list[torch.Tensor | None] = field(default_factory=list)  # each (B, T, d_out)
+
+
+class LoraGradientHooks:
+    """Context manager capturing per-example gradient factors of every trainable linear layer.
+
+    Usage::
+
+        with LoraGradientHooks(model) as hooks:
+            hooks.set_mask(batch.attention_mask)
+            objective(model, batch).sum().backward()
+            g = hooks.per_example()          # {name: (B, *param.shape)}
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.params = lora_parameters(model)
+        if not self.params:
+            raise NtkSelectError("the model has no trainable (LoRA) parameters: add a LoRA adapter before computing gradients")
+        self.sites: dict[str, _Site] = {}
+        for name, p in self.params:
+            mod_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(mod_name)
+            if not isinstance(module, nn.Linear) or attr not in ("weight", "bias"):
+                raise NtkSelectError(
+                    f"trainable parameter {name} is not a weight or bias of a linear LoRA layer; "
+                    "only plain LoRA on linear layers is supported (no DoRA, embedding or conv adapters)"
+                )
+            self.sites.setdefault(mod_name, _Site(module)).params.append((name, attr))
+        self._handles: list = []
+        self._mask: torch.Tensor | None = None
+
+    # -- capture -------------------------------------------------------------------------
+    def __enter__(self) -> "LoraGradientHooks":
+        for site in self.sites.values():
+            self._handles.append(site.module.register_forward_hook(self._make_hook(site)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.clear()
+
+    def _make_hook(self, site: _Site):
+        def hook(module, args, output):
+            if not torch.is_grad_enabled() or not output.requires_grad:
+                return
+            site.inputs.append(args[0].detach())
+            site.grads.append(None)
+            k = len(site.grads) - 1
+
+            def keep_grad(g, site=site, k=k):
+                site.grads[k] = g.detach()
+
+            output.register_hook(keep_grad)
+
+        return hook
+
+    def set_mask(self, attention_mask: torch.Tensor) -> None:
+        """Zero the factors at padding positions: pad rows may hold junk activations."""
+        self._mask = attention_mask.bool().unsqueeze(-1)  # (B, T, 1)
+
+    def clear(self) -> None:
+        for site in self.sites.values():
+            site.inputs.clear()
+            site.grads.clear()
+
+    def _factors(self, site: _Site):
+        # (B, T, d_in), (B, T, d_out) pairs in float32, one per call of the layer
+        for x, g in zip(site.inputs, site.grads):
+            if g is None:  # the output did not reach the objective
+                continue
+            x, g = x.float(), g.float()
+            if self._mask is not None:
+                x = x.masked_fill(~self._mask, 0.0)
+                g = g.masked_fill(~self._mask, 0.0)
+            yield x, g
+
+    # -- results -------------------------------------------------------------------------
+    def per_example(self) -> dict[str, torch.Tensor]:
+        """{param name: (B, *param.shape)} float32 per-example gradients."""
+        out: dict[str, torch.Tensor] = {}
+        for site in self.sites.values():
+            for x, g in self._factors(site):
+                for name, attr in site.params:
+                    val = torch.einsum("bto,bti->boi", g, x) if attr == "weight" else g.sum(1)
+                    out[name] = out[name] + val if name in out else val
+        missing = [n for n, _ in self.params if n not in out]
+        if missing:
+            raise NtkSelectError(f"no gradient reached {missing[0]}: the objective does not depend on it")
+        return {n: out[n] for n, _ in self.params}
+
+    def dot(self, vec: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B,) float32: ⟨vec, g_b⟩ for every example b, without forming g_b.
+
+        ⟨V, Σ_t g_t x_tᵀ⟩ = Σ_t g_tᵀ V x_t, so each site costs one (B·T, d_in) × (d_in, d_out)
+        product, the same as its forward pass."""
+        total = None
+        for site in self.sites.values():
+            for x, g in self._factors(site):
+                for name, attr in site.params:
+                    v = vec[name].float()
+                    if attr == "weight":
+                        s = torch.einsum("bto,bto->b", g, x @ v.T)  # (B,)
+                    else:
+                        s = torch.einsum("bto,o->b", g, v)
+                    total = s if total is None else total + s
+        if total is None:
+            raise NtkSelectError("no gradient was captured: run the backward pass inside the hooks' context")
+        return total
+
+
+def flatten_grads(grads: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    """{name: (B, *shape)} -> (B, D) in the given parameter order (row-major per parameter)."""
+    return torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], dim=1)
+
+
+def unflatten_grads(flat: torch.Tensor, shapes: list[tuple[str, torch.Size]]) -> dict[str, torch.Tensor]:
+    """(D,) -> {name: shape} in the given order (inverse of :func:`flatten_grads` for one vector)."""
+    out, off = {}, 0
+    for name, shape in shapes:
+        n = int(torch.Size(shape).numel())
+        out[name] = flat[off : off + n].reshape(shape)
+        off += n
+    if off != flat.numel():
+        raise ValueError(f"vector has {flat.numel()} entries, parameters need {off}")
+    return out
