@@ -1,0 +1,35 @@
+"""ntkselect: select auxiliary fine-tuning data with the Jacobian-free NTK (NTK-Selector).
+
+The pipeline is one module per stage: :mod:`~ntkselect.warmup`, :mod:`~ntkselect.stage1`,
+:mod:`~ntkselect.stage2`; :func:`select` runs them all from a :class:`SelectConfig`.
+"""
+
+from .config import SelectConfig
+from .data import Record, load_records, tokenize_records
+from .errors import NtkSelectError
+from .pipeline import SelectionResult, select
+from .projection import RademacherProjector
+from .runtime import Runtime
+from .stage1 import embed, preselect
+from .stage2 import run_stage2
+from .warmup import WarmupOptions, add_lora, warmup
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SelectConfig",
+    "SelectionResult",
+    "select",
+    "NtkSelectError",
+    "Record",
+    "load_records",
+    "tokenize_records",
+    "Runtime",
+    "WarmupOptions",
+    "add_lora",
+    "warmup",
+    "embed",
+    "preselect",
+    "run_stage2",
+    "RademacherProjector",
+]

@@ -1,0 +1,103 @@
+"""Run configuration: one validated dataclass, the single source of every option.
+
+The CLI builds its flags from these fields (name, type, default and help), so the Python API
+and the command line cannot drift apart. :meth:`SelectConfig.validate` names the bad field
+and the fix in a one-line :class:`~ntkselect.errors.NtkSelectError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import NtkSelectError
+
+__all__ = ["SelectConfig"]
+
+
+def _opt(default: Any, help: str, **kw) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class SelectConfig:
+    # -- inputs and outputs -----------------------------------------------------------
+    domain: str = _opt("", "domain examples D (JSONL, JSON, CSV, Parquet or a datasets folder)", required=True)
+    pool: str = _opt("", "candidate pool C, same formats", required=True)
+    n: int = _opt(0, "how many pool examples to select (N)", required=True)
+    out: str = _opt("", "run folder for selected.jsonl, scores.jsonl, adapter/, train.jsonl, manifest.json", required=True)
+    model: str = _opt("default", "Hugging Face causal-LM folder or cached name; 'default' = embedded SmolLM2-135M-Instruct")
+    template: str = _opt("auto", "how prompt/response records are rendered: auto (chat if the tokenizer has a chat template), chat or plain", choices=("auto", "chat", "plain"))
+    max_length: int = _opt(512, "maximum tokens per example; longer ones are truncated and counted")
+    seed: int = _opt(0, "seed for LoRA initialisation, warm-up order and the projection")
+    overwrite: bool = _opt(False, "replace the results of an earlier run in --out")
+    # -- warm-up ----------------------------------------------------------------------
+    lora_r: int = _opt(8, "LoRA rank")
+    lora_alpha: float = _opt(16.0, "LoRA alpha (scaling = alpha / r)")
+    lora_dropout: float = _opt(0.05, "LoRA dropout during warm-up (off when computing gradients)")
+    lora_target_modules: str = _opt("all-linear", "comma-separated module names to adapt, or all-linear")
+    warmup_epochs: float = _opt(1.0, "warm-up epochs on D; 0 skips training (the fresh adapter is still saved)")
+    warmup_lr: float = _opt(2e-4, "warm-up learning rate (AdamW, linear decay)")
+    warmup_batch_size: int = _opt(8, "warm-up batch size")
+    # -- stage 1 ----------------------------------------------------------------------
+    knn_k: int = _opt(32, "each domain example votes for its K nearest candidates (raised automatically if too few get votes)")
+    preselect_factor: float = _opt(4.0, "stage 1 keeps M = factor x N candidates for stage 2")
+    # -- stage 2 ----------------------------------------------------------------------
+    proj_dim: int = _opt(8192, "Rademacher projection size p (the paper's 8192); 0 scores with the exact, unprojected kernel")
+    # -- execution --------------------------------------------------------------------
+    batch_size: int = _opt(16, "examples per batch in stages 1 and 2")
+    max_batch_tokens: int = _opt(8192, "padded tokens per batch in stages 1 and 2 (batches are length-sorted)")
+    precision: str = _opt("auto", "matmul precision: auto (bfloat16 where the hardware has it), float32 or bfloat16; reductions stay float32", choices=("auto", "float32", "bfloat16"))
+    padding_side: str = _opt("right", "pad batches on the right or left (scores do not depend on it)", choices=("right", "left"))
+    device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
+    threads: int = _opt(0, "CPU threads for torch and FAISS (0 = torch's default)")
+
+    def validate(self) -> "SelectConfig":
+        def bad(name: str, why: str) -> NtkSelectError:
+            flag = "--" + name.replace("_", "-")
+            return NtkSelectError(f"{flag}: {why} (got {getattr(self, name)!r})")
+
+        for f in fields(self):
+            if f.metadata.get("required") and getattr(self, f.name) in ("", None):
+                raise NtkSelectError(f"--{f.name.replace('_', '-')} is required")
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise bad(f.name, f"must be one of {', '.join(choices)}")
+        for name in ("n", "max_length", "lora_r", "warmup_batch_size", "knn_k", "batch_size", "max_batch_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise bad(name, "must be a positive integer")
+        if self.max_length < 2:
+            raise bad("max_length", "must be at least 2 tokens")
+        if self.proj_dim < 0 or self.proj_dim % 8:
+            raise bad("proj_dim", "must be 0 (exact) or a positive multiple of 8")
+        if self.seed < 0:
+            raise bad("seed", "must be non-negative")
+        if self.warmup_epochs < 0:
+            raise bad("warmup_epochs", "must be >= 0")
+        if self.warmup_lr <= 0:
+            raise bad("warmup_lr", "must be positive")
+        if self.lora_alpha <= 0:
+            raise bad("lora_alpha", "must be positive")
+        if not 0 <= self.lora_dropout < 1:
+            raise bad("lora_dropout", "must be in [0, 1)")
+        if self.preselect_factor < 1:
+            raise bad("preselect_factor", "must be at least 1")
+        if self.max_batch_tokens < self.max_length:
+            raise bad("max_batch_tokens", f"must be at least --max-length ({self.max_length}) so every example fits in a batch")
+        if self.threads < 0:
+            raise bad("threads", "must be >= 0")
+        if not self.lora_target_modules.strip():
+            raise bad("lora_target_modules", "must name modules or be all-linear")
+        return self
+
+    def target_modules(self) -> str | list[str]:
+        t = self.lora_target_modules.strip()
+        return t if t == "all-linear" else [m.strip() for m in t.split(",") if m.strip()]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}

@@ -1,0 +1,65 @@
+"""Execution settings shared by every stage: device, precision, batching, progress."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .errors import NtkSelectError
+
+__all__ = ["Runtime", "resolve_device", "resolve_precision", "cpu_has_bf16"]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """True when the CPU multiplies bfloat16 natively (AMX or AVX512-BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise NtkSelectError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return dev
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+@dataclass
+class Runtime:
+    """How to run: the same object is handed to every stage."""
+
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32  # autocast dtype for matmuls; float32 = no autocast
+    batch_size: int = 16
+    max_batch_tokens: int = 8192
+    padding_side: str = "right"
+    pad_id: int = 0
+    progress: bool = True
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def describe(self) -> dict:
+        return {"device": str(self.device), "precision": str(self.dtype).replace("torch.", ""), "batch_size": self.batch_size,
+                "max_batch_tokens": self.max_batch_tokens, "padding_side": self.padding_side}

@@ -1,0 +1,151 @@
+"""Stage 2: Jacobian-free NTK scores.
+
+g(x) = ∇_LoRA f(x), f(x) = (1/T) Σ_t Σ_k logit[t,k](x); Θ̃(x, x') = ⟨φ(g(x)), φ(g(x'))⟩ with
+the seeded Rademacher projection φ (or the identity when ``proj_dim = 0``), and
+s_j = mean_i Θ̃(x_i, c_j).
+
+Both the mean over D and the projection are linear, so
+
+    s_j = ⟨φ(ḡ_D), φ(g(c_j))⟩ = ⟨v, g(c_j)⟩,   ḡ_D = mean_i g(x_i),   v = φ*(φ(ḡ_D)),
+
+and the score of every candidate is one inner product with a fixed vector v. Stage 2 therefore
+(1) accumulates ḡ_D from batched per-example gradients, (2) computes v with two passes over
+the projection blocks, and (3) scores candidates in batches by contracting the per-token
+gradient factors inside the LoRA hooks against v, never forming a per-example gradient or the
+domain × candidate kernel. The result is the paper's projected mean-kernel score, not an
+approximation of it; :func:`projected_features` computes φ(g) explicitly for tests and for
+per-pair kernels.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .batching import iter_batches, make_batches
+from .errors import NtkSelectError
+from .grads import LoraGradientHooks, flatten_grads, lora_parameters, unflatten_grads
+from .lm import summed_head, summed_logits
+from .progress import Progress
+from .projection import RademacherProjector
+from .runtime import Runtime
+
+__all__ = ["Stage2Result", "per_example_gradients", "domain_mean_gradient", "score_against", "projected_features", "run_stage2"]
+
+
+@dataclass
+class Stage2Result:
+    scores: np.ndarray  # (n_candidates,) float64, in the order of the candidates given
+    grad_dim: int
+    proj_dim: int
+    seconds: dict = field(default_factory=dict)
+    tokens: dict = field(default_factory=dict)
+    projector: dict | None = None
+
+
+def _batches(examples: Sequence, rt: Runtime):
+    batches = make_batches([len(e.input_ids) for e in examples], rt.batch_size, rt.max_batch_tokens)
+    return iter_batches(examples, batches, rt.pad_id, rt.padding_side)
+
+
+def _backward_batches(model, examples, rt: Runtime, desc: str, names: Sequence[str] | None = None):
+    """Yield (batch, hooks) after the backward pass of Σ_b f(x_b) for each batch."""
+    model.eval()  # no dropout: g is the gradient of the deterministic network
+    head = summed_head(model)
+    prog = Progress(desc, len(examples), enabled=rt.progress)
+    with LoraGradientHooks(model) as hooks:
+        for batch in _batches(examples, rt):
+            batch = batch.to(rt.device)
+            hooks.clear()
+            hooks.set_mask(batch.attention_mask)
+            with rt.autocast():
+                f = summed_logits(model, batch, head)  # (B,)
+            if not torch.isfinite(f).all():
+                bad = int(batch.index[(~torch.isfinite(f)).nonzero()[0, 0].cpu()])
+                raise NtkSelectError(f"{desc}: example #{bad} gives a non-finite summed logit; check its text or use --precision float32")
+            # Σ_b f_b: examples do not interact, so each example's share of the gradient is its own
+            f.sum().backward()
+            yield batch, hooks
+            prog.update(len(batch.index), batch.n_tokens)
+    for _, p in lora_parameters(model):
+        p.grad = None
+    prog.close()
+
+
+def per_example_gradients(model, examples: Sequence, rt: Runtime) -> torch.Tensor:
+    """(n, D) float32 per-example gradients in input order (for tests and small sets)."""
+    names = [n for n, _ in lora_parameters(model)]
+    out: torch.Tensor | None = None
+    for batch, hooks in _backward_batches(model, examples, rt, "gradients"):
+        g = flatten_grads(hooks.per_example(), names).cpu()  # (B, D)
+        if out is None:
+            out = torch.zeros(len(examples), g.shape[1])
+        out[batch.index] = g
+    return out
+
+
+def domain_mean_gradient(model, examples: Sequence, rt: Runtime) -> dict[str, torch.Tensor]:
+    """ḡ_D = mean_i g(x_i), {name: param-shaped float32 tensor}, from batched per-example gradients."""
+    total: dict[str, torch.Tensor] = {}
+    for batch, hooks in _backward_batches(model, examples, rt, "stage 2: domain gradients"):
+        for name, g in hooks.per_example().items():  # (B, *shape)
+            s = g.sum(0)
+            if not torch.isfinite(s).all():
+                raise NtkSelectError(f"stage 2: a domain example in batch {batch.index.tolist()} has a non-finite gradient in {name}")
+            total[name] = total[name] + s if name in total else s
+    return {n: t / len(examples) for n, t in total.items()}
+
+
+def score_against(model, examples: Sequence, vec: dict[str, torch.Tensor], rt: Runtime, desc: str = "stage 2: candidates") -> np.ndarray:
+    """(n,) float64: ⟨vec, g(x)⟩ for every example, by contraction inside the hooks."""
+    vec = {n: v.to(rt.device) for n, v in vec.items()}
+    scores = np.full(len(examples), np.nan, dtype=np.float64)
+    for batch, hooks in _backward_batches(model, examples, rt, desc):
+        s = hooks.dot(vec).double().cpu().numpy()  # (B,)
+        if not np.isfinite(s).all():
+            bad = int(batch.index[int(np.flatnonzero(~np.isfinite(s))[0])])
+            raise NtkSelectError(f"{desc}: candidate #{bad} has a non-finite gradient score; check its text or use --precision float32")
+        scores[batch.index.numpy()] = s
+    return scores
+
+
+def projected_features(model, examples: Sequence, projector: RademacherProjector, rt: Runtime) -> torch.Tensor:
+    """(n, p) φ(g(x)) for every example: the explicit route, for per-pair kernels and tests."""
+    return projector.project(per_example_gradients(model, examples, rt))
+
+
+def run_stage2(model, domain: Sequence, candidates: Sequence, rt: Runtime, proj_dim: int = 8192, seed: int = 0) -> Stage2Result:
+    names_shapes = [(n, p.shape) for n, p in lora_parameters(model)]
+    dim = sum(math.prod(s) for _, s in names_shapes)
+    times: dict[str, float] = {}
+
+    t = time.perf_counter()
+    gbar = domain_mean_gradient(model, domain, rt)
+    times["domain_gradients"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    projector = None
+    if proj_dim > 0:
+        projector = RademacherProjector(dim, proj_dim, seed, device=rt.device)
+        flat = flatten_grads({n: g.unsqueeze(0) for n, g in gbar.items()}, [n for n, _ in names_shapes])[0]
+        vec = unflatten_grads(projector.gram(flat), names_shapes)  # φ*(φ(ḡ_D))
+    else:
+        vec = gbar
+    times["projection"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    scores = score_against(model, candidates, vec, rt)
+    times["candidates"] = time.perf_counter() - t
+    return Stage2Result(
+        scores=scores,
+        grad_dim=dim,
+        proj_dim=proj_dim,
+        seconds=times,
+        tokens={"domain": sum(len(e.input_ids) for e in domain), "candidates": sum(len(e.input_ids) for e in candidates)},
+        projector=projector.describe() if projector else None,
+    )

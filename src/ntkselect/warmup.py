@@ -1,0 +1,88 @@
+"""Warm-up: a short LoRA fine-tune on the domain set D.
+
+The NTK is taken at the warmed-up adapter (the paper's Θ_0 is after a brief adaptation), and
+the same adapter is what the user fine-tunes from. A plain, seeded training loop (AdamW,
+linear warm-up and decay, token-mean cross-entropy on the trained tokens) keeps the run
+deterministic and free of a Trainer dependency.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .batching import collate
+from .errors import NtkSelectError
+from .progress import Progress
+from .runtime import Runtime
+
+__all__ = ["WarmupOptions", "add_lora", "warmup"]
+
+
+@dataclass
+class WarmupOptions:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    epochs: float = 1.0
+    lr: float = 2e-4
+    batch_size: int = 8
+    seed: int = 0
+
+
+def add_lora(model, opts: WarmupOptions):
+    """Wrap ``model`` with a freshly initialised (seeded) LoRA adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(opts.seed)
+    cfg = LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout, target_modules=opts.target_modules, task_type="CAUSAL_LM", bias="none")
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as err:
+        raise NtkSelectError(f"--lora-target-modules {opts.target_modules!r}: {str(err).splitlines()[0]}") from None
+
+
+def warmup(model, examples, opts: WarmupOptions, rt: Runtime) -> dict:
+    """Train the LoRA parameters on ``examples`` in place; returns a summary (losses, time)."""
+    n = len(examples)
+    steps_per_epoch = math.ceil(n / opts.batch_size)
+    total = int(round(opts.epochs * steps_per_epoch))
+    summary = {"steps": total, "epochs": opts.epochs, "examples": n, "loss_first": None, "loss_last": None, "seconds": 0.0}
+    if total == 0:
+        return summary
+    t0 = time.perf_counter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
+    warm = max(1, int(0.03 * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    gen = torch.Generator().manual_seed(opts.seed)
+    model.train()
+    prog = Progress("warm-up", total * opts.batch_size if total else 0, enabled=rt.progress)
+    order: list[int] = []
+    losses = []
+    for step in range(total):
+        if len(order) < opts.batch_size:
+            order += torch.randperm(n, generator=gen).tolist()
+        idx, order = order[: opts.batch_size], order[opts.batch_size :]
+        batch = collate([examples[i] for i in idx], idx, rt.pad_id, rt.padding_side).to(rt.device)
+        with rt.autocast():
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, labels=batch.labels, use_cache=False)
+        loss = out.loss.float()  # token-mean cross-entropy over trained tokens
+        if not torch.isfinite(loss):
+            raise NtkSelectError(f"warm-up: the loss became non-finite at step {step + 1}; lower --warmup-lr or use --precision float32")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        sched.step()
+        optim.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        prog.update(len(idx), batch.n_tokens)
+    prog.close()
+    model.eval()
+    k = max(1, min(10, total // 5))
+    summary.update(loss_first=sum(losses[:k]) / k, loss_last=sum(losses[-k:]) / k, seconds=time.perf_counter() - t0)
+    return summary
