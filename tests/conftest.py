@@ -37,3 +37,43 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)
+
+
+def make_lora_model(model_dir: str, seed: int = 0, target="all-linear", r: int = 4):
+    """The tiny model with a LoRA adapter whose B matrices are random, as after a warm-up
+    (peft initialises B = 0, which would make every gradient with respect to A vanish)."""
+    from ntkselect.model import load_model
+    from ntkselect.warmup import WarmupOptions, add_lora
+
+    model = add_lora(load_model(model_dir), WarmupOptions(r=r, alpha=2 * r, dropout=0.0, target_modules=target, seed=seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def texts():
+    """Varied lengths so that batches always need padding."""
+    return [
+        {"text": "The heart pumps blood through the arteries."},
+        {"prompt": "What is 2 + 2?", "response": "4"},
+        {"question": "Which organ filters blood?", "answer": "The kidneys filter blood and make urine."},
+        {"messages": [{"role": "user", "content": "Name a bone."}, {"role": "assistant", "content": "The femur."}]},
+        {"text": "Insulin is a hormone made by the pancreas that lowers blood sugar after meals, and its lack causes diabetes."},
+        {"instruction": "Translate to French", "input": "good morning", "output": "bonjour"},
+        {"text": "Short one."},
+        {"prompt": "List three primes.", "response": "Two, three and five are the three smallest primes."},
+    ]
+
+
+@pytest.fixture(scope="session")
+def examples(texts, tokenizer):
+    from ntkselect.data import Record, tokenize_records
+
+    recs = [Record(id=str(i), raw=t, path="mem.jsonl", line=i + 1) for i, t in enumerate(texts)]
+    ex, _ = tokenize_records(recs, tokenizer, max_length=64, template="auto")
+    return ex

@@ -41,11 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(sel)
     demo = sub.add_parser("demo", help="run the selection on the embedded default: SmolLM2-135M-Instruct, MMLU medical as D, other MMLU subjects + reasoning-gym as the pool")
     demo.add_argument("--domain-name", default="medical", choices=("medical", "legal", "psychology"), help="which MMLU domain plays D (default: medical)")
-    demo.add_argument("--domain-size", type=int, default=200, help="domain questions (default: 200)")
-    demo.add_argument("--pool-mmlu", type=int, default=1600, help="MMLU questions from other subjects in the pool (default: 1600)")
-    demo.add_argument("--pool-reasoning", type=int, default=400, help="reasoning-gym problems in the pool (default: 400)")
+    demo.add_argument("--domain-size", type=int, default=100, help="domain questions (default: 100)")
+    demo.add_argument("--pool-mmlu", type=int, default=800, help="MMLU questions from other subjects in the pool (default: 800)")
+    demo.add_argument("--pool-reasoning", type=int, default=200, help="reasoning-gym problems in the pool (default: 200)")
     demo.add_argument("--data-seed", type=int, default=0, help="seed for sampling the demo data (default: 0)")
-    _add_config_flags(demo, skip=("domain", "pool"), defaults={"n": 200, "out": "runs/demo"})
+    _add_config_flags(demo, skip=("domain", "pool"), defaults={"n": 100, "out": "runs/demo"})
     return parser
 
 

@@ -135,17 +135,25 @@ class LoraGradientHooks:
     def dot(self, vec: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B,) float32: ⟨vec, g_b⟩ for every example b, without forming g_b.
 
-        ⟨V, Σ_t g_t x_tᵀ⟩ = Σ_t g_tᵀ V x_t, so each site costs one (B·T, d_in) × (d_in, d_out)
-        product, the same as its forward pass."""
+        ⟨V, Σ_t g_t x_tᵀ⟩ = Σ_t g_tᵀ V x_t. Each site is reduced to its rank-r side first
+        (x V̄ᵀ for lora_A, g V for lora_B), so the cost is one (B·T, d) × (d, r) product per
+        site, and only (B, T) per-token terms are masked."""
         total = None
         for site in self.sites.values():
-            for x, g in self._factors(site):
+            for x, g in zip(site.inputs, site.grads):
+                if g is None:
+                    continue
                 for name, attr in site.params:
                     v = vec[name].float()
-                    if attr == "weight":
-                        s = torch.einsum("bto,bto->b", g, x @ v.T)  # (B,)
+                    if attr == "bias":
+                        tok = g.float() @ v  # (B, T)
+                    elif v.shape[0] <= v.shape[1]:  # out <= in: reduce x to the out side
+                        tok = ((x.float() @ v.T) * g.float()).sum(-1)  # (B, T)
                     else:
-                        s = torch.einsum("bto,o->b", g, v)
+                        tok = ((g.float() @ v) * x.float()).sum(-1)  # (B, T)
+                    if self._mask is not None:  # where(), not a product: junk at pads may be inf
+                        tok = tok.masked_fill(~self._mask[..., 0], 0.0)
+                    s = tok.sum(1)
                     total = s if total is None else total + s
         if total is None:
             raise NtkSelectError("no gradient was captured: run the backward pass inside the hooks' context")

@@ -40,7 +40,7 @@ class Projector(Protocol):
 
     def project(self, grads: torch.Tensor) -> torch.Tensor: ...  # (B, D) -> (B, p)
 
-    def gram(self, vec: torch.Tensor) -> torch.Tensor: ...  # (D,) -> (D,): PᵀP... i.e. φ*(φ(vec))
+    def gram(self, vec: torch.Tensor, tick=None) -> torch.Tensor: ...  # (D,) -> (D,): PᵀP... i.e. φ*(φ(vec))
 
 
 class RademacherProjector:
@@ -88,19 +88,24 @@ class RademacherProjector:
             out += (G[:, self._rows(i)].to(self.dtype) @ R).float()
         return out / math.sqrt(self.proj_dim)
 
-    def project_back(self, u: torch.Tensor) -> torch.Tensor:
+    def project_back(self, u: torch.Tensor, tick=None) -> torch.Tensor:
         """(p,) -> (D,) float32: R u / √p, the adjoint of :meth:`project`."""
         u = u.to(self.device, torch.float32)
         out = torch.empty(self.dim, dtype=torch.float32, device=self.device)
         for i in range(self.n_blocks):
             out[self._rows(i)] = self.block(i, torch.float32) @ u
+            if tick:
+                tick()
         return out / math.sqrt(self.proj_dim)
 
-    def gram(self, vec: torch.Tensor) -> torch.Tensor:
+    def gram(self, vec: torch.Tensor, tick=None) -> torch.Tensor:
         """(D,) -> (D,): φ*(φ(vec)) = R Rᵀ vec / p, so that ⟨gram(a), b⟩ = ⟨φ(a), φ(b)⟩ exactly
-        (up to float rounding) for every b. Two passes over R, computed in float32."""
+        (up to float rounding) for every b. Two passes over R, computed in float32;
+        ``tick`` is called once per block visited (2 × n_blocks in all)."""
         vec = vec.to(self.device, torch.float32)
         u = torch.zeros(self.proj_dim, dtype=torch.float32, device=self.device)
         for i in range(self.n_blocks):
             u += vec[self._rows(i)] @ self.block(i, torch.float32)
-        return self.project_back(u / math.sqrt(self.proj_dim))
+            if tick:
+                tick()
+        return self.project_back(u / math.sqrt(self.proj_dim), tick)

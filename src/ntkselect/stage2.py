@@ -53,6 +53,12 @@ def _batches(examples: Sequence, rt: Runtime):
     return iter_batches(examples, batches, rt.pad_id, rt.padding_side)
 
 
+def _check_finite(f: torch.Tensor, batch, desc: str) -> None:
+    if not torch.isfinite(f).all():
+        bad = int(batch.index[int((~torch.isfinite(f)).nonzero()[0, 0])])
+        raise NtkSelectError(f"{desc}: example #{bad} gives a non-finite summed logit; check its text or use --precision float32")
+
+
 def _backward_batches(model, examples, rt: Runtime, desc: str, names: Sequence[str] | None = None):
     """Yield (batch, hooks) after the backward pass of Σ_b f(x_b) for each batch."""
     model.eval()  # no dropout: g is the gradient of the deterministic network
@@ -65,9 +71,7 @@ def _backward_batches(model, examples, rt: Runtime, desc: str, names: Sequence[s
             hooks.set_mask(batch.attention_mask)
             with rt.autocast():
                 f = summed_logits(model, batch, head)  # (B,)
-            if not torch.isfinite(f).all():
-                bad = int(batch.index[(~torch.isfinite(f)).nonzero()[0, 0].cpu()])
-                raise NtkSelectError(f"{desc}: example #{bad} gives a non-finite summed logit; check its text or use --precision float32")
+            _check_finite(f, batch, desc)
             # Σ_b f_b: examples do not interact, so each example's share of the gradient is its own
             f.sum().backward()
             yield batch, hooks
@@ -90,15 +94,31 @@ def per_example_gradients(model, examples: Sequence, rt: Runtime) -> torch.Tenso
 
 
 def domain_mean_gradient(model, examples: Sequence, rt: Runtime) -> dict[str, torch.Tensor]:
-    """ḡ_D = mean_i g(x_i), {name: param-shaped float32 tensor}, from batched per-example gradients."""
-    total: dict[str, torch.Tensor] = {}
-    for batch, hooks in _backward_batches(model, examples, rt, "stage 2: domain gradients"):
-        for name, g in hooks.per_example().items():  # (B, *shape)
-            s = g.sum(0)
-            if not torch.isfinite(s).all():
-                raise NtkSelectError(f"stage 2: a domain example in batch {batch.index.tolist()} has a non-finite gradient in {name}")
-            total[name] = total[name] + s if name in total else s
-    return {n: t / len(examples) for n, t in total.items()}
+    """ḡ_D = mean_i g(x_i), {name: param-shaped float32 tensor}.
+
+    Σ_i g(x_i) = ∇ Σ_i f(x_i), so the batch gradient that autograd accumulates in ``.grad``
+    is exactly the sum of the per-example gradients; no per-example tensor is needed."""
+    model.eval()
+    head = summed_head(model)
+    params = lora_parameters(model)
+    for _, p in params:
+        p.grad = None
+    prog = Progress("stage 2: domain gradients", len(examples), enabled=rt.progress)
+    for batch in _batches(examples, rt):
+        batch = batch.to(rt.device)
+        with rt.autocast():
+            f = summed_logits(model, batch, head)  # (B,)
+        _check_finite(f, batch, "stage 2: domain")
+        f.sum().backward()  # accumulates Σ_b g(x_b) into .grad
+        prog.update(len(batch.index), batch.n_tokens)
+    prog.close()
+    out = {n: p.grad.float() / len(examples) for n, p in params}
+    for _, p in params:
+        p.grad = None
+    for name, g in out.items():
+        if not torch.isfinite(g).all():
+            raise NtkSelectError(f"stage 2: the mean domain gradient is not finite in {name}; use --precision float32 or check the domain data")
+    return out
 
 
 def score_against(model, examples: Sequence, vec: dict[str, torch.Tensor], rt: Runtime, desc: str = "stage 2: candidates") -> np.ndarray:
@@ -133,7 +153,9 @@ def run_stage2(model, domain: Sequence, candidates: Sequence, rt: Runtime, proj_
     if proj_dim > 0:
         projector = RademacherProjector(dim, proj_dim, seed, device=rt.device)
         flat = flatten_grads({n: g.unsqueeze(0) for n, g in gbar.items()}, [n for n, _ in names_shapes])[0]
-        vec = unflatten_grads(projector.gram(flat), names_shapes)  # φ*(φ(ḡ_D))
+        prog = Progress(f"stage 2: projection to p={proj_dim} (blocks)", 2 * projector.n_blocks, enabled=rt.progress)
+        vec = unflatten_grads(projector.gram(flat, tick=lambda: prog.update(1)), names_shapes)  # φ*(φ(ḡ_D))
+        prog.close()
     else:
         vec = gbar
     times["projection"] = time.perf_counter() - t
