@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_lora_model
 from ntkselect.batching import collate
-from ntkselect.grads import LoraGradientHooks, flatten_grads, lora_parameters
+from ntkselect.grads import flatten_grads, gradient_hooks, lora_parameters
 from ntkselect.lm import summed_logits
 from ntkselect.runtime import Runtime
 from ntkselect.stage2 import per_example_gradients
@@ -41,11 +41,12 @@ def reference(model, examples, tokenizer):
     return naive_gradients(model, examples, tokenizer.pad_token_id)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "peft-hooks"])
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_hook_gradients_equal_naive_loop(model, examples, reference, tokenizer, batch_size, padding_side):
+def test_hook_gradients_equal_naive_loop(model, examples, reference, tokenizer, batch_size, padding_side, fused):
     rt = Runtime(batch_size=batch_size, padding_side=padding_side, pad_id=tokenizer.pad_token_id, progress=False)
-    g = per_example_gradients(model, examples, rt)
+    g = per_example_gradients(model, examples, rt, fused=fused)
     assert g.shape == reference.shape
     assert reference.norm(dim=1).min() > 0
     for i in range(len(examples)):  # per example, so one bad row cannot hide behind the others
@@ -80,20 +81,35 @@ def test_summed_logits_never_builds_vocabulary_tensor(model, examples, tokenizer
     torch.testing.assert_close(f, f_ref, rtol=1e-4, atol=1e-3)
 
 
-def test_hook_dot_equals_inner_product_with_materialised_gradients(model, examples, tokenizer):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "peft-hooks"])
+def test_hook_dot_and_sum_equal_materialised_gradients(model, examples, reference, tokenizer, fused):
     names = [n for n, _ in lora_parameters(model)]
     gen = torch.Generator().manual_seed(3)
     vec = {n: torch.randn(p.shape, generator=gen) for n, p in lora_parameters(model)}
     b = collate(examples, range(len(examples)), tokenizer.pad_token_id, "left")
-    with LoraGradientHooks(model) as hooks:
+    with gradient_hooks(model, fused) as hooks:
         hooks.set_mask(b.attention_mask)
         summed_logits(model, b).sum().backward()
         dots = hooks.dot(vec)
-        g = flatten_grads(hooks.per_example(), names)
+        total = flatten_grads({n: t.unsqueeze(0) for n, t in hooks.batch_sum().items()}, names)[0]
     for _, p in lora_parameters(model):
         p.grad = None
-    ref = g @ flatten_grads({n: v.unsqueeze(0) for n, v in vec.items()}, names)[0]
+    ref = reference @ flatten_grads({n: v.unsqueeze(0) for n, v in vec.items()}, names)[0]
     torch.testing.assert_close(dots, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert rel_err(total, reference.sum(0)) < 1e-4
+
+
+def test_fused_context_restores_the_model(model, examples, tokenizer):
+    b = collate(examples, range(len(examples)), tokenizer.pad_token_id)
+    with torch.no_grad():
+        before = summed_logits(model, b)
+    with gradient_hooks(model, fused=True):
+        with torch.no_grad():
+            inside = summed_logits(model, b)
+    with torch.no_grad():
+        after = summed_logits(model, b)
+    torch.testing.assert_close(inside, before, rtol=1e-5, atol=1e-4)  # W + sBA is the adapted layer
+    assert torch.equal(after, before)
 
 
 def test_gradients_cover_every_lora_parameter(model, examples, reference):

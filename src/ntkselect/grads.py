@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import NtkSelectError
 
-__all__ = ["LoraGradientHooks", "lora_parameters", "flatten_grads", "unflatten_grads"]
+__all__ = ["LoraGradientHooks", "FusedLoraGradients", "gradient_hooks", "lora_parameters", "flatten_grads", "unflatten_grads"]
 
 
 def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -132,6 +132,16 @@ class LoraGradientHooks:
             raise NtkSelectError(f"no gradient reached {missing[0]}: the objective does not depend on it")
         return {n: out[n] for n, _ in self.params}
 
+    def batch_sum(self) -> dict[str, torch.Tensor]:
+        """{name: param-shaped} Σ_b g_b, without forming the per-example gradients."""
+        out: dict[str, torch.Tensor] = {}
+        for site in self.sites.values():
+            for x, g in self._factors(site):
+                for name, attr in site.params:
+                    val = torch.einsum("bto,bti->oi", g, x) if attr == "weight" else g.sum((0, 1))
+                    out[name] = out[name] + val if name in out else val
+        return {n: out[n] for n, _ in self.params if n in out}
+
     def dot(self, vec: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B,) float32: ⟨vec, g_b⟩ for every example b, without forming g_b.
 
@@ -175,3 +185,182 @@ def unflatten_grads(flat: torch.Tensor, shapes: list[tuple[str, torch.Size]]) ->
     if off != flat.numel():
         raise ValueError(f"vector has {flat.numel()} entries, parameters need {off}")
     return out
+
+
+class _FusedLoraLinear(torch.autograd.Function):
+    """y = x (W + s·B A)ᵀ + b with W, A, B treated as constants.
+
+    One matmul per layer instead of peft's three plus the elementwise scale and add, and the
+    backward computes only the input gradient (the LoRA parameters' own gradients come from
+    the hooks' factors). W + sBA is formed in float32 and recomputed in the backward pass
+    instead of being kept, so memory stays that of the frozen model."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scale):
+        ctx.save_for_backward(weight, A, B)
+        ctx.scale = scale
+        w = (weight.float() + scale * (B.float() @ A.float())).to(weight.dtype)
+        return nn.functional.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, g):  # runs outside autocast: match g's dtype explicitly
+        weight, A, B = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        w = (weight.float() + ctx.scale * (B.float() @ A.float())).to(weight.dtype)
+        return g @ w.to(g.dtype), None, None, None, None, None
+
+
+class FusedLoraGradients(LoraGradientHooks):
+    """The same per-example gradients as :class:`LoraGradientHooks`, at close to the frozen
+    model's cost.
+
+    Inside the context every LoRA linear layer runs as one fused matmul with W + sBA, and a hook
+    on the layer keeps its input x (B, T, d_in) and output gradient g (B, T, d_out). For
+    y = Wx + sB(Ax):
+
+        dA_b = s Σ_t (Bᵀ g_t) x_tᵀ,    dB_b = s Σ_t g_t (A x_t)ᵀ,
+
+    so both per-example gradients and their inner products with a fixed vector need only
+    rank-r products of x and g. Dropout is not applied (g is the deterministic network's
+    gradient), and only plain LoRA (no DoRA or other variants) is supported."""
+
+    def __init__(self, model: nn.Module):
+        from peft.tuners.lora import LoraLayer
+
+        self.model = model
+        self.params = lora_parameters(model)
+        if not self.params:
+            raise NtkSelectError("the model has no trainable (LoRA) parameters: add a LoRA adapter before computing gradients")
+        wanted = {n for n, _ in self.params}
+        self.layers: list[tuple[nn.Module, str, str, str]] = []  # (module, adapter, name of A, name of B)
+        covered: set[str] = set()
+        for mod_name, module in model.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            for adapter in module.active_adapters:
+                if adapter not in module.lora_A:
+                    continue
+                if getattr(module, "lora_variant", {}).get(adapter) is not None or not isinstance(module.get_base_layer(), nn.Linear):
+                    raise NtkSelectError(f"{mod_name}: only plain LoRA on linear layers is supported (no DoRA or other variants)")
+                a, b = f"{mod_name}.lora_A.{adapter}.weight", f"{mod_name}.lora_B.{adapter}.weight"
+                if module.lora_B[adapter].bias is not None:
+                    raise NtkSelectError(f"{mod_name}: LoRA with a bias on B is not supported by the fused path")
+                self.layers.append((module, adapter, a, b))
+                covered |= {a, b}
+        if covered != wanted:
+            extra = sorted(wanted - covered)[:1] or sorted(covered - wanted)[:1]
+            raise NtkSelectError(f"trainable parameter {extra[0]} is not a plain LoRA A/B matrix; only plain LoRA on linear layers is supported")
+        self._handles = []
+        self._saved: dict[int, tuple] = {}
+        self._mask = None
+        self._factors_store: dict[int, list] = {}
+
+    def __enter__(self) -> "FusedLoraGradients":
+        for k, (module, adapter, _, _) in enumerate(self.layers):
+            self._saved[k] = module.forward
+            module.forward = self._fused_forward(module, adapter)
+            self._factors_store[k] = []
+            self._handles.append(module.register_forward_hook(self._make_hook(k)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for k, (module, *_rest) in enumerate(self.layers):
+            module.forward = self._saved[k]
+        self._saved.clear()
+        self.clear()
+
+    @staticmethod
+    def _fused_forward(module, adapter):
+        base = module.get_base_layer()
+        A, B, s = module.lora_A[adapter].weight, module.lora_B[adapter].weight, float(module.scaling[adapter])
+
+        def forward(x, *args, **kwargs):
+            return _FusedLoraLinear.apply(x, base.weight, base.bias, A, B, s)
+
+        return forward
+
+    def _make_hook(self, k: int):
+        store = self._factors_store
+
+        def hook(module, args, output):
+            if not torch.is_grad_enabled() or not output.requires_grad:
+                return
+            entry = [args[0].detach(), None]
+            store[k].append(entry)
+
+            def keep_grad(g):
+                entry[1] = g.detach()
+
+            output.register_hook(keep_grad)
+
+        return hook
+
+    def clear(self) -> None:
+        for v in self._factors_store.values():
+            v.clear()
+
+    def _layer_factors(self):
+        """Per layer: (A, B, s, names) and the rank-r projections of every captured call:
+        xa = A x (B, T, r), gb = Bᵀ g (B, T, r), plus x and g themselves, all float32."""
+        for k, (module, adapter, na, nb) in enumerate(self.layers):
+            A = module.lora_A[adapter].weight.detach().float()  # (r, d_in)
+            B = module.lora_B[adapter].weight.detach().float()  # (d_out, r)
+            s = float(module.scaling[adapter])
+            for x, g in self._factors_store[k]:
+                if g is None:
+                    continue
+                x, g = x.float(), g.float()
+                yield na, nb, A, B, s, x, g
+
+    def per_example(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        m = self._mask  # (B, T, 1) bool
+        for na, nb, A, B, s, x, g in self._layer_factors():
+            if m is not None:
+                x, g = x.masked_fill(~m, 0.0), g.masked_fill(~m, 0.0)
+            gA = s * torch.einsum("btr,bti->bri", g @ B, x)  # (B, r, d_in)
+            gB = s * torch.einsum("bto,btr->bor", g, x @ A.T)  # (B, d_out, r)
+            out[na] = out[na] + gA if na in out else gA
+            out[nb] = out[nb] + gB if nb in out else gB
+        missing = [n for n, _ in self.params if n not in out]
+        if missing:
+            raise NtkSelectError(f"no gradient reached {missing[0]}: the objective does not depend on it")
+        return {n: out[n] for n, _ in self.params}
+
+    def batch_sum(self) -> dict[str, torch.Tensor]:
+        """{name: param-shaped} Σ_b g_b from the rank-r factors."""
+        out: dict[str, torch.Tensor] = {}
+        m = self._mask
+        for na, nb, A, B, s, x, g in self._layer_factors():
+            if m is not None:
+                x, g = x.masked_fill(~m, 0.0), g.masked_fill(~m, 0.0)
+            gA = s * torch.einsum("btr,bti->ri", g @ B, x)  # (r, d_in)
+            gB = s * torch.einsum("bto,btr->or", g, x @ A.T)  # (d_out, r)
+            out[na] = out[na] + gA if na in out else gA
+            out[nb] = out[nb] + gB if nb in out else gB
+        return {n: out[n] for n, _ in self.params if n in out}
+
+    def dot(self, vec: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B,) ⟨vec, g_b⟩ = s Σ_t [(Bᵀ g_t)·(V_A x_t) + (V_Bᵀ g_t)·(A x_t)], all rank-r products."""
+        total = None
+        for na, nb, A, B, s, x, g in self._layer_factors():
+            VA, VB = vec[na].float(), vec[nb].float()  # (r, d_in), (d_out, r)
+            left = torch.cat([g @ B, g @ VB], dim=-1)  # (B, T, 2r)
+            right = torch.cat([x @ VA.T, x @ A.T], dim=-1)  # (B, T, 2r)
+            tok = (left * right).sum(-1)  # (B, T)
+            if self._mask is not None:
+                tok = tok.masked_fill(~self._mask[..., 0], 0.0)
+            t = s * tok.sum(1)
+            total = t if total is None else total + t
+        if total is None:
+            raise NtkSelectError("no gradient was captured: run the backward pass inside the hooks' context")
+        return total
+
+
+def gradient_hooks(model: nn.Module, fused: bool = True) -> LoraGradientHooks:
+    """The fused path (default) or hooks on peft's own LoRA sub-layers (the reference)."""
+    return FusedLoraGradients(model) if fused else LoraGradientHooks(model)

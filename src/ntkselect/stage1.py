@@ -3,8 +3,8 @@
 Each example is embedded as the masked mean of its final-layer hidden states (the warmed-up
 model's). Each domain example votes for its K nearest candidates by cosine similarity
 (exact inner-product search in FAISS over L2-normalised embeddings); the M candidates with
-the most votes go to stage 2. Ties are broken by the candidate's best cosine to any domain
-example, then by its position in the pool, so the outcome is deterministic. If fewer than M
+the most votes go to stage 2. Ties are broken by the candidate's best cosine among its voters,
+then by its position in the pool, so the outcome is deterministic. If fewer than M
 candidates received a vote, K is doubled until enough have one (or K covers the pool).
 """
 
@@ -31,7 +31,7 @@ __all__ = ["Stage1Result", "embed", "knn_votes", "preselect"]
 class Stage1Result:
     selected: np.ndarray  # (M,) pool indices, best first
     votes: np.ndarray  # (n_pool,) int64
-    best_sim: np.ndarray  # (n_pool,) float32, max cosine to any domain example (-inf if never retrieved)
+    best_sim: np.ndarray  # (n_pool,) float32, best cosine among the domain examples that voted for it (-inf: no vote)
     k_used: int
     seconds: dict = field(default_factory=dict)
 

@@ -29,7 +29,7 @@ import torch
 
 from .batching import iter_batches, make_batches
 from .errors import NtkSelectError
-from .grads import LoraGradientHooks, flatten_grads, lora_parameters, unflatten_grads
+from .grads import flatten_grads, gradient_hooks, lora_parameters, unflatten_grads
 from .lm import summed_head, summed_logits
 from .progress import Progress
 from .projection import RademacherProjector
@@ -59,12 +59,12 @@ def _check_finite(f: torch.Tensor, batch, desc: str) -> None:
         raise NtkSelectError(f"{desc}: example #{bad} gives a non-finite summed logit; check its text or use --precision float32")
 
 
-def _backward_batches(model, examples, rt: Runtime, desc: str, names: Sequence[str] | None = None):
+def _backward_batches(model, examples, rt: Runtime, desc: str, fused: bool = True):
     """Yield (batch, hooks) after the backward pass of Σ_b f(x_b) for each batch."""
     model.eval()  # no dropout: g is the gradient of the deterministic network
     head = summed_head(model)
     prog = Progress(desc, len(examples), enabled=rt.progress)
-    with LoraGradientHooks(model) as hooks:
+    with gradient_hooks(model, fused) as hooks:
         for batch in _batches(examples, rt):
             batch = batch.to(rt.device)
             hooks.clear()
@@ -81,11 +81,11 @@ def _backward_batches(model, examples, rt: Runtime, desc: str, names: Sequence[s
     prog.close()
 
 
-def per_example_gradients(model, examples: Sequence, rt: Runtime) -> torch.Tensor:
+def per_example_gradients(model, examples: Sequence, rt: Runtime, fused: bool = True) -> torch.Tensor:
     """(n, D) float32 per-example gradients in input order (for tests and small sets)."""
     names = [n for n, _ in lora_parameters(model)]
     out: torch.Tensor | None = None
-    for batch, hooks in _backward_batches(model, examples, rt, "gradients"):
+    for batch, hooks in _backward_batches(model, examples, rt, "gradients", fused):
         g = flatten_grads(hooks.per_example(), names).cpu()  # (B, D)
         if out is None:
             out = torch.zeros(len(examples), g.shape[1])
@@ -93,39 +93,25 @@ def per_example_gradients(model, examples: Sequence, rt: Runtime) -> torch.Tenso
     return out
 
 
-def domain_mean_gradient(model, examples: Sequence, rt: Runtime) -> dict[str, torch.Tensor]:
-    """ḡ_D = mean_i g(x_i), {name: param-shaped float32 tensor}.
-
-    Σ_i g(x_i) = ∇ Σ_i f(x_i), so the batch gradient that autograd accumulates in ``.grad``
-    is exactly the sum of the per-example gradients; no per-example tensor is needed."""
-    model.eval()
-    head = summed_head(model)
-    params = lora_parameters(model)
-    for _, p in params:
-        p.grad = None
-    prog = Progress("stage 2: domain gradients", len(examples), enabled=rt.progress)
-    for batch in _batches(examples, rt):
-        batch = batch.to(rt.device)
-        with rt.autocast():
-            f = summed_logits(model, batch, head)  # (B,)
-        _check_finite(f, batch, "stage 2: domain")
-        f.sum().backward()  # accumulates Σ_b g(x_b) into .grad
-        prog.update(len(batch.index), batch.n_tokens)
-    prog.close()
-    out = {n: p.grad.float() / len(examples) for n, p in params}
-    for _, p in params:
-        p.grad = None
+def domain_mean_gradient(model, examples: Sequence, rt: Runtime, fused: bool = True) -> dict[str, torch.Tensor]:
+    """ḡ_D = mean_i g(x_i), {name: param-shaped float32 tensor}, summed over each batch from the
+    hooks' factors (Σ_b g_b needs no per-example tensor)."""
+    total: dict[str, torch.Tensor] = {}
+    for batch, hooks in _backward_batches(model, examples, rt, "stage 2: domain gradients", fused):
+        for name, g in hooks.batch_sum().items():
+            total[name] = total[name] + g if name in total else g
+    out = {n: total[n] / len(examples) for n, _ in lora_parameters(model)}
     for name, g in out.items():
         if not torch.isfinite(g).all():
             raise NtkSelectError(f"stage 2: the mean domain gradient is not finite in {name}; use --precision float32 or check the domain data")
     return out
 
 
-def score_against(model, examples: Sequence, vec: dict[str, torch.Tensor], rt: Runtime, desc: str = "stage 2: candidates") -> np.ndarray:
+def score_against(model, examples: Sequence, vec: dict[str, torch.Tensor], rt: Runtime, desc: str = "stage 2: candidates", fused: bool = True) -> np.ndarray:
     """(n,) float64: ⟨vec, g(x)⟩ for every example, by contraction inside the hooks."""
     vec = {n: v.to(rt.device) for n, v in vec.items()}
     scores = np.full(len(examples), np.nan, dtype=np.float64)
-    for batch, hooks in _backward_batches(model, examples, rt, desc):
+    for batch, hooks in _backward_batches(model, examples, rt, desc, fused):
         s = hooks.dot(vec).double().cpu().numpy()  # (B,)
         if not np.isfinite(s).all():
             bad = int(batch.index[int(np.flatnonzero(~np.isfinite(s))[0])])
@@ -134,18 +120,18 @@ def score_against(model, examples: Sequence, vec: dict[str, torch.Tensor], rt: R
     return scores
 
 
-def projected_features(model, examples: Sequence, projector: RademacherProjector, rt: Runtime) -> torch.Tensor:
+def projected_features(model, examples: Sequence, projector: RademacherProjector, rt: Runtime, fused: bool = True) -> torch.Tensor:
     """(n, p) φ(g(x)) for every example: the explicit route, for per-pair kernels and tests."""
-    return projector.project(per_example_gradients(model, examples, rt))
+    return projector.project(per_example_gradients(model, examples, rt, fused))
 
 
-def run_stage2(model, domain: Sequence, candidates: Sequence, rt: Runtime, proj_dim: int = 8192, seed: int = 0) -> Stage2Result:
+def run_stage2(model, domain: Sequence, candidates: Sequence, rt: Runtime, proj_dim: int = 8192, seed: int = 0, fused: bool = True) -> Stage2Result:
     names_shapes = [(n, p.shape) for n, p in lora_parameters(model)]
     dim = sum(math.prod(s) for _, s in names_shapes)
     times: dict[str, float] = {}
 
     t = time.perf_counter()
-    gbar = domain_mean_gradient(model, domain, rt)
+    gbar = domain_mean_gradient(model, domain, rt, fused)
     times["domain_gradients"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -161,7 +147,7 @@ def run_stage2(model, domain: Sequence, candidates: Sequence, rt: Runtime, proj_
     times["projection"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    scores = score_against(model, candidates, vec, rt)
+    scores = score_against(model, candidates, vec, rt, fused=fused)
     times["candidates"] = time.perf_counter() - t
     return Stage2Result(
         scores=scores,

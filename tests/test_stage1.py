@@ -1,0 +1,79 @@
+"""Stage 1: embeddings and nearest-neighbour votes against a brute-force reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_lora_model
+from ntkselect.runtime import Runtime
+from ntkselect.stage1 import embed, knn_votes, preselect
+
+
+def brute_votes(d, p, k):
+    dn = d / np.linalg.norm(d, axis=1, keepdims=True)
+    pn = p / np.linalg.norm(p, axis=1, keepdims=True)
+    sims = dn @ pn.T  # (n_domain, n_pool)
+    votes = np.zeros(len(p), np.int64)
+    best = np.full(len(p), -np.inf)
+    for row in sims:
+        top = np.argsort(-row, kind="stable")[:k]
+        votes[top] += 1
+        best[top] = np.maximum(best[top], row[top])  # best cosine among its voters
+    return votes, best
+
+
+def test_votes_match_brute_force():
+    rng = np.random.default_rng(0)
+    d, p = rng.normal(size=(20, 16)).astype(np.float32), rng.normal(size=(200, 16)).astype(np.float32)
+    votes, best = knn_votes(d, p, 7)
+    ref_votes, ref_best = brute_votes(d, p, 7)
+    np.testing.assert_array_equal(votes, ref_votes)
+    assert votes.sum() == 20 * 7
+    voted = votes > 0
+    np.testing.assert_allclose(best[voted], ref_best[voted], rtol=1e-5)
+    assert np.isneginf(best[~voted]).all()
+
+
+def test_preselect_orders_by_votes_then_similarity_then_position():
+    # two domain points; candidates 0..5 are duplicates in pairs so ties must be broken
+    d = np.array([[1, 0], [0, 1]], np.float32)
+    p = np.array([[1, 0.1], [1, 0.1], [0.1, 1], [0.1, 1], [1, 1], [-1, -1]], np.float32)
+    res = preselect(d, p, m=5, k=3)
+    assert res.votes.tolist() == [1, 1, 1, 1, 2, 0]
+    # [4] has two votes; then the four one-vote candidates by best cosine (all equal), then position
+    assert res.selected.tolist() == [4, 0, 1, 2, 3]
+    assert preselect(d, p, m=5, k=3).selected.tolist() == res.selected.tolist()
+
+
+def test_k_is_raised_until_enough_candidates_have_votes():
+    rng = np.random.default_rng(1)
+    d, p = rng.normal(size=(3, 8)).astype(np.float32), rng.normal(size=(100, 8)).astype(np.float32)
+    res = preselect(d, p, m=40, k=2)
+    assert res.k_used > 2
+    assert (res.votes > 0).sum() >= 40
+    assert len(res.selected) == 40 and len(set(res.selected.tolist())) == 40
+    assert (res.votes[res.selected] > 0).all()
+
+
+def test_m_larger_than_pool_keeps_everything():
+    rng = np.random.default_rng(2)
+    d, p = rng.normal(size=(3, 8)).astype(np.float32), rng.normal(size=(10, 8)).astype(np.float32)
+    assert sorted(preselect(d, p, m=50, k=2).selected.tolist()) == list(range(10))
+
+
+def test_embeddings_are_masked_means_and_batch_invariant(tiny_model_dir, examples, tokenizer, tmp_path):
+    model = make_lora_model(tiny_model_dir)
+    a = embed(model, examples, Runtime(batch_size=8, pad_id=tokenizer.pad_token_id, progress=False))
+    b = embed(model, examples, Runtime(batch_size=3, padding_side="left", pad_id=tokenizer.pad_token_id, progress=False),
+              out_path=tmp_path / "e.npy")
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "e.npy"), b)  # disk-backed copy is complete
+    e = examples[0]
+    with torch.no_grad():  # one example alone, with the adapter applied (not merged)
+        h = model.get_base_model().model(input_ids=torch.tensor([e.input_ids])).last_hidden_state[0]
+    np.testing.assert_allclose(a[0], h.mean(0).numpy(), rtol=1e-4, atol=1e-5)
+    assert a.shape == (len(examples), 32)
+    # merging for speed must leave the adapter exactly usable afterwards
+    assert any(m.merged is False for m in model.modules() if hasattr(m, "merged"))
