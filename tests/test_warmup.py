@@ -39,3 +39,21 @@ def test_zero_epochs_leaves_the_fresh_adapter(tiny_model_dir, examples, tokenize
     summary = warmup(model, examples, WarmupOptions(seed=1, epochs=0), Runtime(pad_id=tokenizer.pad_token_id, progress=False))
     assert summary["steps"] == 0
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_fused_training_gradients_equal_autograd_through_peft(tiny_model_dir, examples, tokenizer):
+    from conftest import make_lora_model
+    from ntkselect.grads import lora_parameters
+    from ntkselect.warmup import loss_and_grads
+
+    model = make_lora_model(tiny_model_dir, seed=2)
+    rt = Runtime(pad_id=tokenizer.pad_token_id, progress=False)
+    b = collate(examples, range(len(examples)), tokenizer.pad_token_id, "left")
+    grads = {}
+    for fused in (False, True):
+        loss = loss_and_grads(model, b, rt, fused)
+        grads[fused] = torch.cat([p.grad.reshape(-1) for _, p in lora_parameters(model)])
+        for _, p in lora_parameters(model):
+            p.grad = None
+    assert float(grads[False].norm()) > 0
+    assert float((grads[True] - grads[False]).norm() / grads[False].norm()) < 1e-4

@@ -35,7 +35,7 @@ class SelectConfig:
     # -- warm-up ----------------------------------------------------------------------
     lora_r: int = _opt(8, "LoRA rank")
     lora_alpha: float = _opt(16.0, "LoRA alpha (scaling = alpha / r)")
-    lora_dropout: float = _opt(0.05, "LoRA dropout during warm-up (off when computing gradients)")
+    lora_dropout: float = _opt(0.0, "LoRA dropout during warm-up (never applied to gradients); 0 lets the warm-up use the fused LoRA path, about 2x faster")
     lora_target_modules: str = _opt("all-linear", "comma-separated module names to adapt, or all-linear")
     warmup_epochs: float = _opt(1.0, "warm-up epochs on D; 0 skips training (the fresh adapter is still saved)")
     warmup_lr: float = _opt(2e-4, "warm-up learning rate (AdamW, linear decay)")
@@ -44,7 +44,8 @@ class SelectConfig:
     knn_k: int = _opt(32, "each domain example votes for its K nearest candidates (raised automatically if too few get votes)")
     preselect_factor: float = _opt(4.0, "stage 1 keeps M = factor x N candidates for stage 2")
     # -- stage 2 ----------------------------------------------------------------------
-    proj_dim: int = _opt(8192, "Rademacher projection size p (the paper's 8192); 0 scores with the exact, unprojected kernel")
+    proj_dim: int = _opt(0, "0 (default) scores with the exact, unprojected kernel, which the mean over D makes as cheap as a projection; "
+                            "p > 0 uses the paper's seeded Rademacher projection to p dimensions (the paper: 8192)")
     # -- execution --------------------------------------------------------------------
     batch_size: int = _opt(16, "examples per batch in stages 1 and 2")
     max_batch_tokens: int = _opt(8192, "padded tokens per batch in stages 1 and 2 (batches are length-sorted)")

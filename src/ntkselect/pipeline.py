@@ -158,7 +158,8 @@ def select(cfg: SelectConfig, log=print) -> SelectionResult:
     # -- stage 2 --------------------------------------------------------------------------
     t = time.perf_counter()
     cand = s1.selected
-    s2 = run_stage2(model, dom_ex, [pool_ex[i] for i in cand], rt, proj_dim=cfg.proj_dim, seed=cfg.seed)
+    s2 = run_stage2(model, dom_ex, [pool_ex[i] for i in cand], rt, proj_dim=cfg.proj_dim, seed=cfg.seed,
+                    domain_ids=[r.id for r in domain], candidate_ids=[pool[int(i)].id for i in cand])
     timings["stage2"] = time.perf_counter() - t
 
     # -- outputs --------------------------------------------------------------------------

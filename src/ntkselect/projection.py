@@ -19,9 +19,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
-__all__ = ["Projector", "RademacherProjector", "BLOCK_ROWS"]
+__all__ = ["Projector", "RademacherProjector", "BLOCK_ROWS", "PAPER_PROJ_DIM"]
 
 BLOCK_ROWS = 1024
+PAPER_PROJ_DIM = 8192  # the paper's p
 
 # byte -> its 8 bits as ±1 (bit set = -1), most significant bit first, in bfloat16 and in
 # float32, viewed as uint64 rows so that numpy's take copies whole rows per random byte.
@@ -50,7 +51,7 @@ class RademacherProjector:
     bfloat16 only rounds the gradients); accumulation over blocks is always float32.
     """
 
-    def __init__(self, dim: int, proj_dim: int, seed: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, dim: int, proj_dim: int = PAPER_PROJ_DIM, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         if dim <= 0 or proj_dim <= 0:
             raise ValueError(f"dim and proj_dim must be positive (got {dim}, {proj_dim})")
         if seed < 0:

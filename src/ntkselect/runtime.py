@@ -54,6 +54,7 @@ class Runtime:
     padding_side: str = "right"
     pad_id: int = 0
     progress: bool = True
+    last_batch_cap: int | None = None  # examples per batch after any out-of-memory halving
 
     def autocast(self):
         if self.dtype == torch.float32:

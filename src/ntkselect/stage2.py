@@ -20,14 +20,16 @@ per-pair kernels.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .batching import iter_batches, make_batches
+from .batching import collate, make_batches
 from .errors import NtkSelectError
 from .grads import flatten_grads, gradient_hooks, lora_parameters, unflatten_grads
 from .lm import summed_head, summed_logits
@@ -48,37 +50,65 @@ class Stage2Result:
     projector: dict | None = None
 
 
-def _batches(examples: Sequence, rt: Runtime):
-    batches = make_batches([len(e.input_ids) for e in examples], rt.batch_size, rt.max_batch_tokens)
-    return iter_batches(examples, batches, rt.pad_id, rt.padding_side)
+def _label(batch_pos: int, ids: Sequence[str] | None) -> str:
+    return f"example id {ids[batch_pos]!r}" if ids is not None else f"example #{batch_pos}"
 
 
-def _check_finite(f: torch.Tensor, batch, desc: str) -> None:
+def _check_finite(f: torch.Tensor, batch, desc: str, ids: Sequence[str] | None = None) -> None:
     if not torch.isfinite(f).all():
         bad = int(batch.index[int((~torch.isfinite(f)).nonzero()[0, 0])])
-        raise NtkSelectError(f"{desc}: example #{bad} gives a non-finite summed logit; check its text or use --precision float32")
+        raise NtkSelectError(f"{desc}: {_label(bad, ids)} gives a non-finite summed logit; check its text or use --precision float32")
 
 
-def _backward_batches(model, examples, rt: Runtime, desc: str, fused: bool = True):
-    """Yield (batch, hooks) after the backward pass of Σ_b f(x_b) for each batch."""
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _backward_batches(model, examples, rt: Runtime, desc: str, fused: bool = True, ids: Sequence[str] | None = None):
+    """Yield (batch, hooks) after the backward pass of Σ_b f(x_b) for each batch.
+
+    Batches are length-sorted and capped in examples and padded tokens. When a batch runs out
+    of accelerator memory it is split in half and retried, and the smaller cap is kept for the
+    rest of the run; results do not depend on the batch size, so nothing else changes."""
     model.eval()  # no dropout: g is the gradient of the deterministic network
     head = summed_head(model)
     prog = Progress(desc, len(examples), enabled=rt.progress)
+    cap = rt.batch_size
+    pending = make_batches([len(e.input_ids) for e in examples], rt.batch_size, rt.max_batch_tokens)
     with gradient_hooks(model, fused) as hooks:
-        for batch in _batches(examples, rt):
-            batch = batch.to(rt.device)
+        while pending:
+            idx = pending.pop(0)
+            if len(idx) > cap:
+                pending[:0] = [idx[i : i + cap] for i in range(0, len(idx), cap)]
+                continue
+            batch = collate([examples[i] for i in idx], idx, rt.pad_id, rt.padding_side).to(rt.device)
             hooks.clear()
             hooks.set_mask(batch.attention_mask)
-            with rt.autocast():
-                f = summed_logits(model, batch, head)  # (B,)
-            _check_finite(f, batch, desc)
-            # Σ_b f_b: examples do not interact, so each example's share of the gradient is its own
-            f.sum().backward()
+            try:
+                with rt.autocast():
+                    f = summed_logits(model, batch, head)  # (B,)
+                _check_finite(f, batch, desc, ids)
+                # Σ_b f_b: examples do not interact, so each example's share of the gradient is its own
+                f.sum().backward()
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if not _is_oom(err):
+                    raise
+                hooks.clear()
+                del batch
+                if rt.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if len(idx) == 1:
+                    raise NtkSelectError(f"{desc}: out of memory on a single example ({_label(idx[0], ids)}, {len(examples[idx[0]].input_ids)} tokens); lower --max-length") from None
+                cap = max(1, len(idx) // 2)
+                print(f"{desc}: out of memory with {len(idx)} examples per batch; retrying with {cap}", file=sys.stderr)
+                pending.insert(0, idx)
+                continue
             yield batch, hooks
             prog.update(len(batch.index), batch.n_tokens)
     for _, p in lora_parameters(model):
         p.grad = None
     prog.close()
+    rt.last_batch_cap = cap
 
 
 def per_example_gradients(model, examples: Sequence, rt: Runtime, fused: bool = True) -> torch.Tensor:
@@ -93,11 +123,11 @@ def per_example_gradients(model, examples: Sequence, rt: Runtime, fused: bool = 
     return out
 
 
-def domain_mean_gradient(model, examples: Sequence, rt: Runtime, fused: bool = True) -> dict[str, torch.Tensor]:
+def domain_mean_gradient(model, examples: Sequence, rt: Runtime, fused: bool = True, ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """ḡ_D = mean_i g(x_i), {name: param-shaped float32 tensor}, summed over each batch from the
     hooks' factors (Σ_b g_b needs no per-example tensor)."""
     total: dict[str, torch.Tensor] = {}
-    for batch, hooks in _backward_batches(model, examples, rt, "stage 2: domain gradients", fused):
+    for batch, hooks in _backward_batches(model, examples, rt, "stage 2: domain gradients", fused, ids):
         for name, g in hooks.batch_sum().items():
             total[name] = total[name] + g if name in total else g
     out = {n: total[n] / len(examples) for n, _ in lora_parameters(model)}
@@ -107,31 +137,63 @@ def domain_mean_gradient(model, examples: Sequence, rt: Runtime, fused: bool = T
     return out
 
 
-def score_against(model, examples: Sequence, vec: dict[str, torch.Tensor], rt: Runtime, desc: str = "stage 2: candidates", fused: bool = True) -> np.ndarray:
+def score_against(model, examples: Sequence, vec: dict[str, torch.Tensor], rt: Runtime, desc: str = "stage 2: candidates", fused: bool = True,
+                  ids: Sequence[str] | None = None) -> np.ndarray:
     """(n,) float64: ⟨vec, g(x)⟩ for every example, by contraction inside the hooks."""
     vec = {n: v.to(rt.device) for n, v in vec.items()}
     scores = np.full(len(examples), np.nan, dtype=np.float64)
-    for batch, hooks in _backward_batches(model, examples, rt, desc, fused):
+    for batch, hooks in _backward_batches(model, examples, rt, desc, fused, ids):
         s = hooks.dot(vec).double().cpu().numpy()  # (B,)
         if not np.isfinite(s).all():
             bad = int(batch.index[int(np.flatnonzero(~np.isfinite(s))[0])])
-            raise NtkSelectError(f"{desc}: candidate #{bad} has a non-finite gradient score; check its text or use --precision float32")
+            raise NtkSelectError(f"{desc}: {_label(bad, ids)} has a non-finite gradient; check its text or use --precision float32")
         scores[batch.index.numpy()] = s
     return scores
 
 
-def projected_features(model, examples: Sequence, projector: RademacherProjector, rt: Runtime, fused: bool = True) -> torch.Tensor:
-    """(n, p) φ(g(x)) for every example: the explicit route, for per-pair kernels and tests."""
-    return projector.project(per_example_gradients(model, examples, rt, fused))
+def projected_features(model, examples: Sequence, projector: RademacherProjector, rt: Runtime, fused: bool = True,
+                       out_path: str | Path | None = None, chunk_bytes: int = 1 << 30) -> np.ndarray:
+    """(n, p) float32 φ(g(x)) for every example, in input order: the explicit route, for per-pair
+    kernels, max-over-D aggregation and diagnostics.
+
+    Per-example gradients are gathered into a chunk of at most ``chunk_bytes`` and projected
+    together, so each pass over the projection blocks (the expensive part on a CPU, where the
+    blocks are generated) is shared by the whole chunk. With ``out_path`` the features go to a
+    disk-backed ``.npy``, so memory does not grow with the number of examples."""
+    names = [n for n, _ in lora_parameters(model)]
+    dim, n = projector.dim, len(examples)
+    shape = (n, projector.proj_dim)
+    out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=shape) if out_path else np.zeros(shape, np.float32)
+    cap = max(1, min(n, chunk_bytes // (4 * dim)))
+    buf = torch.zeros(cap, dim, dtype=torch.float32, device=rt.device)  # (C, D)
+    rows: list[int] = []
+
+    def flush():
+        if rows:
+            out[np.asarray(rows)] = projector.project(buf[: len(rows)]).cpu().numpy()
+            rows.clear()
+
+    for batch, hooks in _backward_batches(model, examples, rt, "stage 2: projected features", fused):
+        g = flatten_grads(hooks.per_example(), names)  # (B, D)
+        for j, i in enumerate(batch.index.tolist()):
+            if len(rows) == cap:
+                flush()
+            buf[len(rows)] = g[j]
+            rows.append(i)
+    flush()
+    if isinstance(out, np.memmap):
+        out.flush()
+    return out
 
 
-def run_stage2(model, domain: Sequence, candidates: Sequence, rt: Runtime, proj_dim: int = 8192, seed: int = 0, fused: bool = True) -> Stage2Result:
+def run_stage2(model, domain: Sequence, candidates: Sequence, rt: Runtime, proj_dim: int = 8192, seed: int = 0, fused: bool = True,
+               domain_ids: Sequence[str] | None = None, candidate_ids: Sequence[str] | None = None) -> Stage2Result:
     names_shapes = [(n, p.shape) for n, p in lora_parameters(model)]
     dim = sum(math.prod(s) for _, s in names_shapes)
     times: dict[str, float] = {}
 
     t = time.perf_counter()
-    gbar = domain_mean_gradient(model, domain, rt, fused)
+    gbar = domain_mean_gradient(model, domain, rt, fused, domain_ids)
     times["domain_gradients"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -147,7 +209,7 @@ def run_stage2(model, domain: Sequence, candidates: Sequence, rt: Runtime, proj_
     times["projection"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    scores = score_against(model, candidates, vec, rt, fused=fused)
+    scores = score_against(model, candidates, vec, rt, fused=fused, ids=candidate_ids)
     times["candidates"] = time.perf_counter() - t
     return Stage2Result(
         scores=scores,

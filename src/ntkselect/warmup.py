@@ -17,6 +17,7 @@ import torch
 from .batching import collate
 from .lm import _causal_lm, final_hidden
 from .errors import NtkSelectError
+from .grads import FusedLoraGradients, lora_parameters
 from .progress import Progress
 from .runtime import Runtime
 
@@ -27,7 +28,7 @@ __all__ = ["WarmupOptions", "add_lora", "warmup"]
 class WarmupOptions:
     r: int = 8
     alpha: float = 16.0
-    dropout: float = 0.05
+    dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
     epochs: float = 1.0
     lr: float = 2e-4
@@ -60,6 +61,29 @@ def trained_token_loss(model, batch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), targets)
 
 
+def loss_and_grads(model, batch, rt: Runtime, fused: bool) -> torch.Tensor:
+    """The loss of one batch, with the LoRA parameters' ``.grad`` set.
+
+    ``fused`` (used when there is no dropout) runs every LoRA layer as one matmul with W + sBA
+    and takes the parameter gradients from the per-token factors that stage 2 uses
+    (:class:`~ntkselect.grads.FusedLoraGradients`): the same gradient as autograd through peft's
+    layers, at about half the cost on a CPU."""
+    if not fused:
+        with rt.autocast():
+            loss = trained_token_loss(model, batch)
+        loss.backward()
+        return loss.detach()
+    with FusedLoraGradients(model) as hooks:
+        hooks.set_mask(batch.attention_mask)
+        with rt.autocast():
+            loss = trained_token_loss(model, batch)
+        loss.backward()
+        grads = hooks.batch_sum()
+    for name, p in lora_parameters(model):
+        p.grad = grads[name].to(p.dtype)
+    return loss.detach()
+
+
 def warmup(model, examples, opts: WarmupOptions, rt: Runtime) -> dict:
     """Train the LoRA parameters on ``examples`` in place; returns a summary (losses, time)."""
     n = len(examples)
@@ -83,11 +107,9 @@ def warmup(model, examples, opts: WarmupOptions, rt: Runtime) -> dict:
             order += torch.randperm(n, generator=gen).tolist()
         idx, order = order[: opts.batch_size], order[opts.batch_size :]
         batch = collate([examples[i] for i in idx], idx, rt.pad_id, rt.padding_side).to(rt.device)
-        with rt.autocast():
-            loss = trained_token_loss(model, batch)
+        loss = loss_and_grads(model, batch, rt, fused=opts.dropout == 0)
         if not torch.isfinite(loss):
             raise NtkSelectError(f"warm-up: the loss became non-finite at step {step + 1}; lower --warmup-lr or use --precision float32")
-        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
         sched.step()
