@@ -121,26 +121,27 @@ class LoraGradientHooks:
     # -- results -------------------------------------------------------------------------
     def per_example(self) -> dict[str, torch.Tensor]:
         """{param name: (B, *param.shape)} float32 per-example gradients."""
+        return self._ordered(self._grads(per_example=True))
+
+    def batch_sum(self) -> dict[str, torch.Tensor]:
+        """{name: param-shaped} Σ_b g_b, without forming the per-example gradients."""
+        return self._ordered(self._grads(per_example=False))
+
+    def _grads(self, per_example: bool) -> dict[str, torch.Tensor]:
+        w_eq, b_dims = ("bto,bti->boi", 1) if per_example else ("bto,bti->oi", (0, 1))
         out: dict[str, torch.Tensor] = {}
         for site in self.sites.values():
             for x, g in self._factors(site):
                 for name, attr in site.params:
-                    val = torch.einsum("bto,bti->boi", g, x) if attr == "weight" else g.sum(1)
+                    val = torch.einsum(w_eq, g, x) if attr == "weight" else g.sum(b_dims)
                     out[name] = out[name] + val if name in out else val
+        return out
+
+    def _ordered(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         missing = [n for n, _ in self.params if n not in out]
         if missing:
             raise NtkSelectError(f"no gradient reached {missing[0]}: the objective does not depend on it")
         return {n: out[n] for n, _ in self.params}
-
-    def batch_sum(self) -> dict[str, torch.Tensor]:
-        """{name: param-shaped} Σ_b g_b, without forming the per-example gradients."""
-        out: dict[str, torch.Tensor] = {}
-        for site in self.sites.values():
-            for x, g in self._factors(site):
-                for name, attr in site.params:
-                    val = torch.einsum("bto,bti->oi", g, x) if attr == "weight" else g.sum((0, 1))
-                    out[name] = out[name] + val if name in out else val
-        return {n: out[n] for n, _ in self.params if n in out}
 
     def dot(self, vec: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B,) float32: ⟨vec, g_b⟩ for every example b, without forming g_b.
@@ -316,33 +317,20 @@ class FusedLoraGradients(LoraGradientHooks):
                 x, g = x.float(), g.float()
                 yield na, nb, A, B, s, x, g
 
-    def per_example(self) -> dict[str, torch.Tensor]:
+    def _grads(self, per_example: bool) -> dict[str, torch.Tensor]:
+        # dA = s Σ_t (Bᵀ g_t) x_tᵀ: (B, r, d_in) per example, (r, d_in) summed over the batch;
+        # dB = s Σ_t g_t (A x_t)ᵀ: (B, d_out, r) or (d_out, r)
+        a_eq, b_eq = ("btr,bti->bri", "bto,btr->bor") if per_example else ("btr,bti->ri", "bto,btr->or")
         out: dict[str, torch.Tensor] = {}
         m = self._mask  # (B, T, 1) bool
         for na, nb, A, B, s, x, g in self._layer_factors():
             if m is not None:
                 x, g = x.masked_fill(~m, 0.0), g.masked_fill(~m, 0.0)
-            gA = s * torch.einsum("btr,bti->bri", g @ B, x)  # (B, r, d_in)
-            gB = s * torch.einsum("bto,btr->bor", g, x @ A.T)  # (B, d_out, r)
+            gA = s * torch.einsum(a_eq, g @ B, x)
+            gB = s * torch.einsum(b_eq, g, x @ A.T)
             out[na] = out[na] + gA if na in out else gA
             out[nb] = out[nb] + gB if nb in out else gB
-        missing = [n for n, _ in self.params if n not in out]
-        if missing:
-            raise NtkSelectError(f"no gradient reached {missing[0]}: the objective does not depend on it")
-        return {n: out[n] for n, _ in self.params}
-
-    def batch_sum(self) -> dict[str, torch.Tensor]:
-        """{name: param-shaped} Σ_b g_b from the rank-r factors."""
-        out: dict[str, torch.Tensor] = {}
-        m = self._mask
-        for na, nb, A, B, s, x, g in self._layer_factors():
-            if m is not None:
-                x, g = x.masked_fill(~m, 0.0), g.masked_fill(~m, 0.0)
-            gA = s * torch.einsum("btr,bti->ri", g @ B, x)  # (r, d_in)
-            gB = s * torch.einsum("bto,btr->or", g, x @ A.T)  # (d_out, r)
-            out[na] = out[na] + gA if na in out else gA
-            out[nb] = out[nb] + gB if nb in out else gB
-        return {n: out[n] for n, _ in self.params if n in out}
+        return out
 
     def dot(self, vec: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B,) ⟨vec, g_b⟩ = s Σ_t [(Bᵀ g_t)·(V_A x_t) + (V_Bᵀ g_t)·(A x_t)], all rank-r products."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,7 @@ def add_lora(model, opts: WarmupOptions):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(opts.seed)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft vs transformers 5
     cfg = LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout, target_modules=opts.target_modules, task_type="CAUSAL_LM", bias="none")
     try:
         return get_peft_model(model, cfg)
