@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import threading
@@ -110,9 +112,24 @@ def plain_forward(base, examples, rt):
             final_hidden(base, batch)
 
 
+def tiny_model() -> str:
+    """The test suite's tiny random Llama (2 layers, d = 32) with the SmolLM2 tokenizer, in a temp folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = load_tokenizer(None)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    path = tempfile.mkdtemp(prefix="ntkselect-tiny-")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="default", help="what `ntkselect select --model` takes")
+    ap.add_argument("--model", default="default", help="what `ntkselect select --model` takes, or `tiny` for the tests' tiny random Llama")
     ap.add_argument("--candidates", type=int, default=64, help="candidates to score (K)")
     ap.add_argument("--domain", type=int, default=16, help="domain examples for the mean gradient")
     ap.add_argument("--reference-max", type=int, default=4, help="time the slow reference on at most this many candidates (its rate is per candidate)")
@@ -121,10 +138,13 @@ def main(argv=None):
     ap.add_argument("--precision", default="float32", choices=("float32", "bfloat16", "auto"))
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--skip", default="", help="comma-separated phases to skip: reference,projected,exact,stage1")
+    ap.add_argument("--skip", default="", help="comma-separated phases to skip: reference,projected,exact,stage1,memory")
+    ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # internal: the memory probe
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
 
+    if args.model == "tiny":
+        args.model = tiny_model()
     device = resolve_device(args.device)
     rt = Runtime(device=device, dtype=resolve_precision(args.precision, device), batch_size=args.batch_size, max_batch_tokens=16384, progress=False)
     tok = load_tokenizer(args.model)
@@ -159,19 +179,18 @@ def main(argv=None):
         rows[name] = {"candidates_per_s": n / seconds, "tokens_per_s": (n_tok * n / len(cand)) / seconds, "seconds": seconds, "peak_mib": mem}
         print(f"{name:<11} {n / seconds:9.2f} cand/s {rows[name]['tokens_per_s']:10.0f} tok/s {seconds:8.1f} s  peak +{mem:8.0f} MiB {extra}", flush=True)
 
-    _, t, m = timed(device, lambda: plain_forward(base, cand, rt))
-    report("forward", len(cand), t, m)
+    if not args.probe:
+        _, t, m = timed(device, lambda: plain_forward(base, cand, rt))
+        report("forward", len(cand), t, m)
     del base
     if "exact" not in skip:
         gbar = domain_mean_gradient(model, dom, rt)
         _, t, m = timed(device, lambda: score_against(model, cand, gbar, rt))
         report("exact", len(cand), t, m)
-        # memory against pool size: the same mode on a tenth of the candidates, run second so
-        # that allocator warm-up favours the small run (the ratio errs on the high side)
-        tenth = cand[: max(1, len(cand) // 10)]
-        _, t, m = timed(device, lambda: score_against(model, tenth, gbar, rt))
-        rows["exact_tenth"] = {"candidates_per_s": len(tenth) / t, "seconds": t, "peak_mib": m}
-        print(f"exact on {len(tenth)} candidates: peak +{m:.0f} MiB; on {len(cand)}: +{rows['exact']['peak_mib']:.0f} MiB", flush=True)
+        if args.probe:
+            print(json.dumps({"probe_candidates": len(cand), "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                              "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}))
+            return 0
     if "projected" not in skip:
         proj = RademacherProjector(dim, args.proj_dim, seed=0, device=device, dtype=rt.dtype)
         _, t, m = timed(device, lambda: projected_features(model, cand, proj, rt))
@@ -193,7 +212,19 @@ def main(argv=None):
     out["projected_vs_reference"] = r("projected", "reference")
     out["exact_vs_forward"] = rows["exact"]["seconds"] / rows["forward"]["seconds"] if "exact" in rows else None
     out["projected_vs_forward"] = rows["projected"]["seconds"] / rows["forward"]["seconds"] if "projected" in rows else None
-    out["exact_memory_10x_pool"] = rows["exact"]["peak_mib"] / max(rows["exact_tenth"]["peak_mib"], 1.0) if "exact" in rows else None
+    if "memory" not in skip:
+        # peak memory of the whole process (model included) for the exact mode on K/10 and K
+        # candidates, each in a fresh process so that neither inherits the other's allocations
+        probes = {}
+        for k in (max(1, len(cand) // 10), len(cand)):
+            cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--candidates", str(k), "--probe"]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            probes[k] = json.loads(res.stdout.strip().splitlines()[-1])
+        key = "cuda_peak_mib" if device.type == "cuda" else "max_rss_mib"
+        (k1, p1), (k2, p2) = probes.items()
+        print(f"peak memory, exact mode: {p1[key]:.0f} MiB for {k1} candidates, {p2[key]:.0f} MiB for {k2}: x{p2[key] / p1[key]:.3f}")
+        out["memory_probes"] = probes
+        out["exact_memory_10x_pool"] = p2[key] / p1[key]
     out["stage1_vs_forward"] = rows["stage1"]["seconds"] / rows["forward"]["seconds"] if "stage1" in rows else None
     print(json.dumps(out))
 

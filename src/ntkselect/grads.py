@@ -98,6 +98,10 @@ class LoraGradientHooks:
 
         return hook
 
+    def stream(self, mode: str | None, vec: dict[str, torch.Tensor] | None = None) -> None:
+        """Accepted for interface parity with :class:`FusedLoraGradients`; this reference path
+        always keeps the factors until the results are asked for."""
+
     def set_mask(self, attention_mask: torch.Tensor) -> None:
         """Zero the factors at padding positions: pad rows may hold junk activations."""
         self._mask = attention_mask.bool().unsqueeze(-1)  # (B, T, 1)
@@ -256,6 +260,8 @@ class FusedLoraGradients(LoraGradientHooks):
         self._saved: dict[int, tuple] = {}
         self._mask = None
         self._factors_store: dict[int, list] = {}
+        self._stream: tuple | None = None
+        self._acc = None
 
     def __enter__(self) -> "FusedLoraGradients":
         for k, (module, adapter, _, _) in enumerate(self.layers):
@@ -290,7 +296,13 @@ class FusedLoraGradients(LoraGradientHooks):
         def hook(module, args, output):
             if not torch.is_grad_enabled() or not output.requires_grad:
                 return
-            entry = [args[0].detach(), None]
+            x = args[0].detach()
+            if self._stream is not None:
+                # reduce as soon as this layer's output gradient exists, so neither x nor g
+                # outlives the layer's own backward step
+                output.register_hook(lambda g: self._accumulate(self._reduce(k, x, g.detach(), *self._stream)))
+                return
+            entry = [x, None]
             store[k].append(entry)
 
             def keep_grad(g):
@@ -300,50 +312,83 @@ class FusedLoraGradients(LoraGradientHooks):
 
         return hook
 
+    def stream(self, mode: str | None, vec: dict[str, torch.Tensor] | None = None) -> None:
+        """Before a backward pass: reduce each layer's factors during the pass ("dot" against
+        ``vec``, or "sum" over the batch) instead of keeping them; None keeps them (for
+        :meth:`per_example`). Memory is then that of a plain backward pass."""
+        self._stream = None if mode is None else (mode, vec)
+        self._acc = None
+
+    def _accumulate(self, val) -> None:
+        if self._acc is None:
+            self._acc = val
+        elif isinstance(val, dict):
+            for n, t in val.items():
+                self._acc[n] = self._acc[n] + t if n in self._acc else t
+        else:
+            self._acc = self._acc + val
+
     def clear(self) -> None:
         for v in self._factors_store.values():
             v.clear()
+        self._acc = None
 
-    def _layer_factors(self):
-        """Per layer: (A, B, s, names) and the rank-r projections of every captured call:
-        xa = A x (B, T, r), gb = Bᵀ g (B, T, r), plus x and g themselves, all float32."""
-        for k, (module, adapter, na, nb) in enumerate(self.layers):
-            A = module.lora_A[adapter].weight.detach().float()  # (r, d_in)
-            B = module.lora_B[adapter].weight.detach().float()  # (d_out, r)
-            s = float(module.scaling[adapter])
-            for x, g in self._factors_store[k]:
-                if g is None:
+    @staticmethod
+    def _mm(t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        # (B, T, d) x (d, k) -> (B, T, k) float32. A bfloat16 activation stays bfloat16 in the
+        # product (the forward pass already rounded it; a float32 copy of every activation would
+        # cost more than the backward pass), the small k-wide result is float32 from here on.
+        return (t @ m.to(t.dtype)).float()
+
+    def _reduce(self, k: int, x: torch.Tensor, g: torch.Tensor, mode: str, vec=None):
+        """One call of layer k: its (B,) dot with ``vec``, or {name: Σ_b g_b} / {name: g_b}."""
+        module, adapter, na, nb = self.layers[k]
+        A = module.lora_A[adapter].weight.detach().float()  # (r, d_in)
+        B = module.lora_B[adapter].weight.detach().float()  # (d_out, r)
+        s = float(module.scaling[adapter])
+        mask = self._mask  # (B, T, 1) bool
+        if mode == "dot":
+            # ⟨V, g_b⟩ = s Σ_t [(Bᵀ g_t)·(V_A x_t) + (V_Bᵀ g_t)·(A x_t)]
+            VA, VB = vec[na].float(), vec[nb].float()  # (r, d_in), (d_out, r)
+            left = self._mm(g, torch.cat([B, VB], dim=1))  # (B, T, 2r)
+            right = self._mm(x, torch.cat([VA, A], dim=0).T)  # (B, T, 2r)
+            tok = (left * right).sum(-1)  # (B, T)
+            if mask is not None:  # where(), not a product: junk at pads may be inf
+                tok = tok.masked_fill(~mask[..., 0], 0.0)
+            return s * tok.sum(1)
+        # dA = s Σ_t (Bᵀ g_t) x_tᵀ, dB = s Σ_t g_t (A x_t)ᵀ, per example or summed over the batch
+        a_eq, b_eq = ("btr,bti->bri", "bto,btr->bor") if mode == "per_example" else ("btr,bti->ri", "bto,btr->or")
+        x, g = x.float(), g.float()
+        if mask is not None:
+            x, g = x.masked_fill(~mask, 0.0), g.masked_fill(~mask, 0.0)
+        return {na: s * torch.einsum(a_eq, g @ B, x), nb: s * torch.einsum(b_eq, g, x @ A.T)}
+
+    def _stored(self, mode: str, vec=None):
+        acc = None
+        for k, calls in self._factors_store.items():
+            for x, g in calls:
+                if g is None:  # the output did not reach the objective
                     continue
-                x, g = x.float(), g.float()
-                yield na, nb, A, B, s, x, g
+                val = self._reduce(k, x, g, mode, vec)
+                if acc is None:
+                    acc = dict(val) if isinstance(val, dict) else val
+                elif isinstance(val, dict):
+                    for n, t in val.items():
+                        acc[n] = acc[n] + t if n in acc else t
+                else:
+                    acc = acc + val
+        return acc
 
     def _grads(self, per_example: bool) -> dict[str, torch.Tensor]:
-        # dA = s Σ_t (Bᵀ g_t) x_tᵀ: (B, r, d_in) per example, (r, d_in) summed over the batch;
-        # dB = s Σ_t g_t (A x_t)ᵀ: (B, d_out, r) or (d_out, r)
-        a_eq, b_eq = ("btr,bti->bri", "bto,btr->bor") if per_example else ("btr,bti->ri", "bto,btr->or")
-        out: dict[str, torch.Tensor] = {}
-        m = self._mask  # (B, T, 1) bool
-        for na, nb, A, B, s, x, g in self._layer_factors():
-            if m is not None:
-                x, g = x.masked_fill(~m, 0.0), g.masked_fill(~m, 0.0)
-            gA = s * torch.einsum(a_eq, g @ B, x)
-            gB = s * torch.einsum(b_eq, g, x @ A.T)
-            out[na] = out[na] + gA if na in out else gA
-            out[nb] = out[nb] + gB if nb in out else gB
-        return out
+        mode = "per_example" if per_example else "sum"
+        if self._stream is not None and self._stream[0] == mode:
+            return self._acc or {}
+        return self._stored(mode) or {}
 
     def dot(self, vec: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B,) ⟨vec, g_b⟩ = s Σ_t [(Bᵀ g_t)·(V_A x_t) + (V_Bᵀ g_t)·(A x_t)], all rank-r products."""
-        total = None
-        for na, nb, A, B, s, x, g in self._layer_factors():
-            VA, VB = vec[na].float(), vec[nb].float()  # (r, d_in), (d_out, r)
-            left = torch.cat([g @ B, g @ VB], dim=-1)  # (B, T, 2r)
-            right = torch.cat([x @ VA.T, x @ A.T], dim=-1)  # (B, T, 2r)
-            tok = (left * right).sum(-1)  # (B, T)
-            if self._mask is not None:
-                tok = tok.masked_fill(~self._mask[..., 0], 0.0)
-            t = s * tok.sum(1)
-            total = t if total is None else total + t
+        """(B,) ⟨vec, g_b⟩, from the reduction done during the backward pass when
+        ``stream("dot", vec)`` was set, else from the stored factors."""
+        total = self._acc if self._stream is not None and self._stream[0] == "dot" else self._stored("dot", vec)
         if total is None:
             raise NtkSelectError("no gradient was captured: run the backward pass inside the hooks' context")
         return total

@@ -113,12 +113,18 @@ def resolve_model(model: str | None) -> str:
     return str(model)
 
 
+def _offline(path: str) -> dict:
+    # A name that is not a folder is looked up in the local Hugging Face cache only: ntkselect
+    # never downloads weights at run time.
+    return {} if Path(path).exists() else {"local_files_only": True}
+
+
 def load_tokenizer(model: str | None):
     from transformers import AutoTokenizer
 
     path = resolve_model(model) if model not in (None, "", "default", DEFAULT_MODEL) else str(default_tokenizer_dir())
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, **_offline(path))
     except (OSError, ValueError) as err:
         raise NtkSelectError(f"cannot load a tokenizer from --model {path!r}: {str(err).splitlines()[0]}; pass a Hugging Face causal-LM folder or a model name in the local cache") from None
     if tok.pad_token_id is None:
@@ -133,7 +139,7 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32):
 
     path = resolve_model(model)
     try:
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **_offline(path))
     except (OSError, ValueError) as err:
         raise NtkSelectError(f"cannot load a causal LM from --model {path!r}: {str(err).splitlines()[0]}; pass a Hugging Face causal-LM folder or a model name in the local cache") from None
     m.requires_grad_(False)

@@ -89,6 +89,8 @@ def summarise(manifest: dict) -> str:
     """A few lines for a person: where the selection came from, the scores, the time."""
     s = manifest["summary"]
     lines = [f"ntkselect: selected {s['n_selected']} of {s['n_pool']} pool examples for {s['n_domain']} domain examples -> {manifest['out']}"]
+    if len(s.get("by_source", {})) > 1:
+        lines.append("  selected by source (selected / in pool): " + ", ".join(f"{k} {a} / {b}" for k, (a, b) in s["by_source"].items()))
     lines.append("  selected by subject/source (selected / in pool):")
     for name, (k, tot) in list(s["composition"].items())[:12]:
         lines.append(f"    {name:<40} {k:>5} / {tot}")
@@ -178,6 +180,8 @@ def select(cfg: SelectConfig, log=print) -> SelectionResult:
 
     pool_groups = collections.Counter(_group(r) for r in pool)
     sel_groups = collections.Counter(_group(r) for r in selected)
+    src_pool = collections.Counter(str(r.raw.get("source", Path(r.path).name)) for r in pool)
+    src_sel = collections.Counter(str(r.raw.get("source", Path(r.path).name)) for r in selected)
     manifest = {
         "tool": "ntkselect",
         "method": "ntk",
@@ -207,6 +211,7 @@ def select(cfg: SelectConfig, log=print) -> SelectionResult:
         "summary": {
             "n_domain": len(domain), "n_pool": len(pool), "n_selected": len(selected),
             "composition": {k: [sel_groups[k], pool_groups[k]] for k, _ in sorted(pool_groups.items(), key=lambda kv: (-sel_groups[kv[0]], kv[0]))},
+            "by_source": {k: [src_sel[k], n] for k, n in sorted(src_pool.items(), key=lambda kv: (-src_sel[kv[0]], kv[0]))},
             "score_range_selected": [float(sel_scores.min()), float(sel_scores.max())],
             "score_range_all": [float(s2.scores.min()), float(s2.scores.max())],
         },

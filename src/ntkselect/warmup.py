@@ -77,6 +77,7 @@ def loss_and_grads(model, batch, rt: Runtime, fused: bool) -> torch.Tensor:
         return loss.detach()
     with FusedLoraGradients(model) as hooks:
         hooks.set_mask(batch.attention_mask)
+        hooks.stream("sum")
         with rt.autocast():
             loss = trained_token_loss(model, batch)
         loss.backward()
