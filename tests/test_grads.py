@@ -118,3 +118,21 @@ def test_gradients_cover_every_lora_parameter(model, examples, reference):
     names = [n for n, _ in lora_parameters(model)]
     assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
     assert any("mlp" in n for n in names) and any("self_attn" in n for n in names)  # all-linear
+
+
+@pytest.mark.parametrize("mode", ["dot", "sum"])
+def test_reducing_during_backward_equals_reducing_after(model, examples, tokenizer, mode):
+    """The fused path's streamed reduction (no factor kept) gives what the stored factors give."""
+    gen = torch.Generator().manual_seed(4)
+    vec = {n: torch.randn(p.shape, generator=gen) for n, p in lora_parameters(model)}
+    b = collate(examples, range(len(examples)), tokenizer.pad_token_id, "left")
+    out = {}
+    for streamed in (False, True):
+        with gradient_hooks(model, fused=True) as hooks:
+            hooks.set_mask(b.attention_mask)
+            hooks.stream(mode, vec if mode == "dot" else None) if streamed else None
+            summed_logits(model, b).sum().backward()
+            out[streamed] = hooks.dot(vec) if mode == "dot" else torch.cat([t.reshape(-1) for t in hooks.batch_sum().values()])
+            if streamed:
+                assert all(not calls for calls in hooks._factors_store.values())  # nothing was kept
+    torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5 * float(out[False].abs().max()))
