@@ -149,3 +149,12 @@ def test_select_reads_every_input_format(data, tiny_model_dir, tmp_path, fmt):
     assert run(args) == 0
     ids = [json.loads(l)["id"] for l in (tmp_path / "run" / "scores.jsonl").read_text().splitlines()]
     assert all(i.isdigit() and int(i) < len(rows) for i in ids)  # no id field: the row number
+
+
+def test_unfinished_run_is_cleared_not_trusted(data, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "selected.jsonl").write_text('{"half": "written"}\n')  # a crash left this, no manifest
+    assert run(args_for(data, tiny_model_dir, out, "--warmup-epochs", 0)) == 0
+    assert "unfinished run" in capsys.readouterr().out
+    assert len((out / "selected.jsonl").read_text().splitlines()) == 5

@@ -298,9 +298,15 @@ class FusedLoraGradients(LoraGradientHooks):
                 return
             x = args[0].detach()
             if self._stream is not None:
-                # reduce as soon as this layer's output gradient exists, so neither x nor g
-                # outlives the layer's own backward step
-                output.register_hook(lambda g: self._accumulate(self._reduce(k, x, g.detach(), *self._stream)))
+                mode, vec = self._stream
+                if mode == "dot":
+                    # keep only x's rank-2r image (B, T, 2r), not x (B, T, d_in): the fused
+                    # layer itself saves no activation, so this is all it adds to the graph
+                    right = self._right(k, x, vec)
+                    output.register_hook(lambda g: self._accumulate(self._reduce(k, None, g.detach(), mode, vec, right)))
+                else:
+                    # reduce as soon as this layer's output gradient exists
+                    output.register_hook(lambda g: self._accumulate(self._reduce(k, x, g.detach(), mode, vec)))
                 return
             entry = [x, None]
             store[k].append(entry)
@@ -340,7 +346,13 @@ class FusedLoraGradients(LoraGradientHooks):
         # cost more than the backward pass), the small k-wide result is float32 from here on.
         return (t @ m.to(t.dtype)).float()
 
-    def _reduce(self, k: int, x: torch.Tensor, g: torch.Tensor, mode: str, vec=None):
+    def _right(self, k: int, x: torch.Tensor, vec) -> torch.Tensor:
+        """(B, T, 2r) [V_A x_t, A x_t]: the x side of the dot product of layer k."""
+        module, adapter, na, _ = self.layers[k]
+        A = module.lora_A[adapter].weight.detach().float()  # (r, d_in)
+        return self._mm(x, torch.cat([vec[na].float(), A], dim=0).T)
+
+    def _reduce(self, k: int, x: torch.Tensor | None, g: torch.Tensor, mode: str, vec=None, right: torch.Tensor | None = None):
         """One call of layer k: its (B,) dot with ``vec``, or {name: Σ_b g_b} / {name: g_b}."""
         module, adapter, na, nb = self.layers[k]
         A = module.lora_A[adapter].weight.detach().float()  # (r, d_in)
@@ -349,9 +361,8 @@ class FusedLoraGradients(LoraGradientHooks):
         mask = self._mask  # (B, T, 1) bool
         if mode == "dot":
             # ⟨V, g_b⟩ = s Σ_t [(Bᵀ g_t)·(V_A x_t) + (V_Bᵀ g_t)·(A x_t)]
-            VA, VB = vec[na].float(), vec[nb].float()  # (r, d_in), (d_out, r)
-            left = self._mm(g, torch.cat([B, VB], dim=1))  # (B, T, 2r)
-            right = self._mm(x, torch.cat([VA, A], dim=0).T)  # (B, T, 2r)
+            left = self._mm(g, torch.cat([B, vec[nb].float()], dim=1))  # (B, T, 2r)
+            right = self._right(k, x, vec) if right is None else right  # (B, T, 2r)
             tok = (left * right).sum(-1)  # (B, T)
             if mask is not None:  # where(), not a product: junk at pads may be inf
                 tok = tok.masked_fill(~mask[..., 0], 0.0)

@@ -53,21 +53,26 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _prepare_out(cfg: SelectConfig) -> Path:
+def _prepare_out(cfg: SelectConfig, log=print) -> Path:
+    """Check that --out can be written; refuse to replace a finished run without --overwrite.
+
+    A folder with outputs but no manifest holds an unfinished run (the manifest is written
+    last); nothing in it is trusted, so it is cleared and the run starts over."""
     out = Path(cfg.out)
-    existing = [o for o in OUTPUTS if (out / o).exists()]
-    if existing and not cfg.overwrite:
-        raise NtkSelectError(f"{out} already holds a run ({', '.join(existing)}); pass --overwrite to replace it or choose another --out")
+    if (out / "manifest.json").exists() and not cfg.overwrite:
+        raise NtkSelectError(f"{out} already holds a finished run (manifest.json); pass --overwrite to replace it or choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except OSError as err:
         raise NtkSelectError(f"cannot write to --out {out}: {err.strerror or err}; choose a writable folder") from None
-    if cfg.overwrite:
-        for o in OUTPUTS:
-            p = out / o
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    stale = [o for o in OUTPUTS if (out / o).exists()]
+    if stale and not (out / "manifest.json").exists():
+        log(f"ntkselect: {out} holds an unfinished run ({', '.join(stale)}); starting over")
+    for o in stale:
+        p = out / o
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return out
 
 
@@ -106,7 +111,7 @@ def select(cfg: SelectConfig, log=print) -> SelectionResult:
     cfg.validate()
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    out = _prepare_out(cfg)
+    out = _prepare_out(cfg, log)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .batching import iter_batches, make_batches
+from .grads import FusedLoraGradients
 from .lm import final_hidden
 from .progress import Progress
 from .runtime import Runtime
@@ -37,18 +38,15 @@ class Stage1Result:
 
 
 @contextlib.contextmanager
-def _merged(model):
-    """Fold the LoRA update into the base weights while only forward passes run: the
-    hidden states are the same up to rounding, at the base model's speed (the separate
-    rank-r branches cost about 3x the forward time on a CPU)."""
-    if not hasattr(model, "merge_adapter"):
+def _fused(model):
+    """Run each LoRA layer as one matmul with W + sBA while only forward passes run: the
+    hidden states of the adapted model at the frozen model's speed (peft's separate rank-r
+    branches cost about 3x the forward time on a CPU), without touching the stored weights."""
+    if not any(p.requires_grad for p in model.parameters()):
         yield
         return
-    model.merge_adapter()
-    try:
+    with FusedLoraGradients(model):
         yield
-    finally:
-        model.unmerge_adapter()
 
 
 @torch.no_grad()
@@ -61,7 +59,7 @@ def embed(model, examples: Sequence, rt: Runtime, out_path: str | Path | None = 
     batches = make_batches([len(e.input_ids) for e in examples], rt.batch_size, rt.max_batch_tokens)
     out = None
     prog = Progress(desc, len(examples), enabled=rt.progress)
-    with _merged(model):
+    with _fused(model):
         for batch in iter_batches(examples, batches, rt.pad_id, rt.padding_side):
             out = _embed_batch(model, batch, rt, out, len(examples), out_path)
             prog.update(len(batch.index), batch.n_tokens)
