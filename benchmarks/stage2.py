@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -76,6 +75,16 @@ class PeakMemory:
             self._stop.set()
             self.thread.join()
             self.peak = max(self.peak, self._rss() - self.base)
+
+
+def peak_rss_mib() -> float:
+    """This process's own peak resident memory (VmHWM). Not getrusage's ru_maxrss, which a
+    child inherits from its parent at fork on Linux."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def timed(device, fn):
@@ -137,6 +146,7 @@ def main(argv=None):
     ap.add_argument("--proj-dim", type=int, default=8192)
     ap.add_argument("--precision", default="float32", choices=("float32", "bfloat16", "auto"))
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-batch-tokens", type=int, default=4096, help="padded tokens per batch; the memory probe compares K/10 and K candidates, so K/10 should fill at least one batch")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--skip", default="", help="comma-separated phases to skip: reference,projected,exact,stage1,memory")
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # internal: the memory probe
@@ -146,7 +156,7 @@ def main(argv=None):
     if args.model == "tiny":
         args.model = tiny_model()
     device = resolve_device(args.device)
-    rt = Runtime(device=device, dtype=resolve_precision(args.precision, device), batch_size=args.batch_size, max_batch_tokens=16384, progress=False)
+    rt = Runtime(device=device, dtype=resolve_precision(args.precision, device), batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, progress=False)
     tok = load_tokenizer(args.model)
     rt.pad_id = tok.pad_token_id
     if args.pool:
@@ -184,11 +194,14 @@ def main(argv=None):
         report("forward", len(cand), t, m)
     del base
     if "exact" not in skip:
-        gbar = domain_mean_gradient(model, dom, rt)
+        if args.probe:  # any fixed vector: the probe measures the candidates' memory, not the domain's
+            gbar = {n: torch.randn(p.shape, generator=g).to(p) for n, p in lora_parameters(model)}
+        else:
+            gbar = domain_mean_gradient(model, dom, rt)
         _, t, m = timed(device, lambda: score_against(model, cand, gbar, rt))
         report("exact", len(cand), t, m)
         if args.probe:
-            print(json.dumps({"probe_candidates": len(cand), "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            print(json.dumps({"probe_candidates": len(cand), "max_rss_mib": peak_rss_mib(),
                               "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}))
             return 0
     if "projected" not in skip:
