@@ -158,3 +158,15 @@ def test_unfinished_run_is_cleared_not_trusted(data, tiny_model_dir, tmp_path, c
     assert run(args_for(data, tiny_model_dir, out, "--warmup-epochs", 0)) == 0
     assert "unfinished run" in capsys.readouterr().out
     assert len((out / "selected.jsonl").read_text().splitlines()) == 5
+
+
+def test_demo_command_runs_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", tiny_model_dir, "--domain-size", "8", "--pool-mmlu", "24", "--pool-reasoning", "4",
+                 "--n", "4", "--out", str(out), "--warmup-epochs", "0", "--knn-k", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "selected 4 of 28" in printed and "selected by source" in printed
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["summary"]["by_source"].keys() == {"mmlu", "reasoning_gym"}
+    domain = [json.loads(l) for l in (out / "data" / "domain.jsonl").read_text().splitlines()]
+    assert len(domain) == 8 and all(r["subject"] in ("anatomy", "clinical_knowledge", "college_medicine", "medical_genetics", "professional_medicine") for r in domain)

@@ -25,13 +25,12 @@ def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), de
         default = defaults.get(f.name, f.default if f.default is not MISSING else None)
         help_ = f.metadata.get("help", "")
         if f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true", default=default, help=help_)
+            p.add_argument(flag, action="store_true", default=default, help=help_)  # no "(default: False)" noise
             continue
         typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
         required = bool(f.metadata.get("required")) and f.name not in defaults
         kw = {"choices": f.metadata["choices"]} if f.metadata.get("choices") else {}
-        p.add_argument(flag, type=typ, default=None if required else default, required=required,
-                       help=help_ + ("" if required else f" (default: {default})"), **kw)
+        p.add_argument(flag, type=typ, default=argparse.SUPPRESS if required else default, required=required, help=help_, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,12 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sel = sub.add_parser("select", help="select N pool examples for a domain", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_config_flags(sel)
-    demo = sub.add_parser("demo", help="run the selection on the embedded default: SmolLM2-135M-Instruct, MMLU medical as D, other MMLU subjects + reasoning-gym as the pool")
-    demo.add_argument("--domain-name", default="medical", choices=("medical", "legal", "psychology"), help="which MMLU domain plays D (default: medical)")
-    demo.add_argument("--domain-size", type=int, default=100, help="domain questions (default: 100)")
-    demo.add_argument("--pool-mmlu", type=int, default=800, help="MMLU questions from other subjects in the pool (default: 800)")
-    demo.add_argument("--pool-reasoning", type=int, default=200, help="reasoning-gym problems in the pool (default: 200)")
-    demo.add_argument("--data-seed", type=int, default=0, help="seed for sampling the demo data (default: 0)")
+    demo = sub.add_parser("demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="run the selection on the embedded default: SmolLM2-135M-Instruct, MMLU medical as D, other MMLU subjects + reasoning-gym as the pool")
+    demo.add_argument("--domain-name", default="medical", choices=("medical", "legal", "psychology"), help="which MMLU domain plays D")
+    demo.add_argument("--domain-size", type=int, default=100, help="domain questions")
+    demo.add_argument("--pool-mmlu", type=int, default=800, help="MMLU questions from other subjects in the pool")
+    demo.add_argument("--pool-reasoning", type=int, default=200, help="reasoning-gym problems in the pool")
+    demo.add_argument("--data-seed", type=int, default=0, help="seed for sampling the demo data")
     _add_config_flags(demo, skip=("domain", "pool"), defaults={"n": 100, "out": "runs/demo"})
     return parser
 
