@@ -17,6 +17,7 @@ each phase. The last line is JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -25,13 +26,12 @@ import tempfile
 import threading
 import time
 
-import numpy as np
 import torch
 
 from ntkselect.batching import collate
 from ntkselect.data import load_records, tokenize_records
 from ntkselect.grads import lora_parameters
-from ntkselect.lm import decoder_of, final_hidden
+from ntkselect.lm import final_hidden
 from ntkselect.model import load_model, load_tokenizer
 from ntkselect.projection import RademacherProjector
 from ntkselect.runtime import Runtime, resolve_device, resolve_precision
@@ -190,7 +190,7 @@ def main(argv=None):
         print(f"{name:<11} {n / seconds:9.2f} cand/s {rows[name]['tokens_per_s']:10.0f} tok/s {seconds:8.1f} s  peak +{mem:8.0f} MiB {extra}", flush=True)
 
     if not args.probe:
-        _, t, m = timed(device, lambda: plain_forward(base, cand, rt))
+        _, t, m = timed(device, functools.partial(plain_forward, base, cand, rt))
         report("forward", len(cand), t, m)
     del base
     if "exact" not in skip:
