@@ -48,18 +48,18 @@ def test_select_writes_every_output(data, tiny_model_dir, tmp_path, capsys):
     by_id = {r.get("id", str(i)): r for i, r in enumerate(pool)}
 
     selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
-    assert [r["ntk_rank"] for r in selected] == [1, 2, 3, 4, 5]
-    assert [r["ntk_score"] for r in selected] == sorted((r["ntk_score"] for r in selected), reverse=True)
-    for r in selected:  # the user's record unchanged, plus the two fields
-        rid = r.get("id") or str(pool.index({k: v for k, v in r.items() if not k.startswith("ntk_")}))
-        assert {k: v for k, v in r.items() if not k.startswith("ntk_")} == by_id[rid]
+    assert [r["selection_rank"] for r in selected] == [1, 2, 3, 4, 5]
+    assert [r["selection_score"] for r in selected] == sorted((r["selection_score"] for r in selected), reverse=True)
+    assert {r["selection_method"] for r in selected} == {"ntk"}
+    for r in selected:  # the user's record unchanged, plus the three fields
+        rid = r.get("id") or str(pool.index({k: v for k, v in r.items() if not k.startswith("selection_")}))
+        assert {k: v for k, v in r.items() if not k.startswith("selection_")} == by_id[rid]
 
     scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert len(scores) == 20  # M = 4 N candidates reached stage 2
     assert sum(s["selected"] for s in scores) == 5
-    assert all(set(s) == {"id", "votes", "ntk_score", "selected"} for s in scores)
-    assert min(s["ntk_score"] for s in scores if s["selected"]) >= max(s["ntk_score"] for s in scores if not s["selected"])
-    assert "24" in {s["id"] for s in scores} or True  # the id-less record is named by its row number when it reaches stage 2
+    assert all(set(s) == {"id", "votes", "score", "rank", "selected"} for s in scores)
+    assert min(s["score"] for s in scores if s["selected"]) >= max(s["score"] for s in scores if not s["selected"])
 
     train = (out / "train.jsonl").read_text().splitlines()
     assert len(train) == len(TOPICS) + 5
@@ -82,11 +82,11 @@ def test_same_seed_same_outputs_other_seed_differs(data, tiny_model_dir, tmp_pat
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         assert run(args_for(data, tiny_model_dir, tmp_path / name, "--seed", seed, "--batch-size", 4 if name == "b" else 16)) == 0
     read = lambda name, f: (tmp_path / name / f).read_text()
-    sel = lambda name: [json.loads(l)["ntk_rank"] for l in read(name, "selected.jsonl").splitlines()]
+    sel = lambda name: [json.loads(l)["selection_rank"] for l in read(name, "selected.jsonl").splitlines()]
     ids = lambda name: [json.loads(l).get("id") for l in read(name, "selected.jsonl").splitlines()]
     assert ids("a") == ids("b") and sel("a") == sel("b")  # batch size does not change the selection
-    sa = [json.loads(l)["ntk_score"] for l in read("a", "scores.jsonl").splitlines()]
-    sb = [json.loads(l)["ntk_score"] for l in read("b", "scores.jsonl").splitlines()]
+    sa = [json.loads(l)["score"] for l in read("a", "scores.jsonl").splitlines()]
+    sb = [json.loads(l)["score"] for l in read("b", "scores.jsonl").splitlines()]
     assert sa == pytest.approx(sb, rel=1e-5)
     assert read("a", "scores.jsonl") != read("c", "scores.jsonl")
 

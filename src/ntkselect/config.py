@@ -27,6 +27,8 @@ class SelectConfig:
     pool: str = _opt("", "candidate pool C, same formats", required=True)
     n: int = _opt(0, "how many pool examples to select (N)", required=True)
     out: str = _opt("", "run folder for selected.jsonl, scores.jsonl, adapter/, train.jsonl, manifest.json", required=True)
+    method: str = _opt("ntk", "selector: ntk (NTK-Selector), random, embedding (mean cosine of stage-1 embeddings), bm25 or less (LESS, Xia et al. 2024)",
+                       choices=("ntk", "random", "embedding", "bm25", "less"))
     model: str = _opt("default", "Hugging Face causal-LM folder or cached name; 'default' = embedded SmolLM2-135M-Instruct")
     template: str = _opt("auto", "how prompt/response records are rendered: auto (chat if the tokenizer has a chat template), chat or plain", choices=("auto", "chat", "plain"))
     max_length: int = _opt(512, "maximum tokens per example; longer ones are truncated and counted")
@@ -46,6 +48,7 @@ class SelectConfig:
     # -- stage 2 ----------------------------------------------------------------------
     proj_dim: int = _opt(0, "0 (default) scores with the exact, unprojected kernel, which the mean over D makes as cheap as a projection; "
                             "p > 0 uses the paper's seeded Rademacher projection to p dimensions (the paper: 8192)")
+    less_proj_dim: int = _opt(8192, "--method less: projection dimension of its gradient features (LESS uses 8192)")
     # -- execution --------------------------------------------------------------------
     batch_size: int = _opt(16, "examples per batch in stages 1 and 2")
     max_batch_tokens: int = _opt(8192, "padded tokens per batch in stages 1 and 2 (batches are length-sorted)")
@@ -65,7 +68,7 @@ class SelectConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise bad(f.name, f"must be one of {', '.join(choices)}")
-        for name in ("n", "max_length", "lora_r", "warmup_batch_size", "knn_k", "batch_size", "max_batch_tokens"):
+        for name in ("n", "less_proj_dim", "max_length", "lora_r", "warmup_batch_size", "knn_k", "batch_size", "max_batch_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise bad(name, "must be a positive integer")
         if self.max_length < 2:

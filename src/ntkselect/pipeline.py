@@ -1,4 +1,4 @@
-"""The whole selection: warm-up → stage 1 → stage 2 → outputs.
+"""The whole selection: inputs → selector (for NTK: warm-up → stage 1 → stage 2) → outputs.
 
 :func:`select` is what ``ntkselect select`` calls. Every output is written atomically and
 ``manifest.json`` is written last, so a folder with a manifest holds a finished run.
@@ -24,13 +24,11 @@ from .config import SelectConfig
 from .data import Record, load_records, record_text, token_convention, tokenize_records
 from .errors import NtkSelectError
 from .io import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, sha256_path
-from .model import load_model, load_tokenizer, resolve_model
+from .model import load_tokenizer, resolve_model
 from .runtime import Runtime, resolve_device, resolve_precision
-from .stage1 import embed, preselect
-from .stage2 import run_stage2
-from .warmup import WarmupOptions, add_lora, warmup
+from .selectors import Ranking, SelectionContext, get_selector
 
-__all__ = ["SelectionResult", "select", "package_versions", "summarise"]
+__all__ = ["SelectionResult", "Inputs", "select", "load_inputs", "make_runtime", "write_selection", "package_versions", "summarise"]
 
 OUTPUTS = ("selected.jsonl", "scores.jsonl", "train.jsonl", "manifest.json", "adapter")
 
@@ -102,28 +100,44 @@ def summarise(manifest: dict) -> str:
     if len(s["composition"]) > 12:
         lines.append(f"    ... {len(s['composition']) - 12} more in manifest.json")
     lo, hi = s["score_range_selected"]
-    lines.append(f"  NTK scores: selected {lo:.4g} .. {hi:.4g}; all stage-2 candidates {s['score_range_all'][0]:.4g} .. {s['score_range_all'][1]:.4g}")
+    lines.append(f"  {manifest.get('method', 'ntk')} scores: selected {lo:.4g} .. {hi:.4g}; all stage-2 candidates {s['score_range_all'][0]:.4g} .. {s['score_range_all'][1]:.4g}")
     lines.append("  time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in manifest["timings"].items()))
     return "\n".join(lines)
 
 
-def select(cfg: SelectConfig, log=print) -> SelectionResult:
-    cfg.validate()
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    out = _prepare_out(cfg, log)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+@dataclass
+class Inputs:
+    """Loaded and tokenized inputs of a selection (shared by every method)."""
 
-    # -- inputs ---------------------------------------------------------------------------
+    domain: list[Record]
+    pool: list[Record]  # usable pool: exact duplicates of domain records removed
+    pool_records_in_file: int
+    excluded: dict  # {reason: count}
+    tokenizer: object
+    dom_ex: list
+    pool_ex: list
+    dom_stats: object
+    pool_stats: object
+    seconds: float
+
+
+def load_inputs(cfg: SelectConfig, log=print, exclude_texts: set[str] | None = None, exclude_reason: str = "") -> Inputs:
+    """Read, de-duplicate and tokenize D and C. ``exclude_texts`` drops further pool records
+    (``ntkselect evaluate`` passes the test set's texts, so no method can select a test question)."""
     t = time.perf_counter()
     domain = load_records(cfg.domain)
     pool_all = load_records(cfg.pool)
     dom_texts = {record_text(r.raw) for r in domain}
     pool = [r for r in pool_all if record_text(r.raw) not in dom_texts]
-    n_dup = len(pool_all) - len(pool)
-    if n_dup:
-        log(f"ntkselect: excluded {n_dup} pool records that duplicate a domain record exactly")
+    excluded = {"duplicates_of_domain": len(pool_all) - len(pool)}
+    if excluded["duplicates_of_domain"]:
+        log(f"ntkselect: excluded {excluded['duplicates_of_domain']} pool records that duplicate a domain record exactly")
+    if exclude_texts:
+        before = len(pool)
+        pool = [r for r in pool if record_text(r.raw) not in exclude_texts]
+        excluded[exclude_reason or "excluded"] = before - len(pool)
+        if before - len(pool):
+            log(f"ntkselect: excluded {before - len(pool)} pool records ({exclude_reason or 'excluded'})")
     if cfg.n > len(pool):
         raise NtkSelectError(f"--n {cfg.n} is larger than the pool ({len(pool)} usable records in {cfg.pool}); lower --n or add candidates")
     tokenizer = load_tokenizer(cfg.model)
@@ -132,55 +146,68 @@ def select(cfg: SelectConfig, log=print) -> SelectionResult:
     for name, st in (("domain", dom_stats), ("pool", pool_stats)):
         if st.truncated:
             log(f"ntkselect: truncated {st.truncated} of {st.examples} {name} examples to --max-length {cfg.max_length}")
-    timings["load"] = time.perf_counter() - t
+    return Inputs(domain, pool, len(pool_all), excluded, tokenizer, dom_ex, pool_ex, dom_stats, pool_stats, time.perf_counter() - t)
 
+
+def make_runtime(cfg: SelectConfig, tokenizer) -> Runtime:
     device = resolve_device(cfg.device)
-    rt = Runtime(device=device, dtype=resolve_precision(cfg.precision, device), batch_size=cfg.batch_size,
-                 max_batch_tokens=cfg.max_batch_tokens, padding_side=cfg.padding_side, pad_id=tokenizer.pad_token_id)
+    return Runtime(device=device, dtype=resolve_precision(cfg.precision, device), batch_size=cfg.batch_size,
+                   max_batch_tokens=cfg.max_batch_tokens, padding_side=cfg.padding_side, pad_id=tokenizer.pad_token_id)
 
-    # -- warm-up --------------------------------------------------------------------------
-    t = time.perf_counter()
-    model_path = resolve_model(cfg.model)
-    model = load_model(cfg.model).to(device)
-    wopts = WarmupOptions(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules(),
-                          epochs=cfg.warmup_epochs, lr=cfg.warmup_lr, batch_size=cfg.warmup_batch_size, seed=cfg.seed)
-    model = add_lora(model, wopts)
-    warm = warmup(model, dom_ex, wopts, rt)
-    tmp_adapter = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out))
-    model.save_pretrained(tmp_adapter)
-    atomic_replace_dir(tmp_adapter, out / "adapter")
-    timings["warmup"] = time.perf_counter() - t
 
-    # -- stage 1 --------------------------------------------------------------------------
-    t = time.perf_counter()
-    m = int(round(cfg.preselect_factor * cfg.n))
+def select(cfg: SelectConfig, log=print) -> SelectionResult:
+    """Run ``cfg.method`` on ``cfg.domain`` and ``cfg.pool`` and write the run folder ``cfg.out``."""
+    cfg.validate()
+    t_start = time.perf_counter()
+    out = _prepare_out(cfg, log)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    inp = load_inputs(cfg, log)
+    rt = make_runtime(cfg, inp.tokenizer)
     with tempfile.TemporaryDirectory(prefix=".work-", dir=out) as work:
-        dom_emb = embed(model, dom_ex, rt, desc="stage 1: domain embeddings")
-        pool_emb = embed(model, pool_ex, rt, out_path=os.path.join(work, "pool_emb.npy"), desc="stage 1: pool embeddings")
-        s1 = preselect(dom_emb, pool_emb, m, cfg.knn_k)
-        del pool_emb
-    timings["stage1"] = time.perf_counter() - t
-    log(f"ntkselect: stage 1 kept {len(s1.selected)} candidates (K = {s1.k_used}, {int((s1.votes > 0).sum())} got a vote)")
+        ctx = SelectionContext(cfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=work)
+        selector = get_selector(cfg.method)
+        ranking = selector.rank(ctx, cfg.n)
+        result = write_selection(out, cfg, inp, ctx, ranking, rt, t_start)
+        ctx.release()
+    return result
 
-    # -- stage 2 --------------------------------------------------------------------------
-    t = time.perf_counter()
-    cand = s1.selected
-    s2 = run_stage2(model, dom_ex, [pool_ex[i] for i in cand], rt, proj_dim=cfg.proj_dim, seed=cfg.seed,
-                    domain_ids=[r.id for r in domain], candidate_ids=[pool[int(i)].id for i in cand])
-    timings["stage2"] = time.perf_counter() - t
 
-    # -- outputs --------------------------------------------------------------------------
+def write_selection(out: Path, cfg: SelectConfig, inp: Inputs, ctx: SelectionContext, ranking: Ranking, rt: Runtime, t_start: float) -> SelectionResult:
+    """Write selected.jsonl, scores.jsonl, train.jsonl, adapter/ (when the method warmed up a
+    model) and, last, manifest.json: the same files for every method."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    order = np.lexsort((cand, -s2.scores))  # best score first, then earliest in the pool
-    chosen = order[: cfg.n]
-    chosen_set = set(chosen.tolist())
-    selected = [pool[int(cand[j])] for j in chosen]
-    sel_scores = s2.scores[chosen]
-    atomic_write_jsonl(out / "selected.jsonl", ({**r.raw, "ntk_score": float(s), "ntk_rank": k + 1} for k, (r, s) in enumerate(zip(selected, sel_scores))))
-    atomic_write_jsonl(out / "scores.jsonl", (
-        {"id": pool[int(cand[j])].id, "votes": int(s1.votes[cand[j]]), "ntk_score": float(s2.scores[j]), "selected": bool(j in chosen_set)} for j in order))
+    if ctx.has_model:
+        tmp_adapter = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out))
+        ctx.model().save_pretrained(tmp_adapter)
+        atomic_replace_dir(tmp_adapter, out / "adapter")
+    pool, domain, method = inp.pool, inp.domain, cfg.method
+    if len(ranking.order) < cfg.n or len(set(ranking.order[: cfg.n].tolist())) != cfg.n:
+        raise NtkSelectError(f"{method}: the selector returned fewer than --n {cfg.n} distinct candidates")
+    chosen = ranking.order[: cfg.n]
+    selected = [pool[int(i)] for i in chosen]
+    sel_scores = ranking.scores[: cfg.n]
+    atomic_write_jsonl(out / "selected.jsonl", ({**r.raw, "selection_score": float(s), "selection_rank": k + 1, "selection_method": method}
+                                                 for k, (r, s) in enumerate(zip(selected, sel_scores))))
+    cols = ranking.columns
+
+    def score_rows():
+        for j, i in enumerate(ranking.order):
+            row = {"id": pool[int(i)].id, "score": float(ranking.scores[j]), "rank": j + 1, "selected": j < cfg.n}
+            row.update({k: (v[j].item() if hasattr(v[j], "item") else v[j]) for k, v in cols.items()})
+            yield row
+
+    atomic_write_jsonl(out / "scores.jsonl", score_rows())
     atomic_write_jsonl(out / "train.jsonl", [r.raw for r in domain] + [r.raw for r in selected])
-    timings["write"] = time.perf_counter() - t
+    write_s = time.perf_counter() - t
+    sel_seconds, sel_tokens = ctx.cost(ranking)
+    timings = {"load": inp.seconds}
+    if "warmup" in ranking.shared:
+        timings["warmup"] = ctx.shared_seconds.get("warmup", 0.0)
+    timings.update(ranking.timings or {"select": ranking.seconds})
+    timings["write"] = write_s
     timings["total"] = time.perf_counter() - t_start
 
     pool_groups = collections.Counter(_group(r) for r in pool)
@@ -189,7 +216,7 @@ def select(cfg: SelectConfig, log=print) -> SelectionResult:
     src_sel = collections.Counter(str(r.raw.get("source", Path(r.path).name)) for r in selected)
     manifest = {
         "tool": "ntkselect",
-        "method": "ntk",
+        "method": method,
         "complete": True,
         "out": str(out),
         "command": " ".join(sys.argv),
@@ -198,27 +225,25 @@ def select(cfg: SelectConfig, log=print) -> SelectionResult:
         "versions": package_versions(),
         "inputs": {
             "domain": {"path": os.path.abspath(cfg.domain), "sha256": sha256_path(cfg.domain), "records": len(domain)},
-            "pool": {"path": os.path.abspath(cfg.pool), "sha256": sha256_path(cfg.pool), "records": len(pool_all),
-                     "excluded_duplicates_of_domain": n_dup},
-            "model": _model_fingerprint(model_path),
+            "pool": {"path": os.path.abspath(cfg.pool), "sha256": sha256_path(cfg.pool), "records": inp.pool_records_in_file,
+                     "excluded_duplicates_of_domain": inp.excluded.get("duplicates_of_domain", 0), "excluded": inp.excluded},
+            "model": _model_fingerprint(resolve_model(cfg.model)),
         },
-        "token_convention": token_convention(dom_stats.template, tokenizer),
-        "tokens": {"domain": dom_stats.to_dict(), "pool": pool_stats.to_dict()},
+        "token_convention": token_convention(inp.dom_stats.template, inp.tokenizer),
+        "tokens": {"domain": inp.dom_stats.to_dict(), "pool": inp.pool_stats.to_dict()},
         "runtime": rt.describe(),
-        "warmup": warm,
-        "stage1": {"m": int(len(s1.selected)), "k_requested": cfg.knn_k, "k_used": s1.k_used, "voted_candidates": int((s1.votes > 0).sum()),
-                   "tie_break": "votes desc, best cosine desc, pool position asc"},
-        "stage2": {"grad_dim": s2.grad_dim, "proj_dim": s2.proj_dim, "projector": s2.projector, "seconds": s2.seconds, "tokens": s2.tokens,
-                   "objective": "f(x) = (1/T) sum_t sum_k logit[t,k], via h_t . sum_k w_k",
-                   "score": "mean_i <phi(g(x_i)), phi(g(c_j))> = <phi*(phi(mean_i g(x_i))), g(c_j)>",
-                   "tie_break": "score desc, pool position asc"},
+        "warmup": ctx.warmup_summary if "warmup" in ranking.shared else None,
+        "selector": ranking.info,
+        **{k: v for k, v in ranking.info.items() if k in ("stage1", "stage2")},
+        "cost": {"seconds": round(sel_seconds, 3), "tokens": int(sel_tokens),
+                 "note": "the selection's own work plus the shared warm-up / embeddings it used, as if run alone"},
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "summary": {
             "n_domain": len(domain), "n_pool": len(pool), "n_selected": len(selected),
             "composition": {k: [sel_groups[k], pool_groups[k]] for k, _ in sorted(pool_groups.items(), key=lambda kv: (-sel_groups[kv[0]], kv[0]))},
             "by_source": {k: [src_sel[k], n] for k, n in sorted(src_pool.items(), key=lambda kv: (-src_sel[kv[0]], kv[0]))},
             "score_range_selected": [float(sel_scores.min()), float(sel_scores.max())],
-            "score_range_all": [float(s2.scores.min()), float(s2.scores.max())],
+            "score_range_all": [float(ranking.scores.min()), float(ranking.scores.max())],
         },
     }
     atomic_write_json(out / "manifest.json", manifest)

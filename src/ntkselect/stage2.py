@@ -66,8 +66,11 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def _backward_batches(model, examples, rt: Runtime, desc: str, fused: bool = True, ids: Sequence[str] | None = None,
-                      stream: tuple = (None,)):
+                      stream: tuple = (None,), objective=None):
     """Yield (batch, hooks) after the backward pass of Σ_b f(x_b) for each batch.
+
+    ``objective(model, batch, head) -> (B,)`` replaces f (the summed logits) by another
+    per-example scalar, e.g. the loss for LESS; examples must not interact in it.
 
     Batches are length-sorted and capped in examples and padded tokens. When a batch runs out
     of accelerator memory it is split in half and retried, and the smaller cap is kept for the
@@ -77,7 +80,7 @@ def _backward_batches(model, examples, rt: Runtime, desc: str, fused: bool = Tru
     prog = Progress(desc, len(examples), enabled=rt.progress)
     cap = rt.batch_size
     with _backward_attention(model, rt):
-        yield from _backward_loop(model, examples, rt, desc, fused, ids, stream, head, prog, cap)
+        yield from _backward_loop(model, examples, rt, desc, fused, ids, stream, head, prog, cap, objective or summed_logits)
 
 
 @contextlib.contextmanager
@@ -100,7 +103,7 @@ def _backward_attention(model, rt: Runtime):
             lm.set_attn_implementation(before)
 
 
-def _backward_loop(model, examples, rt: Runtime, desc: str, fused: bool, ids, stream: tuple, head, prog: Progress, cap: int):
+def _backward_loop(model, examples, rt: Runtime, desc: str, fused: bool, ids, stream: tuple, head, prog: Progress, cap: int, objective):
     pending = make_batches([len(e.input_ids) for e in examples], rt.batch_size, rt.max_batch_tokens)
     with gradient_hooks(model, fused) as hooks:
         while pending:
@@ -114,7 +117,7 @@ def _backward_loop(model, examples, rt: Runtime, desc: str, fused: bool, ids, st
             hooks.stream(*stream)  # reduce during the backward pass where the caller allows it
             try:
                 with rt.autocast():
-                    f = summed_logits(model, batch, head)  # (B,)
+                    f = objective(model, batch, head)  # (B,)
                 _check_finite(f, batch, desc, ids)
                 # Σ_b f_b: examples do not interact, so each example's share of the gradient is its own
                 f.sum().backward()
@@ -139,11 +142,11 @@ def _backward_loop(model, examples, rt: Runtime, desc: str, fused: bool, ids, st
     rt.last_batch_cap = cap
 
 
-def per_example_gradients(model, examples: Sequence, rt: Runtime, fused: bool = True) -> torch.Tensor:
+def per_example_gradients(model, examples: Sequence, rt: Runtime, fused: bool = True, objective=None) -> torch.Tensor:
     """(n, D) float32 per-example gradients in input order (for tests and small sets)."""
     names = [n for n, _ in lora_parameters(model)]
     out: torch.Tensor | None = None
-    for batch, hooks in _backward_batches(model, examples, rt, "gradients", fused):
+    for batch, hooks in _backward_batches(model, examples, rt, "gradients", fused, objective=objective):
         g = flatten_grads(hooks.per_example(), names).cpu()  # (B, D)
         if out is None:
             out = torch.zeros(len(examples), g.shape[1])
@@ -180,14 +183,18 @@ def score_against(model, examples: Sequence, vec: dict[str, torch.Tensor], rt: R
 
 
 def projected_features(model, examples: Sequence, projector: RademacherProjector, rt: Runtime, fused: bool = True,
-                       out_path: str | Path | None = None, chunk_bytes: int = 1 << 30) -> np.ndarray:
+                       out_path: str | Path | None = None, chunk_bytes: int = 1 << 30, objective=None, transform=None,
+                       desc: str = "stage 2: projected features", ids: Sequence[str] | None = None) -> np.ndarray:
     """(n, p) float32 φ(g(x)) for every example, in input order: the explicit route, for per-pair
     kernels, max-over-D aggregation and diagnostics.
 
     Per-example gradients are gathered into a chunk of at most ``chunk_bytes`` and projected
     together, so each pass over the projection blocks (the expensive part on a CPU, where the
     blocks are generated) is shared by the whole chunk. With ``out_path`` the features go to a
-    disk-backed ``.npy``, so memory does not grow with the number of examples."""
+    disk-backed ``.npy``, so memory does not grow with the number of examples.
+
+    ``objective`` replaces the summed logits (see :func:`_backward_batches`); ``transform``
+    maps each (B, D) block of flat gradients before projection (LESS's Adam preconditioning)."""
     names = [n for n, _ in lora_parameters(model)]
     dim, n = projector.dim, len(examples)
     shape = (n, projector.proj_dim)
@@ -201,8 +208,10 @@ def projected_features(model, examples: Sequence, projector: RademacherProjector
             out[np.asarray(rows)] = projector.project(buf[: len(rows)]).cpu().numpy()
             rows.clear()
 
-    for batch, hooks in _backward_batches(model, examples, rt, "stage 2: projected features", fused):
+    for batch, hooks in _backward_batches(model, examples, rt, desc, fused, ids, objective=objective):
         g = flatten_grads(hooks.per_example(), names)  # (B, D)
+        if transform is not None:
+            g = transform(g)
         for j, i in enumerate(batch.index.tolist()):
             if len(rows) == cap:
                 flush()

@@ -22,7 +22,7 @@ from .grads import FusedLoraGradients, lora_parameters
 from .progress import Progress
 from .runtime import Runtime
 
-__all__ = ["WarmupOptions", "add_lora", "warmup"]
+__all__ = ["WarmupOptions", "add_lora", "warmup", "per_example_loss"]
 
 
 @dataclass
@@ -63,6 +63,19 @@ def trained_token_loss(model, batch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), targets)
 
 
+def per_example_loss(model, batch, head=None) -> torch.Tensor:
+    """(B,) each example's token-mean cross-entropy over its trained tokens: the objective whose
+    per-example gradients LESS uses. ``head`` is ignored (the signature of a stage-2 objective)."""
+    h = final_hidden(model, batch)  # (B, L, d)
+    pos = batch.target_mask.bool()  # (B, L)
+    targets = batch.input_ids[:, 1:][pos[:, :-1]]  # (N,)
+    rows = pos.nonzero()[:, 0]  # (N,) the example each trained token belongs to
+    logits = _causal_lm(model).get_output_embeddings()(h[pos])  # (N, V)
+    tok = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
+    total = torch.zeros(pos.shape[0], device=tok.device).index_add(0, rows, tok)  # (B,)
+    return total / pos.sum(1).clamp_min(1)
+
+
 def loss_and_grads(model, batch, rt: Runtime, fused: bool) -> torch.Tensor:
     """The loss of one batch, with the LoRA parameters' ``.grad`` set.
 
@@ -87,8 +100,13 @@ def loss_and_grads(model, batch, rt: Runtime, fused: bool) -> torch.Tensor:
     return loss.detach()
 
 
-def warmup(model, examples, opts: WarmupOptions, rt: Runtime) -> dict:
-    """Train the LoRA parameters on ``examples`` in place; returns a summary (losses, time)."""
+def warmup(model, examples, opts: WarmupOptions, rt: Runtime, adam_state: dict | None = None, desc: str = "warm-up", on_step=None) -> dict:
+    """Train the LoRA parameters on ``examples`` in place; returns a summary (losses, time).
+
+    ``adam_state``, when given, is filled with the optimizer's final moments per LoRA parameter
+    name, ``{name: (exp_avg, exp_avg_sq)}``, plus ``"_betas"`` and ``"_eps"`` (LESS needs them).
+    ``on_step(step, total)``, when given, is called after every optimizer step (step = 1..total),
+    e.g. to save checkpoints; the model is back in training mode after the call."""
     n = len(examples)
     steps_per_epoch = math.ceil(n / opts.batch_size)
     total = int(round(opts.epochs * steps_per_epoch))
@@ -102,7 +120,7 @@ def warmup(model, examples, opts: WarmupOptions, rt: Runtime) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
     gen = torch.Generator().manual_seed(opts.seed)
     model.train()
-    prog = Progress("warm-up", total * opts.batch_size if total else 0, enabled=rt.progress)
+    prog = Progress(desc, total * opts.batch_size if total else 0, enabled=rt.progress)
     order: list[int] = []
     losses = []
     for step in range(total):
@@ -119,8 +137,19 @@ def warmup(model, examples, opts: WarmupOptions, rt: Runtime) -> dict:
         optim.zero_grad(set_to_none=True)
         losses.append(loss.item())
         prog.update(len(idx), batch.n_tokens)
+        if on_step is not None:
+            on_step(step + 1, total)
+            model.train()
     prog.close()
     model.eval()
+    if adam_state is not None:
+        by_param = {id(p): n for n, p in lora_parameters(model)}
+        for p in params:
+            st = optim.state.get(p, {})
+            if id(p) in by_param and "exp_avg" in st:
+                adam_state[by_param[id(p)]] = (st["exp_avg"].detach().clone(), st["exp_avg_sq"].detach().clone())
+        adam_state["_betas"] = optim.defaults["betas"]
+        adam_state["_eps"] = optim.defaults["eps"]
     k = max(1, min(10, total // 5))
     summary.update(loss_first=sum(losses[:k]) / k, loss_last=sum(losses[-k:]) / k, seconds=time.perf_counter() - t0)
     return summary

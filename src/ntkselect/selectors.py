@@ -1,0 +1,282 @@
+"""Selectors: NTK-Selector and the baselines it is compared with, behind one interface.
+
+Every selector takes the same inputs (a :class:`SelectionContext`: the domain set D, the pool
+C, the tokenized examples, the run options) and returns the same output (a :class:`Ranking`:
+pool indices best first, with their scores), so ``ntkselect select --method X`` writes the
+same files for every X and ``ntkselect evaluate`` compares them on equal terms.
+
+The context does the expensive shared work lazily and once: the warm-up LoRA fine-tune on D
+(used by ``ntk``, ``less`` and ``embedding``) and the stage-1 embeddings (``ntk`` and
+``embedding``). Each selector reports the shared parts it used, so its cost (wall time and
+tokens processed) counts them as if it had run alone.
+
+==========  ================================================================================
+random      a seeded uniform sample of the pool
+embedding   stage 1's embeddings alone: top N by mean cosine to D
+bm25        lexical: mean BM25 score of each candidate over the domain examples as queries
+less        LESS (Xia et al. 2024): warm-up LoRA, Adam-preconditioned per-example loss
+            gradients of the candidates, SGD gradients of D, Rademacher-projected, cosine,
+            max over D
+ntk         NTK-Selector: stage-1 votes keep M = factor x N, stage-2 Jacobian-free NTK mean score
+==========  ================================================================================
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+from .config import SelectConfig
+from .data import Record, record_text
+from .errors import NtkSelectError
+from .grads import flatten_grads, lora_parameters
+from .model import load_model
+from .projection import RademacherProjector
+from .runtime import Runtime
+from .stage1 import embed, preselect
+from .stage2 import projected_features, run_stage2
+from .warmup import WarmupOptions, add_lora, per_example_loss, warmup
+
+__all__ = ["Ranking", "SelectionContext", "Selector", "SELECTORS", "get_selector", "METHODS"]
+
+
+@dataclass
+class Ranking:
+    """A selector's output: pool indices best first (at least N of them) and their scores."""
+
+    order: np.ndarray  # (K,) int64 pool indices, best first, K >= N
+    scores: np.ndarray  # (K,) float64, the score of order[j]
+    columns: dict = field(default_factory=dict)  # extra per-candidate columns for scores.jsonl, aligned with order
+    info: dict = field(default_factory=dict)  # for the manifest
+    seconds: float = 0.0  # this selector's own work
+    tokens: int = 0  # tokens this selector's own work processed
+    shared: tuple[str, ...] = ()  # shared context work it relies on ("warmup", "embeddings")
+    timings: dict = field(default_factory=dict)  # per-stage seconds for the manifest (default: {"select": seconds})
+
+
+def _ordered(idx: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort by score descending, then by pool position: deterministic under ties."""
+    idx = np.asarray(idx, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    o = np.lexsort((idx, -scores))
+    return idx[o], scores[o]
+
+
+class SelectionContext:
+    """Inputs of a selection plus the shared, lazily computed work (warm-up, embeddings)."""
+
+    def __init__(self, cfg: SelectConfig, domain: Sequence[Record], pool: Sequence[Record], dom_ex: Sequence, pool_ex: Sequence,
+                 rt: Runtime, log=print, work_dir: str | None = None):
+        self.cfg, self.domain, self.pool, self.dom_ex, self.pool_ex, self.rt, self.log = cfg, domain, pool, dom_ex, pool_ex, rt, log
+        self.work_dir = work_dir
+        self._model = None
+        self._adam: dict | None = None
+        self._emb: tuple[np.ndarray, np.ndarray] | None = None
+        self.warmup_summary: dict | None = None
+        self.shared_seconds: dict[str, float] = {}
+        self.shared_tokens: dict[str, int] = {}
+
+    @property
+    def has_model(self) -> bool:
+        return self._model is not None
+
+    def model(self):
+        """The model with the warmed-up LoRA adapter (trained on D once, then reused)."""
+        if self._model is None:
+            cfg, t = self.cfg, time.perf_counter()
+            model = load_model(cfg.model).to(self.rt.device)
+            wopts = WarmupOptions(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules(),
+                                  epochs=cfg.warmup_epochs, lr=cfg.warmup_lr, batch_size=cfg.warmup_batch_size, seed=cfg.seed)
+            model = add_lora(model, wopts)
+            self._adam = {}
+            self.warmup_summary = warmup(model, self.dom_ex, wopts, self.rt, adam_state=self._adam)
+            self._model = model
+            self.shared_seconds["warmup"] = time.perf_counter() - t
+            steps = self.warmup_summary["steps"] * cfg.warmup_batch_size
+            self.shared_tokens["warmup"] = int(round(sum(len(e.input_ids) for e in self.dom_ex) * steps / max(1, len(self.dom_ex))))
+        return self._model
+
+    def adam_state(self) -> dict:
+        self.model()
+        return self._adam or {}
+
+    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """(n_domain, d), (n_pool, d) float32 stage-1 embeddings of the warmed-up model."""
+        if self._emb is None:
+            model = self.model()
+            t = time.perf_counter()
+            out_path = os.path.join(self.work_dir, "pool_emb.npy") if self.work_dir else None
+            dom = embed(model, self.dom_ex, self.rt, desc="stage 1: domain embeddings")
+            pool = embed(model, self.pool_ex, self.rt, out_path=out_path, desc="stage 1: pool embeddings")
+            self._emb = (dom, pool)
+            self.shared_seconds["embeddings"] = time.perf_counter() - t
+            self.shared_tokens["embeddings"] = sum(len(e.input_ids) for e in self.dom_ex) + sum(len(e.input_ids) for e in self.pool_ex)
+        return self._emb
+
+    def cost(self, ranking: Ranking) -> tuple[float, int]:
+        """(seconds, tokens) of a selection run alone: its own work plus the shared parts it used."""
+        secs = ranking.seconds + sum(self.shared_seconds.get(k, 0.0) for k in ranking.shared)
+        toks = ranking.tokens + sum(self.shared_tokens.get(k, 0) for k in ranking.shared)
+        return secs, toks
+
+    def release(self) -> None:
+        self._model = None
+        self._adam = None
+        self._emb = None
+
+
+class Selector(Protocol):
+    name: str
+    uses_model: bool  # whether it needs the warmed-up model (and so writes adapter/)
+
+    def rank(self, ctx: SelectionContext, n: int) -> Ranking: ...
+
+
+class RandomSelector:
+    name, uses_model = "random", False
+
+    def rank(self, ctx: SelectionContext, n: int) -> Ranking:
+        t = time.perf_counter()
+        u = np.random.default_rng([ctx.cfg.seed, 0x52414E44]).random(len(ctx.pool))  # (n_pool,) seeded uniform keys
+        order, scores = _ordered(np.arange(len(ctx.pool)), u)
+        return Ranking(order, scores, info={"rule": "seeded uniform keys (numpy default_rng([seed, tag])), highest first"},
+                       seconds=time.perf_counter() - t)
+
+
+class EmbeddingSelector:
+    name, uses_model = "embedding", True
+
+    def rank(self, ctx: SelectionContext, n: int) -> Ranking:
+        dom, pool = ctx.embeddings()
+        t = time.perf_counter()
+        d = dom / np.maximum(np.linalg.norm(dom, axis=1, keepdims=True), 1e-12)  # (n_dom, d)
+        centre = d.mean(0).astype(np.float64)  # mean_i x̂_i: mean cosine = x̂_j · centre
+        scores = np.zeros(len(ctx.pool))
+        for s in range(0, len(ctx.pool), 65536):  # memmap-friendly chunks
+            x = np.asarray(pool[s : s + 65536], dtype=np.float64)
+            scores[s : s + len(x)] = (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)) @ centre
+        order, sc = _ordered(np.arange(len(ctx.pool)), scores)
+        own = time.perf_counter() - t
+        return Ranking(order, sc, info={"rule": "mean cosine of the stage-1 embedding to the domain embeddings"},
+                       seconds=own, shared=("warmup", "embeddings"), timings={"embeddings": ctx.shared_seconds.get("embeddings", 0.0), "select": own})
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+class BM25Selector:
+    name, uses_model = "bm25", False
+
+    def rank(self, ctx: SelectionContext, n: int) -> Ranking:
+        try:
+            import bm25s
+        except ImportError:
+            raise NtkSelectError("--method bm25 needs the bm25s package: pip install 'ntkselect[baselines]'") from None
+        t = time.perf_counter()
+        corpus = [record_text(r.raw) for r in ctx.pool]
+        queries = [record_text(r.raw) for r in ctx.domain]
+        tok = bm25s.tokenize(corpus, stopwords="en", show_progress=False)
+        retriever = bm25s.BM25()  # Lucene variant, k1 = 1.5, b = 0.75
+        retriever.index(tok, show_progress=False)
+        vocab = tok.vocab  # {word: id}
+        q_tok = bm25s.tokenize(queries, stopwords="en", return_ids=False, show_progress=False)
+        scores = np.zeros(len(corpus))
+        for words in q_tok:
+            known = [w for w in words if w in vocab]
+            if known:
+                scores += retriever.get_scores(known)
+        scores /= max(1, len(queries))
+        order, sc = _ordered(np.arange(len(corpus)), scores)
+        return Ranking(order, sc, info={"rule": "mean over domain queries of the BM25 score (bm25s, Lucene, k1=1.5, b=0.75, English stopwords)",
+                                        "bm25s": getattr(bm25s, "__version__", "?")}, seconds=time.perf_counter() - t)
+
+
+class LessSelector:
+    name, uses_model = "less", True
+
+    def rank(self, ctx: SelectionContext, n: int) -> Ranking:
+        cfg, rt = ctx.cfg, ctx.rt
+        if cfg.warmup_epochs <= 0:
+            raise NtkSelectError("--method less needs --warmup-epochs > 0: its candidate gradients are preconditioned by the warm-up's Adam state")
+        model = ctx.model()
+        state = ctx.adam_state()
+        t = time.perf_counter()
+        names_shapes = [(nm, p.shape) for nm, p in lora_parameters(model)]
+        names = [nm for nm, _ in names_shapes]
+        dim = sum(math.prod(s) for _, s in names_shapes)
+        m = flatten_grads({nm: state[nm][0].unsqueeze(0) for nm in names}, names)[0].to(rt.device).float()  # (D,)
+        v = flatten_grads({nm: state[nm][1].unsqueeze(0) for nm in names}, names)[0].to(rt.device).float()  # (D,)
+        (b1, b2), eps = state["_betas"], state["_eps"]
+
+        def adam(g: torch.Tensor) -> torch.Tensor:
+            # LESS's Γ: one more Adam step's update direction from the warm-up's moments,
+            # m' / sqrt(v' + eps) exactly as in its code (no bias correction). (B, D) -> (B, D)
+            g = g.float()
+            return (b1 * m + (1 - b1) * g) / torch.sqrt(b2 * v + (1 - b2) * g * g + eps)
+
+        p = cfg.less_proj_dim
+        projector = RademacherProjector(dim, p, cfg.seed, device=rt.device)
+        chunk = 2 << 30
+        dom = projected_features(model, ctx.dom_ex, projector, rt, objective=per_example_loss, chunk_bytes=chunk,
+                                 desc="less: domain gradients", ids=[r.id for r in ctx.domain])  # (n_dom, p)
+        with tempfile.TemporaryDirectory(prefix=".less-", dir=ctx.work_dir) as work:
+            pool = projected_features(model, ctx.pool_ex, projector, rt, objective=per_example_loss, transform=adam, chunk_bytes=chunk,
+                                      out_path=os.path.join(work, "pool.npy"), desc="less: pool gradients", ids=[r.id for r in ctx.pool])
+            d = torch.from_numpy(dom).double()
+            d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-30)  # (n_dom, p)
+            scores = np.zeros(len(ctx.pool))
+            for s in range(0, len(ctx.pool), 8192):
+                x = torch.from_numpy(np.asarray(pool[s : s + 8192])).double()  # (b, p)
+                x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
+                scores[s : s + len(x)] = (x @ d.T).max(dim=1).values.numpy()  # max over D of the cosine
+            del pool
+        order, sc = _ordered(np.arange(len(ctx.pool)), scores)
+        toks = 2 * (sum(len(e.input_ids) for e in ctx.dom_ex) + sum(len(e.input_ids) for e in ctx.pool_ex))  # forward + backward
+        return Ranking(order, sc, seconds=time.perf_counter() - t, tokens=toks, shared=("warmup",), info={
+            "rule": "max over D of cos(phi(Gamma(grad loss(c))), phi(grad loss(x_i))); Gamma = Adam step from the warm-up's moments",
+            "proj_dim": p, "grad_dim": dim, "projector": projector.describe(), "adam_betas": [b1, b2], "adam_eps": eps,
+            "checkpoints": "the single warm-up checkpoint (LESS averages several, weighted by learning rate)"})
+
+
+class NtkSelector:
+    name, uses_model = "ntk", True
+
+    def rank(self, ctx: SelectionContext, n: int) -> Ranking:
+        cfg = ctx.cfg
+        dom_emb, pool_emb = ctx.embeddings()
+        t = time.perf_counter()
+        s1 = preselect(dom_emb, pool_emb, int(round(cfg.preselect_factor * n)), cfg.knn_k)
+        cand = s1.selected
+        t2 = time.perf_counter()
+        s2 = run_stage2(ctx.model(), ctx.dom_ex, [ctx.pool_ex[i] for i in cand], ctx.rt, proj_dim=cfg.proj_dim, seed=cfg.seed,
+                        domain_ids=[r.id for r in ctx.domain], candidate_ids=[ctx.pool[int(i)].id for i in cand])
+        order, sc = _ordered(cand, s2.scores)
+        votes = s1.votes[order]
+        ctx.log(f"ntkselect: stage 1 kept {len(cand)} candidates (K = {s1.k_used}, {int((s1.votes > 0).sum())} got a vote)")
+        toks = 2 * (s2.tokens["domain"] + s2.tokens["candidates"])
+        timings = {"stage1": ctx.shared_seconds.get("embeddings", 0.0) + (t2 - t), "stage2": time.perf_counter() - t2}
+        return Ranking(order, sc, columns={"votes": votes}, seconds=time.perf_counter() - t, tokens=toks, shared=("warmup", "embeddings"), timings=timings, info={
+            "stage1": {"m": int(len(cand)), "k_requested": cfg.knn_k, "k_used": s1.k_used, "voted_candidates": int((s1.votes > 0).sum()),
+                       "tie_break": "votes desc, best cosine desc, pool position asc", "seconds": s1.seconds},
+            "stage2": {"grad_dim": s2.grad_dim, "proj_dim": s2.proj_dim, "projector": s2.projector, "seconds": s2.seconds, "tokens": s2.tokens,
+                       "objective": "f(x) = (1/T) sum_t sum_k logit[t,k], via h_t . sum_k w_k",
+                       "score": "mean_i <phi(g(x_i)), phi(g(c_j))> = <phi*(phi(mean_i g(x_i))), g(c_j)>",
+                       "tie_break": "score desc, pool position asc"}})
+
+
+SELECTORS: dict[str, type] = {s.name: s for s in (NtkSelector, RandomSelector, EmbeddingSelector, BM25Selector, LessSelector)}
+METHODS = tuple(SELECTORS)
+
+
+def get_selector(name: str) -> Selector:
+    if name not in SELECTORS:
+        raise NtkSelectError(f"--method {name!r} is not a selector; use one of {', '.join(SELECTORS)}")
+    return SELECTORS[name]()
