@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from dataclasses import MISSING, fields
 
 from .config import SelectConfig
@@ -45,7 +46,49 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--pool-reasoning", type=int, default=200, help="reasoning-gym problems in the pool")
     demo.add_argument("--data-seed", type=int, default=0, help="seed for sampling the demo data")
     _add_config_flags(demo, skip=("domain", "pool"), defaults={"n": 100, "out": "runs/demo"})
+    _add_diagnostic_commands(sub)
+    _add_evaluate_commands(sub)
     return parser
+
+
+def _add_evaluate_commands(sub) -> None:
+    ev = sub.add_parser("evaluate", help="select with each method, fine-tune on D ∪ S with one recipe, and compare test accuracy over seeds")
+    _add_eval_flags(ev)
+    ed = sub.add_parser("eval-data", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        help="write a seeded, stratified MMLU train/test split of a domain and a pool for `evaluate`")
+    ed.add_argument("--domain-name", default="medical", choices=("medical", "legal", "psychology"), help="which MMLU domain")
+    ed.add_argument("--out", required=True, help="folder for domain_train.jsonl, domain_test.jsonl, pool.jsonl, split.json")
+    ed.add_argument("--n-train", type=int, default=100, help="domain training questions (D)")
+    ed.add_argument("--n-test", type=int, default=300, help="domain test questions")
+    ed.add_argument("--pool-mmlu", type=int, default=1000, help="MMLU questions from the other subjects in the pool")
+    ed.add_argument("--pool-reasoning", type=int, default=200, help="reasoning-gym problems in the pool")
+    ed.add_argument("--gsm8k", default=None, help="local GSM8K JSONL (question, answer) to add to the pool")
+    ed.add_argument("--pool-gsm8k", type=int, default=0, help="GSM8K problems in the pool (needs --gsm8k)")
+    ed.add_argument("--seed", type=int, default=0, help="seed of the split and the samples")
+
+
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    from .evaluate import EvalConfig
+
+    p.add_argument("--config", help="TOML file with any of these options as keys (bare or under [evaluate]); flags given on the command line win")
+    for f in fields(EvalConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "") + ("" if f.metadata.get("required") else f" (default: {f.default})")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
+            continue
+        typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+        kw = {"choices": f.metadata["choices"]} if f.metadata.get("choices") else {}
+        p.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=help_, **kw)  # SUPPRESS: only given flags override --config
+
+
+def _eval_config(args: argparse.Namespace):
+    from .evaluate import EvalConfig
+
+    given = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(EvalConfig)}}
+    if getattr(args, "config", None):
+        return EvalConfig.from_toml(args.config, given)
+    return EvalConfig(**given)
 
 
 def _config(args: argparse.Namespace) -> SelectConfig:
@@ -54,15 +97,65 @@ def _config(args: argparse.Namespace) -> SelectConfig:
     return SelectConfig(**kw)
 
 
+def _add_diagnostic_commands(sub) -> None:
+    """``diagnose`` (flags from :class:`~ntkselect.diagnose.DiagnoseOptions`) and ``report``."""
+    from .diagnose import DiagnoseOptions
+
+    diag = sub.add_parser("diagnose", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                          help="check the NTK-like assumption on a probe set: kernel stability during fine-tuning, the Jacobian-free approximation, kernel regression")
+    for f in fields(DiagnoseOptions):
+        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        if f.type in ("bool", bool):
+            diag.add_argument(flag, action="store_true", help=help_)
+            continue
+        typ = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+        kw = {"choices": f.metadata["choices"]} if f.metadata.get("choices") else {}
+        diag.add_argument(flag, type=typ, default=f.default, required=bool(f.metadata.get("required")), help=help_, **kw)
+    rep = sub.add_parser("report", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="write RUN_DIR/report.html, a self-contained page on a selection run")
+    rep.add_argument("run_dir", help="the --out folder of a finished selection run")
+    rep.add_argument("--top", type=int, default=5, help="how many of the best and of the lowest-ranked selected examples to show")
+    rep.add_argument("--neighbours", type=int, default=3, help="nearest domain examples shown for each")
+
+
+def _diagnostic_command(args: argparse.Namespace) -> int:
+    if args.command == "report":
+        from .report import build_report
+
+        print(f"ntkselect: wrote {build_report(args.run_dir, top=args.top, neighbours=args.neighbours)}")
+        return 0
+    from .diagnose import DiagnoseOptions, diagnose, summarise
+
+    kw = {f.name: getattr(args, f.name) for f in fields(DiagnoseOptions)}
+    opts = DiagnoseOptions.from_run(args.run, **kw) if args.run else DiagnoseOptions(**kw)
+    print(summarise(diagnose(opts)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("diagnose", "report"):
+            return _diagnostic_command(args)
         from .pipeline import summarise
 
         if args.command == "select":
             from .pipeline import select
 
             result = select(_config(args))
+        elif args.command == "evaluate":
+            from .evaluate import run_evaluation
+
+            m = run_evaluation(_eval_config(args))
+            print((Path(m["config"]["out"]) / "results.md").read_text())
+            return 0
+        elif args.command == "eval-data":
+            from .demo_data import build_eval_data
+
+            info = build_eval_data(args.out, args.domain_name, args.n_train, args.n_test, args.pool_mmlu, args.pool_reasoning,
+                                   args.gsm8k, args.pool_gsm8k, args.seed)
+            print(f"ntkselect: wrote {info['counts']['train']} train / {info['counts']['test']} test {args.domain_name} questions and a pool of "
+                  f"{info['counts']['pool']} ({', '.join(f'{k} {v}' for k, v in info['pool_per_source'].items())}) to {args.out}")
+            return 0
         else:
             from .demo import run_demo
 

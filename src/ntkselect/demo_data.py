@@ -36,6 +36,8 @@ __all__ = [
     "MAX_CHARS",
     "REASONING_DATASETS",
     "build_demo_data",
+    "build_eval_data",
+    "load_gsm8k",
     "load_mmlu",
     "mmlu_dir",
     "mmlu_prompt",
@@ -393,3 +395,135 @@ def build_demo_data(
             "reasoning_gym": dict(sorted(rg_skipped.items())),
         },
     }
+
+
+def _norm(text: str) -> str:
+    return " ".join(str(text).lower().split())
+
+
+def _stratified_split(records: Sequence[dict], n_train: int, n_test: int, rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """Disjoint train and test samples, each stratified proportionally over ``subject``."""
+    groups: dict[str, list[int]] = {}
+    for idx, rec in enumerate(records):
+        groups.setdefault(rec["subject"], []).append(idx)
+    sizes = {g: len(v) for g, v in groups.items()}
+    if n_train + n_test > len(records):
+        raise NtkSelectError(f"the domain has {len(records)} usable questions, fewer than --n-train {n_train} + --n-test {n_test}; lower them")
+    test_alloc = _allocate(sizes, n_test)
+    train_alloc = _allocate({g: sizes[g] - test_alloc[g] for g in sizes}, n_train)
+    train, test = [], []
+    for g in sorted(groups):
+        idx = list(groups[g])
+        rng.shuffle(idx)
+        test += idx[: test_alloc[g]]
+        train += idx[test_alloc[g] : test_alloc[g] + train_alloc[g]]
+    return [records[i] for i in sorted(train)], [records[i] for i in sorted(test)]
+
+
+def load_gsm8k(path: str | Path, n: int, seed: int) -> list[dict]:
+    """``n`` seeded GSM8K problems from a local JSONL with ``question``/``answer`` fields (the
+    worked solution ending in ``#### answer``), as ``{"id": "gsm8k/<line>", "prompt", "response",
+    "subject": "gsm8k", "source": "gsm8k"}``. Nothing is downloaded: pass the file's path."""
+    import json
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "train.jsonl"
+    if not path.is_file():
+        raise NtkSelectError(f"--gsm8k {path}: no such file; pass the path of a GSM8K JSONL (fields question, answer)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                rows.append({"id": f"gsm8k/{line_no}", "prompt": _clean(obj["question"]), "response": _clean(obj["answer"]),
+                             "subject": "gsm8k", "source": "gsm8k"})
+            except (ValueError, KeyError, TypeError):
+                raise NtkSelectError(f"{path}:{line_no}: not a GSM8K record (a JSON object with question and answer)") from None
+    rng = random.Random(_derive_seed(seed, "gsm8k"))
+    keep = sorted(rng.sample(range(len(rows)), min(n, len(rows))))
+    return [rows[i] for i in keep]
+
+
+def build_eval_data(
+    out_dir: str | Path,
+    domain: str = "medical",
+    n_train: int = 100,
+    n_test: int = 300,
+    n_pool_mmlu: int = 1000,
+    n_pool_reasoning: int = 200,
+    gsm8k: str | Path | None = None,
+    n_pool_gsm8k: int = 0,
+    seed: int = 0,
+    *,
+    max_chars: int = MAX_CHARS,
+) -> dict:
+    """Write a seeded, stratified train/test split of an MMLU domain and a pool, for ``ntkselect evaluate``.
+
+    * ``domain_train.jsonl`` (D) and ``domain_test.jsonl``: disjoint, each stratified over the
+      domain's subjects; test records carry ``"options": ["A", "B", "C", "D"]`` and ``answer``.
+    * ``pool.jsonl``: MMLU questions from every other subject (stratified), reasoning-gym
+      problems and, with ``gsm8k`` (a local JSONL path), GSM8K problems. Pool questions whose
+      normalised question text equals a domain question's are dropped (MMLU repeats a few
+      across subjects), so no split leaks into the pool.
+    * ``split.json``: the ids of each split, the counts, the checks and the files' sha256.
+    """
+    if domain not in DOMAINS:
+        raise NtkSelectError(f"unknown domain {domain!r}; known domains: {', '.join(sorted(DOMAINS))}")
+    for name, value in (("n_train", n_train), ("n_test", n_test), ("n_pool_mmlu", n_pool_mmlu),
+                        ("n_pool_reasoning", n_pool_reasoning), ("n_pool_gsm8k", n_pool_gsm8k)):
+        _check_count(name, value)
+    if n_train == 0 or n_test == 0:
+        raise NtkSelectError("--n-train and --n-test must be positive")
+    if n_pool_gsm8k and gsm8k is None:
+        raise NtkSelectError("--n-pool-gsm8k needs --gsm8k PATH (a local GSM8K JSONL)")
+    out_dir = Path(out_dir)
+    subjects = DOMAINS[domain]
+    all_mmlu = load_mmlu()
+
+    def short(rec: dict) -> bool:
+        return len(rec["prompt"]) + len(rec["response"]) <= max_chars
+
+    in_domain, seen = [], set()
+    for r in all_mmlu:  # MMLU repeats a few questions: keep the first copy, so no copy can sit on both sides
+        if r["subject"] in subjects and short(r) and _norm(r["prompt"]) not in seen:
+            seen.add(_norm(r["prompt"]))
+            in_domain.append(r)
+    train, test = _stratified_split(in_domain, n_train, n_test, random.Random(_derive_seed(seed, "split", domain)))
+    test = [{**r, "options": list(LETTERS)} for r in test]
+    domain_q = {_norm(r["prompt"]) for r in all_mmlu if r["subject"] in subjects}
+    outside = [r for r in all_mmlu if r["subject"] not in subjects and short(r)]
+    clean = [r for r in outside if _norm(r["prompt"]) not in domain_q]
+    pool = _stratified_sample(clean, n_pool_mmlu, random.Random(_derive_seed(seed, "pool")))
+    rg_skipped: dict[str, int] = {}
+    pool += reasoning_gym_records(n_pool_reasoning, seed, REASONING_DATASETS, max_chars=max_chars, skipped=rg_skipped)
+    if gsm8k is not None and n_pool_gsm8k:
+        pool += load_gsm8k(gsm8k, n_pool_gsm8k, seed)
+
+    test_q, train_q = {_norm(r["prompt"]) for r in test}, {_norm(r["prompt"]) for r in train}
+    checks = {"train_test_overlap": len(test_q & train_q), "test_pool_overlap": sum(_norm(r["prompt"]) in test_q for r in pool),
+              "train_pool_overlap": sum(_norm(r["prompt"]) in train_q for r in pool)}
+    if any(checks.values()):  # cannot happen by construction; refuse rather than write a leaking split
+        raise NtkSelectError(f"the split leaks: {checks}")
+    paths = {"train": out_dir / "domain_train.jsonl", "test": out_dir / "domain_test.jsonl", "pool": out_dir / "pool.jsonl"}
+    atomic_write_jsonl(paths["train"], train)
+    atomic_write_jsonl(paths["test"], test)
+    atomic_write_jsonl(paths["pool"], pool)
+    info = {
+        "domain": domain, "domain_subjects": list(subjects), "seed": int(seed), "max_chars": max_chars,
+        "paths": {k: str(v) for k, v in paths.items()}, "sha256": {k: sha256_path(v) for k, v in paths.items()},
+        "counts": {"train": len(train), "test": len(test), "pool": len(pool)},
+        "train_per_subject": dict(sorted(Counter(r["subject"] for r in train).items())),
+        "test_per_subject": dict(sorted(Counter(r["subject"] for r in test).items())),
+        "pool_per_source": dict(sorted(Counter(r["source"] for r in pool).items())),
+        "pool_dropped_as_domain_duplicates": len(outside) - len(clean),
+        "domain_usable": len(in_domain),
+        "checks": checks,
+        "ids": {"train": [r["id"] for r in train], "test": [r["id"] for r in test]},
+    }
+    from .io import atomic_write_json
+
+    atomic_write_json(out_dir / "split.json", info)
+    return info

@@ -100,7 +100,7 @@ def summarise(manifest: dict) -> str:
     if len(s["composition"]) > 12:
         lines.append(f"    ... {len(s['composition']) - 12} more in manifest.json")
     lo, hi = s["score_range_selected"]
-    lines.append(f"  {manifest.get('method', 'ntk')} scores: selected {lo:.4g} .. {hi:.4g}; all stage-2 candidates {s['score_range_all'][0]:.4g} .. {s['score_range_all'][1]:.4g}")
+    lines.append(f"  {manifest.get('method', 'ntk')} scores: selected {lo:.4g} .. {hi:.4g}; all ranked candidates {s['score_range_all'][0]:.4g} .. {s['score_range_all'][1]:.4g}")
     lines.append("  time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in manifest["timings"].items()))
     return "\n".join(lines)
 
