@@ -169,7 +169,7 @@ def option_loglikelihoods(model, tokenizer, items: Sequence[MCItem], rt: Runtime
         for (i, ks, seq, _, targets), lp in zip(chunk, rows):  # lp: (n_positions, V)
             tokens += len(seq)
             if len(ks) > 1:  # fast path: one position, every option's single token
-                out[i][ks] = lp[0, [t[0] for t in targets]].double().cpu().numpy()
+                out[i][ks] = lp[0, targets[0]].double().cpu().numpy()  # targets[0]: every option's token
             else:
                 out[i][ks[0]] = float(sum(lp[p, t[0]].item() for p, t in enumerate(targets)))
         prog.update(len(chunk), sum(len(c[2]) for c in chunk))
