@@ -6,9 +6,11 @@ The pipeline is one module per stage: :mod:`~ntkselect.warmup`, :mod:`~ntkselect
 
 from .config import SelectConfig
 from .data import Record, load_records, tokenize_records
+from .diagnose import DiagnoseOptions, diagnose
 from .errors import NtkSelectError
 from .pipeline import SelectionResult, select
 from .projection import RademacherProjector
+from .report import build_report
 from .runtime import Runtime
 from .stage1 import embed, preselect
 from .stage2 import run_stage2
@@ -32,4 +34,7 @@ __all__ = [
     "preselect",
     "run_stage2",
     "RademacherProjector",
+    "DiagnoseOptions",
+    "diagnose",
+    "build_report",
 ]
