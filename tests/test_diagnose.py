@@ -296,3 +296,32 @@ def test_options_from_a_run_take_its_data_and_model(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"config": {"domain": "d.jsonl", "pool": "p.jsonl", "model": "m", "lora_r": 4, "max_length": 128}}))
     opts = DiagnoseOptions.from_run(str(tmp_path), out="o", lora_r=8, max_length=64)
     assert (opts.domain, opts.pool, opts.model, opts.lora_r, opts.max_length) == ("d.jsonl", "p.jsonl", "m", 4, 64)  # a default does not override; a flag does
+
+
+@pytest.mark.slow
+def test_real_model_summed_head_cotangent_gives_the_jacobian_free_gradient(tokenizer):
+    """On SmolLM2 (V = 49152, d = 576): the per-output route with the cotangent Σ_k w_k is the
+    stage-2 gradient g(x), and a small sampled check gives finite, sane statistics."""
+    from ntkselect.data import tokenize_records
+    from ntkselect.diagnose import _head_matrix
+    from ntkselect.model import load_model
+    from ntkselect.stage2 import per_example_gradients
+    from ntkselect.warmup import WarmupOptions, add_lora
+
+    model = add_lora(load_model(None), WarmupOptions(r=2, alpha=4, seed=0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    ex, _ = tokenize_records([Record("0", {"prompt": "Which organ pumps blood?", "response": "The heart."}, "mem.jsonl", 1),
+                              Record("1", {"text": "Insulin lowers blood sugar."}, "mem.jsonl", 2)], tokenizer, 64, "auto")
+    W, wbar = _head_matrix(model)
+    assert W.shape == (49152, 576)
+    rt = _rt()
+    g = per_example_gradients(model, ex[:1], rt)[0].double()
+    row = output_gradients(model, ex[0], wbar[None], rt)[0].double()
+    assert float((row - g).norm() / g.norm()) < 1e-3
+    info = output_kernel_check(model, ex, rt, method="sampled", outputs=4, progress=False)
+    c = info["cross_output_cosine"]
+    assert info["d"] == 576 and c["pairs"] == 2 * 6 and -1 <= c["mean"] <= 1 and c["d_inv_sqrt"] == pytest.approx(576 ** -0.5)
+    assert all(math.isfinite(p["trace"]) and p["trace_se"] >= 0 for p in info["pairs"])
