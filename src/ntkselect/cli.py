@@ -7,6 +7,7 @@ option has one name, one default and one help text.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 from dataclasses import MISSING, fields
@@ -166,6 +167,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except NtkSelectError as err:
         print(f"ntkselect: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # A full disk mid-run: outputs are written atomically and manifest.json last, so the
+        # folder holds nothing a rerun would trust.
+        where = f"--out {args.out}" if getattr(args, "out", None) else (err.filename or "the output folder")
+        print(f"ntkselect: error: no space left on device while writing to {where}; free some space or choose another --out "
+              "(the run is unfinished and has no manifest.json, so a rerun starts over)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ntkselect: interrupted", file=sys.stderr)

@@ -311,6 +311,31 @@ def _read_hf(path: Path, name: str) -> Iterable[tuple[int, Any]]:
     return [(i, _jsonable(r)) for i, r in enumerate(ds.to_list(), 1)]
 
 
+def _checked_record(name: str, row: int, line: int, raw: Any, seen: dict[str, tuple[int, bool]]) -> Record:
+    """One validated :class:`Record`; ``seen`` collects the ids of the file so far."""
+    where = _where(name, line)
+    try:
+        _classify(raw)
+    except _Bad as err:
+        raise NtkSelectError(f"{where}: {err}") from None
+    rid = raw.get("id")
+    implicit = rid is None or rid == ""
+    if implicit:
+        rid = row
+    elif isinstance(rid, bool) or not isinstance(rid, (str, int, float)):
+        raise NtkSelectError(f"{where}: field 'id' must be a string or a number, found {type(rid).__name__}; fix the id")
+    rid = str(rid)
+    if rid in seen:
+        word, (first, first_implicit) = _word(name), seen[rid]
+        note = " (a record without an 'id' field gets its 0-based row number as id)" if implicit or first_implicit else ""
+        raise NtkSelectError(
+            f"{name}: duplicate id {rid!r} at {word} {first} and {word} {line}{note}; ids must be unique within each file "
+            "(the domain and the pool may share ids): give every record of this file a unique id"
+        )
+    seen[rid] = (line, implicit)
+    return Record(id=rid, raw=raw, path=name, line=line)
+
+
 def load_records(path: str | Path) -> list[Record]:
     """Read and check every record of a data file (format from the extension)."""
     p = Path(path)
@@ -330,24 +355,12 @@ def load_records(path: str | Path) -> list[Record]:
         reader = readers[ext]
 
     records: list[Record] = []
-    seen: dict[str, int] = {}
-    for row, (line, raw) in enumerate(reader(p, name)):
-        where = _where(name, line)
-        try:
-            _classify(raw)
-        except _Bad as err:
-            raise NtkSelectError(f"{where}: {err}") from None
-        rid = raw.get("id")
-        if rid is None or rid == "":
-            rid = row
-        elif isinstance(rid, bool) or not isinstance(rid, (str, int, float)):
-            raise NtkSelectError(f"{where}: field 'id' must be a string or a number, found {type(rid).__name__}; fix the id")
-        rid = str(rid)
-        if rid in seen:
-            word = _word(name)
-            raise NtkSelectError(f"{name}: duplicate id {rid!r} at {word} {seen[rid]} and {word} {line}; give every record a unique id")
-        seen[rid] = line
-        records.append(Record(id=rid, raw=raw, path=name, line=line))
+    seen: dict[str, tuple[int, bool]] = {}  # id -> (line, whether the id is the row number)
+    try:
+        for row, (line, raw) in enumerate(reader(p, name)):
+            records.append(_checked_record(name, row, line, raw, seen))
+    except OSError as err:  # unreadable file (permissions, I/O error); a bad record is an NtkSelectError
+        raise NtkSelectError(f"{name}: cannot read it ({err.strerror or err}); check that the file exists and is readable") from None
     if not records:
         raise NtkSelectError(f"{name}: has no records; add at least one record")
     return records
@@ -477,10 +490,18 @@ def tokenize_record(record: Record, tokenizer, max_length: int, template: str) -
         kind = _classify(record.raw)
     except _Bad as err:
         raise NtkSelectError(f"{where}: {err}") from None
+    asked = template
     if template == "auto":
         template = resolve_template(tokenizer, template)
     if template not in ("chat", "plain"):
         raise NtkSelectError(f"unknown template {template!r}; use chat or plain")
+    if kind == "messages" and asked == "auto" and template == "plain":
+        # Conversations are only rendered as 'role: content' lines when asked for explicitly:
+        # silently training on a made-up chat format is worse than stopping.
+        raise NtkSelectError(
+            f"{where}: a messages record needs a chat template and the tokenizer of --model has none; "
+            "pass --template plain to render conversations as 'role: content' lines, or use a model whose tokenizer has a chat template"
+        )
     if template == "chat" and kind != "text" and not getattr(tokenizer, "chat_template", None):
         raise NtkSelectError(f"{where}: a {kind} record needs a chat template and this tokenizer has none; use --template plain or a tokenizer with a chat template")
 
@@ -526,7 +547,8 @@ def tokenize_records(records: Iterable[Record], tokenizer, max_length: int, temp
     stats = TokenizeStats(template=resolved)
     out: list[TokenizedExample] = []
     for rec in records:
-        ex = tokenize_record(rec, tokenizer, max_length, resolved)
+        # "auto" goes through unresolved so that messages records without a chat template stop
+        ex = tokenize_record(rec, tokenizer, max_length, "auto" if template == "auto" else resolved)
         out.append(ex)
         stats.examples += 1
         stats.tokens += len(ex.input_ids)
