@@ -147,13 +147,20 @@ def load_run(run_dir: str | Path) -> dict:
 _WORD = re.compile(r"[a-z0-9]+")
 
 
+_STOP = frozenset("""a an and are as at be been but by can could did do does for from had has have he her his how i if in into is it its
+may more most no not of on or our she should so such than that the their them then there these they this those to was we were what
+when where which who whom why will with would you your answer following""".split())
+
+
 def _words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    """Lower-case words of two or more characters, without common English function words (and
+    the option letters and 'Answer' of multiple-choice prompts)."""
+    return [w for w in _WORD.findall(text.lower()) if len(w) > 1 and w not in _STOP]
 
 
 def nearest_domain(queries: Sequence[str], domain: Sequence[str], k: int = 3) -> list[list[tuple[int, float]]]:
-    """For every query its ``k`` nearest domain texts as (index, cosine) by TF-IDF over words
-    (idf from the domain texts), best first; an inverted index keeps it linear in the matches."""
+    """For every query its ``k`` nearest domain texts as (index, cosine) by TF-IDF over content
+    words (idf from the domain texts), best first; an inverted index keeps it linear in the matches."""
     df: collections.Counter = collections.Counter()
     docs = [collections.Counter(_words(t)) for t in domain]
     for c in docs:
@@ -187,7 +194,7 @@ h1{font-size:1.6rem} h2{font-size:1.25rem;border-bottom:1px solid #ddd;padding-b
 table{border-collapse:collapse;margin:.6rem 0 1rem;font-size:.88rem} th,td{border:1px solid #ddd;padding:.25rem .5rem;vertical-align:top;text-align:left}
 th{background:#f4f4f4} td.num{text-align:right;font-variant-numeric:tabular-nums}
 img.plot{max-width:100%;border:1px solid #eee} .meta{color:#555;font-size:.9rem} .note{color:#8a5a00}
-.text{white-space:pre-wrap;max-width:38rem;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.8rem}
+.text{white-space:pre-wrap;max-width:38rem;margin-bottom:.4rem;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.8rem}
 nav a{margin-right:1rem}
 """
 
@@ -252,8 +259,8 @@ def _score_plot(scores: list[dict]) -> tuple[str, str]:
     sel = np.array([b for _, b in vals])
     fig, ax = new_figure(7, 3.4)
     bins = np.histogram_bin_edges(s, bins=min(40, max(5, len(s) // 5)))
-    ax.hist(s[~sel], bins=bins, color="#9aa7b8", label=f"not selected ({int((~sel).sum())})")
-    ax.hist(s[sel], bins=bins, color="#dd8452", alpha=0.85, label=f"selected ({int(sel.sum())})")
+    ax.hist([s[~sel], s[sel]], bins=bins, stacked=True, color=["#9aa7b8", "#dd8452"],
+            label=[f"not selected ({int((~sel).sum())})", f"selected ({int(sel.sum())})"])
     text = f"{len(s)} scored candidates; "
     if sel.any():
         cut = float(s[sel].min())
@@ -275,8 +282,7 @@ def _votes_plot(scores: list[dict], manifest: dict) -> tuple[str, str]:
     sel = np.array([b for _, b in vals])
     fig, ax = new_figure(7, 3.4)
     bins = np.arange(v.min(), v.max() + 2) - 0.5 if v.max() - v.min() <= 60 else 40
-    ax.hist(v[~sel], bins=bins, color="#9aa7b8", label="not selected")
-    ax.hist(v[sel], bins=bins, color="#dd8452", alpha=0.85, label="selected")
+    ax.hist([v[~sel], v[sel]], bins=bins, stacked=True, color=["#9aa7b8", "#dd8452"], label=["not selected", "selected"])
     ax.set_xlabel("stage-1 votes (domain examples that have the candidate among their K nearest)")
     ax.set_ylabel("candidates")
     ax.set_title("stage-1 votes of the candidates passed to stage 2")
@@ -335,7 +341,7 @@ def _examples(run: dict, top: int, neighbours: int) -> str:
                      _Raw(nn_html or '<span class="note">(no domain examples)</span>')))
     note = "" if domain else f'<p class="note">Nearest domain examples unavailable: {_e(run["domain_note"])}.</p>'
     return (f"<p>The {min(top, len(ranked))} best and {len(picks) - min(top, len(ranked))} lowest-ranked selected examples; next to each, its "
-            f"{neighbours} nearest domain examples by TF-IDF cosine over words (a lexical view, independent of the model).</p>{note}"
+            f"{neighbours} nearest domain examples by TF-IDF cosine over content words (a lexical view, independent of the model).</p>{note}"
             + _table(["rank", "score", "votes", "subject/source", "selected example", "nearest domain examples"], rows,
                      [True, True, True, False, False, False], raw=True))
 
