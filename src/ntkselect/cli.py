@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--pool-mmlu", type=int, default=800, help="MMLU questions from other subjects in the pool")
     demo.add_argument("--pool-reasoning", type=int, default=200, help="reasoning-gym problems in the pool")
     demo.add_argument("--data-seed", type=int, default=0, help="seed for sampling the demo data")
-    _add_config_flags(demo, skip=("domain", "pool"), defaults={"n": 100, "out": "runs/demo"})
+    _add_config_flags(demo, skip=("domain", "pool", "dry_run"), defaults={"n": 100, "out": "runs/demo"})
     _add_diagnostic_commands(sub)
     _add_evaluate_commands(sub)
     return parser
@@ -142,7 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "select":
             from .pipeline import select
 
-            result = select(_config(args))
+            cfg = _config(args)
+            if cfg.dry_run:
+                from .plan import estimate, format_plan
+
+                print(format_plan(estimate(cfg)))
+                return 0
+            result = select(cfg)
         elif args.command == "evaluate":
             from .evaluate import run_evaluation
 

@@ -34,6 +34,7 @@ class SelectConfig:
     max_length: int = _opt(512, "maximum tokens per example; longer ones are truncated and counted")
     seed: int = _opt(0, "seed for LoRA initialisation, warm-up order and the projection")
     overwrite: bool = _opt(False, "replace the results of an earlier run in --out")
+    dry_run: bool = _opt(False, "read and tokenize the inputs, print the estimated tokens, time, peak memory and disk per stage, and stop without writing anything")
     # -- warm-up ----------------------------------------------------------------------
     lora_r: int = _opt(8, "LoRA rank")
     lora_alpha: float = _opt(16.0, "LoRA alpha (scaling = alpha / r)")
