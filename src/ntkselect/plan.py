@@ -185,9 +185,12 @@ def estimate(cfg: SelectConfig) -> dict:
     domain = load_records(cfg.domain)
     pool_all = load_records(cfg.pool)
     dom_texts = {record_text(r.raw) for r in domain}
-    pool = [r for r in pool_all if record_text(r.raw) not in dom_texts]
+    keep = getattr(cfg, "keep_domain_duplicates", False)  # the opt-out proposed for pipeline.load_inputs
+    pool = list(pool_all) if keep else [r for r in pool_all if record_text(r.raw) not in dom_texts]
     if cfg.n > len(pool):
-        raise NtkSelectError(f"--n {cfg.n} is larger than the pool ({len(pool)} usable records in {cfg.pool}); lower --n or add candidates")
+        dropped = len(pool_all) - len(pool)
+        why = f", after excluding {dropped} duplicates of domain records" if dropped else ""
+        raise NtkSelectError(f"--n {cfg.n} is larger than the pool ({len(pool)} usable records in {cfg.pool}{why}); lower --n or add candidates")
     tokenizer = load_tokenizer(cfg.model)
     dom_ex, dom_stats = tokenize_records(domain, tokenizer, cfg.max_length, cfg.template)
     pool_ex, pool_stats = tokenize_records(pool, tokenizer, cfg.max_length, cfg.template)
