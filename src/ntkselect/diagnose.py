@@ -735,7 +735,7 @@ def _plots(diag: dict, out: Path) -> list[str]:
     edges, counts = np.asarray(c["histogram"]["edges"]), np.asarray(c["histogram"]["counts"])
     a1.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4c72b0")
     for sgn in (-1, 1):
-        a1.axvline(sgn * c["d_inv_sqrt"], color="#c44e52", ls="--", lw=1, label="±d^-1/2" if sgn > 0 else None)
+        a1.axvline(sgn * c["d_inv_sqrt"], color="#c44e52", ls="--", lw=1, label=r"$\pm d^{-1/2}$" if sgn > 0 else None)
     a1.axvline(c["mean"], color="black", lw=1, label=f"mean {c['mean']:+.3f}")
     a1.set_xlabel(r"$\cos(\nabla F_k(x), \nabla F_{k'}(x)),\ k \neq k'$")
     a1.set_ylabel("pairs")
@@ -746,6 +746,12 @@ def _plots(diag: dict, out: Path) -> list[str]:
     diag_pair = np.array([p["i"] == p["j"] for p in jf["pairs"]])
     a2.scatter(tr[~diag_pair], th[~diag_pair], label="x ≠ x'", s=18)
     a2.scatter(tr[diag_pair], th[diag_pair], label="x = x'", s=18, marker="s")
+    if len(tr) and np.all(tr > 0) and np.all(th > 0):
+        lo, hi = float(min(tr.min(), th.min())), float(max(tr.max(), th.max()))
+        a2.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls=":", label=r"$\tilde\Theta$ = trace (no off-diagonal sum)")
+        if hi / lo > 100:
+            a2.set_xscale("log")
+            a2.set_yscale("log")
     a2.set_xlabel(r"trace of the exact kernel $\Theta(x, x')$")
     a2.set_ylabel(r"Jacobian-free $\tilde\Theta(x, x')$")
     a2.set_title(r"$\tilde\Theta$" + f" against the trace ({jf['method']})")
