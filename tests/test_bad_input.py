@@ -233,7 +233,6 @@ def test_full_disk_during_a_write_is_one_line_and_leaves_nothing_trusted(files, 
     assert (out / "manifest.json").exists() and len((out / "scores.jsonl").read_text().splitlines()) == len(POOL)
 
 
-@pytest.mark.xfail(strict=True, reason="needs io.py patch: atomic_open turns ENOSPC into an NtkSelectError naming the file")
 def test_full_disk_error_names_the_file(tmp_path, monkeypatch):
     from ntkselect.errors import NtkSelectError
     from ntkselect.io import atomic_write_jsonl
@@ -247,7 +246,6 @@ def test_full_disk_error_names_the_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="needs stage1.py patch: embed() checks its embeddings are finite and names the example")
 def test_nan_embedding_in_stage1_names_the_example(files, nan_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     pool = write_jsonl(tmp_path / "pool.jsonl", POOL + [WEIRD])

@@ -34,6 +34,7 @@ class SelectConfig:
     max_length: int = _opt(512, "maximum tokens per example; longer ones are truncated and counted")
     seed: int = _opt(0, "seed for LoRA initialisation, warm-up order and the projection")
     overwrite: bool = _opt(False, "replace the results of an earlier run in --out")
+    keep_domain_duplicates: bool = _opt(False, "keep pool records that exactly duplicate a domain record (by default they are reported and excluded: selecting D again adds nothing)")
     dry_run: bool = _opt(False, "read and tokenize the inputs, print the estimated tokens, time, peak memory and disk per stage, and stop without writing anything")
     # -- warm-up ----------------------------------------------------------------------
     lora_r: int = _opt(8, "LoRA rank")
@@ -56,7 +57,11 @@ class SelectConfig:
     precision: str = _opt("auto", "matmul precision: auto (bfloat16 where the hardware has it), float32 or bfloat16; reductions stay float32", choices=("auto", "float32", "bfloat16"))
     padding_side: str = _opt("right", "pad batches on the right or left (scores do not depend on it)", choices=("right", "left"))
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
-    threads: int = _opt(0, "CPU threads for torch and FAISS (0 = torch's default)")
+    threads: int = _opt(0, "CPU threads for torch (0 = torch's default)")
+    shard_size: int = _opt(2048, "pool records per shard: each shard's embeddings / scores / features are written with a completion marker, so a rerun resumes")
+    executor: str = _opt("local", "where shards run: local (this process) or ray (a Ray cluster; pip install 'ntkselect[ray]')", choices=("local", "ray"))
+    ray_address: str = _opt("", "--executor ray: address of a running cluster (e.g. ray://head:10001 or auto); empty starts a local one")
+    ray_workers: int = _opt(0, "--executor ray: number of actors (0 = one per GPU, or one per 2 CPUs without GPUs)")
 
     def validate(self) -> "SelectConfig":
         def bad(name: str, why: str) -> NtkSelectError:
@@ -69,7 +74,7 @@ class SelectConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise bad(f.name, f"must be one of {', '.join(choices)}")
-        for name in ("n", "less_proj_dim", "max_length", "lora_r", "warmup_batch_size", "knn_k", "batch_size", "max_batch_tokens"):
+        for name in ("n", "less_proj_dim", "shard_size", "max_length", "lora_r", "warmup_batch_size", "knn_k", "batch_size", "max_batch_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise bad(name, "must be a positive integer")
         if self.max_length < 2:
@@ -90,6 +95,8 @@ class SelectConfig:
             raise bad("preselect_factor", "must be at least 1")
         if self.max_batch_tokens < self.max_length:
             raise bad("max_batch_tokens", f"must be at least --max-length ({self.max_length}) so every example fits in a batch")
+        if self.ray_workers < 0:
+            raise bad("ray_workers", "must be >= 0")
         if self.threads < 0:
             raise bad("threads", "must be >= 0")
         if not self.lora_target_modules.strip():

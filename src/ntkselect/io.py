@@ -8,6 +8,7 @@ would trust.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -15,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from .errors import NtkSelectError
 
 __all__ = [
     "atomic_open",
@@ -40,9 +43,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NtkSelectError(f"cannot write {path}: no space left on device; free some space on that disk and rerun "
+                                 "(nothing half-written was kept)") from None
         raise
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import importlib.metadata
+import json
 import os
 import platform
 import shutil
@@ -27,6 +28,7 @@ from .io import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, sha25
 from .model import load_tokenizer, resolve_model
 from .runtime import Runtime, resolve_device, resolve_precision
 from .selectors import Ranking, SelectionContext, get_selector
+from .shards import digest
 
 __all__ = ["SelectionResult", "Inputs", "select", "load_inputs", "make_runtime", "write_selection", "package_versions", "summarise"]
 
@@ -51,11 +53,33 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _prepare_out(cfg: SelectConfig, log=print) -> Path:
-    """Check that --out can be written; refuse to replace a finished run without --overwrite.
+#: options that change how the work runs, not what it computes: a run may resume with other values
+EXECUTION_ONLY = ("out", "overwrite", "threads", "device", "executor", "ray_address", "ray_workers", "batch_size",
+                  "max_batch_tokens", "padding_side", "shard_size", "dry_run")
 
-    A folder with outputs but no manifest holds an unfinished run (the manifest is written
-    last); nothing in it is trusted, so it is cleared and the run starts over."""
+
+def run_fingerprint(cfg: SelectConfig) -> dict:
+    """What a run's results depend on: the options, the inputs' contents and the model."""
+    return {"config": {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_ONLY},
+            "inputs": {"domain": sha256_path(cfg.domain), "pool": sha256_path(cfg.pool)},
+            "model": _model_fingerprint(resolve_model(cfg.model))}
+
+
+def _diff(old: dict, new: dict) -> list[str]:
+    out = [k for k in new["config"] if old.get("config", {}).get(k) != new["config"][k]]
+    out += [f"{k} contents" for k in new["inputs"] if old.get("inputs", {}).get(k) != new["inputs"][k]]
+    if old.get("model") != new["model"]:
+        out.append("model files")
+    return out or ["format"]
+
+
+def _prepare_out(cfg: SelectConfig, log=print) -> tuple[Path, dict]:
+    """Check --out; refuse to replace a finished run or to mix runs without --overwrite.
+
+    ``run.json`` (written first) records what the run is computed from. A folder with a
+    manifest holds a finished run; one with ``run.json`` but no manifest holds an unfinished
+    run, which resumes if the configuration, inputs and model are the same and is refused
+    otherwise. Anything else in the way is an unfinished run of an older format: cleared."""
     out = Path(cfg.out)
     if (out / "manifest.json").exists() and not cfg.overwrite:
         raise NtkSelectError(f"{out} already holds a finished run (manifest.json); pass --overwrite to replace it or choose another --out")
@@ -65,13 +89,26 @@ def _prepare_out(cfg: SelectConfig, log=print) -> Path:
             pass
     except OSError as err:
         raise NtkSelectError(f"cannot write to --out {out}: {err.strerror or err}; choose a writable folder") from None
-    stale = [o for o in OUTPUTS if (out / o).exists()]
-    if stale and not (out / "manifest.json").exists():
-        log(f"ntkselect: {out} holds an unfinished run ({', '.join(stale)}); starting over")
-    for o in stale:
-        p = out / o
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    return out
+    fp = run_fingerprint(cfg)
+    run_json = out / "run.json"
+    if run_json.exists() and not cfg.overwrite:
+        try:
+            old = json.loads(run_json.read_text())
+        except ValueError:
+            old = {}
+        if old.get("fingerprint") != fp:
+            raise NtkSelectError(f"{out} holds an unfinished run with a different setup (changed: {', '.join(_diff(old.get('fingerprint', {}), fp))}); "
+                                 "rerun with the same options to resume it, or pass --overwrite to start over")
+        log(f"ntkselect: resuming the unfinished run in {out}")
+    else:
+        stale = [o for o in (*OUTPUTS, "work", "shards.jsonl") if (out / o).exists()]
+        if stale and not (out / "manifest.json").exists() and not cfg.overwrite:
+            log(f"ntkselect: {out} holds an unfinished run ({', '.join(stale)}); starting over")
+        for o in (*OUTPUTS, "work", "shards.jsonl", "report.html"):
+            p = out / o
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        atomic_write_json(run_json, {"fingerprint": fp, "key": digest(fp)})
+    return out, fp
 
 
 def _model_fingerprint(path: str) -> dict:
@@ -128,7 +165,7 @@ def load_inputs(cfg: SelectConfig, log=print, exclude_texts: set[str] | None = N
     domain = load_records(cfg.domain)
     pool_all = load_records(cfg.pool)
     dom_texts = {record_text(r.raw) for r in domain}
-    pool = [r for r in pool_all if record_text(r.raw) not in dom_texts]
+    pool = list(pool_all) if cfg.keep_domain_duplicates else [r for r in pool_all if record_text(r.raw) not in dom_texts]
     excluded = {"duplicates_of_domain": len(pool_all) - len(pool)}
     if excluded["duplicates_of_domain"]:
         log(f"ntkselect: excluded {excluded['duplicates_of_domain']} pool records that duplicate a domain record exactly")
@@ -139,7 +176,9 @@ def load_inputs(cfg: SelectConfig, log=print, exclude_texts: set[str] | None = N
         if before - len(pool):
             log(f"ntkselect: excluded {before - len(pool)} pool records ({exclude_reason or 'excluded'})")
     if cfg.n > len(pool):
-        raise NtkSelectError(f"--n {cfg.n} is larger than the pool ({len(pool)} usable records in {cfg.pool}); lower --n or add candidates")
+        dropped = len(pool_all) - len(pool)
+        why = f", after excluding {dropped} duplicates of domain (or test) records" if dropped else ""
+        raise NtkSelectError(f"--n {cfg.n} is larger than the pool ({len(pool)} usable records in {cfg.pool}{why}); lower --n or add candidates")
     tokenizer = load_tokenizer(cfg.model)
     dom_ex, dom_stats = tokenize_records(domain, tokenizer, cfg.max_length, cfg.template)
     pool_ex, pool_stats = tokenize_records(pool, tokenizer, cfg.max_length, cfg.template)
@@ -159,17 +198,22 @@ def select(cfg: SelectConfig, log=print) -> SelectionResult:
     """Run ``cfg.method`` on ``cfg.domain`` and ``cfg.pool`` and write the run folder ``cfg.out``."""
     cfg.validate()
     t_start = time.perf_counter()
-    out = _prepare_out(cfg, log)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    inp = load_inputs(cfg, log)
+    inp = load_inputs(cfg, log)  # bad input fails before --out is touched
+    out, fp = _prepare_out(cfg, log)
     rt = make_runtime(cfg, inp.tokenizer)
-    with tempfile.TemporaryDirectory(prefix=".work-", dir=out) as work:
-        ctx = SelectionContext(cfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=work)
-        selector = get_selector(cfg.method)
-        ranking = selector.rank(ctx, cfg.n)
+    ctx = SelectionContext(cfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=str(out / "work"), key=digest(fp),
+                           log_path=str(out / "shards.jsonl"))
+    ctx.store.log({"event": "start", "method": cfg.method, "executor": cfg.executor, "shard_size": cfg.shard_size,
+                   "pool": len(inp.pool), "domain": len(inp.domain)})
+    try:
+        ranking = get_selector(cfg.method).rank(ctx, cfg.n)
         result = write_selection(out, cfg, inp, ctx, ranking, rt, t_start)
+    finally:
         ctx.release()
+    ctx.store.log({"event": "finish", "seconds": round(time.perf_counter() - t_start, 3)})
+    shutil.rmtree(out / "work", ignore_errors=True)  # the manifest now vouches for the results; shards are no longer needed
     return result
 
 
@@ -235,6 +279,8 @@ def write_selection(out: Path, cfg: SelectConfig, inp: Inputs, ctx: SelectionCon
         "warmup": ctx.warmup_summary if "warmup" in ranking.shared else None,
         "selector": ranking.info,
         **{k: v for k, v in ranking.info.items() if k in ("stage1", "stage2")},
+        "execution": {"executor": cfg.executor, "shard_size": cfg.shard_size, "pool_shards": -(-len(pool) // cfg.shard_size),
+                      "resumed": {**ctx.resumed, "shards_found_done": ctx.store.skipped}, "shard_log": "shards.jsonl"},
         "cost": {"seconds": round(sel_seconds, 3), "tokens": int(sel_tokens),
                  "note": "the selection's own work plus the shared warm-up / embeddings it used, as if run alone"},
         "timings": {k: round(v, 3) for k, v in timings.items()},

@@ -23,12 +23,14 @@ ntk         NTK-Selector: stage-1 votes keep M = factor x N, stage-2 Jacobian-fr
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
-import os
 import re
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -39,10 +41,12 @@ from .data import Record, record_text
 from .errors import NtkSelectError
 from .grads import flatten_grads, lora_parameters
 from .model import load_model
+from .io import atomic_open, atomic_write_json
 from .projection import RademacherProjector
 from .runtime import Runtime
+from .shards import LocalExecutor, RayExecutor, ShardSpec, ShardStore, digest, plan_shards, run_sharded
 from .stage1 import embed, preselect
-from .stage2 import projected_features, run_stage2
+from .stage2 import domain_vector, projected_features
 from .warmup import WarmupOptions, add_lora, per_example_loss, warmup
 
 __all__ = ["Ranking", "SelectionContext", "Selector", "SELECTORS", "get_selector", "METHODS"]
@@ -71,35 +75,68 @@ def _ordered(idx: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 class SelectionContext:
-    """Inputs of a selection plus the shared, lazily computed work (warm-up, embeddings)."""
+    """Inputs of a selection plus the shared, lazily computed work (warm-up, embeddings).
+
+    With a ``work_dir`` every expensive piece is kept on disk with a completion marker: the
+    warm-up adapter and its optimizer moments, each shard of pool embeddings, stage-2 scores
+    and LESS features (:mod:`ntkselect.shards`). ``key`` names what the run is computed from
+    (configuration, input and model hashes); a marker with another key is never trusted, so a
+    rerun resumes exactly where a crash stopped and cannot mix results of different runs."""
 
     def __init__(self, cfg: SelectConfig, domain: Sequence[Record], pool: Sequence[Record], dom_ex: Sequence, pool_ex: Sequence,
-                 rt: Runtime, log=print, work_dir: str | None = None):
+                 rt: Runtime, log=print, work_dir: str | None = None, key: str = "", log_path: str | None = None):
         self.cfg, self.domain, self.pool, self.dom_ex, self.pool_ex, self.rt, self.log = cfg, domain, pool, dom_ex, pool_ex, rt, log
         self.work_dir = work_dir
+        self.key = key or digest(cfg.to_dict())
+        self.store = ShardStore(Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="ntkselect-")), log_path)
         self._model = None
         self._adam: dict | None = None
-        self._emb: tuple[np.ndarray, np.ndarray] | None = None
+        self._emb: tuple[np.ndarray, list[np.ndarray]] | None = None
+        self._executor = None
         self.warmup_summary: dict | None = None
         self.shared_seconds: dict[str, float] = {}
         self.shared_tokens: dict[str, int] = {}
+        self.resumed: dict[str, bool] = {}
 
     @property
     def has_model(self) -> bool:
         return self._model is not None
 
+    def _lora_options(self) -> WarmupOptions:
+        cfg = self.cfg
+        return WarmupOptions(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules(),
+                             epochs=cfg.warmup_epochs, lr=cfg.warmup_lr, batch_size=cfg.warmup_batch_size, seed=cfg.seed)
+
     def model(self):
-        """The model with the warmed-up LoRA adapter (trained on D once, then reused)."""
+        """The model with the warmed-up LoRA adapter (trained on D once, kept on disk, reused)."""
         if self._model is None:
+            from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
             cfg, t = self.cfg, time.perf_counter()
-            model = load_model(cfg.model).to(self.rt.device)
-            wopts = WarmupOptions(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules(),
-                                  epochs=cfg.warmup_epochs, lr=cfg.warmup_lr, batch_size=cfg.warmup_batch_size, seed=cfg.seed)
-            model = add_lora(model, wopts)
-            self._adam = {}
-            self.warmup_summary = warmup(model, self.dom_ex, wopts, self.rt, adam_state=self._adam)
+            wdir = self.store.root / "warmup"
+            marker = wdir / "warmup.done"
+            model = add_lora(load_model(cfg.model).to(self.rt.device), self._lora_options())
+            done = marker.exists() and json.loads(marker.read_text()).get("key") == self.key
+            if done:  # resume: the adapter and moments of the finished warm-up, bit for bit
+                state = torch.load(wdir / "state.pt", map_location="cpu", weights_only=True)
+                set_peft_model_state_dict(model, state["adapter"])
+                self._adam = {k: tuple(v) for k, v in state["adam"].items()}
+                self._adam.update(state["adam_meta"])
+                self.warmup_summary = json.loads(marker.read_text())["summary"]
+                model.eval()
+                self.resumed["warmup"] = True
+                self.log("ntkselect: warm-up already done, loaded its adapter")
+            else:
+                self._adam = {}
+                self.warmup_summary = warmup(model, self.dom_ex, self._lora_options(), self.rt, adam_state=self._adam)
+                adam = {k: list(v) for k, v in self._adam.items() if not k.startswith("_")}
+                meta = {k: v for k, v in self._adam.items() if k.startswith("_")}
+                with atomic_open(wdir / "state.pt", "wb", encoding=None) as f:
+                    torch.save({"adapter": {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}, "adam": adam, "adam_meta": meta}, f)
+                atomic_write_json(marker, {"key": self.key, "summary": self.warmup_summary})
+                self.store.log({"event": "warmup_done", "seconds": round(self.warmup_summary.get("seconds", 0.0), 3)})
             self._model = model
-            self.shared_seconds["warmup"] = time.perf_counter() - t
+            self.shared_seconds["warmup"] = (self.warmup_summary or {}).get("seconds", 0.0) if done else time.perf_counter() - t
             steps = self.warmup_summary["steps"] * cfg.warmup_batch_size
             self.shared_tokens["warmup"] = int(round(sum(len(e.input_ids) for e in self.dom_ex) * steps / max(1, len(self.dom_ex))))
         return self._model
@@ -108,14 +145,33 @@ class SelectionContext:
         self.model()
         return self._adam or {}
 
-    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        """(n_domain, d), (n_pool, d) float32 stage-1 embeddings of the warmed-up model."""
+    def executor(self):
+        """Where shards run: this process, or Ray actors that rebuild the warmed-up model."""
+        if self._executor is None:
+            if self.cfg.executor == "ray":
+                from peft import get_peft_model_state_dict
+
+                model, rt = self.model(), self.rt
+                spec = {"model": self.cfg.model, "lora": dataclasses.asdict(self._lora_options()),
+                        "adapter_state": {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()},
+                        "dtype": str(rt.dtype).replace("torch.", ""), "batch_size": rt.batch_size, "max_batch_tokens": rt.max_batch_tokens,
+                        "padding_side": rt.padding_side, "pad_id": rt.pad_id}
+                self._executor = RayExecutor(spec, self.cfg.ray_address or None, self.cfg.ray_workers, log=self.log)
+            else:
+                self._executor = LocalExecutor(self.model, self.rt)
+        return self._executor
+
+    def shards(self, n: int) -> list[ShardSpec]:
+        return plan_shards(n, self.cfg.shard_size)
+
+    def embeddings(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(n_domain, d) and the pool's (rows, d) float32 shards: stage-1 embeddings of the warmed-up model."""
         if self._emb is None:
             model = self.model()
             t = time.perf_counter()
-            out_path = os.path.join(self.work_dir, "pool_emb.npy") if self.work_dir else None
-            dom = embed(model, self.dom_ex, self.rt, desc="stage 1: domain embeddings")
-            pool = embed(model, self.pool_ex, self.rt, out_path=out_path, desc="stage 1: pool embeddings")
+            dom = embed(model, self.dom_ex, self.rt, desc="stage 1: domain embeddings", ids=[r.id for r in self.domain])
+            pool = run_sharded("stage1", "embed", self.pool_ex, self.shards(len(self.pool_ex)), digest(self.key, "embed"), self.store,
+                               self.executor(), {}, "stage 1: pool embeddings", self.rt.progress, ids=[r.id for r in self.pool])
             self._emb = (dom, pool)
             self.shared_seconds["embeddings"] = time.perf_counter() - t
             self.shared_tokens["embeddings"] = sum(len(e.input_ids) for e in self.dom_ex) + sum(len(e.input_ids) for e in self.pool_ex)
@@ -128,6 +184,9 @@ class SelectionContext:
         return secs, toks
 
     def release(self) -> None:
+        if self._executor is not None:
+            self._executor.close()
+        self._executor = None
         self._model = None
         self._adam = None
         self._emb = None
@@ -159,10 +218,11 @@ class EmbeddingSelector:
         t = time.perf_counter()
         d = dom / np.maximum(np.linalg.norm(dom, axis=1, keepdims=True), 1e-12)  # (n_dom, d)
         centre = d.mean(0).astype(np.float64)  # mean_i x̂_i: mean cosine = x̂_j · centre
-        scores = np.zeros(len(ctx.pool))
-        for s in range(0, len(ctx.pool), 65536):  # memmap-friendly chunks
-            x = np.asarray(pool[s : s + 65536], dtype=np.float64)
-            scores[s : s + len(x)] = (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)) @ centre
+        parts = []
+        for shard in pool:  # one memory-mapped shard at a time
+            x = np.asarray(shard, dtype=np.float64)  # (s, d)
+            parts.append((x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)) @ centre)
+        scores = np.concatenate(parts) if parts else np.zeros(0)
         order, sc = _ordered(np.arange(len(ctx.pool)), scores)
         own = time.perf_counter() - t
         return Ranking(order, sc, info={"rule": "mean cosine of the stage-1 embedding to the domain embeddings"},
@@ -215,35 +275,70 @@ class LessSelector:
         m = flatten_grads({nm: state[nm][0].unsqueeze(0) for nm in names}, names)[0].to(rt.device).float()  # (D,)
         v = flatten_grads({nm: state[nm][1].unsqueeze(0) for nm in names}, names)[0].to(rt.device).float()  # (D,)
         (b1, b2), eps = state["_betas"], state["_eps"]
-
-        def adam(g: torch.Tensor) -> torch.Tensor:
-            # LESS's Γ: one more Adam step's update direction from the warm-up's moments,
-            # m' / sqrt(v' + eps) exactly as in its code (no bias correction). (B, D) -> (B, D)
-            g = g.float()
-            return (b1 * m + (1 - b1) * g) / torch.sqrt(b2 * v + (1 - b2) * g * g + eps)
-
+        # LESS's Γ (applied per shard, ntkselect.shards._task_less): one more Adam step's update
+        # direction from the warm-up's moments, m' / sqrt(v' + eps), as in its code (no bias correction)
         p = cfg.less_proj_dim
         projector = RademacherProjector(dim, p, cfg.seed, device=rt.device)
-        chunk = 2 << 30
-        dom = projected_features(model, ctx.dom_ex, projector, rt, objective=per_example_loss, chunk_bytes=chunk,
+        dom = projected_features(model, ctx.dom_ex, projector, rt, objective=per_example_loss, chunk_bytes=2 << 30,
                                  desc="less: domain gradients", ids=[r.id for r in ctx.domain])  # (n_dom, p)
-        with tempfile.TemporaryDirectory(prefix=".less-", dir=ctx.work_dir) as work:
-            pool = projected_features(model, ctx.pool_ex, projector, rt, objective=per_example_loss, transform=adam, chunk_bytes=chunk,
-                                      out_path=os.path.join(work, "pool.npy"), desc="less: pool gradients", ids=[r.id for r in ctx.pool])
-            d = torch.from_numpy(dom).double()
-            d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-30)  # (n_dom, p)
-            scores = np.zeros(len(ctx.pool))
-            for s in range(0, len(ctx.pool), 8192):
-                x = torch.from_numpy(np.asarray(pool[s : s + 8192])).double()  # (b, p)
-                x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
-                scores[s : s + len(x)] = (x @ d.T).max(dim=1).values.numpy()  # max over D of the cosine
-            del pool
+        payload = {"m": m.cpu(), "v": v.cpu(), "b1": b1, "b2": b2, "eps": eps, "dim": dim, "proj_dim": p, "seed": cfg.seed, "chunk_bytes": 2 << 30}
+        shards = run_sharded("less", "less", ctx.pool_ex, ctx.shards(len(ctx.pool_ex)), digest(ctx.key, "less", p), ctx.store, ctx.executor(),
+                             payload, "less: pool gradients", rt.progress, ids=[r.id for r in ctx.pool])
+        d = torch.from_numpy(dom).double()
+        d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-30)  # (n_dom, p)
+        parts = []
+        for shard in shards:
+            x = torch.from_numpy(np.asarray(shard)).double()  # (s, p)
+            x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            parts.append((x @ d.T).max(dim=1).values.numpy())  # max over D of the cosine
+        scores = np.concatenate(parts)
         order, sc = _ordered(np.arange(len(ctx.pool)), scores)
         toks = 2 * (sum(len(e.input_ids) for e in ctx.dom_ex) + sum(len(e.input_ids) for e in ctx.pool_ex))  # forward + backward
         return Ranking(order, sc, seconds=time.perf_counter() - t, tokens=toks, shared=("warmup",), info={
             "rule": "max over D of cos(phi(Gamma(grad loss(c))), phi(grad loss(x_i))); Gamma = Adam step from the warm-up's moments",
             "proj_dim": p, "grad_dim": dim, "projector": projector.describe(), "adam_betas": [b1, b2], "adam_eps": eps,
             "checkpoints": "the single warm-up checkpoint (LESS averages several, weighted by learning rate)"})
+
+
+@dataclass
+class _Stage2:
+    scores: np.ndarray
+    grad_dim: int
+    proj_dim: int
+    projector: dict | None
+    seconds: dict
+    tokens: dict
+
+
+def _stage2(ctx: SelectionContext, cand: np.ndarray) -> _Stage2:
+    """Stage 2 on the preselected candidates: v once on the driver (kept on disk), then the
+    candidates' scores ⟨v, g(c)⟩ shard by shard on the executor."""
+    cfg, rt, model = ctx.cfg, ctx.rt, ctx.model()
+    vdir = ctx.store.root / "stage2"
+    vkey = digest(ctx.key, "vector", cfg.proj_dim)
+    marker = vdir / "vector.done"
+    t = time.perf_counter()
+    if marker.exists() and json.loads(marker.read_text()).get("key") == vkey:
+        vec = torch.load(vdir / "vector.pt", map_location="cpu", weights_only=True)
+        info = json.loads(marker.read_text())["info"]
+        ctx.resumed["stage2_vector"] = True
+    else:
+        vec, info = domain_vector(model, ctx.dom_ex, rt, cfg.proj_dim, cfg.seed, domain_ids=[r.id for r in ctx.domain])
+        vec = {k: v.detach().cpu() for k, v in vec.items()}
+        with atomic_open(vdir / "vector.pt", "wb", encoding=None) as f:
+            torch.save(vec, f)
+        atomic_write_json(marker, {"key": vkey, "info": info})
+    t_vec = time.perf_counter() - t
+    t = time.perf_counter()
+    cand_ex = [ctx.pool_ex[int(i)] for i in cand]
+    ids = [ctx.pool[int(i)].id for i in cand]
+    key = digest(ctx.key, "score", cfg.proj_dim, ids)
+    parts = run_sharded("stage2", "score", cand_ex, ctx.shards(len(cand_ex)), key, ctx.store, ctx.executor(), {"vec": vec},
+                        "stage 2: candidates", rt.progress, ids=ids)
+    scores = np.concatenate([np.asarray(p, dtype=np.float64) for p in parts])
+    secs = {**info["seconds"], "vector_total": t_vec, "candidates": time.perf_counter() - t}
+    return _Stage2(scores, info["grad_dim"], cfg.proj_dim, info["projector"], secs,
+                   {"domain": info["tokens"], "candidates": sum(len(e.input_ids) for e in cand_ex)})
 
 
 class NtkSelector:
@@ -256,8 +351,7 @@ class NtkSelector:
         s1 = preselect(dom_emb, pool_emb, int(round(cfg.preselect_factor * n)), cfg.knn_k)
         cand = s1.selected
         t2 = time.perf_counter()
-        s2 = run_stage2(ctx.model(), ctx.dom_ex, [ctx.pool_ex[i] for i in cand], ctx.rt, proj_dim=cfg.proj_dim, seed=cfg.seed,
-                        domain_ids=[r.id for r in ctx.domain], candidate_ids=[ctx.pool[int(i)].id for i in cand])
+        s2 = _stage2(ctx, cand)
         order, sc = _ordered(cand, s2.scores)
         votes = s1.votes[order]
         ctx.log(f"ntkselect: stage 1 kept {len(cand)} candidates (K = {s1.k_used}, {int((s1.votes > 0).sum())} got a vote)")

@@ -2,7 +2,7 @@
 
 Each example is embedded as the masked mean of its final-layer hidden states (the warmed-up
 model's). Each domain example votes for its K nearest candidates by cosine similarity
-(exact inner-product search in FAISS over L2-normalised embeddings); the M candidates with
+(exact float64 search over L2-normalised embeddings, streamed shard by shard); the M candidates with
 the most votes go to stage 2. Ties are broken by the candidate's best cosine among its voters,
 then by its position in the pool, so the outcome is deterministic. If fewer than M
 candidates received a vote, K is doubled until enough have one (or K covers the pool).
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .batching import iter_batches, make_batches
+from .errors import NtkSelectError
 from .grads import FusedLoraGradients
 from .lm import final_hidden
 from .progress import Progress
@@ -50,7 +51,8 @@ def _fused(model):
 
 
 @torch.no_grad()
-def embed(model, examples: Sequence, rt: Runtime, out_path: str | Path | None = None, desc: str = "stage 1: embeddings") -> np.ndarray:
+def embed(model, examples: Sequence, rt: Runtime, out_path: str | Path | None = None, desc: str = "stage 1: embeddings",
+          ids: Sequence[str] | None = None) -> np.ndarray:
     """(n, d) float32 masked-mean final hidden states, in input order.
 
     With ``out_path`` the array is a disk-backed ``.npy`` memmap, so the pool's embeddings never
@@ -61,7 +63,7 @@ def embed(model, examples: Sequence, rt: Runtime, out_path: str | Path | None = 
     prog = Progress(desc, len(examples), enabled=rt.progress)
     with _fused(model):
         for batch in iter_batches(examples, batches, rt.pad_id, rt.padding_side):
-            out = _embed_batch(model, batch, rt, out, len(examples), out_path)
+            out = _embed_batch(model, batch, rt, out, len(examples), out_path, desc, ids)
             prog.update(len(batch.index), batch.n_tokens)
     prog.close()
     if isinstance(out, np.memmap):
@@ -69,13 +71,18 @@ def embed(model, examples: Sequence, rt: Runtime, out_path: str | Path | None = 
     return out
 
 
-def _embed_batch(model, batch, rt: Runtime, out, n: int, out_path):
+def _embed_batch(model, batch, rt: Runtime, out, n: int, out_path, desc: str = "stage 1: embeddings", ids: Sequence[str] | None = None):
     """Embed one batch into ``out`` (created on the first batch, once d is known)."""
     batch = batch.to(rt.device)
     with rt.autocast():
         h = final_hidden(model, batch)  # (B, L, d)
     m = batch.attention_mask.unsqueeze(-1).float()  # (B, L, 1)
     e = ((h.float() * m).sum(1) / m.sum(1)).cpu().numpy()  # (B, d)
+    bad = ~np.isfinite(e).all(1)  # (B,)
+    if bad.any():
+        i = int(batch.index[int(np.flatnonzero(bad)[0])])
+        label = f"example id {ids[i]!r}" if ids is not None else f"example #{i}"
+        raise NtkSelectError(f"{desc}: {label} has a non-finite embedding (NaN or inf hidden states); check its text or use --precision float32")
     if out is None:
         shape = (n, e.shape[1])
         out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=shape) if out_path else np.zeros(shape, np.float32)
@@ -84,30 +91,47 @@ def _embed_batch(model, batch, rt: Runtime, out, n: int, out_path):
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = np.asarray(x, dtype=np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def knn_votes(domain_emb: np.ndarray, pool_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Votes (n_pool,) and best cosine (n_pool,) when each domain example votes for its k nearest."""
-    import faiss
+def _as_shards(pool_emb) -> list[np.ndarray]:
+    return list(pool_emb) if isinstance(pool_emb, (list, tuple)) else [pool_emb]
 
-    q, x = _normalise(domain_emb), _normalise(pool_emb)
-    index = faiss.IndexFlatIP(x.shape[1])  # exact search: the vote must not depend on an approximation
-    index.add(x)
-    k = min(k, x.shape[0])
-    sims, ids = index.search(q, k)  # (n_domain, k)
-    valid = ids >= 0
-    votes = np.bincount(ids[valid], minlength=x.shape[0]).astype(np.int64)
-    best = np.full(x.shape[0], -np.inf, dtype=np.float32)
-    np.maximum.at(best, ids[valid], sims[valid])
+
+def knn_votes(domain_emb: np.ndarray, pool_emb, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Votes (n_pool,) and best cosine (n_pool,) when each domain example votes for its k nearest.
+
+    ``pool_emb`` is one (n_pool, d) array or a list of shards (memmaps) in pool order; the
+    search is exact (float64 cosines) and streams one shard at a time, keeping a running top-k
+    per domain example, so the pool never has to fit in memory and the result does not depend
+    on how the pool is sharded. Equal cosines go to the earlier pool position."""
+    shards = _as_shards(pool_emb)
+    n_pool = sum(len(s) for s in shards)
+    q = _normalise(domain_emb)  # (n_dom, d)
+    k = min(k, n_pool)
+    top_s = np.full((len(q), 0), -np.inf)  # (n_dom, <=k) running best cosines
+    top_i = np.zeros((len(q), 0), dtype=np.int64)  # (n_dom, <=k) their pool indices
+    start = 0
+    for shard in shards:
+        x = _normalise(np.asarray(shard))  # (s, d)
+        sims = q @ x.T  # (n_dom, s) float64
+        ids = np.broadcast_to(np.arange(start, start + len(x), dtype=np.int64), sims.shape)
+        cat_s, cat_i = np.concatenate([top_s, sims], 1), np.concatenate([top_i, ids], 1)
+        order = np.lexsort((cat_i, -cat_s), axis=-1)[:, :k]  # best cosine first, then earliest position
+        top_s, top_i = np.take_along_axis(cat_s, order, 1), np.take_along_axis(cat_i, order, 1)
+        start += len(x)
+    votes = np.bincount(top_i.ravel(), minlength=n_pool).astype(np.int64)
+    best = np.full(n_pool, -np.inf, dtype=np.float32)
+    np.maximum.at(best, top_i.ravel(), top_s.ravel().astype(np.float32))
     return votes, best
 
 
-def preselect(domain_emb: np.ndarray, pool_emb: np.ndarray, m: int, k: int) -> Stage1Result:
-    """Keep the m pool candidates with the most votes (all of them when m >= pool size)."""
+def preselect(domain_emb: np.ndarray, pool_emb, m: int, k: int) -> Stage1Result:
+    """Keep the m pool candidates with the most votes (all of them when m >= pool size).
+    ``pool_emb``: one array or a list of shards, as for :func:`knn_votes`."""
     t = time.perf_counter()
-    n_pool = pool_emb.shape[0]
+    n_pool = sum(len(s) for s in _as_shards(pool_emb))
     m = min(m, n_pool)
     k = min(k, n_pool)
     while True:

@@ -38,7 +38,7 @@ from .progress import Progress
 from .projection import RademacherProjector
 from .runtime import Runtime
 
-__all__ = ["Stage2Result", "per_example_gradients", "domain_mean_gradient", "score_against", "projected_features", "run_stage2"]
+__all__ = ["Stage2Result", "per_example_gradients", "domain_mean_gradient", "domain_vector", "score_against", "projected_features", "run_stage2"]
 
 
 @dataclass
@@ -223,16 +223,15 @@ def projected_features(model, examples: Sequence, projector: RademacherProjector
     return out
 
 
-def run_stage2(model, domain: Sequence, candidates: Sequence, rt: Runtime, proj_dim: int = 8192, seed: int = 0, fused: bool = True,
-               domain_ids: Sequence[str] | None = None, candidate_ids: Sequence[str] | None = None) -> Stage2Result:
+def domain_vector(model, domain: Sequence, rt: Runtime, proj_dim: int = 0, seed: int = 0, fused: bool = True,
+                  domain_ids: Sequence[str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """v with s_j = ⟨v, g(c_j)⟩: ḡ_D for exact scoring, φ*(φ(ḡ_D)) with a projection."""
     names_shapes = [(n, p.shape) for n, p in lora_parameters(model)]
     dim = sum(math.prod(s) for _, s in names_shapes)
     times: dict[str, float] = {}
-
     t = time.perf_counter()
     gbar = domain_mean_gradient(model, domain, rt, fused, domain_ids)
     times["domain_gradients"] = time.perf_counter() - t
-
     t = time.perf_counter()
     projector = None
     if proj_dim > 0:
@@ -244,15 +243,22 @@ def run_stage2(model, domain: Sequence, candidates: Sequence, rt: Runtime, proj_
     else:
         vec = gbar
     times["projection"] = time.perf_counter() - t
+    return vec, {"grad_dim": dim, "proj_dim": proj_dim, "projector": projector.describe() if projector else None, "seconds": times,
+                 "tokens": sum(len(e.input_ids) for e in domain)}
 
+
+def run_stage2(model, domain: Sequence, candidates: Sequence, rt: Runtime, proj_dim: int = 8192, seed: int = 0, fused: bool = True,
+               domain_ids: Sequence[str] | None = None, candidate_ids: Sequence[str] | None = None) -> Stage2Result:
+    vec, info = domain_vector(model, domain, rt, proj_dim, seed, fused, domain_ids)
+    times = dict(info["seconds"])
     t = time.perf_counter()
     scores = score_against(model, candidates, vec, rt, fused=fused, ids=candidate_ids)
     times["candidates"] = time.perf_counter() - t
     return Stage2Result(
         scores=scores,
-        grad_dim=dim,
+        grad_dim=info["grad_dim"],
         proj_dim=proj_dim,
         seconds=times,
-        tokens={"domain": sum(len(e.input_ids) for e in domain), "candidates": sum(len(e.input_ids) for e in candidates)},
-        projector=projector.describe() if projector else None,
+        tokens={"domain": info["tokens"], "candidates": sum(len(e.input_ids) for e in candidates)},
+        projector=info["projector"],
     )
