@@ -45,7 +45,7 @@ class SelectionResult:
 
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in ("ntkselect", "torch", "transformers", "peft", "faiss-cpu", "numpy", "safetensors", "pyarrow", "datasets"):
+    for name in ("ntkselect", "torch", "transformers", "peft", "numpy", "safetensors", "pyarrow", "datasets", "bm25s", "ray"):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
