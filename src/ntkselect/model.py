@@ -116,7 +116,12 @@ def resolve_model(model: str | None) -> str:
 def _offline(path: str) -> dict:
     # A name that is not a folder is looked up in the local Hugging Face cache only: ntkselect
     # never downloads weights at run time.
-    return {} if Path(path).exists() else {"local_files_only": True}
+    if Path(path).exists():
+        return {}
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path:
+        # a path, not a hub name: say so instead of transformers' "Repo id must be in the form ..."
+        raise NtkSelectError(f"--model {path}: no such folder; pass a Hugging Face causal-LM folder, a model name in the local cache, or 'default'")
+    return {"local_files_only": True}
 
 
 def load_tokenizer(model: str | None):
