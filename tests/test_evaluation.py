@@ -156,6 +156,8 @@ def test_evaluate_end_to_end_resumes_and_refuses_a_changed_config(tiny_model_dir
     cells = {f.name: json.loads(f.read_text()) for f in (out / "cells").iterdir()}
     assert len(cells) == 1 + 6 * 2
     assert all(c["test_overlap"] == 0 and c["n_test"] == 4 for c in cells.values())
+    for c in cells.values():  # P(correct) is a probability per question; accuracy counts its argmax flips
+        assert all(0 < p < 1 for p in c["p_correct"]) and c["mean_p_correct"] == pytest.approx(np.mean(c["p_correct"]), abs=1e-6)
     assert all(c["n_selected"] == (0 if c["method"] in ("domain-only", "base") else 3) for c in cells.values())
     for m in ("random", "bm25", "embedding", "less", "ntk"):
         sel = [json.loads(x)["id"] for x in (out / "selections" / f"{m}-seed0" / "selected.jsonl").read_text().splitlines()]

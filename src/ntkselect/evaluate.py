@@ -239,7 +239,10 @@ def _composition(records: list[Record], top: int = 6) -> tuple[dict, dict]:
 
 def _test_model(model, tokenizer, items, rt, cfg: EvalConfig, desc: str) -> dict:
     res = evaluate_mc(model, tokenizer, items, rt, cfg.template, cfg.eval_max_length, desc=desc)
-    return {"accuracy": res.accuracy, "n_test": len(items), "n_correct": int(res.correct.sum()), "correct": res.correct.astype(int).tolist(),
+    # P(correct): the softmax over the options of the correct one's log-likelihood. Accuracy only
+    # moves when an argmax flips; this moves with every question, so it sees smaller effects.
+    p_correct = [float(np.exp(ll[it.answer] - np.logaddexp.reduce(ll))) for ll, it in zip(res.loglik, items)]
+    return {"accuracy": res.accuracy, "mean_p_correct": float(np.mean(p_correct)), "p_correct": [round(p, 6) for p in p_correct], "n_test": len(items), "n_correct": int(res.correct.sum()), "correct": res.correct.astype(int).tolist(),
             "pred": res.pred.tolist(), "eval_seconds": res.seconds, "eval_tokens": res.tokens}
 
 
@@ -344,7 +347,9 @@ def write_results(cfg: EvalConfig, out: Path, seeds, methods, items, inp, second
     for m in methods:
         accs = np.array([cells[(m, s)]["accuracy"] for s in seeds])
         corr = np.mean([cells[(m, s)]["correct"] for s in seeds], axis=0)  # (n_test,) mean over seeds
+        pcs = np.array([cells[(m, s)].get("mean_p_correct", np.nan) for s in seeds])
         row = {"mean": float(accs.mean()), "std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0, "seeds": len(seeds),
+               "p_correct_mean": float(pcs.mean()), "p_correct_std": float(pcs.std(ddof=1)) if len(pcs) > 1 else 0.0,
                "selection_seconds": float(np.mean([cells[(m, s)]["selection_seconds"] for s in seeds])),
                "selection_tokens": float(np.mean([cells[(m, s)]["selection_tokens"] for s in seeds])),
                "finetune_seconds": float(np.mean([cells[(m, s)]["finetune_seconds"] for s in seeds]))}
@@ -354,6 +359,9 @@ def write_results(cfg: EvalConfig, out: Path, seeds, methods, items, inp, second
             deltas = [cells[(m, s)]["accuracy"] - cells[(ref, s)]["accuracy"] for s in seeds]
             row.update(delta=float(np.mean(deltas)), delta_std=float(np.std(deltas, ddof=1)) if len(deltas) > 1 else 0.0,
                        p_value=paired_sign_flip_test(d, seed=0), wins=int((d > 0).sum()), losses=int((d < 0).sum()))
+            if all("p_correct" in cells[(x, s)] for x in (m, ref) for s in seeds):
+                dp = np.mean([cells[(m, s)]["p_correct"] for s in seeds], 0) - np.mean([cells[(ref, s)]["p_correct"] for s in seeds], 0)
+                row.update(p_correct_delta=float(dp.mean()), p_correct_p_value=paired_sign_flip_test(dp, seed=0))
         summary[m] = row
     bacc = base["accuracy"]
 
@@ -384,18 +392,24 @@ def write_results(cfg: EvalConfig, out: Path, seeds, methods, items, inp, second
     lines = [f"# ntkselect evaluate: {Path(cfg.domain_train).name} + N = {cfg.n} from {Path(cfg.pool).name}", "",
              f"Test: {n_test} questions from {Path(cfg.domain_test).name}; |D| = {len(inp.domain)}; pool {len(inp.pool)} usable records; "
              f"seeds {', '.join(map(str, seeds))}; model {cfg.model}.", "",
-             "| method | accuracy (mean ± sd over seeds) | Δ vs domain-only (mean ± sd) | paired p | better / worse questions | selection time | selection tokens | fine-tune time |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-             f"| base (no fine-tuning) | {100 * bacc:.2f} | {100 * (bacc - summary[ref]['mean']):+.2f} | | | | | |" if ref else
-             f"| base (no fine-tuning) | {100 * bacc:.2f} | | | | | | |"]
+             "| method | accuracy (mean ± sd over seeds) | Δ vs domain-only (mean ± sd) | paired p | better / worse questions "
+             "| P(correct) | Δ P(correct) | paired p | selection time | selection tokens | fine-tune time |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+             f"| base (no fine-tuning) | {100 * bacc:.2f} | {100 * (bacc - summary[ref]['mean']):+.2f} | | | {_pc(base.get('mean_p_correct'))} | | | | | |"
+             if ref else f"| base (no fine-tuning) | {100 * bacc:.2f} | | | | {_pc(base.get('mean_p_correct'))} | | | | | |"]
     for m in methods:
         r = summary[m]
         d = f"{100 * r['delta']:+.2f} ± {100 * r['delta_std']:.2f}" if "delta" in r else ""
         p = f"{r['p_value']:.3g}" if "p_value" in r else ""
         wl = f"{r['wins']} / {r['losses']}" if "wins" in r else ""
-        lines.append(f"| {m} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} | {d} | {p} | {wl} | {r['selection_seconds']:.0f} s | "
+        pc = f"{_pc(r['p_correct_mean'])} ± {100 * r['p_correct_std']:.2f}" if np.isfinite(r["p_correct_mean"]) else ""
+        dpc = f"{100 * r['p_correct_delta']:+.2f}" if "p_correct_delta" in r else ""
+        ppc = f"{r['p_correct_p_value']:.3g}" if "p_correct_p_value" in r else ""
+        lines.append(f"| {m} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} | {d} | {p} | {wl} | {pc} | {dpc} | {ppc} | {r['selection_seconds']:.0f} s | "
                      f"{r['selection_tokens'] / 1e3:.0f}K | {r['finetune_seconds']:.0f} s |")
-    lines += ["", "Accuracy in %, option log-likelihood scoring. Δ: per-seed difference to domain-only (same seed, same recipe). "
+    lines += ["", "Accuracy in %, option log-likelihood scoring. P(correct): the softmax over the options' log-likelihoods of the "
+              "correct one, in %, averaged over questions (it moves with every question, not only when the argmax flips). "
+              "Δ: per-seed difference to domain-only (same seed, same recipe). "
               "Paired p: two-sided sign-flip permutation test over test questions on per-question accuracy averaged over seeds. "
               "Selection cost counts the shared warm-up and embeddings for every method that uses them, as if run alone.", "",
               "## What each method selected (seed " + str(seeds[0]) + ")", "", "| method | by source | top subjects |", "| --- | --- | --- |"]
@@ -417,6 +431,10 @@ def write_results(cfg: EvalConfig, out: Path, seeds, methods, items, inp, second
                 "seconds_this_invocation": round(seconds, 1)}
     atomic_write_json(out / "manifest.json", manifest)
     return manifest
+
+
+def _pc(x) -> str:
+    return f"{100 * x:.2f}" if x is not None and np.isfinite(x) else ""
 
 
 def _plot(path: Path, methods, seeds, cells, summary, base_acc: float) -> None:
