@@ -102,19 +102,19 @@ class ShardStore:
 
 # -- shard tasks: (model, examples, rt, payload) -> array -------------------------------------
 
-def _task_embed(model, examples, rt, payload, ids=None) -> np.ndarray:
+def _task_embed(model, examples, rt, payload, ids=None, desc="stage 1: embeddings") -> np.ndarray:
     from .stage1 import embed
 
-    return embed(model, examples, rt, ids=ids)  # (n, d) float32
+    return embed(model, examples, rt, ids=ids, desc=desc)  # (n, d) float32
 
 
-def _task_score(model, examples, rt, payload, ids=None) -> np.ndarray:
+def _task_score(model, examples, rt, payload, ids=None, desc="stage 2: candidates") -> np.ndarray:
     from .stage2 import score_against
 
-    return score_against(model, examples, payload["vec"], rt, ids=ids)  # (n,) float64
+    return score_against(model, examples, payload["vec"], rt, desc=desc, ids=ids)  # (n,) float64
 
 
-def _task_less(model, examples, rt, payload, ids=None) -> np.ndarray:
+def _task_less(model, examples, rt, payload, ids=None, desc="less: gradients") -> np.ndarray:
     import torch
 
     from .projection import RademacherProjector
@@ -130,7 +130,7 @@ def _task_less(model, examples, rt, payload, ids=None) -> np.ndarray:
 
     proj = RademacherProjector(payload["dim"], payload["proj_dim"], payload["seed"], device=rt.device)
     return projected_features(model, examples, proj, rt, objective=per_example_loss, transform=adam, chunk_bytes=payload.get("chunk_bytes", 1 << 30),
-                              ids=ids)
+                              ids=ids, desc=desc)
 
 
 TASKS: dict[str, Callable] = {"embed": _task_embed, "score": _task_score, "less": _task_less}
@@ -146,14 +146,13 @@ class LocalExecutor:
     def __init__(self, model_fn: Callable[[], Any], rt):
         self.model_fn, self.rt = model_fn, rt
 
-    def map(self, task: str, jobs: Sequence[tuple[ShardSpec, list, list | None]], payload: dict) -> Iterator[tuple[ShardSpec, np.ndarray, float]]:
-        import dataclasses
-
+    def map(self, task: str, jobs: Sequence[tuple[ShardSpec, list, list | None]], payload: dict,
+            desc: str = "") -> Iterator[tuple[ShardSpec, np.ndarray, float]]:
         model = self.model_fn()
-        quiet = dataclasses.replace(self.rt, progress=False)  # the stage's own progress line counts shards
         for spec, examples, ids in jobs:
             t = time.perf_counter()
-            arr = TASKS[task](model, examples, quiet, payload, ids)
+            # within a shard the task's own progress line runs (a shard can take minutes)
+            arr = TASKS[task](model, examples, self.rt, payload, ids, f"{desc} [shard {spec.index + 1}]")
             yield spec, np.asarray(arr), time.perf_counter() - t
 
     def close(self) -> None:
@@ -232,7 +231,8 @@ class RayExecutor:
     def worker_pids(self) -> list[int]:
         return self.ray.get([a.pid.remote() for a in self.actors])
 
-    def map(self, task: str, jobs: Sequence[tuple[ShardSpec, list, list | None]], payload: dict) -> Iterator[tuple[ShardSpec, np.ndarray, float]]:
+    def map(self, task: str, jobs: Sequence[tuple[ShardSpec, list, list | None]], payload: dict,
+            desc: str = "") -> Iterator[tuple[ShardSpec, np.ndarray, float]]:
         ray = self.ray
         pref = ray.put(payload)
         specs = {spec.index: spec for spec, _, _ in jobs}
@@ -274,7 +274,7 @@ def run_sharded(stage: str, task: str, examples: Sequence, specs: Sequence[Shard
     if todo:
         prog = Progress(f"{desc} ({len(todo)} shards, {executor.name})", sum(s.size for s in todo), enabled=progress, interval=10.0)
         jobs = [(s, list(examples[s.start : s.stop]), list(ids[s.start : s.stop]) if ids is not None else None) for s in todo]
-        for spec, arr, secs in executor.map(task, jobs, payload):
+        for spec, arr, secs in executor.map(task, jobs, payload, desc):
             if arr.shape[0] != spec.size:
                 raise NtkSelectError(f"{desc}: shard {spec.index} returned {arr.shape[0]} rows for {spec.size} examples")
             toks = sum(len(e.input_ids) for e in examples[spec.start : spec.stop])
