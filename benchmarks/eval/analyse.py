@@ -22,8 +22,8 @@ def main(folder: str) -> None:
     for d in sorted((out / "selections").iterdir()):
         ids = [json.loads(x)["id"] for x in (d / "selected.jsonl").read_text().splitlines()]
         sel[d.name] = set(ids)
-    methods = sorted({k.rsplit("-seed", 1)[0] for k in sel})
     seeds = sorted({int(k.rsplit("-seed", 1)[1]) for k in sel})
+    methods = sorted(m for m in {k.rsplit("-seed", 1)[0] for k in sel} if all(f"{m}-seed{s}" in sel for s in seeds))
 
     def jac(a, b):
         return len(a & b) / len(a | b)
