@@ -130,11 +130,16 @@ def _eval_data(tmp_path):
     pool = [{"id": f"p{i}", "prompt": f"Tell me about {w} {i}.", "response": f"{w} fact {i}.", "source": w} for i, w in
             enumerate(["law", "math", "heart", "kidney"] * 3)]
     pool.append({**test[0], "id": "leak"})  # a test question in the pool: must never be selected
+    extra = [q(i, "heart") for i in range(10, 15)]  # the oracle's in-domain records
     paths = {}
-    for name, rows in (("train", train), ("test", test), ("pool", pool)):
+    for name, rows in (("train", train), ("test", test), ("pool", pool), ("extra", extra)):
         paths[name] = tmp_path / f"{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
     return paths
+
+
+def man_summary(out):
+    return json.loads((out / "manifest.json").read_text())["summary"]
 
 
 def test_evaluate_end_to_end_resumes_and_refuses_a_changed_config(tiny_model_dir, tmp_path, capsys):
@@ -143,22 +148,32 @@ def test_evaluate_end_to_end_resumes_and_refuses_a_changed_config(tiny_model_dir
     p = _eval_data(tmp_path)
     out = tmp_path / "ev"
     args = ["evaluate", "--domain-train", p["train"], "--domain-test", p["test"], "--pool", p["pool"], "--n", 3, "--out", out,
-            "--model", tiny_model_dir, "--seeds", 2, "--methods", "domain-only,random,bm25,embedding,less,ntk", "--knn-k", 2,
+            "--model", tiny_model_dir, "--seeds", 2, "--methods", "domain-only,oracle,random,bm25,embedding,less,ntk", "--knn-k", 2,
+            "--domain-extra", p["extra"],
             "--less-proj-dim", 64, "--ft-epochs", 1, "--ft-batch-size", 4, "--batch-size", 4, "--max-batch-tokens", 512]
     assert main([str(a) for a in args]) == 0
     md = (out / "results.md").read_text()
     assert "| base (no fine-tuning) |" in md and "| ntk |" in md and "paired p" in md.lower()
+    assert "## Held-out domain loss" in md and "## Accuracy" in md and "gap closed" in md
+    assert "benchmark is sensitive" in md or "does not count" in md  # the calibration verdict is always stated
     rows = (out / "results.csv").read_text().splitlines()
-    assert rows[0].startswith("method,seed,accuracy")
-    assert len(rows) == 1 + 1 + 6 * (2 + 2)  # header, base, per method: 2 seeds + mean + std
+    assert rows[0].startswith("method,seed,loss,") and ",accuracy," in rows[0]
+    assert len(rows) == 1 + 1 + 7 * (2 + 2)  # header, base, per method: 2 seeds + mean + std
     man = json.loads((out / "manifest.json").read_text())
     assert man["excluded_pool_records"]["test_questions"] == 1  # the planted test question was dropped from the pool
     cells = {f.name: json.loads(f.read_text()) for f in (out / "cells").iterdir()}
-    assert len(cells) == 1 + 6 * 2
+    assert len(cells) == 1 + 7 * 2
     assert all(c["test_overlap"] == 0 and c["n_test"] == 4 for c in cells.values())
+    for c in cells.values():  # every record's held-out loss, and their mean
+        assert len(c["losses"]) == 4 and c["loss"] == pytest.approx(np.mean(c["losses"])) and all(x > 0 for x in c["losses"])
+    extra_ids = {f"heart{i}" for i in range(10, 15)}
+    for s in (0, 1):  # the oracle draws N distinct records of --domain-extra, by seed
+        assert len(set(cells[f"oracle-seed{s}.json"]["selected_ids"])) == 3 and set(cells[f"oracle-seed{s}.json"]["selected_ids"]) <= extra_ids
+    assert "gap_closed" in man_summary(out)["ntk"] and "vs_random" in man_summary(out)["oracle"]
     for c in cells.values():  # P(correct) is a probability per question; accuracy counts its argmax flips
         assert all(0 < p < 1 for p in c["p_correct"]) and c["mean_p_correct"] == pytest.approx(np.mean(c["p_correct"]), abs=1e-6)
     assert all(c["n_selected"] == (0 if c["method"] in ("domain-only", "base") else 3) for c in cells.values())
+    assert all(set(c["by_source"]) <= {"law", "math", "heart", "kidney"} for c in cells.values() if c["method"] not in ("oracle", "base", "domain-only"))
     for m in ("random", "bm25", "embedding", "less", "ntk"):
         sel = [json.loads(x)["id"] for x in (out / "selections" / f"{m}-seed0" / "selected.jsonl").read_text().splitlines()]
         assert "leak" not in sel and len(set(sel)) == 3

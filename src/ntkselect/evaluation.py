@@ -22,13 +22,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .batching import iter_batches, make_batches
 from .data import Record, _ids, _render, _where, prompt_response, resolve_template
 from .errors import NtkSelectError
 from .lm import _causal_lm, decoder_of
 from .progress import Progress
 from .runtime import Runtime
 
-__all__ = ["MCItem", "MCResult", "mc_items", "option_loglikelihoods", "evaluate_mc"]
+__all__ = ["MCItem", "MCResult", "mc_items", "is_mc_record", "option_loglikelihoods", "evaluate_mc", "LossResult", "heldout_loss"]
 
 _LETTER_LINE = re.compile(r"^\s*([A-J])[.)]\s", re.MULTILINE)
 
@@ -95,6 +96,20 @@ def _item(rec: Record) -> MCItem:
     if not 0 <= idx < len(options):
         raise NtkSelectError(f"{where}: answer {answer!r} points outside the {len(options)} options")
     return MCItem(id=rec.id, prompt=prompt, options=list(options), answer=int(idx), group=str(raw.get("subject", raw.get("source", ""))))
+
+
+def is_mc_record(rec: Record) -> bool:
+    """Whether a test record is scored for accuracy as well as loss: it names its ``options``
+    (or ``choices``), or its prompt has lettered option lines and it has an ``answer``. A record
+    that names options must parse (:func:`mc_items` then says what is wrong)."""
+    raw = rec.raw
+    if "options" in raw or "choices" in raw:
+        return True
+    try:
+        _item(rec)
+    except NtkSelectError:
+        return False
+    return True
 
 
 def mc_items(records: Sequence[Record]) -> list[MCItem]:
@@ -184,3 +199,42 @@ def evaluate_mc(model, tokenizer, items: Sequence[MCItem], rt: Runtime, template
     pred = np.array([int(np.argmax(x)) for x in ll], dtype=np.int64)  # argmax: the first of equal scores
     return MCResult(ids=[it.id for it in items], loglik=ll, pred=pred, answer=np.array([it.answer for it in items], dtype=np.int64),
                     seconds=time.perf_counter() - t, tokens=tokens)
+
+
+@dataclass
+class LossResult:
+    ids: list[str]
+    loss: np.ndarray  # (n,) float64 mean NLL per trained token of each test record
+    tokens: np.ndarray  # (n,) int64 trained tokens per record (the terms of its mean)
+    seconds: float
+
+    @property
+    def mean(self) -> float:
+        """The mean over records of each record's per-token NLL (every record weighs the same)."""
+        return float(self.loss.mean()) if len(self.loss) else float("nan")
+
+
+@torch.no_grad()
+def heldout_loss(model, examples: Sequence, rt: Runtime, ids: Sequence[str] | None = None, desc: str = "held-out loss") -> LossResult:
+    """Each example's mean negative log-likelihood per trained token, over exactly the tokens
+    the training convention trains on (``TokenizedExample.train_mask``: the response of a
+    prompt/response or chat record, every token of a text record), with the model's full
+    log-softmax at those positions. Batches are length-sorted and capped by ``rt``; results are
+    put back in input order, so they do not depend on batching or padding (tested)."""
+    from .warmup import per_example_loss
+
+    t = time.perf_counter()
+    model.eval()
+    out = np.zeros(len(examples), dtype=np.float64)
+    ntok = np.array([sum(e.train_mask[1:]) for e in examples], dtype=np.int64)
+    batches = make_batches([len(e.input_ids) for e in examples], rt.batch_size, rt.max_batch_tokens)
+    prog = Progress(desc, len(examples), enabled=rt.progress)
+    for batch in iter_batches(examples, batches, rt.pad_id, rt.padding_side):
+        batch = batch.to(rt.device)
+        with rt.autocast():
+            loss = per_example_loss(model, batch)  # (B,) token-mean NLL of each example
+        out[batch.index.numpy()] = loss.double().cpu().numpy()
+        prog.update(len(batch.index), batch.n_tokens)
+    prog.close()
+    return LossResult(ids=list(ids) if ids is not None else [str(i) for i in range(len(examples))], loss=out, tokens=ntok,
+                      seconds=time.perf_counter() - t)

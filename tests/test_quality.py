@@ -1,0 +1,158 @@
+"""The quality benchmark's measurements: held-out loss, the oracle row, paired statistics, gap closed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+
+def _records(texts):
+    from ntkselect.data import Record
+
+    return [Record(id=str(i), raw=t, path="mem.jsonl", line=i + 1) for i, t in enumerate(texts)]
+
+
+def _naive_nll(model, ex) -> float:
+    """One example, the model's own full (1, L, V) logits, plain log-softmax, no batching."""
+    ids = torch.tensor([ex.input_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()  # (L, V)
+    logp = torch.log_softmax(logits, dim=-1)
+    terms = [-logp[t - 1, ex.input_ids[t]].item() for t in range(1, len(ex.input_ids)) if ex.train_mask[t]]
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("batch_size,padding_side", [(1, "right"), (3, "right"), (8, "left")])
+def test_heldout_loss_equals_a_hand_computed_nll(tiny_model_dir, texts, tokenizer, batch_size, padding_side):
+    from ntkselect.data import tokenize_records
+    from ntkselect.evaluation import heldout_loss
+    from ntkselect.model import load_model
+    from ntkselect.runtime import Runtime
+
+    model = load_model(tiny_model_dir).eval()
+    ex, _ = tokenize_records(_records(texts), tokenizer, max_length=64, template="auto")
+    rt = Runtime(batch_size=batch_size, max_batch_tokens=4096, padding_side=padding_side, pad_id=tokenizer.pad_token_id, progress=False)
+    res = heldout_loss(model, ex, rt)
+    want = np.array([_naive_nll(model, e) for e in ex])
+    np.testing.assert_allclose(res.loss, want, rtol=2e-5, atol=2e-5)
+    assert res.tokens.tolist() == [sum(e.train_mask[1:]) for e in ex]
+    # a prompt/response record is scored on its response only: changing the prompt's last
+    # word changes the loss through the context, but the count of scored tokens is the response's
+    pr = [i for i, t in enumerate(texts) if "prompt" in t][0]
+    assert res.tokens[pr] < len(ex[pr].input_ids) - 1
+
+
+def test_is_mc_record_separates_loss_only_records():
+    from ntkselect.errors import NtkSelectError
+    from ntkselect.evaluation import is_mc_record, mc_items
+
+    recs = _records([
+        {"prompt": "Q?\nA. x\nB. y\nAnswer:", "response": "A. x", "answer": "A"},  # lettered lines + answer: MC
+        {"prompt": "How many apples?", "response": "Three apples, so 3.\n#### 3"},  # a worked solution: loss only
+        {"prompt": "Pick", "options": ["a", "b"], "answer": "b", "response": "b"},  # explicit options: MC
+        {"text": "plain text"},  # loss only
+    ])
+    assert [is_mc_record(r) for r in recs] == [True, False, True, False]
+    bad = _records([{"prompt": "Pick", "options": ["a", "b"], "answer": 7, "response": "b"}])
+    assert is_mc_record(bad[0])  # names options, so it must parse: mc_items says what is wrong
+    with pytest.raises(NtkSelectError, match="outside"):
+        mc_items(bad)
+
+
+def test_gap_closed_on_a_synthetic_case():
+    from ntkselect.stats import bootstrap_indices, gap_closed
+
+    rng = np.random.default_rng(0)
+    random = 2.0 + rng.normal(0, 0.3, size=(3, 400))  # (seeds, examples)
+    oracle = random - 0.4 + rng.normal(0, 0.05, size=random.shape)  # in-domain data: 0.4 nats better
+    half = random - 0.5 * (random - oracle)  # closes exactly half of the gap, example by example
+    idx = bootstrap_indices(3, 400, 500)
+    g = gap_closed(half, random, oracle, idx)
+    assert g.value == pytest.approx(0.5, abs=1e-12) and g.low == pytest.approx(0.5) and g.high == pytest.approx(0.5)
+    assert gap_closed(oracle, random, oracle, idx).value == pytest.approx(1.0)
+    assert gap_closed(random, random, oracle, idx).value == pytest.approx(0.0)
+    noisy = random - 0.2 + rng.normal(0, 0.3, size=random.shape)
+    gn = gap_closed(noisy, random, oracle, idx)
+    assert gn.low < gn.value < gn.high and gn.low < 0.5 < gn.high  # a real interval around the truth (0.5)
+    assert gn.denominator == pytest.approx(float(random.mean() - oracle.mean()))
+    # no gap to close (the oracle is not better than random): undefined, never a division by ~0
+    same = gap_closed(noisy, random, random + 0.01, idx)
+    assert np.isnan(same.value) and np.isnan(same.low)
+
+
+def test_paired_bootstrap_interval():
+    from ntkselect.stats import paired_bootstrap
+
+    rng = np.random.default_rng(1)
+    b = rng.normal(1.0, 0.5, size=(3, 300))
+    lo, hi = paired_bootstrap(b - 0.1, b)  # a constant shift: the paired interval is that shift exactly
+    assert lo == pytest.approx(-0.1) and hi == pytest.approx(-0.1)
+    a = b + rng.normal(0.05, 0.2, size=b.shape)
+    lo, hi = paired_bootstrap(a, b)
+    assert lo < float((a - b).mean()) < hi and lo > 0  # 0.05 ± 0.2 / sqrt(900): clearly positive
+    with pytest.raises(ValueError):
+        paired_bootstrap(a, b[:, :10])
+
+
+def _cells(losses: dict) -> dict:
+    return {(m, s): {"losses": v[s].tolist()} for m, v in losses.items() for s in range(v.shape[0])}
+
+
+def test_calibration_says_whether_the_oracle_beats_random():
+    from ntkselect.evaluate import calibration, summarise_loss
+
+    rng = np.random.default_rng(2)
+    r = 2.0 + rng.normal(0, 0.3, size=(3, 200))
+    methods = ["domain-only", "oracle", "random", "ntk"]
+    good = {"domain-only": r + 0.1, "oracle": r - 0.3 + rng.normal(0, 0.05, r.shape), "random": r, "ntk": r - 0.1}
+    loss = summarise_loss(_cells(good), methods, [0, 1, 2], n_boot=300)
+    cal = calibration(loss, methods)
+    assert cal["checked"] and cal["sensitive"] and cal["p_value"] < 0.05
+    assert loss["ntk"]["gap_closed"]["value"] == pytest.approx(0.1 / 0.3, rel=0.1)
+    assert loss["ntk"]["vs_random"]["delta"] == pytest.approx(-0.1) and loss["ntk"]["vs_domain_only"]["delta"] == pytest.approx(-0.2)
+    flat = {**good, "oracle": r + rng.normal(0, 0.3, r.shape)}  # the oracle is no better: the domain does not count
+    cal = calibration(summarise_loss(_cells(flat), methods, [0, 1, 2], n_boot=300), methods)
+    assert cal["checked"] and not cal["sensitive"]
+    assert not calibration(loss, ["random", "ntk"])["checked"]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_oracle_records_never_repeat_a_test_or_domain_question(tiny_model_dir, tmp_path, capsys):
+    """--domain-extra must be unseen data: a record that repeats a D or test question is
+    refused before anything is written; the oracle's N come only from that file."""
+    from ntkselect.cli import main
+
+    def q(i):
+        return {"id": f"q{i}", "prompt": f"Question {i} about the heart?", "response": f"Answer {i}."}
+
+    train, test, extra = [q(i) for i in range(4)], [q(i) for i in range(4, 8)], [q(i) for i in range(8, 12)]
+    pool = [{"id": f"p{i}", "prompt": f"General {i}?", "response": f"Reply {i}."} for i in range(6)]
+    p = {k: _write(tmp_path / f"{k}.jsonl", v) for k, v in (("train", train), ("test", test), ("pool", pool))}
+    base = ["evaluate", "--domain-train", p["train"], "--domain-test", p["test"], "--pool", p["pool"], "--n", "2", "--model", tiny_model_dir,
+            "--methods", "domain-only,oracle", "--seeds", "1", "--ft-epochs", "1", "--ft-batch-size", "4"]
+    for leaked, side in ((test[1], "test set"), (train[2], "training set D")):
+        bad = _write(tmp_path / "extra_bad.jsonl", extra + [{**leaked, "id": "sneaky"}])
+        out = tmp_path / f"out-{side[:4]}"
+        assert main([*base, "--domain-extra", bad, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "'sneaky'" in err and side in err
+        assert not out.exists()  # nothing written before the inputs were checked
+    assert main([*base, "--out", str(tmp_path / "o2")]) == 2  # oracle without --domain-extra
+    assert "--domain-extra" in capsys.readouterr().err
+    short = _write(tmp_path / "extra_short.jsonl", extra[:1])
+    assert main([*base, "--domain-extra", short, "--out", str(tmp_path / "o3")]) == 2
+    assert "fewer than --n 2" in capsys.readouterr().err
+
+    good = _write(tmp_path / "extra.jsonl", extra)
+    out = tmp_path / "ok"
+    assert main([*base, "--domain-extra", good, "--out", str(out)]) == 0
+    cell = json.loads((out / "cells" / "oracle-seed0.json").read_text())
+    assert len(cell["selected_ids"]) == 2 and set(cell["selected_ids"]) <= {r["id"] for r in extra}
+    assert "Calibration not checked" in (out / "results.md").read_text()  # no random row: no verdict claimed
