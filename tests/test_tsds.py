@@ -1,15 +1,19 @@
 """TSDS (--method tsds): the probabilities against a naive transcription of the authors'
-algorithm (dense distances, a heap, loops), the distinct draw, sharding, duplicates."""
+algorithm (dense distances, a heap, loops), the distinct draw, sharding, duplicates, the CLI."""
 
 from __future__ import annotations
 
 import heapq
+import json
 
 import numpy as np
 import pytest
 
+from ntkselect.cli import main
 from ntkselect.tsds import draw_order, tsds
 
+from test_cli import data  # noqa: F401  (the shared module fixture)
+from test_plan import POOL, config, files  # noqa: F401
 
 
 def brute_tsds(dom, pool, alpha, c, sigma, max_k, kde_k):
@@ -165,3 +169,48 @@ def test_duplicates_share_the_mass_of_one_candidate():
         r = tsds(q, pool, alpha=0.0, sigma=sigma, max_k=6, kde_k=6)  # alpha = 0: all K = 6 neighbours share the mass
         assert r.probs[1:4].sum() / r.probs[0] == pytest.approx(ratio)
         assert r.probs[1] == pytest.approx(r.probs[2]) == pytest.approx(r.probs[3])
+
+
+def _select(data, model, out, *extra):  # noqa: F811
+    dom, pool, _ = data
+    args = ["select", "--domain", dom, "--pool", pool, "--out", out, "--model", model, "--method", "tsds",
+            "--warmup-epochs", 1, "--batch-size", 4, "--max-batch-tokens", 512, *extra]
+    assert main([str(a) for a in args]) == 0
+    rows = lambda f: [json.loads(line) for line in (out / f).read_text().splitlines()]  # noqa: E731
+    return rows("selected.jsonl"), rows("scores.jsonl"), json.loads((out / "manifest.json").read_text())
+
+
+def test_cli_select_method_tsds(data, tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    sel, scores, man = _select(data, tiny_model_dir, tmp_path / "a", "--n", 5)
+    info = man["selector"]
+    assert (info["alpha"], info["C"], info["sigma"], info["max_k"], info["kde_k"]) == (0.5, 5.0, 0.75, 5000, 1000)
+    assert info["k_used"] == 2 and info["kde_k_used"] == 2  # 25 candidates: the pool // 10 caps, K at least 2
+    assert "Efraimidis" in info["sampling"] and man["cost"]["tokens"] > 0 and (tmp_path / "a" / "adapter").exists()
+    assert len(scores) == 25 and sum(r["score"] for r in scores) == pytest.approx(1.0)
+    assert [r["selected"] for r in scores] == [True] * 5 + [False] * 20
+    assert all(r["selection_score"] > 0 for r in sel) and len({r["selection_rank"] for r in sel}) == 5
+    assert [r["selection_score"] for r in sel] == [r["score"] for r in scores[:5]]
+    # more than have probability: the rest come from the zero-probability candidates, and the log says so
+    sel, scores, man = _select(data, tiny_model_dir, tmp_path / "b", "--n", 12, "--tsds-alpha", 1)
+    nz = man["selector"]["nonzero_probability"]
+    assert nz < 12 and "nonzero probability" in capsys.readouterr().out
+    assert len({json.dumps(r, sort_keys=True) for r in sel}) == 12
+    assert all(r["score"] > 0 for r in scores[:nz]) and all(r["score"] == 0 for r in scores[nz:])
+
+
+def test_bad_tsds_option_names_the_flag(data, tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    dom, pool, _ = data
+    for flag, value in (("--tsds-alpha", 1.5), ("--tsds-c", 0), ("--tsds-sigma", -1), ("--tsds-max-k", 1), ("--tsds-kde-k", 0)):
+        argv = ["select", "--domain", dom, "--pool", pool, "--n", 3, "--out", tmp_path / "x", "--method", "tsds", flag, value]
+        assert main([str(a) for a in argv]) == 2
+        assert flag in capsys.readouterr().err
+
+
+def test_dry_run_prices_tsds(files, tiny_model_dir, tmp_path):  # noqa: F811
+    from ntkselect.plan import estimate
+
+    plan = estimate(config(files, tiny_model_dir, tmp_path / "run", method="tsds"))
+    assert [s["stage"] for s in plan["stages"]] == ["load", "warm-up", "stage 1"]
+    assert plan["model"] is not None and plan["disk"]["adapter"] > 0
+    assert plan["disk"]["embeddings"] == (len(POOL) - 1) * plan["model"]["hidden_size"] * 4
+
