@@ -214,3 +214,29 @@ def test_dry_run_prices_tsds(files, tiny_model_dir, tmp_path):  # noqa: F811
     assert plan["model"] is not None and plan["disk"]["adapter"] > 0
     assert plan["disk"]["embeddings"] == (len(POOL) - 1) * plan["model"]["hidden_size"] * 4
 
+
+def test_evaluate_adds_tsds_to_a_finished_evaluation(tiny_model_dir, tmp_path, capsys):
+    """`evaluate --methods tsds` runs, passes the --tsds-* options on, and joins an evaluation
+    that was run without it (at the defaults the tsds options are not part of its fingerprint)."""
+    from test_evaluation import _eval_data
+
+    from ntkselect.evaluate import EvalConfig
+
+    p = _eval_data(tmp_path)
+    out = tmp_path / "ev"
+    args = ["evaluate", "--domain-train", p["train"], "--domain-test", p["test"], "--pool", p["pool"], "--n", 3, "--out", out,
+            "--model", tiny_model_dir, "--seeds", 1, "--ft-epochs", 1, "--ft-batch-size", 4, "--batch-size", 4, "--max-batch-tokens", 512]
+    assert main([str(a) for a in [*args, "--methods", "domain-only"]]) == 0
+    before = (out / "cells" / "domain-only-seed0.json").stat().st_mtime_ns
+    assert main([str(a) for a in [*args, "--methods", "domain-only,tsds"]]) == 0
+    assert (out / "cells" / "domain-only-seed0.json").stat().st_mtime_ns == before  # reused
+    cell = json.loads((out / "cells" / "tsds-seed0.json").read_text())
+    assert cell["n_selected"] == 3 and cell["test_overlap"] == 0
+    man = json.loads((out / "selections" / "tsds-seed0" / "manifest.json").read_text())
+    assert man["method"] == "tsds" and man["selector"]["alpha"] == 0.5
+    capsys.readouterr()
+    assert main([str(a) for a in [*args, "--methods", "tsds", "--tsds-alpha", 0.9]]) == 2  # changed: refused, named
+    assert "tsds_alpha" in capsys.readouterr().err
+    cfg = EvalConfig(domain_train="a", domain_test="b", pool="c", n=1, out="o", tsds_alpha=0.25, tsds_c=2.0, tsds_sigma=0.0, tsds_max_k=7, tsds_kde_k=3)
+    s = cfg.select_config("tsds", 0, "o")
+    assert (s.method, s.tsds_alpha, s.tsds_c, s.tsds_sigma, s.tsds_max_k, s.tsds_kde_k) == ("tsds", 0.25, 2.0, 0.0, 7, 3)
