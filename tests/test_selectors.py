@@ -33,11 +33,14 @@ def test_each_selector_returns_n_distinct_pool_ids_deterministically(data, tiny_
     ids = [r.get("id") or str(pool.index({k: v for k, v in r.items() if not k.startswith("selection_")})) for r in a]
     assert len(ids) == 5 and len(set(ids)) == 5
     assert all(r["selection_method"] == method for r in a)
-    assert [r["selection_score"] for r in a] == sorted((r["selection_score"] for r in a), reverse=True)
+    if method == "tsds":  # in the order drawn; the score is the probability it was drawn with
+        assert all(0 < r["selection_score"] <= 1 for r in a)
+    else:
+        assert [r["selection_score"] for r in a] == sorted((r["selection_score"] for r in a), reverse=True)
     assert a == b  # same seed, same selection and scores
     for f in ("selected.jsonl", "scores.jsonl", "train.jsonl", "manifest.json"):
         assert (tmp_path / "a" / f).exists()
-    assert (tmp_path / "a" / "adapter").exists() == (method in ("ntk", "less", "embedding"))
+    assert (tmp_path / "a" / "adapter").exists() == (method in ("ntk", "less", "embedding", "tsds"))
     assert man["method"] == method and man["cost"]["seconds"] >= 0 and man["cost"]["tokens"] >= 0
     assert len((tmp_path / "a" / "train.jsonl").read_text().splitlines()) == 8 + 5
 

@@ -27,8 +27,9 @@ class SelectConfig:
     pool: str = _opt("", "candidate pool C, same formats", required=True)
     n: int = _opt(0, "how many pool examples to select (N)", required=True)
     out: str = _opt("", "run folder for selected.jsonl, scores.jsonl, adapter/, train.jsonl, manifest.json", required=True)
-    method: str = _opt("ntk", "selector: ntk (NTK-Selector), random, embedding (mean cosine of stage-1 embeddings), bm25 or less (LESS, Xia et al. 2024)",
-                       choices=("ntk", "random", "embedding", "bm25", "less"))
+    method: str = _opt("ntk", "selector: ntk (NTK-Selector), random, embedding (mean cosine of stage-1 embeddings), bm25, less (LESS, Xia et al. 2024) "
+                              "or tsds (TSDS, Liu et al. 2024, on stage-1 embeddings)",
+                       choices=("ntk", "random", "embedding", "bm25", "less", "tsds"))
     model: str = _opt("default", "Hugging Face causal-LM folder or cached name; 'default' = embedded SmolLM2-135M-Instruct")
     template: str = _opt("auto", "how prompt/response records are rendered: auto (chat if the tokenizer has a chat template), chat or plain", choices=("auto", "chat", "plain"))
     max_length: int = _opt(512, "maximum tokens per example; longer ones are truncated and counted")
@@ -51,6 +52,12 @@ class SelectConfig:
     proj_dim: int = _opt(0, "0 (default) scores with the exact, unprojected kernel, which the mean over D makes as cheap as a projection; "
                             "p > 0 uses the paper's seeded Rademacher projection to p dimensions (the paper: 8192)")
     less_proj_dim: int = _opt(8192, "--method less: projection dimension of its gradient features (LESS uses 8192)")
+    # -- TSDS (--method tsds; defaults: the authors' config.yaml) ----------------------------
+    tsds_alpha: float = _opt(0.5, "--method tsds: weight of distribution alignment (optimal transport to D) against diversity, in [0, 1]")
+    tsds_c: float = _opt(5.0, "--method tsds: C, the scale dividing the transport cost (the embeddings are unit-normalised)")
+    tsds_sigma: float = _opt(0.75, "--method tsds: KDE kernel size, kernel max(0, 1 - |x - y|^2 / sigma^2); 0 turns the near-duplicate penalty off")
+    tsds_max_k: int = _opt(5000, "--method tsds: nearest candidates per domain example for the transport (TSDS max_K; capped at pool size / 10)")
+    tsds_kde_k: int = _opt(1000, "--method tsds: neighbours counted by the KDE (TSDS kde_K; capped at pool size / 10)")
     # -- execution --------------------------------------------------------------------
     batch_size: int = _opt(16, "examples per batch in stages 1 and 2")
     max_batch_tokens: int = _opt(8192, "padded tokens per batch in stages 1 and 2 (batches are length-sorted)")
@@ -74,7 +81,7 @@ class SelectConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise bad(f.name, f"must be one of {', '.join(choices)}")
-        for name in ("n", "less_proj_dim", "shard_size", "max_length", "lora_r", "warmup_batch_size", "knn_k", "batch_size", "max_batch_tokens"):
+        for name in ("n", "less_proj_dim", "shard_size", "max_length", "lora_r", "warmup_batch_size", "knn_k", "batch_size", "max_batch_tokens", "tsds_kde_k"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise bad(name, "must be a positive integer")
         if self.max_length < 2:
@@ -91,6 +98,14 @@ class SelectConfig:
             raise bad("lora_alpha", "must be positive")
         if not 0 <= self.lora_dropout < 1:
             raise bad("lora_dropout", "must be in [0, 1)")
+        if not 0 <= self.tsds_alpha <= 1:
+            raise bad("tsds_alpha", "must be in [0, 1]")
+        if not 0 < self.tsds_c < float("inf"):
+            raise bad("tsds_c", "must be positive")
+        if not 0 <= self.tsds_sigma < float("inf"):
+            raise bad("tsds_sigma", "must be >= 0")
+        if not isinstance(self.tsds_max_k, int) or self.tsds_max_k < 2:
+            raise bad("tsds_max_k", "must be an integer >= 2 (each domain example needs a next neighbour)")
         if self.preselect_factor < 1:
             raise bad("preselect_factor", "must be at least 1")
         if self.max_batch_tokens < self.max_length:

@@ -1,7 +1,7 @@
 """``ntkselect evaluate``: does the selection help? Select, fine-tune and test, per method and seed.
 
 For every seed and method the same steps run with the same recipe: select N pool examples
-(``random``, ``embedding``, ``bm25``, ``less``, ``ntk``, ...; ``domain-only`` selects nothing;
+(``random``, ``embedding``, ``bm25``, ``less``, ``tsds``, ``ntk``; ``domain-only`` selects nothing;
 ``oracle`` draws N more in-domain examples from ``--domain-extra``), fine-tune a fresh LoRA
 adapter on D ∪ S (:mod:`ntkselect.finetune`), and score the domain test set two ways
 (:mod:`ntkselect.evaluation`): the held-out loss (mean NLL per trained token of every test
@@ -76,12 +76,17 @@ class EvalConfig:
     template: str = _opt("auto", "prompt rendering for training and testing: auto, chat or plain", choices=("auto", "chat", "plain"))
     # -- selection (as in `ntkselect select`) ---------------------------------------------
     max_length: int = _opt(512, "maximum tokens per example during selection")
-    warmup_epochs: float = _opt(1.0, "warm-up epochs on D (ntk, less, embedding)")
+    warmup_epochs: float = _opt(1.0, "warm-up epochs on D (ntk, less, embedding, tsds)")
     warmup_lr: float = _opt(2e-4, "warm-up learning rate")
     knn_k: int = _opt(32, "ntk stage 1: votes per domain example")
     preselect_factor: float = _opt(4.0, "ntk stage 1 keeps M = factor x N")
     proj_dim: int = _opt(0, "ntk stage 2: 0 exact, p > 0 Rademacher projection (paper: 8192)")
     less_proj_dim: int = _opt(8192, "less: projection dimension (LESS: 8192)")
+    tsds_alpha: float = _opt(0.5, "tsds: alignment vs diversity weight (TSDS: 0.5)")
+    tsds_c: float = _opt(5.0, "tsds: C, scale of the transport cost (TSDS: 5.0)")
+    tsds_sigma: float = _opt(0.75, "tsds: KDE kernel size, 0 = no near-duplicate penalty (TSDS: 0.75)")
+    tsds_max_k: int = _opt(5000, "tsds: neighbours per domain example (TSDS max_K: 5000; capped at pool / 10)")
+    tsds_kde_k: int = _opt(1000, "tsds: KDE neighbours (TSDS kde_K: 1000; capped at pool / 10)")
     lora_r: int = _opt(8, "LoRA rank for the warm-up and the fine-tune")
     lora_alpha: float = _opt(16.0, "LoRA alpha for the warm-up and the fine-tune")
     # -- fine-tuning recipe (identical for every method) -----------------------------------
@@ -127,6 +132,8 @@ class EvalConfig:
                             model=self.model, template=self.template, max_length=self.max_length, seed=seed, lora_r=self.lora_r,
                             lora_alpha=self.lora_alpha, warmup_epochs=self.warmup_epochs, warmup_lr=self.warmup_lr, knn_k=self.knn_k,
                             preselect_factor=self.preselect_factor, proj_dim=self.proj_dim, less_proj_dim=self.less_proj_dim,
+                            tsds_alpha=self.tsds_alpha, tsds_c=self.tsds_c, tsds_sigma=self.tsds_sigma, tsds_max_k=self.tsds_max_k,
+                            tsds_kde_k=self.tsds_kde_k,
                             batch_size=self.batch_size, max_batch_tokens=max(self.max_batch_tokens, self.max_length), precision=self.precision,
                             device=self.device, threads=self.threads, overwrite=True)
 
@@ -188,6 +195,8 @@ def _qnorm(raw: dict) -> str:
 def _fingerprint(cfg: EvalConfig) -> dict:
     # seeds and methods are left out: cells are per (method, seed), so adding either reuses the rest
     keep = {k: v for k, v in cfg.to_dict().items() if k not in ("overwrite", "out", "threads", "device", "seeds", "methods")}
+    # options added after evaluations were run count only when changed, so such an evaluation still resumes (and takes --methods tsds)
+    keep = {k: v for k, v in keep.items() if not ((k.startswith("tsds_") or k == "domain_extra") and v == EvalConfig.__dataclass_fields__[k].default)}
     return {"config": keep, "inputs": {k: sha256_path(getattr(cfg, k)) for k in _input_fields(cfg)}}
 
 

@@ -38,7 +38,7 @@ from .model import DEFAULT_MODEL, load_tokenizer
 
 __all__ = ["estimate", "format_plan", "model_facts", "calibrate"]
 
-_MODEL_METHODS = ("ntk", "embedding", "less")  # the methods that warm up a LoRA model
+_MODEL_METHODS = ("ntk", "embedding", "less", "tsds")  # the methods that warm up a LoRA model
 _LESS_CHUNK_BYTES = 2 << 30  # LessSelector gathers per-example gradients in chunks of this size
 _SCORE_ROW_BYTES = 90  # one scores.jsonl line: id, score, rank, selected (+ votes)
 _SELECTION_FIELDS_BYTES = 80  # selection_score, selection_rank, selection_method added to each selected record
@@ -249,7 +249,7 @@ def estimate(cfg: SelectConfig) -> dict:
             stage("warm-up", "forward+backward", cfg.warmup_epochs * dom_stats.tokens, cfg.warmup_epochs * dom_pad)
             # + the logits (and their gradient) at the trained positions only
             mem_act = max(mem_act, kept(warm_b, warm_l) + int(warm_b * warm_l * trained_frac) * vocab * 4 * 2)
-        if cfg.method in ("ntk", "embedding"):
+        if cfg.method in ("ntk", "embedding", "tsds"):
             stage("stage 1", "forward", dom_stats.tokens + pool_stats.tokens, dom_pad + pool_pad)
             mem_act = max(mem_act, max(transient(b, n) for b, n in shapes))
         if cfg.method == "ntk":
@@ -283,7 +283,7 @@ def estimate(cfg: SelectConfig) -> dict:
     hidden = facts["hidden_size"] if facts else 0
     disk = {
         "adapter": 4 * facts["grad_dim"] if uses_model else 0,
-        "embeddings": n_pool * hidden * 4 if cfg.method in ("ntk", "embedding") else 0,  # (n_pool, hidden) float32 memmap, temporary
+        "embeddings": n_pool * hidden * 4 if cfg.method in ("ntk", "embedding", "tsds") else 0,  # (n_pool, hidden) float32 memmap, temporary
         "less_features": n_pool * cfg.less_proj_dim * 4 if cfg.method == "less" else 0,  # (n_pool, p) float32 memmap, temporary
         "scores": (m if cfg.method == "ntk" else n_pool) * _SCORE_ROW_BYTES,
         "selected": sel_bytes,

@@ -6,8 +6,8 @@ pool indices best first, with their scores), so ``ntkselect select --method X`` 
 same files for every X and ``ntkselect evaluate`` compares them on equal terms.
 
 The context does the expensive shared work lazily and once: the warm-up LoRA fine-tune on D
-(used by ``ntk``, ``less`` and ``embedding``) and the stage-1 embeddings (``ntk`` and
-``embedding``). Each selector reports the shared parts it used, so its cost (wall time and
+(used by ``ntk``, ``less``, ``embedding`` and ``tsds``) and the stage-1 embeddings (``ntk``,
+``embedding`` and ``tsds``). Each selector reports the shared parts it used, so its cost (wall time and
 tokens processed) counts them as if it had run alone.
 
 ==========  ================================================================================
@@ -17,6 +17,9 @@ bm25        lexical: mean BM25 score of each candidate over the domain examples 
 less        LESS (Xia et al. 2024): warm-up LoRA, Adam-preconditioned per-example loss
             gradients of the candidates, SGD gradients of D, Rademacher-projected, cosine,
             max over D
+tsds        TSDS (Liu et al. 2024) on stage 1's embeddings: optimal transport to D with a KDE
+            near-duplicate penalty gives a probability per candidate (:mod:`ntkselect.tsds`);
+            N distinct drawn without replacement in proportion to it
 ntk         NTK-Selector: stage-1 votes keep M = factor x N, stage-2 Jacobian-free NTK mean score
 ==========  ================================================================================
 """
@@ -47,6 +50,7 @@ from .runtime import Runtime
 from .shards import LocalExecutor, RayExecutor, ShardSpec, ShardStore, digest, plan_shards, run_sharded
 from .stage1 import embed, preselect
 from .stage2 import domain_vector, projected_features
+from .tsds import draw_order, tsds
 from .warmup import WarmupOptions, add_lora, per_example_loss, warmup
 
 __all__ = ["Ranking", "SelectionContext", "Selector", "SELECTORS", "get_selector", "METHODS"]
@@ -300,6 +304,38 @@ class LessSelector:
             "checkpoints": "the single warm-up checkpoint (LESS averages several, weighted by learning rate)"})
 
 
+class TsdsSelector:
+    name, uses_model = "tsds", True
+
+    def rank(self, ctx: SelectionContext, n: int) -> Ranking:
+        cfg = ctx.cfg
+        dom, pool = ctx.embeddings()
+        t = time.perf_counter()
+        r = tsds(dom, pool, alpha=cfg.tsds_alpha, c=cfg.tsds_c, sigma=cfg.tsds_sigma, max_k=cfg.tsds_max_k, kde_k=cfg.tsds_kde_k)
+        order = draw_order(r.probs, r.nearest, cfg.seed)
+        nonzero = int((r.probs > 0).sum())
+        ctx.log(f"ntkselect: tsds K = {r.k}, KDE K = {r.kde_k}, {r.neighbourhood} candidates in the domain's neighbourhoods, "
+                f"{nonzero} with nonzero probability" + ("" if r.stopped else "; the alpha/C condition never held, every domain example spread over all K"))
+        if nonzero < n:
+            ctx.log(f"ntkselect: tsds: only {nonzero} candidates have nonzero probability; the other {n - nonzero} selected are the "
+                    "zero-probability candidates with the best cosine to the domain")
+        own = time.perf_counter() - t
+        return Ranking(order, r.probs[order], columns={"kde": r.kde[order]}, seconds=own, shared=("warmup", "embeddings"),
+                       timings={"embeddings": ctx.shared_seconds.get("embeddings", 0.0), "select": own}, info={
+            "rule": "TSDS (Liu et al. 2024, KNN-KDE as in the authors' tsds.py): score = the candidate's probability; order = a seeded "
+                    "draw without replacement in proportion to it, then the zero-probability candidates",
+            "alpha": cfg.tsds_alpha, "C": cfg.tsds_c, "sigma": cfg.tsds_sigma, "max_k": cfg.tsds_max_k, "kde_k": cfg.tsds_kde_k,
+            "k_used": r.k, "kde_k_used": r.kde_k, "caps": "K = min(max_k, pool // 10) >= 2, KDE K = min(kde_k, pool // 10) >= 1",
+            "embeddings": "stage-1 embeddings, L2-normalised; Euclidean distance",
+            "search": "exact float64 kNN (the original: approximate FAISS IndexIVFFlat); the KDE among the candidates in the neighbourhoods",
+            "kernel": "max(0, 1 - |x - y|^2 / sigma^2) summed over the KDE K nearest, the candidate itself included",
+            "level_s": r.level, "stopped_by_alpha_c": r.stopped, "neighbourhood": r.neighbourhood, "nonzero_probability": nonzero,
+            "capped_domain_examples": r.capped_queries, "mean_near_duplicates": r.near_duplicates,
+            "sampling": "Efraimidis-Spirakis without replacement: keys u^(1/p), u from numpy default_rng([seed, 0x54534453]), highest first "
+                        "(the original draws N with replacement, np.random.multinomial); then p = 0 candidates by best cosine to D, then pool position",
+            "seconds": r.seconds})
+
+
 @dataclass
 class _Stage2:
     scores: np.ndarray
@@ -366,7 +402,7 @@ class NtkSelector:
                        "tie_break": "score desc, pool position asc"}})
 
 
-SELECTORS: dict[str, type] = {s.name: s for s in (NtkSelector, RandomSelector, EmbeddingSelector, BM25Selector, LessSelector)}
+SELECTORS: dict[str, type] = {s.name: s for s in (NtkSelector, RandomSelector, EmbeddingSelector, BM25Selector, LessSelector, TsdsSelector)}
 METHODS = tuple(SELECTORS)
 
 

@@ -26,7 +26,7 @@ from .lm import final_hidden
 from .progress import Progress
 from .runtime import Runtime
 
-__all__ = ["Stage1Result", "embed", "knn_votes", "preselect"]
+__all__ = ["Stage1Result", "embed", "knn_search", "knn_votes", "preselect"]
 
 
 @dataclass
@@ -99,28 +99,37 @@ def _as_shards(pool_emb) -> list[np.ndarray]:
     return list(pool_emb) if isinstance(pool_emb, (list, tuple)) else [pool_emb]
 
 
-def knn_votes(domain_emb: np.ndarray, pool_emb, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Votes (n_pool,) and best cosine (n_pool,) when each domain example votes for its k nearest.
+def knn_search(queries: np.ndarray, pool_emb, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's k nearest candidates by cosine: (n_q, k') float64 cosines, best first, and
+    their (n_q, k') int64 pool indices, k' = min(k, n_pool).
 
-    ``pool_emb`` is one (n_pool, d) array or a list of shards (memmaps) in pool order; the
-    search is exact (float64 cosines) and streams one shard at a time, keeping a running top-k
-    per domain example, so the pool never has to fit in memory and the result does not depend
-    on how the pool is sharded. Equal cosines go to the earlier pool position."""
-    shards = _as_shards(pool_emb)
-    n_pool = sum(len(s) for s in shards)
-    q = _normalise(domain_emb)  # (n_dom, d)
-    k = min(k, n_pool)
-    top_s = np.full((len(q), 0), -np.inf)  # (n_dom, <=k) running best cosines
-    top_i = np.zeros((len(q), 0), dtype=np.int64)  # (n_dom, <=k) their pool indices
+    ``pool_emb`` is one (n_pool, d) array or an iterable of shards (memmaps) in pool order, read
+    once; the search is exact (float64 cosines of L2-normalised rows) and streams one shard at a
+    time, keeping a running top-k per query, so the pool never has to fit in memory and the
+    result does not depend on how the pool is sharded. Equal cosines go to the earlier pool position."""
+    q = _normalise(queries)  # (n_q, d)
+    top_s = np.full((len(q), 0), -np.inf)  # (n_q, <=k) running best cosines
+    top_i = np.zeros((len(q), 0), dtype=np.int64)  # (n_q, <=k) their pool indices
     start = 0
-    for shard in shards:
+    for shard in ([pool_emb] if isinstance(pool_emb, np.ndarray) else pool_emb):
         x = _normalise(np.asarray(shard))  # (s, d)
-        sims = q @ x.T  # (n_dom, s) float64
+        sims = q @ x.T  # (n_q, s) float64
         ids = np.broadcast_to(np.arange(start, start + len(x), dtype=np.int64), sims.shape)
         cat_s, cat_i = np.concatenate([top_s, sims], 1), np.concatenate([top_i, ids], 1)
         order = np.lexsort((cat_i, -cat_s), axis=-1)[:, :k]  # best cosine first, then earliest position
         top_s, top_i = np.take_along_axis(cat_s, order, 1), np.take_along_axis(cat_i, order, 1)
         start += len(x)
+    return top_s, top_i
+
+
+def knn_votes(domain_emb: np.ndarray, pool_emb, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Votes (n_pool,) and best cosine (n_pool,) when each domain example votes for its k nearest.
+
+    ``pool_emb`` is one (n_pool, d) array or a list of shards (memmaps) in pool order; the
+    search is :func:`knn_search` (exact, streamed, independent of the sharding)."""
+    shards = _as_shards(pool_emb)
+    n_pool = sum(len(s) for s in shards)
+    top_s, top_i = knn_search(domain_emb, shards, min(k, n_pool))
     votes = np.bincount(top_i.ravel(), minlength=n_pool).astype(np.int64)
     best = np.full(n_pool, -np.inf, dtype=np.float32)
     np.maximum.at(best, top_i.ravel(), top_s.ravel().astype(np.float32))
