@@ -156,3 +156,42 @@ def test_oracle_records_never_repeat_a_test_or_domain_question(tiny_model_dir, t
     cell = json.loads((out / "cells" / "oracle-seed0.json").read_text())
     assert len(cell["selected_ids"]) == 2 and set(cell["selected_ids"]) <= {r["id"] for r in extra}
     assert "Calibration not checked" in (out / "results.md").read_text()  # no random row: no verdict claimed
+
+
+def _build_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "build.py"
+    spec = importlib.util.spec_from_file_location("quality_build", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("domain", ["arithmetic", "math", "medical"])
+def test_benchmark_domains_are_disjoint_labelled_and_reproducible(tmp_path, domain):
+    """Each quality-benchmark domain builds offline in one call: D, extra and test are disjoint
+    from each other and from the pool, every pool record says whether it is related, and the
+    same arguments give the same bytes."""
+    build = _build_module()
+    gsm = tmp_path / "gsm8k.jsonl"  # a stand-in for ../shared/data/gsm8k: the builder only reads question/answer
+    gsm.write_text("".join(json.dumps({"question": f"Tom has {i} apples and buys {i + 3} more. How many now?",
+                                       "answer": f"{i} + {i + 3} = {2 * i + 3}\n#### {2 * i + 3}"}) + "\n" for i in range(60)))
+    sizes = {"n_train": 6, "n_extra": 5, "n_test": 8, "pool_mmlu_related": 6, "pool_mmlu_unrelated": 8, "pool_rg_related": 8,
+             "pool_rg_unrelated": 8, "pool_gsm8k": 4}
+    sizes = {k: v for k, v in sizes.items() if k in build.DEFAULTS[domain] or k.startswith("n_")}
+    a = build.build(domain, tmp_path / "a", str(gsm), 0, sizes)
+    b = build.build(domain, tmp_path / "b", str(gsm), 0, sizes)
+    assert a["sha256"] == b["sha256"] and not any(a["checks"].values())
+    rows = {k: [json.loads(x) for x in (tmp_path / "a" / f"domain_{k}.jsonl").read_text().splitlines()] for k in ("train", "extra", "test")}
+    rows["pool"] = [json.loads(x) for x in (tmp_path / "a" / "pool.jsonl").read_text().splitlines()]
+    assert [len(rows[k]) for k in ("train", "extra", "test")] == [6, 5, 8]
+    norm = lambda r: " ".join(r["prompt"].lower().split())  # noqa: E731
+    seen = [{norm(r) for r in rows[k]} for k in rows]
+    assert sum(map(len, seen)) == len(set().union(*seen))  # no question on two sides
+    assert {r["relation"] for r in rows["pool"]} == {"related", "unrelated"}
+    assert all("options" in r for r in rows["test"]) == (domain == "medical")
+    if domain != "arithmetic":  # a generated domain has no fixed size; the others refuse to ask for more than exists
+        with pytest.raises(build.NtkSelectError, match="usable"):
+            build.build(domain, tmp_path / "c", str(gsm), 0, {**sizes, "n_test": 10**5})
