@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -127,7 +128,8 @@ def _eval_data(tmp_path):
                 "answer": "A", "subject": topic}
     train = [q(i, "heart") for i in range(6)]
     test = [{**q(i, "heart"), "options": ["A", "B", "C", "D"]} for i in range(6, 10)]
-    pool = [{"id": f"p{i}", "prompt": f"Tell me about {w} {i}.", "response": f"{w} fact {i}.", "source": w} for i, w in
+    pool = [{"id": f"p{i}", "prompt": f"Tell me about {w} {i}.", "response": f"{w} fact {i}.", "source": w,
+             "relation": "related" if w in ("heart", "kidney") else "unrelated"} for i, w in
             enumerate(["law", "math", "heart", "kidney"] * 3)]
     pool.append({**test[0], "id": "leak"})  # a test question in the pool: must never be selected
     extra = [q(i, "heart") for i in range(10, 15)]  # the oracle's in-domain records
@@ -155,6 +157,10 @@ def test_evaluate_end_to_end_resumes_and_refuses_a_changed_config(tiny_model_dir
     md = (out / "results.md").read_text()
     assert "| base (no fine-tuning) |" in md and "| ntk |" in md and "paired p" in md.lower()
     assert "## Held-out domain loss" in md and "## Accuracy" in md and "gap closed" in md
+    for c in [json.loads(f.read_text()) for f in (out / "cells").glob("random-*.json")]:
+        assert sum(c["by_relation"].values()) == 3 and set(c["by_relation"]) <= {"related", "unrelated"}
+    ntk_row = next(line for line in md.splitlines() if line.startswith("| ntk |"))
+    assert re.search(r"\| \d+% \|", ntk_row)  # the related share of S, next to its loss
     assert "benchmark is sensitive" in md or "does not count" in md  # the calibration verdict is always stated
     rows = (out / "results.csv").read_text().splitlines()
     assert rows[0].startswith("method,seed,loss,") and ",accuracy," in rows[0]

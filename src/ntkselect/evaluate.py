@@ -549,19 +549,20 @@ def _write_md(path: Path, cfg, methods, seeds, base, cells, loss, acc, calib, co
         lines += ["Calibration not checked: add the `oracle` (with --domain-extra) and `random` rows to see whether this benchmark can tell selectors apart.", ""]
     lines += ["## Held-out domain loss", "",
               "| method | loss (mean ± sd over seeds) | Δ vs domain-only [95% CI] | Δ vs random [95% CI] | paired p vs random "
-              "| better / worse examples vs random | gap closed [95% CI] | selection time | selection tokens | fine-tune time |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-              f"| base (no fine-tuning) | {base['loss']:.4f} | | | | | | | | |"]
+              "| better / worse examples vs random | gap closed [95% CI] | related selected | selection time | selection tokens | fine-tune time |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+              f"| base (no fine-tuning) | {base['loss']:.4f} | | | | | | | | | |"]
     for m in methods:
         r, c = loss[m], cost[m]
         dd, dr = r.get("vs_domain_only"), r.get("vs_random")
         g = r.get("gap_closed")
         lines.append(f"| {m} | {r['loss_mean']:.4f} ± {r['loss_std']:.4f} | {_delta(dd)} | {_delta(dr)} | {_f(dr and dr['p_value'], '.3g')} | "
-                     f"{_better(dr)} | {_gap(g)} | {c['selection_seconds']:.0f} s | {c['selection_tokens'] / 1e3:.0f}K | {c['finetune_seconds']:.0f} s |")
+                     f"{_better(dr)} | {_gap(g)} | {_related(cells, m, seeds)} | {c['selection_seconds']:.0f} s | {c['selection_tokens'] / 1e3:.0f}K | {c['finetune_seconds']:.0f} s |")
     lines += ["", "Loss: mean negative log-likelihood per trained token of each test record's response (the tokens training trains on), "
               "averaged over records, in nats. Δ < 0: lower loss than the reference. Intervals: percentile bootstrap (2,000 resamples of "
               "seeds and test records). Paired p: two-sided sign-flip test over test records on the seed-averaged difference. "
               "Gap closed = (L_random − L_method) / (L_random − L_oracle): 0 is random, 1 is the oracle. "
+              "Related selected: the share of S whose pool record is labelled related to the domain, mean over seeds. "
               "Selection cost counts the shared warm-up and embeddings for every method that uses them, as if run alone.", ""]
     if acc:
         ref = BASELINE if BASELINE in methods else None
@@ -589,6 +590,13 @@ def _write_md(path: Path, cfg, methods, seeds, base, cells, loss, acc, calib, co
               f"Pool records excluded as test questions: {inp.excluded.get('test_questions', 0)}.", ""]
     with atomic_open(path) as f:
         f.write("\n".join(lines))
+
+
+def _related(cells: dict, m: str, seeds) -> str:
+    """Share of the selection labelled ``relation: related`` (benchmark pools), mean over seeds."""
+    shares = [cells[(m, s)]["by_relation"].get("related", 0) / cells[(m, s)]["n_selected"] for s in seeds
+              if cells[(m, s)].get("n_selected") and cells[(m, s)].get("by_relation")]
+    return f"{100 * np.mean(shares):.0f}%" if len(shares) == len(seeds) else ""
 
 
 def _delta(v: dict | None) -> str:
