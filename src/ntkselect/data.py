@@ -404,7 +404,7 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _render(tokenizer, messages: Sequence[dict], generation_prompt: bool, where: str) -> list[int]:
+def _render_text(tokenizer, messages: Sequence[dict], generation_prompt: bool, where: str) -> str:
     try:
         # tokenize=False: transformers 5 returns a BatchEncoding when tokenizing, and the
         # template already contains any BOS text, so the string is tokenized without extras.
@@ -412,10 +412,51 @@ def _render(tokenizer, messages: Sequence[dict], generation_prompt: bool, where:
     except Exception as err:  # jinja2 TemplateError, template-raised exceptions
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise NtkSelectError(f"{where}: the chat template cannot render this record ({msg}); fix the messages or use --template plain") from None
-    return _ids(tokenizer, text, special=False)
+    if not isinstance(text, str):
+        raise NtkSelectError(f"{where}: the chat template did not render to text; use --template plain or a tokenizer with a standard chat template")
+    return text
+
+
+def _render(tokenizer, messages: Sequence[dict], generation_prompt: bool, where: str) -> list[int]:
+    return _ids(tokenizer, _render_text(tokenizer, messages, generation_prompt, where), special=False)
+
+
+def _not_prefix_stable(where: str, i: int) -> NtkSelectError:
+    return NtkSelectError(
+        f"{where}: the chat template is not prefix-stable (rendering the first messages does not give a "
+        f"prefix of the whole conversation at assistant message {i}), so the assistant tokens cannot be "
+        "located; use --template plain or a tokenizer with a prefix-stable chat template"
+    )
+
+
+def _offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]] | None:
+    """Token ids of ``text`` (no special tokens added) and each token's character span, or
+    None when the tokenizer cannot give offsets (a slow, pure-Python tokenizer)."""
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        return None
+    spans = enc.get("offset_mapping")
+    if spans is None or len(spans) != len(enc["input_ids"]):
+        return None
+    return list(enc["input_ids"]), [(int(a), int(b)) for a, b in spans]
 
 
 def _chat_example(tokenizer, messages: Sequence[dict], where: str) -> tuple[list[int], list[bool]]:
+    """Tokens of the rendered conversation; trained: each assistant turn's tokens.
+
+    Assistant turn i is the text that rendering message i adds after the generation prompt:
+    the characters [len(render(messages[:i], add_generation_prompt=True)),
+    len(render(messages[:i + 1]))) of the rendered conversation, which must extend both
+    renders as text. The whole conversation is tokenized once, and a token is trained when its
+    character span overlaps a turn's span: a token that straddles the start of a response
+    (e.g. the template's newline merged with the response's leading spaces into one token) is
+    trained, since it holds response text. Where the template and the response meet on a
+    token boundary (ordinary text) this is exactly the tokens after the generation prompt's
+    tokens. Whatever the response starts with, the boundary is found: tokens are never
+    compared, so whitespace that the tokenizer merges across the boundary is not an error."""
     if messages[0]["role"] == "assistant":
         # Its start would be the render of an empty conversation, which transformers refuses
         # (and templates that insert a default system prompt would not be prefix-stable).
@@ -423,22 +464,38 @@ def _chat_example(tokenizer, messages: Sequence[dict], where: str) -> tuple[list
             f"{where}: the conversation starts with an assistant message, whose tokens a chat template "
             "cannot locate; put a user (or system) message first or use --template plain"
         )
-    full = _render(tokenizer, messages, False, where)
-    mask = [False] * len(full)
+    text = _render_text(tokenizer, messages, False, where)
+    turns: list[tuple[int, int, int]] = []  # (message index, first char, end char)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        # The assistant turn is what rendering message i adds after the generation prompt;
-        # that only holds if every rendered prefix is a token prefix of the whole conversation.
+        before = _render_text(tokenizer, messages[:i], True, where)
+        upto = _render_text(tokenizer, messages[: i + 1], False, where)
+        if not (text.startswith(before) and text.startswith(upto) and len(before) <= len(upto)):
+            raise _not_prefix_stable(where, i)
+        turns.append((i, len(before), len(upto)))
+    enc = _offsets(tokenizer, text)
+    if enc is None:
+        return _chat_example_by_tokens(tokenizer, messages, text, turns, where)
+    ids, spans = enc
+    mask = [False] * len(ids)
+    for _, lo, hi in turns:
+        for t, (a, b) in enumerate(spans):
+            if (a < hi and b > lo) or (a == b and lo <= a < hi):
+                mask[t] = True
+    return ids, mask
+
+
+def _chat_example_by_tokens(tokenizer, messages: Sequence[dict], text: str, turns, where: str) -> tuple[list[int], list[bool]]:
+    # A tokenizer without character offsets: the rendered prefixes must also be token prefixes.
+    full = _ids(tokenizer, text, special=False)
+    mask = [False] * len(full)
+    for i, _, _ in turns:
         before = _render(tokenizer, messages[:i], True, where)
         upto = _render(tokenizer, messages[: i + 1], False, where)
         for prefix in (before, upto):
             if full[: len(prefix)] != prefix:
-                raise NtkSelectError(
-                    f"{where}: the chat template is not prefix-stable (rendering the first messages does not give a "
-                    f"prefix of the whole conversation at assistant message {i}), so the assistant tokens cannot be "
-                    "located; use --template plain or a tokenizer with a prefix-stable chat template"
-                )
+                raise _not_prefix_stable(where, i)
         for t in range(len(before), len(upto)):
             mask[t] = True
     return full, mask
@@ -565,10 +622,12 @@ def token_convention(template: str, tokenizer) -> dict:
         chat = json.dumps(chat, sort_keys=True)
     if resolved == "chat":
         pr = ("messages [user: prompt, assistant: response] rendered with the tokenizer's chat template "
-              "(tokenize=False), then tokenized with add_special_tokens=False; trained: the assistant turn's tokens")
-        msgs = ("rendered with the chat template; trained: each assistant message's tokens, from the end of "
-                "render(messages[:i], add_generation_prompt=True) to the end of render(messages[:i+1]) "
-                "(the template must be prefix-stable)")
+              "(tokenize=False), then tokenized with add_special_tokens=False; trained: the assistant turn's tokens, "
+              "located by character offsets (as for messages)")
+        msgs = ("rendered with the chat template and tokenized once; trained: the tokens whose characters overlap "
+                "an assistant message's span of the rendered text, from the end of render(messages[:i], "
+                "add_generation_prompt=True) to the end of render(messages[:i+1]) (the template must be prefix-stable "
+                "as text; a token straddling the start of a response is trained)")
     else:
         pr = "tokenizer(prompt + '\\n') + tokenizer(response, add_special_tokens=False) + [eos]; trained: response tokens + eos"
         msgs = ("'role: content' lines; before each assistant message 'assistant: ' (untrained), then its content "
