@@ -37,6 +37,7 @@ from .errors import NtkSelectError
 from .evaluation import evaluate_mc, mc_items
 from .finetune import FinetuneRecipe, finetune
 from .io import atomic_open, atomic_write_json, sha256_path
+from .leak import TestQuestions
 from .model import load_model
 from .pipeline import _group, load_inputs, make_runtime, package_versions, write_selection
 from .selectors import SELECTORS, SelectionContext, get_selector
@@ -258,15 +259,15 @@ def run_evaluation(cfg: EvalConfig, log=print) -> dict:
     if not test_records:
         raise NtkSelectError(f"{cfg.domain_test}: the test set is empty")
     items = mc_items(test_records)
-    test_q = {_qnorm(r.raw) for r in test_records}
+    test_q = TestQuestions(test_records)  # leak.py: containment in every field a record trains on
     base_cfg = cfg.select_config("ntk", seeds[0], str(out))
     inp = load_inputs(base_cfg, log, exclude_texts=None)
-    leak = [r.id for r in inp.domain if _qnorm(r.raw) in test_q]
+    leak = [r.id for r in inp.domain if test_q.leaks(r.raw)]
     if leak:
         raise NtkSelectError(f"{cfg.domain_train}: {len(leak)} training question(s) also appear in {cfg.domain_test} (e.g. id {leak[0]!r}); "
                              "remove them, the test set must be unseen")
     # no method may select a test question: drop such pool records up front, for every method alike
-    pool_keep = [i for i, r in enumerate(inp.pool) if _qnorm(r.raw) not in test_q]
+    pool_keep = [i for i, r in enumerate(inp.pool) if not test_q.leaks(r.raw)]
     dropped = len(inp.pool) - len(pool_keep)
     if dropped:
         log(f"ntkselect evaluate: excluded {dropped} pool records whose question is in the test set")
@@ -318,7 +319,7 @@ def run_evaluation(cfg: EvalConfig, log=print) -> dict:
                     sel_s, sel_tok = ctx.cost(ranking)
                     comp, src = _composition(selected)
                 train = list(inp.domain) + selected
-                overlap = sum(_qnorm(r.raw) in test_q for r in train)
+                overlap = sum(test_q.leaks(r.raw) for r in train)
                 if overlap:
                     raise NtkSelectError(f"{method}, seed {seed}: {overlap} training examples share a question with the test set; refusing to report")
                 model, ft = finetune(cfg.model, ft_examples(train), recipe, rt, seed, desc=f"fine-tune: {method}, seed {seed}")
