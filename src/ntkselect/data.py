@@ -19,6 +19,7 @@ import datetime as _dt
 import decimal
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -104,8 +105,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def _present(raw: dict, key: str) -> bool:
-    # Parquet/datasets give every row every column, so a missing field arrives as None.
-    return raw.get(key) is not None
+    # Parquet/datasets give every row every column, so a missing field arrives as None (or as
+    # NaN from a pandas float column); JSON's non-standard NaN is treated the same way.
+    value = raw.get(key)
+    return value is not None and not (isinstance(value, float) and value != value)
 
 
 def _as_str(raw: dict, key: str) -> str:
@@ -114,6 +117,8 @@ def _as_str(raw: dict, key: str) -> str:
         return value
     # Numbers are common in answers (e.g. "answer": 42); anything else is a data mistake.
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _Bad(f"field {key!r} is {value}, not text; store it as text")
         return str(value)
     raise _Bad(f"field {key!r} must be a string, found {type(value).__name__}; store it as text")
 
@@ -206,6 +211,15 @@ def record_text(raw: dict) -> str:
 # Each reader yields (line, raw) pairs; load_records does the shared checks.
 
 
+def _short(err: BaseException) -> str:
+    if isinstance(err, RecursionError):
+        return "it is nested too deeply"
+    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "digits" in msg:
+        return "an integer has more digits than Python reads; store it as a string"
+    return msg if len(msg) < 160 else msg[:157] + "..."
+
+
 def _read_jsonl(path: Path, name: str) -> Iterable[tuple[int, Any]]:
     data = path.read_bytes()
     if data.startswith(b"\xef\xbb\xbf"):
@@ -219,9 +233,12 @@ def _read_jsonl(path: Path, name: str) -> Iterable[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            yield lineno, json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as err:
             raise NtkSelectError(f"{name} line {lineno}: not valid JSON ({err.msg} at column {err.colno}); fix or remove the line") from None
+        except (ValueError, RecursionError) as err:  # an integer of thousands of digits, nesting too deep
+            raise NtkSelectError(f"{name} line {lineno}: cannot read this JSON ({_short(err)}); fix or remove the line") from None
+        yield lineno, value
 
 
 def _read_json(path: Path, name: str) -> Iterable[tuple[int, Any]]:
@@ -236,6 +253,8 @@ def _read_json(path: Path, name: str) -> Iterable[tuple[int, Any]]:
     except json.JSONDecodeError as err:
         hint = "; for one object per line name the file .jsonl" if "Extra data" in err.msg else ""
         raise NtkSelectError(f"{name} line {err.lineno}: not valid JSON ({err.msg} at column {err.colno}); fix the file{hint}") from None
+    except (ValueError, RecursionError) as err:  # an integer of thousands of digits, nesting too deep
+        raise NtkSelectError(f"{name}: cannot read this JSON ({_short(err)}); fix the file") from None
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) != 1:
@@ -311,6 +330,30 @@ def _read_hf(path: Path, name: str) -> Iterable[tuple[int, Any]]:
     return [(i, _jsonable(r)) for i, r in enumerate(ds.to_list(), 1)]
 
 
+def _unencodable(raw: dict) -> str | None:
+    """The field of a record holding a string that cannot be written as UTF-8 (a lone
+    surrogate, as a JSON escape like \\ud800 gives), as the field's name; None when none does."""
+    def bad(value: Any) -> bool:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+            return False
+        if isinstance(value, dict):
+            return any(bad(k) or bad(v) for k, v in value.items())
+        if isinstance(value, list):
+            return any(bad(v) for v in value)
+        return False
+
+    for k, v in raw.items():
+        if bad(k):
+            return f"name {k.encode('utf-8', 'backslashreplace').decode()!r}"
+        if bad(v):
+            return repr(k)
+    return None
+
+
 def _checked_record(name: str, row: int, line: int, raw: Any, seen: dict[str, tuple[int, bool]]) -> Record:
     """One validated :class:`Record`; ``seen`` collects the ids of the file so far."""
     where = _where(name, line)
@@ -318,6 +361,10 @@ def _checked_record(name: str, row: int, line: int, raw: Any, seen: dict[str, tu
         _classify(raw)
     except _Bad as err:
         raise NtkSelectError(f"{where}: {err}") from None
+    bad = _unencodable(raw)
+    if bad:
+        raise NtkSelectError(f"{where}: field {bad} holds a lone surrogate (a JSON escape such as \\ud800 without its pair), "
+                             "which is not valid Unicode; fix or remove that escape")
     rid = raw.get("id")
     implicit = rid is None or rid == ""
     if implicit:
