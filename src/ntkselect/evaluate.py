@@ -15,12 +15,12 @@ in ``evaluate_config.json`` and a rerun with different ones is refused (``--over
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import json
 import os
-import shutil
 import tempfile
 import time
 import tomllib
@@ -31,15 +31,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import SelectConfig
+from .config import SelectConfig, check_types, value_problem
 from .data import Record, load_records, prompt_response, record_text, tokenize_records
 from .errors import NtkSelectError
 from .evaluation import evaluate_mc, mc_items
 from .finetune import FinetuneRecipe, finetune
 from .io import atomic_open, atomic_write_json, sha256_path
 from .leak import TestQuestions
-from .model import load_model
+from .model import check_model_options, load_model
 from .pipeline import _group, load_inputs, make_runtime, package_versions, write_selection
+from .runfolder import EVALUATE, Run, check_paths, open_run
 from .selectors import SELECTORS, SelectionContext, get_selector
 
 __all__ = ["EvalConfig", "run_evaluation", "paired_sign_flip_test"]
@@ -120,6 +121,7 @@ class EvalConfig:
                             device=self.device, threads=self.threads, overwrite=True)
 
     def validate(self) -> "EvalConfig":
+        check_types(self)
         for f in fields(self):
             if f.metadata.get("required") and getattr(self, f.name) in ("", None, 0):
                 raise NtkSelectError(f"--{f.name.replace('_', '-')} is required")
@@ -130,8 +132,12 @@ class EvalConfig:
         for name in ("eval_max_length",):
             if getattr(self, name) < 2:
                 raise NtkSelectError(f"--{name.replace('_', '-')} must be at least 2")
+        for name in ("ft_epochs", "ft_lr", "lora_alpha"):
+            if getattr(self, name) <= 0:
+                raise NtkSelectError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
         self.seed_list(), self.method_list(), self.recipe().validate()
-        self.select_config("ntk", 0, self.out or "-").validate()
+        for m in self.method_list():
+            self.select_config(m, 0, self.out or "-").validate()
         return self
 
     def to_dict(self) -> dict:
@@ -146,11 +152,28 @@ class EvalConfig:
             raise NtkSelectError(f"--config {path}: no such file") from None
         except tomllib.TOMLDecodeError as err:
             raise NtkSelectError(f"{path}: not valid TOML ({err}); fix the file") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise NtkSelectError(f"--config {path}: cannot read it ({getattr(err, 'strerror', None) or err}); pass a TOML file") from None
         data = data.get("evaluate", data)  # a file may hold an [evaluate] table or bare keys
+        if not isinstance(data, dict):
+            raise NtkSelectError(f"{path}: 'evaluate' must be a table ([evaluate]) of options; fix the file")
         names = {f.name: f for f in fields(cls)}
         unknown = [k for k in data if k.replace("-", "_") not in names]
         if unknown:
             raise NtkSelectError(f"{path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(names)}")
+        for k, v in data.items():  # strict: a TOML boolean is not a number, a string is not a boolean
+            f = names[k.replace("-", "_")]
+            if f.name in ("seeds", "methods"):
+                item = "seed" if f.name == "seeds" else "method name"
+                if isinstance(v, bool) or not isinstance(v, (str, int, list)):
+                    why = f"must be a {'count, ' if f.name == 'seeds' else ''}list or comma-separated string of {item}s"
+                else:
+                    bad_item = next((x for x in v if isinstance(x, bool) or not isinstance(x, (str, int))), None) if isinstance(v, list) else None
+                    why = f"holds {bad_item!r}, not a {item}" if bad_item is not None else None
+            else:
+                why = value_problem(f.type if isinstance(f.type, str) else f.type.__name__, v)
+            if why:
+                raise NtkSelectError(f"{path}: {k} {why} (got {v!r}); fix the file")
         kw = {k.replace("-", "_"): (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in data.items()}
         for k in ("seeds", "methods"):
             if k in kw:
@@ -201,29 +224,36 @@ def _fingerprint(cfg: EvalConfig) -> dict:
     return {"config": keep, "inputs": {k: sha256_path(getattr(cfg, k)) for k in ("domain_train", "domain_test", "pool")}}
 
 
-def _prepare(cfg: EvalConfig, log) -> Path:
-    out = Path(cfg.out)
+def _prepare(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> Run:
+    """Lock --out and decide where this evaluation writes (runfolder.py): a rerun with the same
+    configuration resumes in place, another one is refused; --overwrite writes the new evaluation
+    aside and swaps it in only once it has finished. Only ntkselect's own entries are replaced."""
+    check_model_options(cfg.model, "all-linear", cfg.lora_r)
     fp = _fingerprint(cfg)
-    cfg_path = out / "evaluate_config.json"
-    if cfg_path.exists() and not cfg.overwrite:
-        old = json.loads(cfg_path.read_text())
+    run = stack.enter_context(open_run(cfg.out, EVALUATE, _eval_inputs(cfg), log=log))
+    out = run.out
+    if run.state != "new" and not cfg.overwrite:
+        old = run.setup()
         if old.get("fingerprint") != fp:
             changed = [k for k in fp["config"] if old.get("fingerprint", {}).get("config", {}).get(k) != fp["config"][k]]
             changed += [f"{k} (contents)" for k in fp["inputs"] if old.get("fingerprint", {}).get("inputs", {}).get(k) != fp["inputs"][k]]
             raise NtkSelectError(f"{out} holds an evaluation with a different configuration ({', '.join(changed) or 'format'}); "
                                  "pass --overwrite to start over or choose another --out")
-    if cfg.overwrite:
-        for sub in ("cells", "selections"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-    try:
-        (out / "cells").mkdir(parents=True, exist_ok=True)
-        (out / "selections").mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise NtkSelectError(f"cannot write to --out {out}: {err.strerror or err}; choose a writable folder") from None
-    atomic_write_json(cfg_path, {"fingerprint": fp, "config": cfg.to_dict()})
-    return out
+        wdir = run.in_place(clear=False)
+    elif run.state != "new":
+        wdir = run.stage(reuse=lambda old: old.get("fingerprint") == fp)
+        log(f"ntkselect evaluate: writing the new evaluation aside in {wdir}; it replaces the one in {out} once it has finished")
+    else:
+        wdir = run.in_place(clear=True)
+    (wdir / "cells").mkdir(exist_ok=True)
+    (wdir / "selections").mkdir(exist_ok=True)
+    atomic_write_json(wdir / "evaluate_config.json", {"fingerprint": fp, "config": cfg.to_dict()})
+    return run
+
+
+def _eval_inputs(cfg: EvalConfig) -> dict:
+    return {"--domain-train": cfg.domain_train, "--domain-test": cfg.domain_test, "--pool": cfg.pool,
+            "--model": cfg.model if cfg.model not in ("", "default") and Path(cfg.model).is_dir() else None}
 
 
 def _cell_path(out: Path, method: str, seed: int | None) -> Path:
@@ -248,11 +278,16 @@ def _test_model(model, tokenizer, items, rt, cfg: EvalConfig, desc: str) -> dict
 
 
 def run_evaluation(cfg: EvalConfig, log=print) -> dict:
+    with contextlib.ExitStack() as stack:  # holds the lock on --out to the end (runfolder.py)
+        return _run_evaluation(cfg, log, stack)
+
+
+def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
     cfg.validate()
     t_start = time.perf_counter()
+    check_paths(cfg.out, EVALUATE, _eval_inputs(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = _prepare(cfg, log)
     seeds, methods = cfg.seed_list(), cfg.method_list()
 
     test_records = load_records(cfg.domain_test)
@@ -260,7 +295,7 @@ def run_evaluation(cfg: EvalConfig, log=print) -> dict:
         raise NtkSelectError(f"{cfg.domain_test}: the test set is empty")
     items = mc_items(test_records)
     test_q = TestQuestions(test_records)  # leak.py: containment in every field a record trains on
-    base_cfg = cfg.select_config("ntk", seeds[0], str(out))
+    base_cfg = cfg.select_config("ntk", seeds[0], cfg.out)
     inp = load_inputs(base_cfg, log, exclude_texts=None)
     leak = [r.id for r in inp.domain if test_q.leaks(r.raw)]
     if leak:
@@ -276,6 +311,8 @@ def run_evaluation(cfg: EvalConfig, log=print) -> dict:
         inp.excluded["test_questions"] = dropped
     if cfg.n > len(inp.pool):
         raise NtkSelectError(f"--n {cfg.n} is larger than the usable pool ({len(inp.pool)} records); lower --n")
+    run = _prepare(cfg, log, stack)  # the inputs are checked: only now is --out touched
+    out = run.dir
     tokenizer = inp.tokenizer
     rt = make_runtime(base_cfg, tokenizer)
     recipe = cfg.recipe()
@@ -312,9 +349,9 @@ def run_evaluation(cfg: EvalConfig, log=print) -> dict:
                 if method == BASELINE:
                     selected, sel_s, sel_tok, comp, src = [], 0.0, 0, {}, {}
                 else:
-                    mcfg = dataclasses.replace(scfg, method=method, out=str(out / "selections" / f"{method}-seed{seed}"))
+                    mcfg = dataclasses.replace(scfg, method=method, out=str(Path(cfg.out) / "selections" / f"{method}-seed{seed}"))
                     ranking = get_selector(method).rank(ctx, cfg.n)
-                    res = write_selection(Path(mcfg.out), mcfg, inp, ctx, ranking, rt, t)
+                    res = write_selection(out / "selections" / f"{method}-seed{seed}", mcfg, inp, ctx, ranking, rt, t)
                     selected = res.selected
                     sel_s, sel_tok = ctx.cost(ranking)
                     comp, src = _composition(selected)
@@ -332,7 +369,9 @@ def run_evaluation(cfg: EvalConfig, log=print) -> dict:
                 log(f"ntkselect evaluate: seed {seed}, {method}: accuracy {row['accuracy']:.4f} ({row['n_correct']}/{row['n_test']})")
             ctx.release()
 
-    return write_results(cfg, out, seeds, methods, items, inp, time.perf_counter() - t_start)
+    manifest = write_results(cfg, out, seeds, methods, items, inp, time.perf_counter() - t_start)
+    run.commit()  # with --overwrite: the new evaluation replaces the earlier one only now
+    return manifest
 
 
 def _load_cells(out: Path, seeds, methods) -> tuple[dict, dict]:
