@@ -252,3 +252,16 @@ def test_an_unexpected_failure_is_one_line_too(files, tiny_model_dir, tmp_path, 
     monkeypatch.setenv("NTKSELECT_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         main(sel(files, tiny_model_dir, tmp_path / "run"))
+
+
+def test_a_model_whose_embeddings_do_not_cover_its_tokenizer_is_refused(files, tokenizer, tmp_path, capsys):
+    """A tokenizer from another model: refused before any work (it ended in an IndexError mid-run)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    model_dir = tmp_path / "small-vocab"
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    capsys.readouterr()
+    out = tmp_path / "run"
+    refused(main(sel(files, model_dir, out)), capsys.readouterr().err, out, f"its tokenizer has {len(tokenizer)} tokens but the model only 100 embeddings")

@@ -598,7 +598,7 @@ def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
         if mc_train.letter_ids != mc_test.letter_ids:
             raise NtkSelectError("the answer letters tokenise differently in the training and test questions")
     timings["load"] = time.perf_counter() - t
-    n_lora = check_model_options(opts.model, opts.target_modules(), opts.lora_r)
+    n_lora = check_model_options(opts.model, opts.target_modules(), opts.lora_r, tokenizer=tokenizer)
     _check_memory(opts, n_lora, tokenizer)
     run = _prepare_out(opts, stack, log)  # the inputs and options are checked: only now is --out touched
     out = run.dir

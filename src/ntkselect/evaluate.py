@@ -38,7 +38,7 @@ from .evaluation import evaluate_mc, mc_items
 from .finetune import FinetuneRecipe, finetune
 from .io import atomic_open, atomic_write_json, sha256_path
 from .leak import TestQuestions
-from .model import check_model_options, load_model
+from .model import check_model_options, load_model, load_tokenizer
 from .pipeline import _group, load_inputs, make_runtime, package_versions, write_selection
 from .runfolder import EVALUATE, Run, check_paths, open_run
 from .selectors import SELECTORS, SelectionContext, get_selector
@@ -228,7 +228,7 @@ def _prepare(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> Run:
     """Lock --out and decide where this evaluation writes (runfolder.py): a rerun with the same
     configuration resumes in place, another one is refused; --overwrite writes the new evaluation
     aside and swaps it in only once it has finished. Only ntkselect's own entries are replaced."""
-    check_model_options(cfg.model, "all-linear", cfg.lora_r)
+    check_model_options(cfg.model, "all-linear", cfg.lora_r, tokenizer=load_tokenizer(cfg.model))
     fp = _fingerprint(cfg)
     run = stack.enter_context(open_run(cfg.out, EVALUATE, _eval_inputs(cfg), log=log))
     out = run.out

@@ -168,14 +168,20 @@ def _meta_model(model: str | None, flag: str = "--model"):
 
 
 def check_model_options(model: str | None, target_modules: str | list[str], lora_r: int, flag_targets: str = "--lora-target-modules",
-                        flag_r: str = "--lora-r") -> int:
+                        flag_r: str = "--lora-r", tokenizer=None) -> int:
     """Check the LoRA options against the model's modules before any work: every name in
     ``target_modules`` must name a linear layer of the model other than the LM head (matched as
     peft does: the module's full name or its last dotted parts; ntkselect's gradients support
     plain LoRA on linear layers), and the rank must not exceed the model's hidden size.
     Returns the number of LoRA parameters these options give (the gradient dimension)."""
     m = _meta_model(model)
+    emb = m.get_input_embeddings()
+    if tokenizer is not None and emb is not None and len(tokenizer) > emb.num_embeddings:
+        raise NtkSelectError(f"--model {model}: its tokenizer has {len(tokenizer)} tokens but the model only {emb.num_embeddings} embeddings; "
+                             "the tokenizer does not belong to this model: pass a folder whose tokenizer and weights match")
     head = m.get_output_embeddings()
+    if head is None:
+        raise NtkSelectError(f"--model {model}: {type(m).__name__} has no language-model head; pass a causal LM (a decoder that predicts the next token)")
     named = list(m.named_modules())
     adaptable = sorted({n.rsplit(".", 1)[-1] for n, mod in named if n and isinstance(mod, torch.nn.Linear) and mod is not head})
     if target_modules != "all-linear":

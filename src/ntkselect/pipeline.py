@@ -203,7 +203,7 @@ def select(cfg: SelectConfig, log=print) -> SelectionResult:
         torch.set_num_threads(cfg.threads)
     inp = load_inputs(cfg, log)  # bad input fails before --out is touched
     if get_selector(cfg.method).uses_model:
-        check_model_options(cfg.model, cfg.target_modules(), cfg.lora_r, "--lora-target-modules", "--lora-r")
+        check_model_options(cfg.model, cfg.target_modules(), cfg.lora_r, "--lora-target-modules", "--lora-r", tokenizer=inp.tokenizer)
     fp = run_fingerprint(cfg)
     with open_run(cfg.out, SELECT, _run_inputs(cfg, resolve_model(cfg.model)), log=log) as run:
         wdir = _prepare_out(cfg, run, fp, log)
