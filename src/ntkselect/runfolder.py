@@ -159,12 +159,16 @@ def _read_lock(fd: int) -> dict:
 
 class _Lock:
     def __init__(self, out: Path, command: str, flag: str):
-        import fcntl
-
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: the pid in the file decides
+            fcntl = None
         self.path = out / LOCK
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)  # never through a symlink
             try:
+                if fcntl is None:
+                    raise OSError(errno.ENOSYS, "no flock")
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 flocked = True
             except BlockingIOError:
