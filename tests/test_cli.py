@@ -153,8 +153,11 @@ def test_select_reads_every_input_format(data, tiny_model_dir, tmp_path, fmt):
 
 def test_unfinished_run_is_cleared_not_trusted(data, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "selected.jsonl").write_text('{"half": "written"}\n')  # a crash left this, no manifest
+    assert run(args_for(data, tiny_model_dir, out, "--warmup-epochs", 0)) == 0
+    for f in ("manifest.json", "run.json"):
+        (out / f).unlink()
+    (out / "selected.jsonl").write_text('{"half": "written"}\n')  # a crash of ntkselect's own run left this, no manifest
+    capsys.readouterr()
     assert run(args_for(data, tiny_model_dir, out, "--warmup-epochs", 0)) == 0
     assert "unfinished run" in capsys.readouterr().out
     assert len((out / "selected.jsonl").read_text().splitlines()) == 5

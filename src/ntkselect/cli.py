@@ -7,7 +7,9 @@ option has one name, one default and one help text.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import os
 import sys
 from pathlib import Path
 from dataclasses import MISSING, fields
@@ -35,8 +37,15 @@ def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), de
         p.add_argument(flag, type=typ, default=argparse.SUPPRESS if required else default, required=required, help=help_, **kw)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the flag and the fix) instead of the whole usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"ntkselect: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ntkselect", description="Select auxiliary training data for a low-resource domain with the Jacobian-free NTK (NTK-Selector).")
+    parser = _Parser(prog="ntkselect", description="Select auxiliary training data for a low-resource domain with the Jacobian-free NTK (NTK-Selector).")
     sub = parser.add_subparsers(dest="command", required=True)
     sel = sub.add_parser("select", help="select N pool examples for a domain", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_config_flags(sel)
@@ -174,18 +183,43 @@ def main(argv: list[str] | None = None) -> int:
     except NtkSelectError as err:
         print(f"ntkselect: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `ntkselect ... | head`: the reader went away
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        # A full disk mid-run: outputs are written atomically and manifest.json last, so the
-        # folder holds nothing a rerun would trust.
-        where = f"--out {args.out}" if getattr(args, "out", None) else (err.filename or "the output folder")
-        print(f"ntkselect: error: no space left on device while writing to {where}; free some space or choose another --out "
-              "(the run is unfinished and has no manifest.json, so a rerun starts over)", file=sys.stderr)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            # A full disk mid-run: outputs are written atomically and manifest.json last, so the
+            # folder holds nothing a rerun would trust.
+            where = f"--out {args.out}" if getattr(args, "out", None) else (err.filename or "the output folder")
+            print(f"ntkselect: error: no space left on device while writing to {where}; free some space or choose another --out "
+                  "(the run is unfinished and has no manifest.json, so a rerun starts over)", file=sys.stderr)
+            return 2
+        if err.filename is None or os.environ.get("NTKSELECT_DEBUG"):
+            return _unexpected(err)
+        print(f"ntkselect: error: cannot use {err.filename}: {err.strerror or err}; check that it exists and that you may read or write it "
+              "(a rerun resumes an unfinished run)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ntkselect: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, never a traceback
+        return _unexpected(err)
+
+
+def _unexpected(err: BaseException) -> int:
+    """A failure ntkselect did not foresee (a bug, or the machine ran out of memory): one line, or
+    the traceback with NTKSELECT_DEBUG=1."""
+    if os.environ.get("NTKSELECT_DEBUG"):
+        raise err
+    msg = " ".join(str(err).split())[:300] or type(err).__name__
+    if isinstance(err, MemoryError) or "out of memory" in msg.lower() or "can't allocate memory" in msg.lower():
+        print(f"ntkselect: error: out of memory ({msg}); lower --batch-size, --max-batch-tokens or --max-length, or use a machine with more memory "
+              "(a rerun resumes an unfinished run)", file=sys.stderr)
+        return 2
+    print(f"ntkselect: error: unexpected {type(err).__name__}: {msg} (this is a bug in ntkselect: rerun with NTKSELECT_DEBUG=1 "
+          "to see the traceback, and report it)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -8,16 +8,77 @@ and the fix in a one-line :class:`~ntkselect.errors.NtkSelectError`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import math
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import NtkSelectError
 
-__all__ = ["SelectConfig"]
+__all__ = ["SelectConfig", "check_types", "value_problem", "MAX_INT", "MAX_PROJ_DIM", "check_limits"]
+
+#: the largest integer any option takes (torch and numpy seeds and sizes are 64-bit)
+MAX_INT = 2**63 - 1
+#: the largest projection dimension: one projected vector is then 64 MiB of float32 (the paper uses 8192)
+MAX_PROJ_DIM = 2**24
 
 
 def _opt(default: Any, help: str, **kw) -> Any:
     return field(default=default, metadata={"help": help, **kw})
+
+
+def value_problem(kind: str, value: Any) -> str | None:
+    """Why ``value`` is not a valid ``kind`` ("int", "float", "str" or "bool") option value, or None.
+
+    Strict: a boolean is not a number and a string is not a boolean; floats must be finite."""
+    if kind == "bool":
+        return None if isinstance(value, bool) else "must be true or false"
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "must be an integer"
+        return None if abs(value) <= MAX_INT else f"must be at most {MAX_INT}"
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "must be a number"
+        if isinstance(value, int) and abs(value) > MAX_INT:
+            return "is too large"
+        return None if math.isfinite(value) else "must be a finite number"
+    if kind == "str":
+        if not isinstance(value, str):
+            return "must be a string"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "must be text that can be written as UTF-8"
+        return None
+    return None
+
+
+def _kind(f) -> str:
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+
+
+def check_types(obj, flag=lambda name: "--" + name.replace("_", "-")) -> None:
+    """Every field of the dataclass ``obj`` has its declared type (see :func:`value_problem`)."""
+    for f in fields(obj):
+        why = value_problem(_kind(f), getattr(obj, f.name))
+        if why:
+            raise NtkSelectError(f"{flag(f.name)}: {why} (got {getattr(obj, f.name)!r})")
+
+
+def check_limits(obj, names_proj=("proj_dim",), flag=lambda name: "--" + name.replace("_", "-")) -> None:
+    """Upper limits shared by the commands: threads (the CPUs), projection dimensions, the device."""
+    from .runtime import check_device
+
+    cpus = os.cpu_count() or 1
+    if getattr(obj, "threads", 0) > cpus:
+        raise NtkSelectError(f"{flag('threads')}: must be at most the number of CPUs here ({cpus}) (got {obj.threads})")
+    for name in names_proj:
+        if getattr(obj, name, 0) > MAX_PROJ_DIM:
+            raise NtkSelectError(f"{flag(name)}: must be at most {MAX_PROJ_DIM} (the paper uses 8192) (got {getattr(obj, name)})")
+    if hasattr(obj, "device"):
+        check_device(obj.device, flag("device"))
 
 
 @dataclass
@@ -75,6 +136,7 @@ class SelectConfig:
             flag = "--" + name.replace("_", "-")
             return NtkSelectError(f"{flag}: {why} (got {getattr(self, name)!r})")
 
+        check_types(self)
         for f in fields(self):
             if f.metadata.get("required") and getattr(self, f.name) in ("", None):
                 raise NtkSelectError(f"--{f.name.replace('_', '-')} is required")
@@ -114,8 +176,13 @@ class SelectConfig:
             raise bad("ray_workers", "must be >= 0")
         if self.threads < 0:
             raise bad("threads", "must be >= 0")
-        if not self.lora_target_modules.strip():
+        if not self.lora_target_modules.strip() or not self.target_modules():
             raise bad("lora_target_modules", "must name modules or be all-linear")
+        if self.method == "less" and self.warmup_epochs <= 0:
+            raise NtkSelectError("--method less needs --warmup-epochs > 0: its candidate gradients are preconditioned by the warm-up's Adam state")
+        if self.method == "bm25" and importlib.util.find_spec("bm25s") is None:
+            raise NtkSelectError("--method bm25 needs the bm25s package: pip install 'ntkselect[baselines]'")
+        check_limits(self, ("proj_dim", "less_proj_dim"))
         return self
 
     def target_modules(self) -> str | list[str]:

@@ -19,6 +19,7 @@ import datetime as _dt
 import decimal
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -104,8 +105,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def _present(raw: dict, key: str) -> bool:
-    # Parquet/datasets give every row every column, so a missing field arrives as None.
-    return raw.get(key) is not None
+    # Parquet/datasets give every row every column, so a missing field arrives as None (or as
+    # NaN from a pandas float column); JSON's non-standard NaN is treated the same way.
+    value = raw.get(key)
+    return value is not None and not (isinstance(value, float) and value != value)
 
 
 def _as_str(raw: dict, key: str) -> str:
@@ -114,6 +117,8 @@ def _as_str(raw: dict, key: str) -> str:
         return value
     # Numbers are common in answers (e.g. "answer": 42); anything else is a data mistake.
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _Bad(f"field {key!r} is {value}, not text; store it as text")
         return str(value)
     raise _Bad(f"field {key!r} must be a string, found {type(value).__name__}; store it as text")
 
@@ -206,6 +211,15 @@ def record_text(raw: dict) -> str:
 # Each reader yields (line, raw) pairs; load_records does the shared checks.
 
 
+def _short(err: BaseException) -> str:
+    if isinstance(err, RecursionError):
+        return "it is nested too deeply"
+    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "digits" in msg:
+        return "an integer has more digits than Python reads; store it as a string"
+    return msg if len(msg) < 160 else msg[:157] + "..."
+
+
 def _read_jsonl(path: Path, name: str) -> Iterable[tuple[int, Any]]:
     data = path.read_bytes()
     if data.startswith(b"\xef\xbb\xbf"):
@@ -219,9 +233,12 @@ def _read_jsonl(path: Path, name: str) -> Iterable[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            yield lineno, json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as err:
             raise NtkSelectError(f"{name} line {lineno}: not valid JSON ({err.msg} at column {err.colno}); fix or remove the line") from None
+        except (ValueError, RecursionError) as err:  # an integer of thousands of digits, nesting too deep
+            raise NtkSelectError(f"{name} line {lineno}: cannot read this JSON ({_short(err)}); fix or remove the line") from None
+        yield lineno, value
 
 
 def _read_json(path: Path, name: str) -> Iterable[tuple[int, Any]]:
@@ -236,6 +253,8 @@ def _read_json(path: Path, name: str) -> Iterable[tuple[int, Any]]:
     except json.JSONDecodeError as err:
         hint = "; for one object per line name the file .jsonl" if "Extra data" in err.msg else ""
         raise NtkSelectError(f"{name} line {err.lineno}: not valid JSON ({err.msg} at column {err.colno}); fix the file{hint}") from None
+    except (ValueError, RecursionError) as err:  # an integer of thousands of digits, nesting too deep
+        raise NtkSelectError(f"{name}: cannot read this JSON ({_short(err)}); fix the file") from None
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) != 1:
@@ -311,6 +330,30 @@ def _read_hf(path: Path, name: str) -> Iterable[tuple[int, Any]]:
     return [(i, _jsonable(r)) for i, r in enumerate(ds.to_list(), 1)]
 
 
+def _unencodable(raw: dict) -> str | None:
+    """The field of a record holding a string that cannot be written as UTF-8 (a lone
+    surrogate, as a JSON escape like \\ud800 gives), as the field's name; None when none does."""
+    def bad(value: Any) -> bool:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+            return False
+        if isinstance(value, dict):
+            return any(bad(k) or bad(v) for k, v in value.items())
+        if isinstance(value, list):
+            return any(bad(v) for v in value)
+        return False
+
+    for k, v in raw.items():
+        if bad(k):
+            return f"name {k.encode('utf-8', 'backslashreplace').decode()!r}"
+        if bad(v):
+            return repr(k)
+    return None
+
+
 def _checked_record(name: str, row: int, line: int, raw: Any, seen: dict[str, tuple[int, bool]]) -> Record:
     """One validated :class:`Record`; ``seen`` collects the ids of the file so far."""
     where = _where(name, line)
@@ -318,6 +361,10 @@ def _checked_record(name: str, row: int, line: int, raw: Any, seen: dict[str, tu
         _classify(raw)
     except _Bad as err:
         raise NtkSelectError(f"{where}: {err}") from None
+    bad = _unencodable(raw)
+    if bad:
+        raise NtkSelectError(f"{where}: field {bad} holds a lone surrogate (a JSON escape such as \\ud800 without its pair), "
+                             "which is not valid Unicode; fix or remove that escape")
     rid = raw.get("id")
     implicit = rid is None or rid == ""
     if implicit:
@@ -404,7 +451,7 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _render(tokenizer, messages: Sequence[dict], generation_prompt: bool, where: str) -> list[int]:
+def _render_text(tokenizer, messages: Sequence[dict], generation_prompt: bool, where: str) -> str:
     try:
         # tokenize=False: transformers 5 returns a BatchEncoding when tokenizing, and the
         # template already contains any BOS text, so the string is tokenized without extras.
@@ -412,10 +459,51 @@ def _render(tokenizer, messages: Sequence[dict], generation_prompt: bool, where:
     except Exception as err:  # jinja2 TemplateError, template-raised exceptions
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise NtkSelectError(f"{where}: the chat template cannot render this record ({msg}); fix the messages or use --template plain") from None
-    return _ids(tokenizer, text, special=False)
+    if not isinstance(text, str):
+        raise NtkSelectError(f"{where}: the chat template did not render to text; use --template plain or a tokenizer with a standard chat template")
+    return text
+
+
+def _render(tokenizer, messages: Sequence[dict], generation_prompt: bool, where: str) -> list[int]:
+    return _ids(tokenizer, _render_text(tokenizer, messages, generation_prompt, where), special=False)
+
+
+def _not_prefix_stable(where: str, i: int) -> NtkSelectError:
+    return NtkSelectError(
+        f"{where}: the chat template is not prefix-stable (rendering the first messages does not give a "
+        f"prefix of the whole conversation at assistant message {i}), so the assistant tokens cannot be "
+        "located; use --template plain or a tokenizer with a prefix-stable chat template"
+    )
+
+
+def _offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]] | None:
+    """Token ids of ``text`` (no special tokens added) and each token's character span, or
+    None when the tokenizer cannot give offsets (a slow, pure-Python tokenizer)."""
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        return None
+    spans = enc.get("offset_mapping")
+    if spans is None or len(spans) != len(enc["input_ids"]):
+        return None
+    return list(enc["input_ids"]), [(int(a), int(b)) for a, b in spans]
 
 
 def _chat_example(tokenizer, messages: Sequence[dict], where: str) -> tuple[list[int], list[bool]]:
+    """Tokens of the rendered conversation; trained: each assistant turn's tokens.
+
+    Assistant turn i is the text that rendering message i adds after the generation prompt:
+    the characters [len(render(messages[:i], add_generation_prompt=True)),
+    len(render(messages[:i + 1]))) of the rendered conversation, which must extend both
+    renders as text. The whole conversation is tokenized once, and a token is trained when its
+    character span overlaps a turn's span: a token that straddles the start of a response
+    (e.g. the template's newline merged with the response's leading spaces into one token) is
+    trained, since it holds response text. Where the template and the response meet on a
+    token boundary (ordinary text) this is exactly the tokens after the generation prompt's
+    tokens. Whatever the response starts with, the boundary is found: tokens are never
+    compared, so whitespace that the tokenizer merges across the boundary is not an error."""
     if messages[0]["role"] == "assistant":
         # Its start would be the render of an empty conversation, which transformers refuses
         # (and templates that insert a default system prompt would not be prefix-stable).
@@ -423,22 +511,38 @@ def _chat_example(tokenizer, messages: Sequence[dict], where: str) -> tuple[list
             f"{where}: the conversation starts with an assistant message, whose tokens a chat template "
             "cannot locate; put a user (or system) message first or use --template plain"
         )
-    full = _render(tokenizer, messages, False, where)
-    mask = [False] * len(full)
+    text = _render_text(tokenizer, messages, False, where)
+    turns: list[tuple[int, int, int]] = []  # (message index, first char, end char)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        # The assistant turn is what rendering message i adds after the generation prompt;
-        # that only holds if every rendered prefix is a token prefix of the whole conversation.
+        before = _render_text(tokenizer, messages[:i], True, where)
+        upto = _render_text(tokenizer, messages[: i + 1], False, where)
+        if not (text.startswith(before) and text.startswith(upto) and len(before) <= len(upto)):
+            raise _not_prefix_stable(where, i)
+        turns.append((i, len(before), len(upto)))
+    enc = _offsets(tokenizer, text)
+    if enc is None:
+        return _chat_example_by_tokens(tokenizer, messages, text, turns, where)
+    ids, spans = enc
+    mask = [False] * len(ids)
+    for _, lo, hi in turns:
+        for t, (a, b) in enumerate(spans):
+            if (a < hi and b > lo) or (a == b and lo <= a < hi):
+                mask[t] = True
+    return ids, mask
+
+
+def _chat_example_by_tokens(tokenizer, messages: Sequence[dict], text: str, turns, where: str) -> tuple[list[int], list[bool]]:
+    # A tokenizer without character offsets: the rendered prefixes must also be token prefixes.
+    full = _ids(tokenizer, text, special=False)
+    mask = [False] * len(full)
+    for i, _, _ in turns:
         before = _render(tokenizer, messages[:i], True, where)
         upto = _render(tokenizer, messages[: i + 1], False, where)
         for prefix in (before, upto):
             if full[: len(prefix)] != prefix:
-                raise NtkSelectError(
-                    f"{where}: the chat template is not prefix-stable (rendering the first messages does not give a "
-                    f"prefix of the whole conversation at assistant message {i}), so the assistant tokens cannot be "
-                    "located; use --template plain or a tokenizer with a prefix-stable chat template"
-                )
+                raise _not_prefix_stable(where, i)
         for t in range(len(before), len(upto)):
             mask[t] = True
     return full, mask
@@ -565,10 +669,12 @@ def token_convention(template: str, tokenizer) -> dict:
         chat = json.dumps(chat, sort_keys=True)
     if resolved == "chat":
         pr = ("messages [user: prompt, assistant: response] rendered with the tokenizer's chat template "
-              "(tokenize=False), then tokenized with add_special_tokens=False; trained: the assistant turn's tokens")
-        msgs = ("rendered with the chat template; trained: each assistant message's tokens, from the end of "
-                "render(messages[:i], add_generation_prompt=True) to the end of render(messages[:i+1]) "
-                "(the template must be prefix-stable)")
+              "(tokenize=False), then tokenized with add_special_tokens=False; trained: the assistant turn's tokens, "
+              "located by character offsets (as for messages)")
+        msgs = ("rendered with the chat template and tokenized once; trained: the tokens whose characters overlap "
+                "an assistant message's span of the rendered text, from the end of render(messages[:i], "
+                "add_generation_prompt=True) to the end of render(messages[:i+1]) (the template must be prefix-stable "
+                "as text; a token straddling the start of a response is trained)")
     else:
         pr = "tokenizer(prompt + '\\n') + tokenizer(response, add_special_tokens=False) + [eos]; trained: response tokens + eos"
         msgs = ("'role: content' lines; before each assistant message 'assistant: ' (untrained), then its content "

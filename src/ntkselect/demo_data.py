@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import NtkSelectError
 from .io import atomic_write_jsonl, sha256_path
+from .runfolder import DEMO_DATA, EVAL_DATA, check_paths, open_run
 
 __all__ = [
     "DOMAINS",
@@ -343,7 +344,7 @@ def build_demo_data(
     ):
         _check_count(name, value)
     seed = int(seed)
-    out_dir = Path(out_dir)
+    out_dir = check_paths(out_dir, DEMO_DATA, {})
     domain_subjects = DOMAINS[domain]
 
     def short(rec: dict) -> bool:
@@ -364,8 +365,11 @@ def build_demo_data(
     pool_rows = pool_mmlu + pool_rg
 
     domain_path, pool_path = out_dir / "domain.jsonl", out_dir / "pool.jsonl"
-    atomic_write_jsonl(domain_path, domain_rows)
-    atomic_write_jsonl(pool_path, pool_rows)
+    with open_run(out_dir, DEMO_DATA, log=lambda _: None) as run:  # only over files ntkselect wrote (runfolder.py)
+        run.in_place(clear=False)
+        atomic_write_jsonl(domain_path, domain_rows)
+        atomic_write_jsonl(pool_path, pool_rows)
+        run.commit()
 
     return {
         "domain": domain,
@@ -479,7 +483,7 @@ def build_eval_data(
         raise NtkSelectError("--n-train and --n-test must be positive")
     if n_pool_gsm8k and gsm8k is None:
         raise NtkSelectError("--n-pool-gsm8k needs --gsm8k PATH (a local GSM8K JSONL)")
-    out_dir = Path(out_dir)
+    out_dir = check_paths(out_dir, EVAL_DATA, {"--gsm8k": gsm8k})
     subjects = DOMAINS[domain]
     all_mmlu = load_mmlu()
 
@@ -508,22 +512,25 @@ def build_eval_data(
     if any(checks.values()):  # cannot happen by construction; refuse rather than write a leaking split
         raise NtkSelectError(f"the split leaks: {checks}")
     paths = {"train": out_dir / "domain_train.jsonl", "test": out_dir / "domain_test.jsonl", "pool": out_dir / "pool.jsonl"}
-    atomic_write_jsonl(paths["train"], train)
-    atomic_write_jsonl(paths["test"], test)
-    atomic_write_jsonl(paths["pool"], pool)
-    info = {
-        "domain": domain, "domain_subjects": list(subjects), "seed": int(seed), "max_chars": max_chars,
-        "paths": {k: str(v) for k, v in paths.items()}, "sha256": {k: sha256_path(v) for k, v in paths.items()},
-        "counts": {"train": len(train), "test": len(test), "pool": len(pool)},
-        "train_per_subject": dict(sorted(Counter(r["subject"] for r in train).items())),
-        "test_per_subject": dict(sorted(Counter(r["subject"] for r in test).items())),
-        "pool_per_source": dict(sorted(Counter(r["source"] for r in pool).items())),
-        "pool_dropped_as_domain_duplicates": len(outside) - len(clean),
-        "domain_usable": len(in_domain),
-        "checks": checks,
-        "ids": {"train": [r["id"] for r in train], "test": [r["id"] for r in test]},
-    }
-    from .io import atomic_write_json
+    with open_run(out_dir, EVAL_DATA, {"--gsm8k": gsm8k}, log=lambda _: None) as run:  # only over files ntkselect wrote (runfolder.py)
+        run.in_place(clear=False)
+        atomic_write_jsonl(paths["train"], train)
+        atomic_write_jsonl(paths["test"], test)
+        atomic_write_jsonl(paths["pool"], pool)
+        info = {
+            "domain": domain, "domain_subjects": list(subjects), "seed": int(seed), "max_chars": max_chars,
+            "paths": {k: str(v) for k, v in paths.items()}, "sha256": {k: sha256_path(v) for k, v in paths.items()},
+            "counts": {"train": len(train), "test": len(test), "pool": len(pool)},
+            "train_per_subject": dict(sorted(Counter(r["subject"] for r in train).items())),
+            "test_per_subject": dict(sorted(Counter(r["subject"] for r in test).items())),
+            "pool_per_source": dict(sorted(Counter(r["source"] for r in pool).items())),
+            "pool_dropped_as_domain_duplicates": len(outside) - len(clean),
+            "domain_usable": len(in_domain),
+            "checks": checks,
+            "ids": {"train": [r["id"] for r in train], "test": [r["id"] for r in test]},
+        }
+        from .io import atomic_write_json
 
-    atomic_write_json(out_dir / "split.json", info)
+        atomic_write_json(out_dir / "split.json", info)
+        run.commit()
     return info

@@ -31,9 +31,10 @@ kernels), PNG plots and the LoRA checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import shutil
+import os
 import tempfile
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 
 from .batching import collate, make_batches
+from .config import check_limits, check_types
 from .data import Record, TokenizedExample, load_records, prompt_response, record_text, tokenize_record, tokenize_records
 from .errors import NtkSelectError
 from .grads import flatten_grads, gradient_hooks, lora_parameters
@@ -51,6 +53,7 @@ from .io import atomic_replace_dir, atomic_write_json
 from .lm import _causal_lm, final_hidden, summed_head
 from .progress import Progress
 from .projection import RademacherProjector
+from .runfolder import DIAGNOSE, Run, check_paths, open_run
 from .runtime import Runtime, resolve_device, resolve_precision
 
 __all__ = [
@@ -116,6 +119,7 @@ class DiagnoseOptions:
         def bad(name: str, why: str) -> NtkSelectError:
             return NtkSelectError(f"--{name.replace('_', '-')}: {why} (got {getattr(self, name)!r})")
 
+        check_types(self)
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -132,6 +136,8 @@ class DiagnoseOptions:
             raise bad("jf_examples", "must be at least 2 (one domain example and one candidate)")
         if self.jf_outputs < 2:
             raise bad("jf_outputs", "must be at least 2 (cosines need pairs of outputs)")
+        if self.jf_outputs > 4096:
+            raise bad("jf_outputs", "must be at most 4096 (the cosines of S outputs take S x S numbers per example)")
         if self.n_test < 0:
             raise bad("n_test", "must be >= 0")
         if self.max_length < 2:
@@ -146,7 +152,10 @@ class DiagnoseOptions:
             raise bad("proj_dim", "must be 0 (exact) or a positive multiple of 8")
         if self.seed < 0 or self.threads < 0:
             raise bad("seed" if self.seed < 0 else "threads", "must be >= 0")
+        if not self.lora_target_modules.strip() or not self.target_modules():
+            raise bad("lora_target_modules", "must name modules or be all-linear")
         self.ridge_values()
+        check_limits(self)
         return self
 
     def ridge_values(self) -> list[float]:
@@ -463,20 +472,43 @@ def output_kernel_check(model, examples: Sequence[TokenizedExample], rt: Runtime
 
 # -- the run ------------------------------------------------------------------------------------
 
-def _prepare_out(opts: DiagnoseOptions) -> Path:
-    out = Path(opts.out)
-    if (out / "diagnostics.json").exists() and not opts.overwrite:
-        raise NtkSelectError(f"{out} already holds diagnostics (diagnostics.json); pass --overwrite to replace them or choose another --out")
+def _diagnose_inputs(opts: DiagnoseOptions) -> dict:
+    model = opts.model if opts.model not in ("", "default") and Path(opts.model).is_dir() else None
+    return {"--domain": opts.domain, "--pool": opts.pool, "--model": model}
+
+
+def _check_memory(opts: DiagnoseOptions, n_lora: int, tokenizer) -> None:
+    """Refuse, before any work, a Jacobian-free check whose gradients cannot fit in memory: the
+    exact route keeps a d x P Jacobian per example, the sampled route S x P gradients."""
+    from .model import _meta_model
+
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise NtkSelectError(f"cannot write to --out {out}: {err.strerror or err}; choose a writable folder") from None
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    for stale in out.glob(".ckpt-*"):  # left by an interrupted run
-        shutil.rmtree(stale, ignore_errors=True)
-    return out
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    d = int(getattr(_meta_model(opts.model).config, "hidden_size", 0) or 0)
+    n = min(opts.jf_examples, opts.n_domain + opts.n_candidates)
+    method = ("exact" if d <= opts.jf_outputs else "sampled") if opts.jf_method == "auto" else opts.jf_method
+    rows = d if method == "exact" else min(opts.jf_outputs, len(tokenizer))
+    need = 8 * n * rows * n_lora  # float64
+    if need > 0.8 * total:
+        raise NtkSelectError(f"--jf-examples {opts.jf_examples} / --jf-outputs {opts.jf_outputs}: the {method} Jacobian-free check would keep "
+                             f"{n} x {rows} x {n_lora} gradients ({need / 2**30:.0f} GiB, more than this machine's {total / 2**30:.0f} GiB); "
+                             "lower --jf-examples or --jf-outputs, use --jf-method sampled, or a smaller --lora-r")
+
+
+def _prepare_out(opts: DiagnoseOptions, stack: contextlib.ExitStack, log=print) -> Run:
+    """Lock --out and decide where the diagnostics go (runfolder.py): finished diagnostics are
+    refused without --overwrite, and with it the new ones are written aside and swapped in once
+    they are complete; the leftovers of an unfinished run (ntkselect's own) are cleared."""
+    run = stack.enter_context(open_run(opts.out, DIAGNOSE, _diagnose_inputs(opts), log=log))
+    if run.state == "finished" and not opts.overwrite:
+        raise NtkSelectError(f"{run.out} already holds diagnostics (diagnostics.json); pass --overwrite to replace them or choose another --out")
+    if run.state == "finished":
+        run.stage()
+    else:
+        run.in_place(clear=True)
+    return run
 
 
 def _features(model, examples, rt: Runtime, proj_dim: int, seed: int) -> np.ndarray:
@@ -509,15 +541,20 @@ def _clean(obj):
 def diagnose(opts: DiagnoseOptions, log=print) -> dict:
     """Run every diagnostic; write ``diagnostics.json``, ``kernels.npz``, PNG plots and
     ``checkpoints/`` to ``opts.out``; return the diagnostics dict."""
-    from .model import load_model, load_tokenizer
+    with contextlib.ExitStack() as stack:  # holds the lock on --out to the end (runfolder.py)
+        return _diagnose(opts, log, stack)
+
+
+def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
+    from .model import check_model_options, load_model, load_tokenizer
     from .report import require_matplotlib
     from .warmup import WarmupOptions, add_lora, warmup
 
     opts.validate()
     require_matplotlib()
+    check_paths(opts.out, DIAGNOSE, _diagnose_inputs(opts))
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    out = _prepare_out(opts)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     rng = np.random.default_rng(opts.seed)
@@ -561,6 +598,10 @@ def diagnose(opts: DiagnoseOptions, log=print) -> dict:
         if mc_train.letter_ids != mc_test.letter_ids:
             raise NtkSelectError("the answer letters tokenise differently in the training and test questions")
     timings["load"] = time.perf_counter() - t
+    n_lora = check_model_options(opts.model, opts.target_modules(), opts.lora_r, tokenizer=tokenizer)
+    _check_memory(opts, n_lora, tokenizer)
+    run = _prepare_out(opts, stack, log)  # the inputs and options are checked: only now is --out touched
+    out = run.dir
 
     device = resolve_device(opts.device)
     rt = Runtime(device=device, dtype=resolve_precision(opts.precision, device), batch_size=opts.batch_size,
@@ -689,6 +730,7 @@ def diagnose(opts: DiagnoseOptions, log=print) -> dict:
     np.savez_compressed(out / "kernels.npz", steps=np.array([s for s, _ in snaps]), kernels=np.stack(kernels), scores=np.stack(scores))
     result["plots"] = _plots(result, out)
     atomic_write_json(out / "diagnostics.json", result)
+    run.commit()  # with --overwrite: the new diagnostics replace the earlier ones only now
     return result
 
 

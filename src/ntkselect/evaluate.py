@@ -20,12 +20,12 @@ in ``evaluate_config.json`` and a rerun with different ones is refused (``--over
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import json
 import os
-import shutil
 import tempfile
 import time
 import tomllib
@@ -36,14 +36,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import SelectConfig
-from .data import Record, load_records, prompt_response, record_text, tokenize_records
+from .config import SelectConfig, check_types, value_problem
+from .data import Record, load_records, tokenize_records
 from .errors import NtkSelectError
 from .evaluation import evaluate_mc, heldout_loss, is_mc_record, mc_items
 from .finetune import FinetuneRecipe, finetune
 from .io import atomic_open, atomic_write_json, sha256_path
-from .model import load_model
+from .leak import TestQuestions
+from .model import check_model_options, load_model, load_tokenizer
 from .pipeline import _group, load_inputs, make_runtime, package_versions, write_selection
+from .runfolder import EVALUATE, Run, check_paths, open_run
 from .selectors import SELECTORS, SelectionContext, get_selector
 from .stats import bootstrap_indices, gap_closed, paired_bootstrap, paired_sign_flip_test
 
@@ -138,6 +140,7 @@ class EvalConfig:
                             device=self.device, threads=self.threads, overwrite=True)
 
     def validate(self) -> "EvalConfig":
+        check_types(self)
         for f in fields(self):
             if f.metadata.get("required") and getattr(self, f.name) in ("", None, 0):
                 raise NtkSelectError(f"--{f.name.replace('_', '-')} is required")
@@ -148,10 +151,14 @@ class EvalConfig:
         for name in ("eval_max_length",):
             if getattr(self, name) < 2:
                 raise NtkSelectError(f"--{name.replace('_', '-')} must be at least 2")
+        for name in ("ft_epochs", "ft_lr", "lora_alpha"):
+            if getattr(self, name) <= 0:
+                raise NtkSelectError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
         self.seed_list(), self.method_list(), self.recipe().validate()
         if ORACLE in self.method_list() and not self.domain_extra:
             raise NtkSelectError("--methods oracle needs --domain-extra: a file of further in-domain records to draw the oracle's N from")
-        self.select_config("ntk", 0, self.out or "-").validate()
+        for m in self.method_list():
+            self.select_config(m, 0, self.out or "-").validate()
         return self
 
     def to_dict(self) -> dict:
@@ -166,11 +173,28 @@ class EvalConfig:
             raise NtkSelectError(f"--config {path}: no such file") from None
         except tomllib.TOMLDecodeError as err:
             raise NtkSelectError(f"{path}: not valid TOML ({err}); fix the file") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise NtkSelectError(f"--config {path}: cannot read it ({getattr(err, 'strerror', None) or err}); pass a TOML file") from None
         data = data.get("evaluate", data)  # a file may hold an [evaluate] table or bare keys
+        if not isinstance(data, dict):
+            raise NtkSelectError(f"{path}: 'evaluate' must be a table ([evaluate]) of options; fix the file")
         names = {f.name: f for f in fields(cls)}
         unknown = [k for k in data if k.replace("-", "_") not in names]
         if unknown:
             raise NtkSelectError(f"{path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(names)}")
+        for k, v in data.items():  # strict: a TOML boolean is not a number, a string is not a boolean
+            f = names[k.replace("-", "_")]
+            if f.name in ("seeds", "methods"):
+                item = "seed" if f.name == "seeds" else "method name"
+                if isinstance(v, bool) or not isinstance(v, (str, int, list)):
+                    why = f"must be a {'count, ' if f.name == 'seeds' else ''}list or comma-separated string of {item}s"
+                else:
+                    bad_item = next((x for x in v if isinstance(x, bool) or not isinstance(x, (str, int))), None) if isinstance(v, list) else None
+                    why = f"holds {bad_item!r}, not a {item}" if bad_item is not None else None
+            else:
+                why = value_problem(f.type if isinstance(f.type, str) else f.type.__name__, v)
+            if why:
+                raise NtkSelectError(f"{path}: {k} {why} (got {v!r}); fix the file")
         kw = {k.replace("-", "_"): (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in data.items()}
         for k in ("seeds", "methods"):
             if k in kw:
@@ -184,14 +208,6 @@ class EvalConfig:
 
 # -- the run ---------------------------------------------------------------------------------
 
-def _qnorm(raw: dict) -> str:
-    try:
-        q = raw.get("prompt") or raw.get("question") or prompt_response(raw)[0]
-    except NtkSelectError:
-        q = record_text(raw)
-    return " ".join(str(q).lower().split())
-
-
 def _fingerprint(cfg: EvalConfig) -> dict:
     # seeds and methods are left out: cells are per (method, seed), so adding either reuses the rest
     keep = {k: v for k, v in cfg.to_dict().items() if k not in ("overwrite", "out", "threads", "device", "seeds", "methods")}
@@ -204,29 +220,37 @@ def _input_fields(cfg: EvalConfig) -> tuple[str, ...]:
     return ("domain_train", "domain_test", "pool") + (("domain_extra",) if cfg.domain_extra else ())
 
 
-def _prepare(cfg: EvalConfig, log) -> Path:
-    out = Path(cfg.out)
+def _prepare(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> Run:
+    """Lock --out and decide where this evaluation writes (runfolder.py): a rerun with the same
+    configuration resumes in place, another one is refused; --overwrite writes the new evaluation
+    aside and swaps it in only once it has finished. Only ntkselect's own entries are replaced."""
+    check_model_options(cfg.model, "all-linear", cfg.lora_r, tokenizer=load_tokenizer(cfg.model))
     fp = _fingerprint(cfg)
-    cfg_path = out / "evaluate_config.json"
-    if cfg_path.exists() and not cfg.overwrite:
-        old = json.loads(cfg_path.read_text())
+    run = stack.enter_context(open_run(cfg.out, EVALUATE, _eval_inputs(cfg), log=log))
+    out = run.out
+    if run.state != "new" and not cfg.overwrite:
+        old = run.setup()
         if old.get("fingerprint") != fp:
             changed = [k for k in fp["config"] if old.get("fingerprint", {}).get("config", {}).get(k) != fp["config"][k]]
             changed += [f"{k} (contents)" for k in fp["inputs"] if old.get("fingerprint", {}).get("inputs", {}).get(k) != fp["inputs"][k]]
             raise NtkSelectError(f"{out} holds an evaluation with a different configuration ({', '.join(changed) or 'format'}); "
                                  "pass --overwrite to start over or choose another --out")
-    if cfg.overwrite:
-        for sub in ("cells", "selections"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-    try:
-        (out / "cells").mkdir(parents=True, exist_ok=True)
-        (out / "selections").mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise NtkSelectError(f"cannot write to --out {out}: {err.strerror or err}; choose a writable folder") from None
-    atomic_write_json(cfg_path, {"fingerprint": fp, "config": cfg.to_dict()})
-    return out
+        wdir = run.in_place(clear=False)
+    elif run.state != "new":
+        wdir = run.stage(reuse=lambda old: old.get("fingerprint") == fp)
+        log(f"ntkselect evaluate: writing the new evaluation aside in {wdir}; it replaces the one in {out} once it has finished")
+    else:
+        wdir = run.in_place(clear=True)
+    (wdir / "cells").mkdir(exist_ok=True)
+    (wdir / "selections").mkdir(exist_ok=True)
+    atomic_write_json(wdir / "evaluate_config.json", {"fingerprint": fp, "config": cfg.to_dict()})
+    return run
+
+
+def _eval_inputs(cfg: EvalConfig) -> dict:
+    return {"--domain-train": cfg.domain_train, "--domain-test": cfg.domain_test, "--pool": cfg.pool,
+            "--domain-extra": cfg.domain_extra or None,
+            "--model": cfg.model if cfg.model not in ("", "default") and Path(cfg.model).is_dir() else None}
 
 
 def _cell_path(out: Path, method: str, seed: int | None) -> Path:
@@ -253,7 +277,7 @@ class _TestSet:
     records: list[Record]
     examples: list  # TokenizedExample per record, the training convention's trained tokens
     items: list  # MCItem for the multiple-choice records
-    questions: set[str]  # normalised questions, for the leak checks
+    questions: TestQuestions  # the leak check (leak.py)
 
 
 def _test_model(model, tokenizer, test: _TestSet, rt, cfg: EvalConfig, desc: str) -> dict:
@@ -277,11 +301,10 @@ def _load_extra(cfg: EvalConfig, domain: list[Record], test: _TestSet) -> list[R
     if not cfg.domain_extra:
         return []
     extra = load_records(cfg.domain_extra)
-    dom_q = {_qnorm(r.raw) for r in domain}
+    dom_q = TestQuestions(domain)  # the same containment check, with D's questions as the ones to protect
     for r in extra:
-        q = _qnorm(r.raw)
-        if q in test.questions or q in dom_q:
-            side = "test set" if q in test.questions else "training set D"
+        if test.questions.leaks(r.raw) or dom_q.leaks(r.raw):
+            side = "test set" if test.questions.leaks(r.raw) else "training set D"
             raise NtkSelectError(f"{cfg.domain_extra}: record {r.id!r} repeats a question of the {side}; the oracle's records must be unseen, remove it")
     return extra
 
@@ -294,8 +317,14 @@ def _oracle_pick(extra: list[Record], n: int, seed: int) -> list[Record]:
 
 
 def run_evaluation(cfg: EvalConfig, log=print) -> dict:
+    with contextlib.ExitStack() as stack:  # holds the lock on --out to the end (runfolder.py)
+        return _run_evaluation(cfg, log, stack)
+
+
+def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
     cfg.validate()
     t_start = time.perf_counter()
+    check_paths(cfg.out, EVALUATE, _eval_inputs(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seeds, methods = cfg.seed_list(), cfg.method_list()
@@ -303,20 +332,21 @@ def run_evaluation(cfg: EvalConfig, log=print) -> dict:
     if not test_records:
         raise NtkSelectError(f"{cfg.domain_test}: the test set is empty")
     items = mc_items([r for r in test_records if is_mc_record(r)])
+    test_q = TestQuestions(test_records)  # leak.py: containment in every field a record trains on
     base_cfg = cfg.select_config("ntk", seeds[0], cfg.out)
     inp = load_inputs(base_cfg, log, exclude_texts=None)
     tokenizer = inp.tokenizer
     test_ex = tokenize_records(test_records, tokenizer, cfg.eval_max_length, cfg.template)[0]
-    test = _TestSet(test_records, test_ex, items, {_qnorm(r.raw) for r in test_records})
+    test = _TestSet(test_records, test_ex, items, test_q)
     extra = _load_extra(cfg, inp.domain, test)
     if ORACLE in methods and len(extra) < cfg.n:
         raise NtkSelectError(f"--domain-extra {cfg.domain_extra} has {len(extra)} records, fewer than --n {cfg.n}; the oracle draws N of them")
-    leak = [r.id for r in inp.domain if _qnorm(r.raw) in test.questions]
+    leak = [r.id for r in inp.domain if test_q.leaks(r.raw)]
     if leak:
         raise NtkSelectError(f"{cfg.domain_train}: {len(leak)} training question(s) also appear in {cfg.domain_test} (e.g. id {leak[0]!r}); "
                              "remove them, the test set must be unseen")
     # no method may select a test question: drop such pool records up front, for every method alike
-    pool_keep = [i for i, r in enumerate(inp.pool) if _qnorm(r.raw) not in test.questions]
+    pool_keep = [i for i, r in enumerate(inp.pool) if not test_q.leaks(r.raw)]
     dropped = len(inp.pool) - len(pool_keep)
     if dropped:
         log(f"ntkselect evaluate: excluded {dropped} pool records whose question is in the test set")
@@ -325,7 +355,8 @@ def run_evaluation(cfg: EvalConfig, log=print) -> dict:
         inp.excluded["test_questions"] = dropped
     if cfg.n > len(inp.pool):
         raise NtkSelectError(f"--n {cfg.n} is larger than the usable pool ({len(inp.pool)} records); lower --n")
-    out = _prepare(cfg, log)  # only once every input has been read and checked
+    run = _prepare(cfg, log, stack)  # the inputs are checked: only now is --out touched
+    out = run.dir
     rt = make_runtime(base_cfg, tokenizer)
     recipe = cfg.recipe()
     ft_cache: dict[str, list] = {}
@@ -364,13 +395,13 @@ def run_evaluation(cfg: EvalConfig, log=print) -> dict:
                 elif method == ORACLE:
                     selected = _oracle_pick(extra, cfg.n, seed)
                 else:
-                    mcfg = dataclasses.replace(scfg, method=method, out=str(out / "selections" / f"{method}-seed{seed}"))
+                    mcfg = dataclasses.replace(scfg, method=method, out=str(Path(cfg.out) / "selections" / f"{method}-seed{seed}"))
                     ranking = get_selector(method).rank(ctx, cfg.n)
-                    res = write_selection(Path(mcfg.out), mcfg, inp, ctx, ranking, rt, t)
+                    res = write_selection(out / "selections" / f"{method}-seed{seed}", mcfg, inp, ctx, ranking, rt, t)
                     selected = res.selected
                     sel_s, sel_tok = ctx.cost(ranking)
                 train = list(inp.domain) + selected
-                overlap = sum(_qnorm(r.raw) in test.questions for r in train)
+                overlap = sum(test_q.leaks(r.raw) for r in train)
                 if overlap:
                     raise NtkSelectError(f"{method}, seed {seed}: {overlap} training examples share a question with the test set; refusing to report")
                 model, ft = finetune(cfg.model, ft_examples(train), recipe, rt, seed, desc=f"fine-tune: {method}, seed {seed}")
@@ -384,7 +415,9 @@ def run_evaluation(cfg: EvalConfig, log=print) -> dict:
                 log(f"ntkselect evaluate: seed {seed}, {method}: held-out loss {row['loss']:.4f}{acc}")
             ctx.release()
 
-    return write_results(cfg, out, seeds, methods, inp, time.perf_counter() - t_start)
+    manifest = write_results(cfg, out, seeds, methods, inp, time.perf_counter() - t_start)
+    run.commit()  # with --overwrite: the new evaluation replaces the earlier one only now
+    return manifest
 
 
 def _load_cells(out: Path, seeds, methods) -> tuple[dict, dict]:

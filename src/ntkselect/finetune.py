@@ -39,7 +39,8 @@ class FinetuneRecipe:
             raise NtkSelectError(f"--ft-lr must be positive (got {self.lr})")
         for name in ("batch_size", "max_length", "lora_r"):
             if getattr(self, name) <= 0:
-                raise NtkSelectError(f"--ft-{name.replace('_', '-')} must be a positive integer (got {getattr(self, name)})")
+                flag = "--lora-r" if name == "lora_r" else f"--ft-{name.replace('_', '-')}"
+                raise NtkSelectError(f"{flag} must be a positive integer (got {getattr(self, name)})")
         return self
 
     def to_dict(self) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import importlib.metadata
-import json
 import os
 import platform
 import shutil
@@ -25,14 +24,15 @@ from .config import SelectConfig
 from .data import Record, load_records, record_text, token_convention, tokenize_records
 from .errors import NtkSelectError
 from .io import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, sha256_path
-from .model import load_tokenizer, resolve_model
+from .model import check_model_options, load_tokenizer, resolve_model
+from .runfolder import SELECT, Run, check_paths, open_run
 from .runtime import Runtime, resolve_device, resolve_precision
 from .selectors import Ranking, SelectionContext, get_selector
 from .shards import digest
 
 __all__ = ["SelectionResult", "Inputs", "select", "load_inputs", "make_runtime", "write_selection", "package_versions", "summarise"]
 
-OUTPUTS = ("selected.jsonl", "scores.jsonl", "train.jsonl", "manifest.json", "adapter")
+OUTPUTS = ("selected.jsonl", "scores.jsonl", "train.jsonl", "manifest.json", "adapter")  # also work/, shards.jsonl, run.json: runfolder.SELECT
 
 
 @dataclass
@@ -73,42 +73,38 @@ def _diff(old: dict, new: dict) -> list[str]:
     return out or ["format"]
 
 
-def _prepare_out(cfg: SelectConfig, log=print) -> tuple[Path, dict]:
-    """Check --out; refuse to replace a finished run or to mix runs without --overwrite.
+def _prepare_out(cfg: SelectConfig, run: Run, fp: dict, log=print) -> Path:
+    """Decide where this run writes, in the run folder ``run`` (locked, see runfolder.py).
 
-    ``run.json`` (written first) records what the run is computed from. A folder with a
-    manifest holds a finished run; one with ``run.json`` but no manifest holds an unfinished
-    run, which resumes if the configuration, inputs and model are the same and is refused
-    otherwise. Anything else in the way is an unfinished run of an older format: cleared."""
-    out = Path(cfg.out)
-    if (out / "manifest.json").exists() and not cfg.overwrite:
+    ``run.json`` (written first) records what the run is computed from; ``manifest.json``
+    (written last) marks a finished run. A finished run is refused without --overwrite. An
+    unfinished run resumes if the configuration, inputs and model are the same and is refused
+    otherwise. With --overwrite an earlier run (finished or not) stays in place while the new one
+    is written aside; it is replaced only once the new run has succeeded. Only entries that
+    ntkselect's record says this command created are ever removed."""
+    out = run.out
+    state = run.state
+    if state == "finished" and not cfg.overwrite:
         raise NtkSelectError(f"{out} already holds a finished run (manifest.json); pass --overwrite to replace it or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise NtkSelectError(f"cannot write to --out {out}: {err.strerror or err}; choose a writable folder") from None
-    fp = run_fingerprint(cfg)
-    run_json = out / "run.json"
-    if run_json.exists() and not cfg.overwrite:
-        try:
-            old = json.loads(run_json.read_text())
-        except ValueError:
-            old = {}
+    if state == "unfinished" and not cfg.overwrite:
+        old = run.setup()
         if old.get("fingerprint") != fp:
             raise NtkSelectError(f"{out} holds an unfinished run with a different setup (changed: {', '.join(_diff(old.get('fingerprint', {}), fp))}); "
                                  "rerun with the same options to resume it, or pass --overwrite to start over")
         log(f"ntkselect: resuming the unfinished run in {out}")
+        return run.in_place(clear=False)
+    if state != "new":
+        wdir = run.stage(reuse=lambda old: old.get("fingerprint") == fp)
+        again = (wdir / "run.json").exists()
+        log(f"ntkselect: {'resuming' if again else 'writing'} the new run aside in {wdir}; it replaces the {state} run in {out} once it has succeeded")
     else:
-        stale = [o for o in (*OUTPUTS, "work", "shards.jsonl") if (out / o).exists()]
-        if stale and not (out / "manifest.json").exists() and not cfg.overwrite:
+        stale = run.present()
+        if stale:
             log(f"ntkselect: {out} holds an unfinished run ({', '.join(stale)}); starting over")
-        for o in (*OUTPUTS, "work", "shards.jsonl", "report.html"):
-            p = out / o
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        atomic_write_json(run_json, {"fingerprint": fp, "key": digest(fp)})
-    return out, fp
+        wdir = run.in_place(clear=True)
+    if not (wdir / "run.json").exists():
+        atomic_write_json(wdir / "run.json", {"fingerprint": fp, "key": digest(fp)})
+    return wdir
 
 
 def _model_fingerprint(path: str) -> dict:
@@ -194,32 +190,45 @@ def make_runtime(cfg: SelectConfig, tokenizer) -> Runtime:
                    max_batch_tokens=cfg.max_batch_tokens, padding_side=cfg.padding_side, pad_id=tokenizer.pad_token_id)
 
 
+def _run_inputs(cfg: SelectConfig, model_path: str | None = None) -> dict:
+    return {"--domain": cfg.domain, "--pool": cfg.pool, "--model": model_path if model_path and Path(model_path).is_dir() else None}
+
+
 def select(cfg: SelectConfig, log=print) -> SelectionResult:
     """Run ``cfg.method`` on ``cfg.domain`` and ``cfg.pool`` and write the run folder ``cfg.out``."""
     cfg.validate()
     t_start = time.perf_counter()
+    check_paths(cfg.out, SELECT, _run_inputs(cfg))  # before the inputs are read: fail in a second
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     inp = load_inputs(cfg, log)  # bad input fails before --out is touched
-    out, fp = _prepare_out(cfg, log)
-    rt = make_runtime(cfg, inp.tokenizer)
-    ctx = SelectionContext(cfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=str(out / "work"), key=digest(fp),
-                           log_path=str(out / "shards.jsonl"))
-    ctx.store.log({"event": "start", "method": cfg.method, "executor": cfg.executor, "shard_size": cfg.shard_size,
-                   "pool": len(inp.pool), "domain": len(inp.domain)})
-    try:
-        ranking = get_selector(cfg.method).rank(ctx, cfg.n)
-        result = write_selection(out, cfg, inp, ctx, ranking, rt, t_start)
-    finally:
-        ctx.release()
-    ctx.store.log({"event": "finish", "seconds": round(time.perf_counter() - t_start, 3)})
-    shutil.rmtree(out / "work", ignore_errors=True)  # the manifest now vouches for the results; shards are no longer needed
+    if get_selector(cfg.method).uses_model:
+        check_model_options(cfg.model, cfg.target_modules(), cfg.lora_r, "--lora-target-modules", "--lora-r", tokenizer=inp.tokenizer)
+    fp = run_fingerprint(cfg)
+    with open_run(cfg.out, SELECT, _run_inputs(cfg, resolve_model(cfg.model)), log=log) as run:
+        wdir = _prepare_out(cfg, run, fp, log)
+        rt = make_runtime(cfg, inp.tokenizer)
+        ctx = SelectionContext(cfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=str(wdir / "work"), key=digest(fp),
+                               log_path=str(wdir / "shards.jsonl"))
+        ctx.store.log({"event": "start", "method": cfg.method, "executor": cfg.executor, "shard_size": cfg.shard_size,
+                       "pool": len(inp.pool), "domain": len(inp.domain)})
+        try:
+            ranking = get_selector(cfg.method).rank(ctx, cfg.n)
+            result = write_selection(wdir, cfg, inp, ctx, ranking, rt, t_start, input_hashes=fp["inputs"])
+        finally:
+            ctx.release()
+        ctx.store.log({"event": "finish", "seconds": round(time.perf_counter() - t_start, 3)})
+        shutil.rmtree(wdir / "work", ignore_errors=True)  # the manifest now vouches for the results; shards are no longer needed
+        run.commit()  # with --overwrite: the new run replaces the earlier one only now
     return result
 
 
-def write_selection(out: Path, cfg: SelectConfig, inp: Inputs, ctx: SelectionContext, ranking: Ranking, rt: Runtime, t_start: float) -> SelectionResult:
+def write_selection(out: Path, cfg: SelectConfig, inp: Inputs, ctx: SelectionContext, ranking: Ranking, rt: Runtime, t_start: float,
+                    input_hashes: dict | None = None) -> SelectionResult:
     """Write selected.jsonl, scores.jsonl, train.jsonl, adapter/ (when the method warmed up a
-    model) and, last, manifest.json: the same files for every method."""
+    model) and, last, manifest.json: the same files for every method. ``out`` is where they are
+    written; ``cfg.out`` where the run lives (they differ while a replacement is written aside).
+    ``input_hashes`` are the inputs' sha256 taken when the run started (else hashed now)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
@@ -258,18 +267,19 @@ def write_selection(out: Path, cfg: SelectConfig, inp: Inputs, ctx: SelectionCon
     sel_groups = collections.Counter(_group(r) for r in selected)
     src_pool = collections.Counter(str(r.raw.get("source", Path(r.path).name)) for r in pool)
     src_sel = collections.Counter(str(r.raw.get("source", Path(r.path).name)) for r in selected)
+    hashes = input_hashes or {"domain": sha256_path(cfg.domain), "pool": sha256_path(cfg.pool)}
     manifest = {
         "tool": "ntkselect",
         "method": method,
         "complete": True,
-        "out": str(out),
+        "out": str(Path(cfg.out)),
         "command": " ".join(sys.argv),
         "config": cfg.to_dict(),
         "seed": cfg.seed,
         "versions": package_versions(),
         "inputs": {
-            "domain": {"path": os.path.abspath(cfg.domain), "sha256": sha256_path(cfg.domain), "records": len(domain)},
-            "pool": {"path": os.path.abspath(cfg.pool), "sha256": sha256_path(cfg.pool), "records": inp.pool_records_in_file,
+            "domain": {"path": os.path.abspath(cfg.domain), "sha256": hashes["domain"], "records": len(domain)},
+            "pool": {"path": os.path.abspath(cfg.pool), "sha256": hashes["pool"], "records": inp.pool_records_in_file,
                      "excluded_duplicates_of_domain": inp.excluded.get("duplicates_of_domain", 0), "excluded": inp.excluded},
             "model": _model_fingerprint(resolve_model(cfg.model)),
         },
@@ -293,4 +303,4 @@ def write_selection(out: Path, cfg: SelectConfig, inp: Inputs, ctx: SelectionCon
         },
     }
     atomic_write_json(out / "manifest.json", manifest)
-    return SelectionResult(out=out, selected=selected, scores=sel_scores, manifest=manifest)
+    return SelectionResult(out=Path(cfg.out), selected=selected, scores=sel_scores, manifest=manifest)

@@ -34,6 +34,7 @@ from .batching import make_batches
 from .config import SelectConfig
 from .data import load_records, record_text, tokenize_records
 from .errors import NtkSelectError
+from .runfolder import SELECT, check_paths
 from .model import DEFAULT_MODEL, load_tokenizer
 
 __all__ = ["estimate", "format_plan", "model_facts", "calibrate"]
@@ -174,8 +175,7 @@ def estimate(cfg: SelectConfig) -> dict:
 
     cfg.validate()
     get_selector(cfg.method)
-    if cfg.method == "less" and cfg.warmup_epochs <= 0:
-        raise NtkSelectError("--method less needs --warmup-epochs > 0: its candidate gradients are preconditioned by the warm-up's Adam state")
+    check_paths(cfg.out, SELECT, {"--domain": cfg.domain, "--pool": cfg.pool})  # what the real run would refuse
     out_state = _out_state(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

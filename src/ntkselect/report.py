@@ -402,10 +402,20 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, top: int = 
     require_matplotlib()
     run = load_run(run_dir)
     page = render_report(run, top, neighbours)
-    path = Path(out) if out else Path(run_dir) / "report.html"
-    try:
-        with atomic_open(path) as f:
+    if out:
+        path = Path(out)
+        try:
+            with atomic_open(path) as f:
+                f.write(page)
+        except OSError as err:
+            raise NtkSelectError(f"cannot write {path}: {err.strerror or err}") from None
+        return path
+    # into the run folder: under its lock, and only over a report.html that ntkselect wrote (runfolder.py)
+    from .runfolder import SELECT, open_run
+
+    with open_run(run_dir, SELECT, flag="run folder", log=lambda _: None, only=("report.html",)) as rf:
+        rf.in_place(clear=False)
+        with atomic_open(rf.out / "report.html") as f:
             f.write(page)
-    except OSError as err:
-        raise NtkSelectError(f"cannot write {path}: {err.strerror or err}") from None
-    return path
+        rf.commit()
+    return rf.out / "report.html"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from dataclasses import dataclass
 
 import torch
 
 from .errors import NtkSelectError
 
-__all__ = ["Runtime", "resolve_device", "resolve_precision", "cpu_has_bf16"]
+__all__ = ["Runtime", "check_device", "resolve_device", "resolve_precision", "cpu_has_bf16"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -24,13 +25,25 @@ def cpu_has_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def check_device(name: str, flag: str = "--device") -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` for a device this machine has; one line otherwise."""
+    if name in ("auto", "cpu"):
+        return
+    m = re.fullmatch(r"cuda(?::(\d+))?", str(name))
+    if not m:
+        raise NtkSelectError(f"{flag} {name!r}: not a device ntkselect runs on; use cpu, cuda, cuda:N or auto")
+    if not torch.cuda.is_available():
+        raise NtkSelectError(f"{flag} {name}: no CUDA device is available here; use --device cpu")
+    count = torch.cuda.device_count()
+    if m.group(1) is not None and int(m.group(1)) >= count:
+        raise NtkSelectError(f"{flag} {name}: this machine has {count} CUDA device(s) (cuda:0 .. cuda:{count - 1}); choose one of them")
+
+
 def resolve_device(name: str) -> torch.device:
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise NtkSelectError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return dev
+    return torch.device(name)
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
