@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .batching import collate
-from .lm import _causal_lm, final_hidden
+from .lm import final_hidden, trained_logits
 from .errors import NtkSelectError
 from .grads import FusedLoraGradients, lora_parameters
 from .progress import Progress
@@ -59,7 +59,7 @@ def trained_token_loss(model, batch) -> torch.Tensor:
     h = final_hidden(model, batch)  # (B, L, d)
     pos = batch.target_mask.bool()  # (B, L)
     targets = batch.input_ids[:, 1:][pos[:, :-1]]  # (N,) the tokens those positions predict
-    logits = _causal_lm(model).get_output_embeddings()(h[pos])  # (N, V)
+    logits = trained_logits(model, h[pos])  # (N, V) the model's own logits (soft-capping, scaling included)
     return torch.nn.functional.cross_entropy(logits.float(), targets)
 
 
@@ -70,7 +70,7 @@ def per_example_loss(model, batch, head=None) -> torch.Tensor:
     pos = batch.target_mask.bool()  # (B, L)
     targets = batch.input_ids[:, 1:][pos[:, :-1]]  # (N,)
     rows = pos.nonzero()[:, 0]  # (N,) the example each trained token belongs to
-    logits = _causal_lm(model).get_output_embeddings()(h[pos])  # (N, V)
+    logits = trained_logits(model, h[pos])  # (N, V) the model's own logits (soft-capping, scaling included)
     tok = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
     total = torch.zeros(pos.shape[0], device=tok.device).index_add(0, rows, tok)  # (B,)
     return total / pos.sum(1).clamp_min(1)
