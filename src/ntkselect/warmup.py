@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .adapters import default_target_modules
 from .batching import collate
 from .lm import final_hidden, trained_logits
 from .errors import NtkSelectError
@@ -43,7 +44,11 @@ def add_lora(model, opts: WarmupOptions):
 
     torch.manual_seed(opts.seed)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft vs transformers 5
-    cfg = LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout, target_modules=opts.target_modules, task_type="CAUSAL_LM", bias="none")
+    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*", category=UserWarning)  # GPT-2's Conv1D: peft sets it itself
+    target = opts.target_modules
+    if target == "all-linear":  # an MoE model: all linear layers but the routers and experts (ntkselect.adapters)
+        target = default_target_modules(model) or target
+    cfg = LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout, target_modules=target, task_type="CAUSAL_LM", bias="none")
     try:
         return get_peft_model(model, cfg)
     except ValueError as err:
