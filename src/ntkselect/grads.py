@@ -263,7 +263,7 @@ def _unsupported_layer(mod_name: str, module: nn.Module, adapter: str) -> str | 
         return f"{mod_name}: only plain LoRA is supported (no DoRA or other variants)"
     base = module.get_base_layer()
     if _base_kind(base) is None:
-        return (f"{mod_name}: LoRA on a {type(base).__name__} layer is not supported (only linear and Conv1D layers); "
+        return (f"{mod_name}: LoRA on {type(base).__name__} layers is not supported (only on linear and Conv1D layers); "
                 "leave it out of --lora-target-modules")
     if module.lora_B[adapter].bias is not None:
         return f"{mod_name}: LoRA with a bias on B is not supported by the fused path"
@@ -300,7 +300,7 @@ class FusedLoraGradients(LoraGradientHooks):
             if not isinstance(module, LoraLayer):
                 continue
             for adapter in module.active_adapters:
-                if adapter not in module.lora_A:
+                if adapter not in module.lora_A and adapter not in getattr(module, "lora_embedding_A", {}):
                     continue
                 why = _unsupported_layer(mod_name, module, adapter)
                 if why:

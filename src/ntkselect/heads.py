@@ -66,6 +66,12 @@ class Head:
         needed only: no (B, L, V) tensor)."""
         return self.post(self.module(h))
 
+    def frozen(self) -> "Head":
+        """The head, checked to be frozen (the stages take gradients of the LoRA parameters only)."""
+        if self.module.weight.requires_grad:
+            raise NtkSelectError("the LM head is trainable (adapted by LoRA?); exclude lm_head from --lora-target-modules")
+        return self
+
     def factor(self) -> float:
         """The linear factor of the post-processing (scale, or 1/divide)."""
         return self.scale / self.divide if self.divide is not None else self.scale
@@ -85,7 +91,7 @@ class Head:
 
 
 def lm_head(model: nn.Module) -> Head:
-    """The model's LM head and its logit post-processing, checked to be something the stages can use."""
+    """The model's LM head and its logit post-processing (checked to be a linear layer)."""
     lm = _lm(model)
     name = type(lm).__name__
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
@@ -93,8 +99,6 @@ def lm_head(model: nn.Module) -> Head:
         raise NtkSelectError(f"{name} has no LM head (get_output_embeddings() is None); pass a Hugging Face causal LM (…ForCausalLM)")
     if not isinstance(head, nn.Linear):
         raise NtkSelectError(f"the LM head of {name} is {type(head).__name__}, not a linear layer; ntkselect needs a causal LM whose head is a linear map")
-    if head.weight.requires_grad:
-        raise NtkSelectError("the LM head is trainable (adapted by LoRA?); exclude lm_head from --lora-target-modules")
     cfg = _text_config(getattr(lm, "config", None))
     model_type = str(getattr(getattr(lm, "config", None), "model_type", "") or getattr(cfg, "model_type", ""))
     scale, divide = float(getattr(cfg, "logit_scale", None) or 1.0), None

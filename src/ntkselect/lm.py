@@ -37,7 +37,7 @@ def summed_head(model: nn.Module):
     (w̄ = Σ_k w_k (d,) float32, times any logit scale) for a linear head, or the
     :class:`~ntkselect.heads.Head` itself when the model soft-caps its logits (the sum then
     runs through the head in vocabulary chunks)."""
-    head = lm_head(model)
+    head = lm_head(model).frozen()
     return head.summed() if head.linear else head
 
 

@@ -9,6 +9,7 @@ deterministic and free of a Trainer dependency.
 from __future__ import annotations
 
 import math
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -52,7 +53,11 @@ def add_lora(model, opts: WarmupOptions):
     try:
         return get_peft_model(model, cfg)
     except ValueError as err:
-        raise NtkSelectError(f"--lora-target-modules {opts.target_modules!r}: {str(err).splitlines()[0]}") from None
+        msg = str(err)
+        m = re.match(r"Target module (\w+)\(", msg)
+        if m:  # peft prints the whole module; name its class
+            msg = f"peft cannot adapt {m.group(1)} modules (MoE experts?); adapt linear layers only"
+        raise NtkSelectError(f"--lora-target-modules {opts.target_modules!r}: {msg.splitlines()[0]}") from None
 
 
 def trained_token_loss(model, batch) -> torch.Tensor:
