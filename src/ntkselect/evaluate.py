@@ -43,6 +43,7 @@ from .evaluation import evaluate_mc, heldout_loss, is_mc_record, mc_items
 from .finetune import FinetuneRecipe, finetune
 from .io import atomic_open, atomic_write_json, sha256_path
 from .model import load_model
+from .preflight import preflight_select
 from .pipeline import _group, load_inputs, make_runtime, package_versions, write_selection
 from .selectors import SELECTORS, SelectionContext, get_selector
 from .stats import bootstrap_indices, gap_closed, paired_bootstrap, paired_sign_flip_test
@@ -204,7 +205,8 @@ def _input_fields(cfg: EvalConfig) -> tuple[str, ...]:
     return ("domain_train", "domain_test", "pool") + (("domain_extra",) if cfg.domain_extra else ())
 
 
-def _prepare(cfg: EvalConfig, log) -> Path:
+def _prepare(cfg: EvalConfig, log, check_only: bool = False) -> Path:
+    """Refuse a different evaluation in --out; then (unless ``check_only``) create the folders."""
     out = Path(cfg.out)
     fp = _fingerprint(cfg)
     cfg_path = out / "evaluate_config.json"
@@ -215,6 +217,8 @@ def _prepare(cfg: EvalConfig, log) -> Path:
             changed += [f"{k} (contents)" for k in fp["inputs"] if old.get("fingerprint", {}).get("inputs", {}).get(k) != fp["inputs"][k]]
             raise NtkSelectError(f"{out} holds an evaluation with a different configuration ({', '.join(changed) or 'format'}); "
                                  "pass --overwrite to start over or choose another --out")
+    if check_only:
+        return out
     if cfg.overwrite:
         for sub in ("cells", "selections"):
             shutil.rmtree(out / sub, ignore_errors=True)
@@ -325,6 +329,9 @@ def run_evaluation(cfg: EvalConfig, log=print) -> dict:
         inp.excluded["test_questions"] = dropped
     if cfg.n > len(inp.pool):
         raise NtkSelectError(f"--n {cfg.n} is larger than the usable pool ({len(inp.pool)} records); lower --n")
+    _prepare(cfg, log, check_only=True)  # a refused --out fails before the model is loaded
+    # the model through every path the methods and the fine-tune use, on a tiny batch: an unsupported one fails now
+    preflight_select(base_cfg, inp.dom_ex, tokenizer.pad_token_id, methods=methods, finetune=True, log=log)
     out = _prepare(cfg, log)  # only once every input has been read and checked
     rt = make_runtime(base_cfg, tokenizer)
     recipe = cfg.recipe()

@@ -26,6 +26,7 @@ from .data import Record, load_records, record_text, token_convention, tokenize_
 from .errors import NtkSelectError
 from .io import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, sha256_path
 from .model import load_tokenizer, resolve_model
+from .preflight import preflight_select
 from .runtime import Runtime, resolve_device, resolve_precision
 from .selectors import Ranking, SelectionContext, get_selector
 from .shards import digest
@@ -73,7 +74,26 @@ def _diff(old: dict, new: dict) -> list[str]:
     return out or ["format"]
 
 
-def _prepare_out(cfg: SelectConfig, log=print) -> tuple[Path, dict]:
+def _check_out(cfg: SelectConfig) -> dict:
+    """The refusals of :func:`_prepare_out`, without writing anything (so they come before the
+    preflight loads the model); returns the run's fingerprint."""
+    from .plan import _out_state
+
+    _out_state(cfg)  # a finished run, an unwritable folder
+    fp = run_fingerprint(cfg)
+    run_json = Path(cfg.out) / "run.json"
+    if run_json.exists() and not cfg.overwrite:
+        try:
+            old = json.loads(run_json.read_text())
+        except ValueError:
+            old = {}
+        if old.get("fingerprint") != fp:
+            raise NtkSelectError(f"{cfg.out} holds an unfinished run with a different setup (changed: {', '.join(_diff(old.get('fingerprint', {}), fp))}); "
+                                 "rerun with the same options to resume it, or pass --overwrite to start over")
+    return fp
+
+
+def _prepare_out(cfg: SelectConfig, log=print, fp: dict | None = None) -> tuple[Path, dict]:
     """Check --out; refuse to replace a finished run or to mix runs without --overwrite.
 
     ``run.json`` (written first) records what the run is computed from. A folder with a
@@ -89,7 +109,7 @@ def _prepare_out(cfg: SelectConfig, log=print) -> tuple[Path, dict]:
             pass
     except OSError as err:
         raise NtkSelectError(f"cannot write to --out {out}: {err.strerror or err}; choose a writable folder") from None
-    fp = run_fingerprint(cfg)
+    fp = fp or run_fingerprint(cfg)
     run_json = out / "run.json"
     if run_json.exists() and not cfg.overwrite:
         try:
@@ -201,10 +221,13 @@ def select(cfg: SelectConfig, log=print) -> SelectionResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     inp = load_inputs(cfg, log)  # bad input fails before --out is touched
-    out, fp = _prepare_out(cfg, log)
+    fp = _check_out(cfg)  # and so does a run --out refuses, before the model is loaded
+    checked = preflight_select(cfg, inp.dom_ex, inp.tokenizer.pad_token_id, keep=True, log=log)  # and an unsupported model, in seconds
+    out, fp = _prepare_out(cfg, log, fp)
     rt = make_runtime(cfg, inp.tokenizer)
     ctx = SelectionContext(cfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=str(out / "work"), key=digest(fp),
                            log_path=str(out / "shards.jsonl"))
+    ctx.adopt(checked.model if checked else None)
     ctx.store.log({"event": "start", "method": cfg.method, "executor": cfg.executor, "shard_size": cfg.shard_size,
                    "pool": len(inp.pool), "domain": len(inp.domain)})
     try:

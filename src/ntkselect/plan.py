@@ -1,8 +1,8 @@
 """``ntkselect select --dry-run``: what a selection will cost, before it starts.
 
 :func:`estimate` does the cheap part of a run for real (reads and checks both files, tokenizes
-them, reads the model's configuration, builds the LoRA layout on PyTorch's ``meta`` device, so
-no weight is loaded) and models the expensive part:
+them, loads the model with the run's adapter for the preflight, reads the LoRA layout) and
+models the expensive part:
 
 * tokens per stage: warm-up = epochs x domain tokens (forward + backward); stage 1 = domain + pool
   (forward); stage 2 = domain + M candidates (forward + backward, M x the mean pool length, since
@@ -15,7 +15,9 @@ no weight is loaded) and models the expensive part:
   largest batch + the projection buffers;
 * disk: the outputs and the temporary arrays a run writes into --out.
 
-Nothing is written. :func:`format_plan` renders the dict as the table the CLI prints.
+It also runs the run's preflight (:mod:`ntkselect.preflight`: the model is loaded, gets the
+run's adapter, and a tiny batch goes through every path the run will use), so a model the
+run could not handle stops the dry run with the same one-line error. Nothing is written. :func:`format_plan` renders the dict as the table the CLI prints.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .config import SelectConfig
 from .data import load_records, record_text, tokenize_records
 from .errors import NtkSelectError
 from .model import DEFAULT_MODEL, load_tokenizer
+from .preflight import preflight_select
 
 __all__ = ["estimate", "format_plan", "model_facts", "calibrate"]
 
@@ -87,7 +90,7 @@ def model_facts(cfg: SelectConfig) -> dict:
     lora = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     # every adapted linear layer: stage 2's hooks keep its input (d_in) and output gradient (d_out) per token
     sites = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer") and len(m.lora_A)]
-    site_width = sum(sum(m.base_layer.weight.shape) for m in sites)  # d_out + d_in (Linear or Conv1D)
+    site_width = sum(_site_width(m) for m in sites)  # d_out + d_in (Linear, Conv1D, or a peft parameter wrapper)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(text.hidden_size)
     return {
@@ -104,6 +107,15 @@ def model_facts(cfg: SelectConfig) -> dict:
         "lora_modules": len(sites),
         "lora_site_width": int(site_width),
     }
+
+
+def _site_width(m) -> int:
+    """d_in + d_out of a LoRA layer, read from its A and B (any base layer: Linear, Conv1D,
+    or a peft ParamWrapper, which has no ``weight``)."""
+    a, b = next(iter(m.lora_A.values())), next(iter(m.lora_B.values()))
+    d_in = getattr(a, "in_features", None) or a.weight.shape[-1]
+    d_out = getattr(b, "out_features", None) or b.weight.shape[0]
+    return int(d_in) + int(d_out)
 
 
 # --------------------------------------------------------------------------- calibration
@@ -211,6 +223,9 @@ def estimate(cfg: SelectConfig) -> dict:
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
     uses_model = cfg.method in _MODEL_METHODS
+    notes: list[str] = []
+    # the model, the adapter and a tiny batch through every path the run will use: an unsupported model stops the dry run too
+    pre = preflight_select(cfg, dom_ex, tokenizer.pad_token_id, log=notes.append) if uses_model else None
     facts = model_facts(cfg) if uses_model else None
     proj = cfg.proj_dim if cfg.method == "ntk" else cfg.less_proj_dim if cfg.method == "less" else 0
     cal = calibrate(device, dtype, proj) if uses_model else None
@@ -310,6 +325,7 @@ def estimate(cfg: SelectConfig) -> dict:
         "model": facts, "lora": {"r": cfg.lora_r, "target_modules": cfg.lora_target_modules, "grad_dim": facts["grad_dim"] if facts else 0},
         "proj_dim": proj, "data": data, "calibration": cal, "stages": stages, "total_seconds": sum(timed),
         "memory": memory, "disk": disk, "out": out_state, "warnings": warnings_,
+        "preflight": {"seconds": pre.seconds, "paths": list(pre.paths), "notes": notes} if pre else None,
         "assumptions": [
             "time: FLOPs ~ 2 x parameters x padded tokens forward, x 3 for forward + backward, at the rate of one timed matmul; "
             "a rough lower bound: a small model runs well below the matmul rate (on a CPU, expect 2-4 times longer)",
@@ -375,6 +391,11 @@ def format_plan(plan: dict) -> str:
                  f"adapter {_bytes(k['adapter'])}, selected.jsonl {_bytes(k['selected'])}, train.jsonl {_bytes(k['train'])}, "
                  f"scores.jsonl {_bytes(k['scores'])}; temporary: embeddings {_bytes(k['embeddings'])}"
                  + (f", LESS features {_bytes(k['less_features'])}" if k["less_features"] else ""))
+    if plan.get("preflight"):
+        p = plan["preflight"]
+        lines.append(f"  preflight the model, its adapter and a tiny batch passed every path the run uses ({', '.join(p['paths'])}) "
+                     f"in {p['seconds']:.1f} s")
+        lines.extend(f"  note      {n.removeprefix('ntkselect: note: ')}" for n in p["notes"])
     for w in plan["warnings"]:
         lines.append(f"  warning   {w}")
     lines.append("")

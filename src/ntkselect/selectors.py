@@ -94,6 +94,7 @@ class SelectionContext:
         self.key = key or digest(cfg.to_dict())
         self.store = ShardStore(Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="ntkselect-")), log_path)
         self._model = None
+        self._fresh = None  # a checked fresh model to use instead of loading one (adopt)
         self._adam: dict | None = None
         self._emb: tuple[np.ndarray, list[np.ndarray]] | None = None
         self._executor = None
@@ -105,6 +106,11 @@ class SelectionContext:
     @property
     def has_model(self) -> bool:
         return self._model is not None
+
+    def adopt(self, model) -> None:
+        """Use ``model`` (the base model with this run's fresh adapter, as the preflight checked
+        it) instead of loading it again."""
+        self._fresh = model
 
     def _lora_options(self) -> WarmupOptions:
         cfg = self.cfg
@@ -119,7 +125,8 @@ class SelectionContext:
             cfg, t = self.cfg, time.perf_counter()
             wdir = self.store.root / "warmup"
             marker = wdir / "warmup.done"
-            model = add_lora(load_model(cfg.model).to(self.rt.device), self._lora_options())
+            fresh, self._fresh = self._fresh, None
+            model = fresh if fresh is not None else add_lora(load_model(cfg.model).to(self.rt.device), self._lora_options())
             done = marker.exists() and json.loads(marker.read_text()).get("key") == self.key
             if done:  # resume: the adapter and moments of the finished warm-up, bit for bit
                 state = torch.load(wdir / "state.pt", map_location="cpu", weights_only=True)
@@ -192,6 +199,7 @@ class SelectionContext:
             self._executor.close()
         self._executor = None
         self._model = None
+        self._fresh = None
         self._adam = None
         self._emb = None
 
