@@ -165,3 +165,24 @@ def test_soft_capping_is_not_the_linear_shortcut():
         h = decoder_of(model)(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=False).last_hidden_state
         linear = ((h @ wbar) * b.target_mask).sum(1) / b.target_mask.sum(1)
     assert rel(linear, exact) > 0.05
+
+
+@pytest.mark.parametrize("name", ["gemma2", "cohere"])
+def test_diagnose_output_gradients_are_the_models_own_outputs(name):
+    """diagnose's ∇F_k(x), F_k = (1/T) Σ_t logit[t, k], for sampled outputs k: through the soft cap
+    (or the logit scale) exactly as the model computes its logits."""
+    from ntkselect.diagnose import _head_matrix, output_gradients
+
+    model = tiny_lora_model(name)
+    e = synthetic_examples()[1]
+    head = lm_head(model)
+    ks = torch.tensor([3, 17, 40])
+    W = _head_matrix(model)[0][ks]
+    got = output_gradients(model, e, W, _rt(batch_size=2), head=None if head.linear else head)
+    params = [p for _, p in lora_parameters(model)]
+    b = collate([e], [0], 0)
+    logits = _forward(model, b).logits[0]  # (T, V)
+    for s, k in enumerate(ks.tolist()):
+        f = (logits[:, k] * b.target_mask[0]).sum() / b.target_mask.sum()
+        want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(f, params, retain_graph=True)])
+        assert rel(got[s], want) < TOL, (name, k)
