@@ -91,3 +91,19 @@ def test_warmup_micro_batches_give_the_batch_gradient(model, examples, tokenizer
     assert out["split"][0] == pytest.approx(out["whole"][0], rel=1e-5)
     torch.testing.assert_close(out["split"][1], out["whole"][1], rtol=1e-4, atol=1e-6 * float(out["whole"][1].abs().max()))
     assert out["split"][2] == out["whole"][2] == sum(len(e.input_ids) for e in examples)
+
+
+def test_dry_run_reports_memory_by_stage_within_the_budget(tiny_model_dir, tmp_path):
+    import json
+
+    from ntkselect.config import SelectConfig
+    from ntkselect.plan import estimate
+
+    dom, pool = tmp_path / "d.jsonl", tmp_path / "p.jsonl"
+    dom.write_text("".join(json.dumps({"prompt": f"question {i} " * (1 + i), "response": f"answer {i}"}) + "\n" for i in range(6)))
+    pool.write_text("".join(json.dumps({"text": f"pool text {i} " * (1 + i % 7)}) + "\n" for i in range(20)))
+    plan = estimate(SelectConfig(domain=str(dom), pool=str(pool), n=3, out=str(tmp_path / "run"), model=tiny_model_dir, threads=1))
+    mem = plan["memory"]
+    assert set(mem["by_stage"]) == {"warm-up", "stage 1", "stage 2"}
+    assert mem["peak"] == max(mem["by_stage"].values())
+    assert 0 < mem["activations"] <= mem["budget"] and mem["process"] > 0

@@ -592,7 +592,8 @@ def diagnose(opts: DiagnoseOptions, log=print) -> dict:
                           lr=opts.lr, batch_size=opts.train_batch_size, seed=opts.seed)
     model = add_lora(load_model(opts.model).to(device), wopts)
     # every path below, on a tiny batch, before the fine-tuning: an unsupported model fails now, in one line
-    check_model(model, rt, train_ex, ("warmup", "diagnose"), proj_dim=opts.proj_dim, seed=opts.seed, jf_method=opts.jf_method, log=log)
+    rt.memory = check_model(model, rt, train_ex, ("warmup", "diagnose"), proj_dim=opts.proj_dim, seed=opts.seed, jf_method=opts.jf_method,
+                            log=log).memory  # and its batches are sized to the memory budget
     out = _prepare_out(opts)
     params = lora_parameters(model)
     d = int(_causal_lm(model).config.hidden_size)

@@ -331,9 +331,10 @@ def run_evaluation(cfg: EvalConfig, log=print) -> dict:
         raise NtkSelectError(f"--n {cfg.n} is larger than the usable pool ({len(inp.pool)} records); lower --n")
     _prepare(cfg, log, check_only=True)  # a refused --out fails before the model is loaded
     # the model through every path the methods and the fine-tune use, on a tiny batch: an unsupported one fails now
-    preflight_select(base_cfg, inp.dom_ex, tokenizer.pad_token_id, methods=methods, finetune=True, log=log)
+    checked = preflight_select(base_cfg, inp.dom_ex, tokenizer.pad_token_id, methods=methods, finetune=True, log=log)
     out = _prepare(cfg, log)  # only once every input has been read and checked
     rt = make_runtime(base_cfg, tokenizer)
+    rt.memory = checked.memory  # batches sized to the memory budget (ntkselect.memory)
     recipe = cfg.recipe()
     ft_cache: dict[str, list] = {}
 

@@ -227,7 +227,7 @@ def select(cfg: SelectConfig, log=print) -> SelectionResult:
     rt = make_runtime(cfg, inp.tokenizer)
     ctx = SelectionContext(cfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=str(out / "work"), key=digest(fp),
                            log_path=str(out / "shards.jsonl"))
-    ctx.adopt(checked.model if checked else None)
+    ctx.adopt(checked)
     ctx.store.log({"event": "start", "method": cfg.method, "executor": cfg.executor, "shard_size": cfg.shard_size,
                    "pool": len(inp.pool), "domain": len(inp.domain)})
     try:

@@ -32,6 +32,7 @@ from .errors import NtkSelectError
 from .grads import FusedLoraGradients, flatten_grads, lora_parameters
 from .heads import Head, head_notice, lm_head
 from .lm import decoder_of, summed_head, summed_logits
+from .memory import MemoryCosts, activation_budget, measure_costs, rss_bytes
 from .runtime import Runtime
 
 __all__ = ["Preflight", "check_model", "preflight_select", "probe_examples", "MODEL_METHODS"]
@@ -47,7 +48,13 @@ class Preflight:
     notice: str | None
     seconds: float
     paths: tuple[str, ...]
+    memory: MemoryCosts | None = None  # measured per-pass costs and the batch budget (ntkselect.memory)
+    rss: int = 0  # this process's resident memory after the checks, the model loaded (what a run holds before its stages)
     model: object = None  # the checked model, when the caller keeps it
+
+
+#: the measured kinds of pass (ntkselect.memory.KINDS) each path uses
+_PATH_KINDS = {"warmup": ("warmup",), "embed": ("forward",), "ntk": ("sum", "dot"), "less": ("less",), "diagnose": ("per_example",)}
 
 
 def probe_examples(examples: Sequence, lengths: tuple[int, ...] = (8, 5)) -> list:
@@ -140,9 +147,11 @@ def _check_gradients(model, batch, objective, head, name: str, what: str) -> Non
 
 
 def check_model(model, rt: Runtime, examples: Sequence, paths: Sequence[str], proj_dim: int = 0, seed: int = 0, fused_warmup: bool = True,
-                jf_method: str | None = None, log=print) -> Preflight:
+                jf_method: str | None = None, log=print, measure: bool = True) -> Preflight:
     """Run ``paths`` (a subset of "warmup", "embed", "ntk", "less", "loss", "diagnose") on a tiny
-    batch of ``examples``; raise a one-line :class:`NtkSelectError` on anything unsupported."""
+    batch of ``examples``; raise a one-line :class:`NtkSelectError` on anything unsupported.
+    With ``measure``, also measure the memory cost of each kind of pass the paths use and the
+    budget batches must keep to (``.memory``; give it to the run's :class:`Runtime`)."""
     t = time.perf_counter()
     name = _model_name(model)
     paths = tuple(dict.fromkeys(paths))
@@ -169,6 +178,12 @@ def check_model(model, rt: Runtime, examples: Sequence, paths: Sequence[str], pr
                 step = "the loss gradient check"
                 _check_gradients(model, batch, per_example_loss, None, name, "loss")
             _run_paths(model, q, probe, batch, paths, proj_dim, seed, fused_warmup, head)
+            memory = None
+            if measure:
+                step = "the memory measurement"
+                kinds = tuple(k for p in paths for k in _PATH_KINDS.get(p, ()))
+                memory = MemoryCosts(measure_costs(model, q, tuple(dict.fromkeys(kinds)), vocab=head.module.weight.shape[0]),
+                                     activation_budget(rt.device))
             step = "the checks"
     except NtkSelectError:
         raise
@@ -178,7 +193,7 @@ def check_model(model, rt: Runtime, examples: Sequence, paths: Sequence[str], pr
     notice = head_notice(head) if {"ntk", "diagnose"} & set(paths) else None
     if notice:
         log(notice)
-    return Preflight(head=head, notice=notice, seconds=time.perf_counter() - t, paths=paths)
+    return Preflight(head=head, notice=notice, seconds=time.perf_counter() - t, paths=paths, memory=memory, rss=rss_bytes())
 
 
 def _run_paths(model, q: Runtime, probe, batch, paths, proj_dim: int, seed: int, fused_warmup: bool, head: Head) -> None:

@@ -107,10 +107,13 @@ class SelectionContext:
     def has_model(self) -> bool:
         return self._model is not None
 
-    def adopt(self, model) -> None:
-        """Use ``model`` (the base model with this run's fresh adapter, as the preflight checked
-        it) instead of loading it again."""
-        self._fresh = model
+    def adopt(self, checked) -> None:
+        """Use the preflight's model (the base model with this run's fresh adapter) instead of
+        loading it again, and its measured memory costs for the batches (:mod:`ntkselect.memory`)."""
+        if checked is None:
+            return
+        self._fresh = checked.model
+        self.rt.memory = checked.memory
 
     def _lora_options(self) -> WarmupOptions:
         cfg = self.cfg
