@@ -169,7 +169,7 @@ class SelectionContext:
                 spec = {"model": self.cfg.model, "lora": dataclasses.asdict(self._lora_options()),
                         "adapter_state": {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()},
                         "dtype": str(rt.dtype).replace("torch.", ""), "batch_size": rt.batch_size, "max_batch_tokens": rt.max_batch_tokens,
-                        "padding_side": rt.padding_side, "pad_id": rt.pad_id}
+                        "padding_side": rt.padding_side, "pad_id": rt.pad_id, "memory": rt.memory, "device_type": rt.device.type}
                 self._executor = RayExecutor(spec, self.cfg.ray_address or None, self.cfg.ray_workers, log=self.log)
             else:
                 self._executor = LocalExecutor(self.model, self.rt)
