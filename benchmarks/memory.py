@@ -1,6 +1,7 @@
 """Peak resident memory of each stage of a selection, next to the ``--dry-run`` estimate.
 
-For each setting (the default flags, and a 4x larger token budget, ``--max-batch-tokens 32768``)
+For each setting (the default flags, and a 4x larger token budget: ``--max-batch-tokens 32768
+--batch-size 64``, since 16 examples of at most 512 tokens already cap a batch at 8,192 tokens)
 it runs, each in a fresh process:
 
 1. the dry run's estimate (:func:`ntkselect.plan.estimate`): the predicted peak and the
@@ -17,7 +18,7 @@ It prints a table per setting (measured, estimated, error) and, last, one JSON l
     # any data and model, e.g. the tiny test model:
     python benchmarks/memory.py --domain d.jsonl --pool p.jsonl --n 8 --model /path/to/model
     # more settings: extra flags per setting, separated by ';'
-    python benchmarks/memory.py --settings "; --max-batch-tokens 32768; --proj-dim 8192"
+    python benchmarks/memory.py --settings "; --max-batch-tokens 32768 --batch-size 64; --proj-dim 8192"
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def main() -> int:
     ap.add_argument("--pool", help="pool JSONL (default: the demo's)")
     ap.add_argument("--n", type=int, default=100, help="N (the demo: 100)")
     ap.add_argument("--model", default="default")
-    ap.add_argument("--settings", default="; --max-batch-tokens 32768", help="';'-separated extra select flags, one group per setting")
+    ap.add_argument("--settings", default="; --max-batch-tokens 32768 --batch-size 64",
+                    help="';'-separated extra select flags, one group per setting")
     ap.add_argument("--extra", default="", help="select flags added to every setting (e.g. '--threads 2')")
     ap.add_argument("--timeout", type=int, default=6 * 3600)
     args = ap.parse_args()
