@@ -23,6 +23,7 @@ dry run predicts it from the same numbers (times the allocator's share, ``ALLOCA
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -260,6 +261,7 @@ def measure_costs(model, rt, kinds=tuple(KINDS), vocab: int = 0, lengths: tuple[
     from .batching import collate
     from .data import TokenizedExample
     from .grads import FusedLoraGradients, lora_parameters
+    from .heads import Head
     from .lm import summed_head, summed_logits
     from .stage1 import _embed_batch, _fused
     from .stage2 import _backward_attention
@@ -294,7 +296,9 @@ def measure_costs(model, rt, kinds=tuple(KINDS), vocab: int = 0, lengths: tuple[
                 return trained_token_loss(m, b).reshape(1)
         else:
             objective = summed_logits
-        with _backward_attention(model, rt), FusedLoraGradients(model) as hooks, tracker:
+        # stage 2 and LESS take gradients under _backward_attention; the warm-up does not
+        attention = contextlib.nullcontext() if kind == "warmup" else _backward_attention(model, rt)
+        with attention, FusedLoraGradients(model) as hooks, tracker:
             hooks.set_mask(batch.attention_mask)
             hooks.stream(mode, vec if mode == "dot" else None)
             with rt.autocast():
@@ -314,7 +318,9 @@ def measure_costs(model, rt, kinds=tuple(KINDS), vocab: int = 0, lengths: tuple[
     for kind in dict.fromkeys(derived.get(k, k) for k in kinds):
         peaks = [peak(kind, b) for _, _, b in single]
         L, n, _ = single[-1]
-        c = max(0.0, (peak(kind, full[2]) - peaks[-1]) / max(1, full[1] - n))
+        c = 0.0
+        if kind in _LOSS_KINDS or (kind != "forward" and isinstance(head, Head)):  # logits of a loss, or a soft-capped head's chunks
+            c = max(0.0, (peak(kind, full[2]) - peaks[-1]) / max(1, full[1] - n))
         k, a2, b2 = _fit([L for L, _, _ in single], [m - c * n for (_, n, _), m in zip(single, peaks)])
         out[kind] = PassCost(a=a2 / 2, b=b2 / 2, c=c, k=max(0.0, k))  # the probes hold two examples
     for kind, base in derived.items():
