@@ -182,8 +182,8 @@ def check_model(model, rt: Runtime, examples: Sequence, paths: Sequence[str], pr
             if measure:
                 step = "the memory measurement"
                 kinds = tuple(k for p in paths for k in _PATH_KINDS.get(p, ()))
-                memory = MemoryCosts(measure_costs(model, q, tuple(dict.fromkeys(kinds)), vocab=head.module.weight.shape[0]),
-                                     activation_budget(rt.device))
+                memory = MemoryCosts(measure_costs(model, q, tuple(dict.fromkeys(kinds)), vocab=head.module.weight.shape[0],
+                                                   lengths=_probe_lengths(model)), activation_budget(rt.device))
             step = "the checks"
     except NtkSelectError:
         raise
@@ -194,6 +194,13 @@ def check_model(model, rt: Runtime, examples: Sequence, paths: Sequence[str], pr
     if notice:
         log(notice)
     return Preflight(head=head, notice=notice, seconds=time.perf_counter() - t, paths=paths, memory=memory, rss=rss_bytes())
+
+
+def _probe_lengths(model) -> tuple[int, int, int]:
+    """Shorter memory probes for larger models, so the measurement stays a few seconds on a CPU."""
+    n = sum(p.numel() for p in model.parameters())
+    top = 64 if n < 3e8 else 32 if n < 3e9 else 16
+    return top // 4, top // 2, top
 
 
 def _run_paths(model, q: Runtime, probe, batch, paths, proj_dim: int, seed: int, fused_warmup: bool, head: Head) -> None:
