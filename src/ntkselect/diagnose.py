@@ -47,10 +47,10 @@ from .batching import collate, make_batches
 from .data import Record, TokenizedExample, load_records, prompt_response, record_text, tokenize_record, tokenize_records
 from .errors import NtkSelectError
 from .grads import flatten_grads, gradient_hooks, lora_parameters
-from .io import atomic_replace_dir, atomic_write_json
-from .preflight import check_model
 from .heads import lm_head
+from .io import atomic_replace_dir, atomic_write_json
 from .lm import _causal_lm, final_hidden
+from .preflight import check_model
 from .progress import Progress
 from .projection import RademacherProjector
 from .runtime import Runtime, resolve_device, resolve_precision

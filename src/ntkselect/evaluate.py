@@ -43,8 +43,8 @@ from .evaluation import evaluate_mc, heldout_loss, is_mc_record, mc_items
 from .finetune import FinetuneRecipe, finetune
 from .io import atomic_open, atomic_write_json, sha256_path
 from .model import load_model
-from .preflight import preflight_select
 from .pipeline import _group, load_inputs, make_runtime, package_versions, write_selection
+from .preflight import preflight_select
 from .selectors import SELECTORS, SelectionContext, get_selector
 from .stats import bootstrap_indices, gap_closed, paired_bootstrap, paired_sign_flip_test
 
