@@ -289,9 +289,10 @@ def estimate(cfg: SelectConfig) -> dict:
             act["less"] = worst("less", less_b)
 
     # -- memory -------------------------------------------------------------------------
-    # resident memory: this process before the model was loaded (Python, torch, the tokenizer, the
-    # data), the weights, the LoRA and AdamW state, the largest batch's activations (measured per
-    # token by the preflight, times the allocator's share) and the projection buffers
+    # resident memory: this process (Python, torch, the tokenizer, the data; with a model, as the
+    # preflight left it, less the weights), the weights, the LoRA and AdamW state, the largest
+    # batch's activations (measured per token by the preflight, times the allocator's share) and the
+    # projection buffers
     factor = overhead(device) if uses_model else 1.0
     memory = {"process": process_bytes, "weights": 0, "lora_and_optimizer": 0, "activations": int(factor * max(act.values(), default=0.0)),
               "projection": 0}
@@ -348,7 +349,7 @@ def estimate(cfg: SelectConfig) -> dict:
             "time: FLOPs ~ 2 x parameters x padded tokens forward, x 3 for forward + backward, at the rate of one timed matmul; "
             "a rough lower bound: a small model runs well below the matmul rate (on a CPU, expect 2-4 times longer)",
             "stage 2 scores M candidates of the pool's mean length (which M is known only after stage 1)",
-            "memory: this process's resident memory before the model was loaded, the float32 weights, the LoRA and AdamW state, and the "
+            "memory: this process's resident memory after the preflight (less the weights), the float32 weights, the LoRA and AdamW state, and the "
             "largest batch's activations, from the per-token costs the preflight measured on tiny batches (ntkselect.memory) times "
             "the allocator's share; batches of stages 1 and 2, LESS and warm-up micro-batches are sized to the memory budget",
         ],
