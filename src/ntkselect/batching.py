@@ -9,7 +9,7 @@ depend on how examples were grouped.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -34,21 +34,28 @@ class Batch:
         )
 
 
-def make_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None, sort: bool = True) -> list[list[int]]:
+def make_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None, sort: bool = True,
+                 fits: Callable[[int, int, int], bool] | None = None, trained: Sequence[int] | None = None) -> list[list[int]]:
     """Group example indices into batches of at most ``batch_size`` examples and
     ``max_tokens`` padded tokens (B * longest). Sorted longest first, so a batch that does not
-    fit in memory shows up at the start of a run rather than hours in; ties keep input order."""
+    fit in memory shows up at the start of a run rather than hours in; ties keep input order.
+
+    ``fits(B, L, N)``, when given, must also hold for every batch of two or more examples
+    (B examples, longest L, N trained tokens from ``trained``): the memory budget
+    (:mod:`ntkselect.memory`)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)) if sort else list(range(len(lengths)))
     batches: list[list[int]] = []
     cur: list[int] = []
-    cur_max = 0
+    cur_max = cur_trained = 0
     for i in order:
         new_max = max(cur_max, lengths[i])
-        if cur and (len(cur) >= batch_size or (max_tokens is not None and new_max * (len(cur) + 1) > max_tokens)):
+        new_trained = cur_trained + (trained[i] if trained is not None else 0)
+        if cur and (len(cur) >= batch_size or (max_tokens is not None and new_max * (len(cur) + 1) > max_tokens)
+                    or (fits is not None and not fits(len(cur) + 1, new_max, new_trained))):
             batches.append(cur)
-            cur, new_max = [], lengths[i]
+            cur, new_max, new_trained = [], lengths[i], (trained[i] if trained is not None else 0)
         cur.append(i)
-        cur_max = new_max
+        cur_max, cur_trained = new_max, new_trained
     if cur:
         batches.append(cur)
     return batches

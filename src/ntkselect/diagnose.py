@@ -49,8 +49,10 @@ from .config import check_limits, check_types
 from .data import Record, TokenizedExample, load_records, prompt_response, record_text, tokenize_record, tokenize_records
 from .errors import NtkSelectError
 from .grads import flatten_grads, gradient_hooks, lora_parameters
+from .heads import lm_head
 from .io import atomic_replace_dir, atomic_write_json
-from .lm import _causal_lm, final_hidden, summed_head
+from .lm import _causal_lm, final_hidden
+from .preflight import check_model
 from .progress import Progress
 from .projection import RademacherProjector
 from .runfolder import DIAGNOSE, Run, check_paths, open_run
@@ -306,7 +308,8 @@ def letter_accuracy(model, mc: MultipleChoice, rt: Runtime) -> tuple[float, np.n
     """The model's accuracy (and its (n,) predictions): the letter whose logit is highest at the
     position after the prompt."""
     model.eval()
-    head = _causal_lm(model).get_output_embeddings()
+    spec = lm_head(model)
+    head = spec.module
     w = head.weight.detach()[mc.letter_ids].float()  # (4, d)
     b = head.bias.detach()[mc.letter_ids].float() if head.bias is not None else torch.zeros(len(mc.letter_ids))
     pred = np.zeros(len(mc.examples), dtype=np.int64)
@@ -315,19 +318,22 @@ def letter_accuracy(model, mc: MultipleChoice, rt: Runtime) -> tuple[float, np.n
         with rt.autocast():
             h = final_hidden(model, batch)  # (B, L, d)
         pos = batch.target_mask.bool()  # (B, L): one position per example
-        logits = h[pos].float() @ w.to(h.device).T + b.to(h.device)  # (B, 4)
+        logits = spec.post(h[pos].float() @ w.to(h.device).T + b.to(h.device))  # (B, 4) the model's own logits
         pred[batch.index.numpy()] = logits.argmax(-1).cpu().numpy()
     return float((pred == mc.labels).mean()) if len(pred) else float("nan"), pred
 
 
 # -- gradients of individual outputs --------------------------------------------------------
 
-def output_gradients(model, example: TokenizedExample, cotangents: torch.Tensor, rt: Runtime) -> torch.Tensor:
+def output_gradients(model, example: TokenizedExample, cotangents: torch.Tensor, rt: Runtime, head=None,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """(S, P) float32: row s is ∇_LoRA (1/T) Σ_t h_t · c_s over the example's trained positions.
 
     With c_s = w_k (row k of the LM head, times any logit scale) this is ∇F_k(x); with c = e_j it
-    is row j of H(x). The example is repeated once per cotangent in a batch, and the per-example
-    gradient factors of the LoRA hooks give every row from one backward pass."""
+    is row j of H(x). For a soft-capped head pass ``head`` (a :class:`~ntkselect.heads.Head`),
+    the raw rows w_k and their ``bias`` b_k: row s is then ∇ (1/T) Σ_t post(h_t · w_k + b_k),
+    the model's own output k. The example is repeated once per cotangent in a batch, and the
+    per-example gradient factors of the LoRA hooks give every row from one backward pass."""
     from .stage2 import _backward_attention
 
     names = [n for n, _ in lora_parameters(model)]
@@ -346,6 +352,10 @@ def output_gradients(model, example: TokenizedExample, cotangents: torch.Tensor,
             with rt.autocast():
                 h = final_hidden(model, batch)  # (B, L, d)
             s = torch.einsum("bld,bd->bl", h.float(), C)  # (B, L)
+            if head is not None:  # the model's own (soft-capped) output k
+                if bias is not None:
+                    s = s + bias[start : start + len(C)].to(s.device, torch.float32)[:, None]
+                s = head.post(s)
             m = batch.target_mask  # (B, L)
             f = (s * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B,)
             f.sum().backward()  # copies do not interact: each copy's gradient is its own row
@@ -356,11 +366,12 @@ def output_gradients(model, example: TokenizedExample, cotangents: torch.Tensor,
 
 
 def _head_matrix(model) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W (V, d) float32 with any logit scale applied, w̄ = Σ_k w_k (d,))."""
-    summed_head(model)  # the same checks as stage 2 (linear, frozen, no soft-capping)
-    lm = _causal_lm(model)
-    scale = float(getattr(lm.config, "logit_scale", None) or 1.0)
-    W = lm.get_output_embeddings().weight.detach().float().cpu() * scale
+    """(W (V, d) float32 with any logit scale applied, w̄ = Σ_k w_k (d,)); for a soft-capped head
+    the raw rows (the scale is part of its post-processing)."""
+    head = lm_head(model).frozen()  # the same checks as stage 2 (linear, frozen)
+    W = head.module.weight.detach().float().cpu()
+    if head.linear:
+        W = W * head.factor()
     return W, W.sum(0)
 
 
@@ -381,7 +392,12 @@ def output_kernel_check(model, examples: Sequence[TokenizedExample], rt: Runtime
 
     W, wbar = _head_matrix(model)  # (V, d), (d,)
     V, d = W.shape
-    method = ("exact" if d <= outputs else "sampled") if method == "auto" else method
+    head = lm_head(model)
+    method = ("exact" if d <= outputs and head.linear else "sampled") if method == "auto" else method
+    if method == "exact" and not head.linear:  # the exact route needs logit_k = h·w_k (the preflight says so first)
+        raise NtkSelectError(f"--jf-method exact needs a linear LM head, but {head.model_name} soft-caps its logits; use --jf-method sampled (or auto)")
+    capped = None if head.linear else head
+    bias = head.module.bias.detach().float().cpu() if capped is not None and head.module.bias is not None else None
     n = len(examples)
     g = per_example_gradients(model, examples, rt).double()  # (n, P) Jacobian-free gradients
     P = g.shape[1]
@@ -416,9 +432,10 @@ def output_kernel_check(model, examples: Sequence[TokenizedExample], rt: Runtime
         S = min(outputs, V)
         ks = np.sort(rng.choice(V, size=S, replace=False))
         Wk = W[torch.from_numpy(ks)]  # (S, d)
+        bk = bias[torch.from_numpy(ks)] if bias is not None else None
         R = []
         for ex in examples:
-            R.append(output_gradients(model, ex, Wk, rt).double())  # (S, P)
+            R.append(output_gradients(model, ex, Wk, rt, head=capped, bias=bk).double())  # (S, P)
             prog.update(1, len(ex.input_ids) * S)
         trace = np.zeros((n, n))
         trace_se = np.zeros((n, n))
@@ -497,13 +514,15 @@ def _check_memory(opts: DiagnoseOptions, n_lora: int, tokenizer) -> None:
                              "lower --jf-examples or --jf-outputs, use --jf-method sampled, or a smaller --lora-r")
 
 
-def _prepare_out(opts: DiagnoseOptions, stack: contextlib.ExitStack, log=print) -> Run:
+def _prepare_out(opts: DiagnoseOptions, stack: contextlib.ExitStack, log=print, before_write=None) -> Run:
     """Lock --out and decide where the diagnostics go (runfolder.py): finished diagnostics are
     refused without --overwrite, and with it the new ones are written aside and swapped in once
     they are complete; the leftovers of an unfinished run (ntkselect's own) are cleared."""
     run = stack.enter_context(open_run(opts.out, DIAGNOSE, _diagnose_inputs(opts), log=log))
     if run.state == "finished" and not opts.overwrite:
         raise NtkSelectError(f"{run.out} already holds diagnostics (diagnostics.json); pass --overwrite to replace them or choose another --out")
+    if before_write is not None:
+        before_write()  # the preflight: after every refusal of --out, before anything is written to it
     if run.state == "finished":
         run.stage()
     else:
@@ -600,15 +619,23 @@ def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
     timings["load"] = time.perf_counter() - t
     n_lora = check_model_options(opts.model, opts.target_modules(), opts.lora_r, tokenizer=tokenizer)
     _check_memory(opts, n_lora, tokenizer)
-    run = _prepare_out(opts, stack, log)  # the inputs and options are checked: only now is --out touched
-    out = run.dir
 
     device = resolve_device(opts.device)
     rt = Runtime(device=device, dtype=resolve_precision(opts.precision, device), batch_size=opts.batch_size,
                  max_batch_tokens=opts.max_batch_tokens, pad_id=tokenizer.pad_token_id)
     wopts = WarmupOptions(r=opts.lora_r, alpha=opts.lora_alpha, dropout=0.0, target_modules=opts.target_modules(), epochs=opts.epochs,
                           lr=opts.lr, batch_size=opts.train_batch_size, seed=opts.seed)
-    model = add_lora(load_model(opts.model).to(device), wopts)
+    loaded = []
+
+    def load_and_check() -> None:
+        model = add_lora(load_model(opts.model).to(device), wopts)
+        # every path below, on a tiny batch, before the fine-tuning: an unsupported model fails now, in one line
+        rt.memory = check_model(model, rt, train_ex, ("warmup", "diagnose"), proj_dim=opts.proj_dim, seed=opts.seed, jf_method=opts.jf_method,
+                                log=log).memory  # and its batches are sized to the memory budget
+        loaded.append(model)
+
+    run = _prepare_out(opts, stack, log, before_write=load_and_check)  # inputs, options, --out and the model are checked: only now is --out written
+    model, out = loaded[0], run.dir
     params = lora_parameters(model)
     d = int(_causal_lm(model).config.hidden_size)
 

@@ -46,6 +46,7 @@ from .leak import TestQuestions
 from .model import check_model_options, load_model, load_tokenizer
 from .pipeline import _group, load_inputs, make_runtime, package_versions, write_selection
 from .runfolder import EVALUATE, Run, check_paths, open_run
+from .preflight import preflight_select
 from .selectors import SELECTORS, SelectionContext, get_selector
 from .stats import bootstrap_indices, gap_closed, paired_bootstrap, paired_sign_flip_test
 
@@ -220,7 +221,7 @@ def _input_fields(cfg: EvalConfig) -> tuple[str, ...]:
     return ("domain_train", "domain_test", "pool") + (("domain_extra",) if cfg.domain_extra else ())
 
 
-def _prepare(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> Run:
+def _prepare(cfg: EvalConfig, log, stack: contextlib.ExitStack, before_write=None) -> Run:
     """Lock --out and decide where this evaluation writes (runfolder.py): a rerun with the same
     configuration resumes in place, another one is refused; --overwrite writes the new evaluation
     aside and swaps it in only once it has finished. Only ntkselect's own entries are replaced."""
@@ -235,6 +236,9 @@ def _prepare(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> Run:
             changed += [f"{k} (contents)" for k in fp["inputs"] if old.get("fingerprint", {}).get("inputs", {}).get(k) != fp["inputs"][k]]
             raise NtkSelectError(f"{out} holds an evaluation with a different configuration ({', '.join(changed) or 'format'}); "
                                  "pass --overwrite to start over or choose another --out")
+    if before_write is not None:
+        before_write()  # e.g. the preflight: after every refusal of --out, before anything is written to it
+    if run.state != "new" and not cfg.overwrite:
         wdir = run.in_place(clear=False)
     elif run.state != "new":
         wdir = run.stage(reuse=lambda old: old.get("fingerprint") == fp)
@@ -355,9 +359,14 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
         inp.excluded["test_questions"] = dropped
     if cfg.n > len(inp.pool):
         raise NtkSelectError(f"--n {cfg.n} is larger than the usable pool ({len(inp.pool)} records); lower --n")
-    run = _prepare(cfg, log, stack)  # the inputs are checked: only now is --out touched
+    # the model through every path the methods and the fine-tune use, on a tiny batch: an unsupported one fails now
+    preflight = []
+    run = _prepare(cfg, log, stack, before_write=lambda: preflight.append(
+        preflight_select(base_cfg, inp.dom_ex, tokenizer.pad_token_id, methods=methods, finetune=True, log=log)))
+    checked = preflight[0]  # the inputs and the model are checked: only now is --out written
     out = run.dir
     rt = make_runtime(base_cfg, tokenizer)
+    rt.memory = checked.memory  # batches sized to the memory budget (ntkselect.memory)
     recipe = cfg.recipe()
     ft_cache: dict[str, list] = {}
 

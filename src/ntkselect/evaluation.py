@@ -25,7 +25,7 @@ import torch
 from .batching import iter_batches, make_batches
 from .data import Record, _ids, _render, _where, prompt_response, resolve_template
 from .errors import NtkSelectError
-from .lm import _causal_lm, decoder_of
+from .lm import decoder_of, trained_logits
 from .progress import Progress
 from .runtime import Runtime
 
@@ -143,7 +143,7 @@ def _forward_positions(model, seqs: list[list[int]], positions: list[list[int]],
     rows = torch.tensor([b for b, p in enumerate(positions) for _ in p], device=h.device)
     cols = torch.tensor([t for p in positions for t in p], device=h.device)
     with rt.autocast():
-        logits = _causal_lm(model).get_output_embeddings()(h[rows, cols])  # (N, V)
+        logits = trained_logits(model, h[rows, cols])  # (N, V) the model's own logits (soft-capping, scaling included)
     logp = torch.log_softmax(logits.float(), dim=-1)
     return list(logp.split([len(p) for p in positions]))
 

@@ -34,9 +34,28 @@ def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def _as_btd(t: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:
+    """A layer's input or output gradient as (B, T, d): some models (OPT, Qwen2-MoE's shared
+    expert) flatten the batch to (B·T, d) before a linear layer. A layer that sees another
+    number of rows (an MoE expert sees only the tokens routed to it) cannot give per-example
+    gradients from its factors."""
+    if mask is None:
+        if t.dim() == 3:
+            return t
+        raise NtkSelectError(f"{name}: a 2-D layer input needs the batch's mask: call set_mask() before the forward pass")
+    B, T = mask.shape[0], mask.shape[1]
+    if t.dim() == 3 and t.shape[0] == B and t.shape[1] == T:
+        return t
+    if t.dim() == 2 and t.shape[0] == B * T:
+        return t.reshape(B, T, t.shape[1])
+    raise NtkSelectError(f"{name}: the layer sees inputs of shape {tuple(t.shape)} for a batch of {B} x {T} tokens (an MoE expert sees only "
+                         "the tokens routed to it); per-example gradients need layers that see every token: leave it out of --lora-target-modules")
+
+
 @dataclass
 class _Site:
     module: nn.Linear
+    name: str = ""
     params: list[tuple[str, str]] = field(default_factory=list)  # (param name, "weight"|"bias")
     inputs: list[torch.Tensor] = field(default_factory=list)  # each (B, T, d_in)
     grads: list[torch.Tensor | None] = field(default_factory=list)  # each (B, T, d_out)
@@ -67,7 +86,7 @@ class LoraGradientHooks:
                     f"trainable parameter {name} is not a weight or bias of a linear LoRA layer; "
                     "only plain LoRA on linear layers is supported (no DoRA, embedding or conv adapters)"
                 )
-            self.sites.setdefault(mod_name, _Site(module)).params.append((name, attr))
+            self.sites.setdefault(mod_name, _Site(module, mod_name)).params.append((name, attr))
         self._handles: list = []
         self._mask: torch.Tensor | None = None
 
@@ -116,7 +135,7 @@ class LoraGradientHooks:
         for x, g in zip(site.inputs, site.grads):
             if g is None:  # the output did not reach the objective
                 continue
-            x, g = x.float(), g.float()
+            x, g = _as_btd(x, self._mask, site.name).float(), _as_btd(g, self._mask, site.name).float()
             if self._mask is not None:
                 x = x.masked_fill(~self._mask, 0.0)
                 g = g.masked_fill(~self._mask, 0.0)
@@ -158,6 +177,7 @@ class LoraGradientHooks:
             for x, g in zip(site.inputs, site.grads):
                 if g is None:
                     continue
+                x, g = _as_btd(x, self._mask, site.name), _as_btd(g, self._mask, site.name)
                 for name, attr in site.params:
                     v = vec[name].float()
                     if attr == "bias":
@@ -198,22 +218,56 @@ class _FusedLoraLinear(torch.autograd.Function):
     One matmul per layer instead of peft's three plus the elementwise scale and add, and the
     backward computes only the input gradient (the LoRA parameters' own gradients come from
     the hooks' factors). W + sBA is formed in float32 and recomputed in the backward pass
-    instead of being kept, so memory stays that of the frozen model."""
+    instead of being kept, so memory stays that of the frozen model. ``transposed``: the base
+    weight is stored (in, out), as in GPT-2's ``Conv1D``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scale):
+    def forward(ctx, x, weight, bias, A, B, scale, transposed=False):
         ctx.save_for_backward(weight, A, B)
-        ctx.scale = scale
-        w = (weight.float() + scale * (B.float() @ A.float())).to(weight.dtype)
-        return nn.functional.linear(x, w, bias)
+        ctx.scale, ctx.transposed = scale, transposed
+        return nn.functional.linear(x, _FusedLoraLinear._merged(weight, A, B, scale, transposed), bias)
+
+    @staticmethod
+    def _merged(weight, A, B, scale, transposed):
+        w = weight.T if transposed else weight
+        return (w.float() + scale * (B.float() @ A.float())).to(weight.dtype)
 
     @staticmethod
     def backward(ctx, g):  # runs outside autocast: match g's dtype explicitly
         weight, A, B = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
-        w = (weight.float() + ctx.scale * (B.float() @ A.float())).to(weight.dtype)
-        return g @ w.to(g.dtype), None, None, None, None, None
+            return None, None, None, None, None, None, None
+        w = _FusedLoraLinear._merged(weight, A, B, ctx.scale, ctx.transposed)
+        return g @ w.to(g.dtype), None, None, None, None, None, None
+
+
+def _base_kind(base: nn.Module) -> str | None:
+    """"linear" (nn.Linear and subclasses such as Falcon's), "conv1d" (GPT-2's transposed
+    linear layer), or None for a layer the fused path cannot run."""
+    if isinstance(base, nn.Linear):
+        return "linear"
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return "conv1d" if isinstance(base, Conv1D) else None
+
+
+def _unsupported_layer(mod_name: str, module: nn.Module, adapter: str) -> str | None:
+    """Why the fused path cannot run this LoRA layer, or None."""
+    kind = type(module).__name__
+    if kind == "ParamWrapper" or not hasattr(module, "get_base_layer"):
+        return (f"{mod_name}: LoRA on a parameter tensor (peft target_parameters: MoE experts or routers) is not supported; "
+                "per-example gradients need LoRA on linear layers that see every token: leave the experts and routers out of --lora-target-modules")
+    if getattr(module, "lora_variant", {}).get(adapter) is not None or getattr(module, "use_dora", {}).get(adapter):
+        return f"{mod_name}: only plain LoRA is supported (no DoRA or other variants)"
+    base = module.get_base_layer()
+    if _base_kind(base) is None:
+        return (f"{mod_name}: LoRA on {type(base).__name__} layers is not supported (only on linear and Conv1D layers); "
+                "leave it out of --lora-target-modules")
+    if module.lora_B[adapter].bias is not None:
+        return f"{mod_name}: LoRA with a bias on B is not supported by the fused path"
+    return None
 
 
 class FusedLoraGradients(LoraGradientHooks):
@@ -228,7 +282,9 @@ class FusedLoraGradients(LoraGradientHooks):
 
     so both per-example gradients and their inner products with a fixed vector need only
     rank-r products of x and g. Dropout is not applied (g is the deterministic network's
-    gradient), and only plain LoRA (no DoRA or other variants) is supported."""
+    gradient), and only plain LoRA (no DoRA or other variants) on linear or Conv1D layers is
+    supported. A layer that flattens the batch to (B·T, d) is handled (x and g are viewed
+    as (B, T, d) with the mask's shape)."""
 
     def __init__(self, model: nn.Module):
         from peft.tuners.lora import LoraLayer
@@ -244,18 +300,18 @@ class FusedLoraGradients(LoraGradientHooks):
             if not isinstance(module, LoraLayer):
                 continue
             for adapter in module.active_adapters:
-                if adapter not in module.lora_A:
+                if adapter not in module.lora_A and adapter not in getattr(module, "lora_embedding_A", {}):
                     continue
-                if getattr(module, "lora_variant", {}).get(adapter) is not None or not isinstance(module.get_base_layer(), nn.Linear):
-                    raise NtkSelectError(f"{mod_name}: only plain LoRA on linear layers is supported (no DoRA or other variants)")
+                why = _unsupported_layer(mod_name, module, adapter)
+                if why:
+                    raise NtkSelectError(why)
                 a, b = f"{mod_name}.lora_A.{adapter}.weight", f"{mod_name}.lora_B.{adapter}.weight"
-                if module.lora_B[adapter].bias is not None:
-                    raise NtkSelectError(f"{mod_name}: LoRA with a bias on B is not supported by the fused path")
                 self.layers.append((module, adapter, a, b))
                 covered |= {a, b}
         if covered != wanted:
             extra = sorted(wanted - covered)[:1] or sorted(covered - wanted)[:1]
-            raise NtkSelectError(f"trainable parameter {extra[0]} is not a plain LoRA A/B matrix; only plain LoRA on linear layers is supported")
+            raise NtkSelectError(f"trainable parameter {extra[0]} is not a plain LoRA A/B matrix of a linear layer; only plain LoRA on linear "
+                                 "(or Conv1D) layers is supported: leave other modules out of --lora-target-modules and keep the rest frozen")
         self._handles = []
         self._saved: dict[int, tuple] = {}
         self._mask = None
@@ -284,9 +340,10 @@ class FusedLoraGradients(LoraGradientHooks):
     def _fused_forward(module, adapter):
         base = module.get_base_layer()
         A, B, s = module.lora_A[adapter].weight, module.lora_B[adapter].weight, float(module.scaling[adapter])
+        transposed = _base_kind(base) == "conv1d"
 
         def forward(x, *args, **kwargs):
-            return _FusedLoraLinear.apply(x, base.weight, base.bias, A, B, s)
+            return _FusedLoraLinear.apply(x, base.weight, base.bias, A, B, s, transposed)
 
         return forward
 
@@ -359,6 +416,10 @@ class FusedLoraGradients(LoraGradientHooks):
         B = module.lora_B[adapter].weight.detach().float()  # (d_out, r)
         s = float(module.scaling[adapter])
         mask = self._mask  # (B, T, 1) bool
+        name = na.rsplit(".lora_A.", 1)[0]
+        g = _as_btd(g, mask, name)  # (B, T, d_out), also where the model flattened the batch
+        x = _as_btd(x, mask, name) if x is not None else None
+        right = _as_btd(right, mask, name) if right is not None else None
         if mode == "dot":
             # ⟨V, g_b⟩ = s Σ_t [(Bᵀ g_t)·(V_A x_t) + (V_Bᵀ g_t)·(A x_t)]
             left = self._mm(g, torch.cat([B, vec[nb].float()], dim=1))  # (B, T, 2r)

@@ -2,7 +2,8 @@
 
 Stages 1 and 2 never compute the vocabulary-sized logits: stage 1 needs only the final
 hidden states, and stage 2 needs Σ_k logit[t,k] = h_t · Σ_k w_k (+ Σ_k b_k), a dot product
-with one d-vector.
+with one d-vector (for a soft-capped head, the sum runs through the head in vocabulary
+chunks: :mod:`ntkselect.heads`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import torch
 from torch import nn
 
 from .errors import NtkSelectError
+from .heads import Head, capped_sums, lm_head
 
-__all__ = ["decoder_of", "summed_head", "final_hidden", "summed_logits"]
+__all__ = ["decoder_of", "summed_head", "final_hidden", "summed_logits", "trained_logits"]
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -30,21 +32,13 @@ def decoder_of(model: nn.Module) -> nn.Module:
     return dec
 
 
-def summed_head(model: nn.Module) -> tuple[torch.Tensor, float]:
-    """(w̄, b̄): Σ_k w_k (d,) float32 and Σ_k b_k, so that Σ_k logit[t,k] = h_t·w̄ + b̄."""
-    lm = _causal_lm(model)
-    cfg = getattr(lm, "config", None)
-    if getattr(cfg, "final_logit_softcapping", None):
-        raise NtkSelectError(f"{type(lm).__name__} soft-caps its logits, so Σ_k logit_k is not linear in the hidden state; the Jacobian-free kernel needs a linear LM head")
-    head = lm.get_output_embeddings()
-    if not isinstance(head, nn.Linear):
-        raise NtkSelectError(f"the LM head of {type(lm).__name__} is {type(head).__name__}, not a linear layer; the Jacobian-free kernel needs a linear LM head")
-    if head.weight.requires_grad:
-        raise NtkSelectError("the LM head is trainable (adapted by LoRA?); exclude lm_head from --lora-target-modules")
-    scale = float(getattr(cfg, "logit_scale", None) or 1.0)
-    wbar = head.weight.detach().float().sum(0) * scale  # (d,)
-    bbar = float(head.bias.detach().float().sum()) * scale if head.bias is not None else 0.0
-    return wbar, bbar
+def summed_head(model: nn.Module):
+    """What :func:`summed_logits` needs of the LM head: (w̄, b̄) with Σ_k logit[t,k] = h_t·w̄ + b̄
+    (w̄ = Σ_k w_k (d,) float32, times any logit scale) for a linear head, or the
+    :class:`~ntkselect.heads.Head` itself when the model soft-caps its logits (the sum then
+    runs through the head in vocabulary chunks)."""
+    head = lm_head(model).frozen()
+    return head.summed() if head.linear else head
 
 
 def final_hidden(model: nn.Module, batch) -> torch.Tensor:
@@ -55,8 +49,20 @@ def final_hidden(model: nn.Module, batch) -> torch.Tensor:
 
 def summed_logits(model: nn.Module, batch, head: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """(B,) f(x_b) = (1/T_b) Σ_t Σ_k logit[t,k] over the positions that predict trained tokens."""
-    wbar, bbar = head if head is not None else summed_head(model)
+    head = head if head is not None else summed_head(model)
     h = final_hidden(model, batch)  # (B, L, d)
-    s = h.float() @ wbar.to(h.device) + bbar  # (B, L) float32
     m = batch.target_mask  # (B, L)
+    if isinstance(head, Head):  # soft-capped: exactly, through the head, at the trained positions only
+        pos = m.bool()
+        rows = pos.nonzero()[:, 0]  # (N,) the example of each trained position
+        s = capped_sums(h[pos], head)  # (N,)
+        total = torch.zeros(pos.shape[0], dtype=torch.float32, device=h.device).index_add(0, rows, s)
+        return total / m.sum(1).clamp_min(1.0)
+    wbar, bbar = head
+    s = h.float() @ wbar.to(h.device) + bbar  # (B, L) float32
     return (s * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def trained_logits(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """(N, V) the model's own logits (soft-capping, logit scaling included) at (N, d) hidden states."""
+    return lm_head(model).logits(h)

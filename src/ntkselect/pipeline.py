@@ -26,6 +26,7 @@ from .errors import NtkSelectError
 from .io import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, sha256_path
 from .model import check_model_options, load_tokenizer, resolve_model
 from .runfolder import SELECT, Run, check_paths, open_run
+from .preflight import preflight_select
 from .runtime import Runtime, resolve_device, resolve_precision
 from .selectors import Ranking, SelectionContext, get_selector
 from .shards import digest
@@ -73,7 +74,7 @@ def _diff(old: dict, new: dict) -> list[str]:
     return out or ["format"]
 
 
-def _prepare_out(cfg: SelectConfig, run: Run, fp: dict, log=print) -> Path:
+def _prepare_out(cfg: SelectConfig, run: Run, fp: dict, log=print, before_write=None) -> Path:
     """Decide where this run writes, in the run folder ``run`` (locked, see runfolder.py).
 
     ``run.json`` (written first) records what the run is computed from; ``manifest.json``
@@ -91,6 +92,9 @@ def _prepare_out(cfg: SelectConfig, run: Run, fp: dict, log=print) -> Path:
         if old.get("fingerprint") != fp:
             raise NtkSelectError(f"{out} holds an unfinished run with a different setup (changed: {', '.join(_diff(old.get('fingerprint', {}), fp))}); "
                                  "rerun with the same options to resume it, or pass --overwrite to start over")
+    if before_write is not None:
+        before_write()  # the preflight: after every refusal of --out, before anything is written to it
+    if state == "unfinished" and not cfg.overwrite:
         log(f"ntkselect: resuming the unfinished run in {out}")
         return run.in_place(clear=False)
     if state != "new":
@@ -206,10 +210,15 @@ def select(cfg: SelectConfig, log=print) -> SelectionResult:
         check_model_options(cfg.model, cfg.target_modules(), cfg.lora_r, "--lora-target-modules", "--lora-r", tokenizer=inp.tokenizer)
     fp = run_fingerprint(cfg)
     with open_run(cfg.out, SELECT, _run_inputs(cfg, resolve_model(cfg.model)), log=log) as run:
-        wdir = _prepare_out(cfg, run, fp, log)
+        # an unsupported model fails in the preflight, in seconds, after --out's refusals and before it is written
+        preflight = []
+        wdir = _prepare_out(cfg, run, fp, log, before_write=lambda: preflight.append(
+            preflight_select(cfg, inp.dom_ex, inp.tokenizer.pad_token_id, keep=True, log=log)))
+        checked = preflight[0]
         rt = make_runtime(cfg, inp.tokenizer)
         ctx = SelectionContext(cfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=str(wdir / "work"), key=digest(fp),
                                log_path=str(wdir / "shards.jsonl"))
+        ctx.adopt(checked)
         ctx.store.log({"event": "start", "method": cfg.method, "executor": cfg.executor, "shard_size": cfg.shard_size,
                        "pool": len(inp.pool), "domain": len(inp.domain)})
         try:

@@ -1,8 +1,8 @@
 """``ntkselect select --dry-run``: what a selection will cost, before it starts.
 
 :func:`estimate` does the cheap part of a run for real (reads and checks both files, tokenizes
-them, reads the model's configuration, builds the LoRA layout on PyTorch's ``meta`` device, so
-no weight is loaded) and models the expensive part:
+them, loads the model with the run's adapter for the preflight, reads the LoRA layout) and
+models the expensive part:
 
 * tokens per stage: warm-up = epochs x domain tokens (forward + backward); stage 1 = domain + pool
   (forward); stage 2 = domain + M candidates (forward + backward, M x the mean pool length, since
@@ -15,7 +15,9 @@ no weight is loaded) and models the expensive part:
   largest batch + the projection buffers;
 * disk: the outputs and the temporary arrays a run writes into --out.
 
-Nothing is written. :func:`format_plan` renders the dict as the table the CLI prints.
+It also runs the run's preflight (:mod:`ntkselect.preflight`: the model is loaded, gets the
+run's adapter, and a tiny batch goes through every path the run will use), so a model the
+run could not handle stops the dry run with the same one-line error. Nothing is written. :func:`format_plan` renders the dict as the table the CLI prints.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from .data import load_records, record_text, tokenize_records
 from .errors import NtkSelectError
 from .runfolder import SELECT, check_paths
 from .model import DEFAULT_MODEL, load_tokenizer
+from .memory import rss_bytes
+from .preflight import preflight_select
 
 __all__ = ["estimate", "format_plan", "model_facts", "calibrate"]
 
@@ -88,7 +92,7 @@ def model_facts(cfg: SelectConfig) -> dict:
     lora = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     # every adapted linear layer: stage 2's hooks keep its input (d_in) and output gradient (d_out) per token
     sites = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer") and len(m.lora_A)]
-    site_width = sum(sum(m.base_layer.weight.shape) for m in sites)  # d_out + d_in (Linear or Conv1D)
+    site_width = sum(_site_width(m) for m in sites)  # d_out + d_in (Linear, Conv1D, or a peft parameter wrapper)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(text.hidden_size)
     return {
@@ -105,6 +109,15 @@ def model_facts(cfg: SelectConfig) -> dict:
         "lora_modules": len(sites),
         "lora_site_width": int(site_width),
     }
+
+
+def _site_width(m) -> int:
+    """d_in + d_out of a LoRA layer, read from its A and B (any base layer: Linear, Conv1D,
+    or a peft ParamWrapper, which has no ``weight``)."""
+    a, b = next(iter(m.lora_A.values())), next(iter(m.lora_B.values()))
+    d_in = getattr(a, "in_features", None) or a.weight.shape[-1]
+    d_out = getattr(b, "out_features", None) or b.weight.shape[0]
+    return int(d_in) + int(d_out)
 
 
 # --------------------------------------------------------------------------- calibration
@@ -145,12 +158,6 @@ def calibrate(device: torch.device, dtype: torch.dtype, proj_dim: int = 0) -> di
 
 
 # --------------------------------------------------------------------------- estimate
-
-
-def _padded(lengths: list[int], batch_size: int, max_tokens: int) -> tuple[int, list[tuple[int, int]]]:
-    """(padded tokens of all batches, the (B, L) shape of every batch) as stages 1 and 2 batch them."""
-    shapes = [(len(b), max(lengths[i] for i in b)) for b in make_batches(lengths, batch_size, max_tokens)]
-    return sum(b * n for b, n in shapes), shapes
 
 
 def _out_state(cfg: SelectConfig) -> dict:
@@ -211,6 +218,10 @@ def estimate(cfg: SelectConfig) -> dict:
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
     uses_model = cfg.method in _MODEL_METHODS
+    notes: list[str] = []
+    process_bytes = rss_bytes()  # this process now; with a model, replaced by what it holds after the preflight (below)
+    # the model, the adapter and a tiny batch through every path the run will use: an unsupported model stops the dry run too
+    pre = preflight_select(cfg, dom_ex, tokenizer.pad_token_id, log=notes.append) if uses_model else None
     facts = model_facts(cfg) if uses_model else None
     proj = cfg.proj_dim if cfg.method == "ntk" else cfg.less_proj_dim if cfg.method == "less" else 0
     cal = calibrate(device, dtype, proj) if uses_model else None
@@ -218,58 +229,78 @@ def estimate(cfg: SelectConfig) -> dict:
     # -- stages: tokens, FLOPs, seconds -------------------------------------------------
     stages = [{"stage": "load", "pass": "read + tokenize", "tokens": dom_stats.tokens + pool_stats.tokens, "padded_tokens": None,
                "flops": None, "seconds": load_seconds, "measured": True}]
-    mem_act = 0
+    act: dict[str, float] = {}  # stage -> predicted live bytes of its largest batch (ntkselect.memory)
     if uses_model:
+        from .memory import overhead
+        from .runtime import Runtime
+        from .warmup import WarmupOptions, micro_batches, warmup_batches
+
         P, D, rate = facts["params"], facts["grad_dim"], cal["flops_per_s"]
-        h, inter, layers, heads, vocab = facts["hidden_size"], facts["intermediate_size"], facts["layers"], facts["heads"], facts["vocab_size"]
         bs, mbt = cfg.batch_size, cfg.max_batch_tokens
-        dom_pad, dom_shapes = _padded(dom_len, bs, mbt)
-        pool_pad, pool_shapes = _padded(pool_len, bs, mbt)
-        shapes = dom_shapes + pool_shapes
-        el = 2 if dtype == torch.bfloat16 else 4  # bytes of a saved activation under autocast
+        costs = pre.memory
+        rtm = Runtime(device=device, dtype=dtype, batch_size=bs, max_batch_tokens=mbt, memory=costs)
+        dom_tr = [sum(e.train_mask[1:]) for e in dom_ex]
+        pool_tr = [sum(e.train_mask[1:]) for e in pool_ex]
+        shards = [range(s0, min(n_pool, s0 + cfg.shard_size)) for s0 in range(0, n_pool, cfg.shard_size)]
 
-        def kept(B: int, L: int) -> int:
-            """Bytes kept for the backward pass of a (B, L) batch: per token and layer ~10 h + 4 i
-            activations, the (heads, L) attention row, and the rank-2r image of every LoRA
-            layer's input that the gradient hooks keep (float32)."""
-            return layers * el * (B * L * (10 * h + 4 * inter) + B * heads * L * L) + B * L * 2 * cfg.lora_r * facts["lora_modules"] * 4
+        def batches(kind: str, lengths, trained, groups=None):
+            """(B, L, N) of every batch the run makes of these examples for this kind of pass (per shard for the pool)."""
+            out = []
+            for g in groups or [range(len(lengths))]:
+                lg, tg = [lengths[i] for i in g], [trained[i] for i in g]
+                for b in make_batches(lg, bs, mbt, fits=rtm.fits(kind), trained=tg):
+                    out.append((len(b), max(lg[i] for i in b), sum(tg[i] for i in b)))
+            return out
 
-        def transient(B: int, L: int) -> int:
-            """Bytes of a forward pass without a graph: about one layer's activations."""
-            return el * (B * L * 2 * (h + inter) + B * heads * L * L)
+        def worst(kind: str, shapes) -> float:
+            return max((costs.passes[kind].bytes(*x) for x in shapes), default=0.0)
 
         def stage(name: str, passes: str, tokens: float, padded: float, extra_flops: float = 0.0, extra_seconds: float = 0.0) -> None:
             flops = (2 if passes == "forward" else 6) * P * padded + extra_flops  # 2 P per token forward, x 3 with backward
             stages.append({"stage": name, "pass": passes, "tokens": int(round(tokens)), "padded_tokens": int(round(padded)),
                            "flops": flops, "seconds": flops / rate + extra_seconds, "measured": False})
 
-        trained_frac = dom_stats.trained_tokens / max(1, dom_stats.tokens)
-        warm_b, warm_l = min(cfg.warmup_batch_size, len(dom_len)), max(dom_len)  # worst case: the longest examples together
+        padded = lambda shapes: sum(B * L for B, L, _ in shapes)  # noqa: E731
         if cfg.warmup_epochs > 0:
-            stage("warm-up", "forward+backward", cfg.warmup_epochs * dom_stats.tokens, cfg.warmup_epochs * dom_pad)
-            # + the logits (and their gradient) at the trained positions only
-            mem_act = max(mem_act, kept(warm_b, warm_l) + int(warm_b * warm_l * trained_frac) * vocab * 4 * 2)
+            wopts = WarmupOptions(epochs=cfg.warmup_epochs, batch_size=cfg.warmup_batch_size, seed=cfg.seed)
+            warm = [(len(p), max(dom_len[i] for i in p), sum(dom_tr[i] for i in p))
+                    for idx in warmup_batches(len(dom_ex), wopts) for p in micro_batches(dom_ex, idx, rtm)]
+            stage("warm-up", "forward+backward", cfg.warmup_epochs * dom_stats.tokens, padded(warm))
+            act["warm-up"] = worst("warmup", warm)
         if cfg.method in ("ntk", "embedding", "tsds"):
-            stage("stage 1", "forward", dom_stats.tokens + pool_stats.tokens, dom_pad + pool_pad)
-            mem_act = max(mem_act, max(transient(b, n) for b, n in shapes))
+            fwd = batches("forward", dom_len, dom_tr) + batches("forward", pool_len, pool_tr, shards)
+            stage("stage 1", "forward", dom_stats.tokens + pool_stats.tokens, padded(fwd))
+            act["stage 1"] = worst("forward", fwd)
         if cfg.method == "ntk":
+            dom_b, pool_b = batches("sum", dom_len, dom_tr), batches("dot", pool_len, pool_tr, shards)
             mean_pool = pool_stats.tokens / max(1, n_pool)
-            mean_pad = pool_pad / max(1, n_pool)
+            mean_pad = padded(pool_b) / max(1, n_pool)
             extra_s = 2 * math.ceil(D / cal["block_rows"]) * cal["block_seconds"] if proj else 0.0  # v = φ*(φ(ḡ)): two passes over the blocks
-            stage("stage 2", "forward+backward", dom_stats.tokens + m * mean_pool, dom_pad + m * mean_pad, extra_seconds=extra_s)
-            mem_act = max(mem_act, max(kept(b, n) for b, n in shapes))
+            stage("stage 2", "forward+backward", dom_stats.tokens + m * mean_pool, padded(dom_b) + m * mean_pad, extra_seconds=extra_s)
+            # the candidates are M of the pool, known after stage 1: the pool's worst batch bounds theirs
+            act["stage 2"] = max(worst("sum", dom_b), worst("dot", pool_b))
         if cfg.method == "less":
             chunk = max(1, min(max(len(dom_len), n_pool), _LESS_CHUNK_BYTES // (4 * D)))
             passes = math.ceil(len(dom_len) / chunk) + math.ceil(n_pool / chunk)  # each chunk visits every block once
             extra_s = passes * math.ceil(D / cal["block_rows"]) * cal["block_seconds"]
-            stage("less", "forward+backward", dom_stats.tokens + pool_stats.tokens, dom_pad + pool_pad,
+            less_b = batches("less", dom_len, dom_tr) + batches("less", pool_len, pool_tr, shards)
+            stage("less", "forward+backward", dom_stats.tokens + pool_stats.tokens, padded(less_b),
                   extra_flops=2 * (len(dom_len) + n_pool) * D * proj, extra_seconds=extra_s)
-            mem_act = max(mem_act, max(kept(b, n) + 4 * b * D for b, n in shapes))  # + the batch's per-example gradients
+            act["less"] = worst("less", less_b)
 
     # -- memory -------------------------------------------------------------------------
-    memory = {"weights": 0, "lora_and_optimizer": 0, "activations": mem_act, "projection": 0}
+    # resident memory: this process (Python, torch, the tokenizer, the data; with a model, as the
+    # preflight left it, less the weights), the weights, the LoRA and AdamW state, the largest
+    # batch's activations (measured per token by the preflight, times the allocator's share) and the
+    # projection buffers
+    factor = overhead(device) if uses_model else 1.0
+    memory = {"process": process_bytes, "weights": 0, "lora_and_optimizer": 0, "activations": int(factor * max(act.values(), default=0.0)),
+              "projection": 0}
     if uses_model:
         memory["weights"] = 4 * facts["params"]  # loaded in float32; autocast only changes the matmuls
+        # the preflight ran every path once with the model loaded: what the process holds then (libraries initialised, the
+        # allocator's first arenas) is what a run holds before its stages; less the weights, counted on their own
+        memory["process"] = max(process_bytes, pre.rss - memory["weights"]) if pre.rss else process_bytes
         memory["lora_and_optimizer"] = 4 * 4 * facts["grad_dim"]  # parameters, gradients, AdamW m and v
         if cfg.method == "ntk":
             memory["projection"] = 4 * 2 * facts["grad_dim"] + (4 * 1024 * proj if proj else 0)  # ḡ_D and v (+ one block)
@@ -277,6 +308,9 @@ def estimate(cfg: SelectConfig) -> dict:
             chunk = max(1, min(max(len(dom_len), n_pool), _LESS_CHUNK_BYTES // (4 * facts["grad_dim"])))
             memory["projection"] = 4 * chunk * facts["grad_dim"] + 4 * 1024 * proj + 4 * 4 * facts["grad_dim"]  # chunk, block, Adam m, v
     memory["peak"] = sum(memory.values())
+    static = memory["peak"] - memory["activations"]
+    memory["by_stage"] = {k: int(static + factor * v) for k, v in act.items()}
+    memory["budget"] = int(pre.memory.budget * factor) if pre and pre.memory and pre.memory.budget != float("inf") else None
 
     # -- disk ---------------------------------------------------------------------------
     sel_bytes = int(round(cfg.n * pool_bytes / max(1, n_pool))) + cfg.n * _SELECTION_FIELDS_BYTES
@@ -310,12 +344,14 @@ def estimate(cfg: SelectConfig) -> dict:
         "model": facts, "lora": {"r": cfg.lora_r, "target_modules": cfg.lora_target_modules, "grad_dim": facts["grad_dim"] if facts else 0},
         "proj_dim": proj, "data": data, "calibration": cal, "stages": stages, "total_seconds": sum(timed),
         "memory": memory, "disk": disk, "out": out_state, "warnings": warnings_,
+        "preflight": {"seconds": pre.seconds, "paths": list(pre.paths), "notes": notes} if pre else None,
         "assumptions": [
             "time: FLOPs ~ 2 x parameters x padded tokens forward, x 3 for forward + backward, at the rate of one timed matmul; "
             "a rough lower bound: a small model runs well below the matmul rate (on a CPU, expect 2-4 times longer)",
             "stage 2 scores M candidates of the pool's mean length (which M is known only after stage 1)",
-            "activations ~ (10 x hidden + 4 x intermediate + heads x batch length) per token and layer (2 bytes each in bfloat16, 4 in "
-            "float32) for the largest batch; the Python process itself (~1 GiB with torch) comes on top",
+            "memory: this process's resident memory after the preflight (less the weights), the float32 weights, the LoRA and AdamW state, and the "
+            "largest batch's activations, from the per-token costs the preflight measured on tiny batches (ntkselect.memory) times "
+            "the allocator's share; batches of stages 1 and 2, LESS and warm-up micro-batches are sized to the memory budget",
         ],
     }
 
@@ -368,13 +404,22 @@ def format_plan(plan: dict) -> str:
                      + (f"; one projection block of {c['block_rows']} rows: {c['block_seconds'] * 1e3:.0f} ms" if "block_seconds" in c else ""))
     mem = plan["memory"]
     lines.append("")
-    lines.append(f"  memory    peak ~{_bytes(mem['peak'])}: weights {_bytes(mem['weights'])}, LoRA + AdamW state {_bytes(mem['lora_and_optimizer'])}, "
-                 f"activations of the largest batch {_bytes(mem['activations'])}, projection {_bytes(mem['projection'])}")
+    lines.append(f"  memory    peak ~{_bytes(mem['peak'])} resident: process {_bytes(mem['process'])}, weights {_bytes(mem['weights'])}, "
+                 f"LoRA + AdamW state {_bytes(mem['lora_and_optimizer'])}, activations of the largest batch {_bytes(mem['activations'])}, "
+                 f"projection {_bytes(mem['projection'])}")
+    if mem.get("by_stage"):
+        lines.append("  by stage  " + ", ".join(f"{k} ~{_bytes(v)}" for k, v in mem["by_stage"].items())
+                     + (f"; batches sized to a {_bytes(mem['budget'])} activation budget" if mem.get("budget") else ""))
     k = plan["disk"]
     lines.append(f"  disk      ~{_bytes(k['peak'])} in {plan['out']['path']} ({plan['out']['state']}; {_bytes(plan['out']['free_bytes'])} free): "
                  f"adapter {_bytes(k['adapter'])}, selected.jsonl {_bytes(k['selected'])}, train.jsonl {_bytes(k['train'])}, "
                  f"scores.jsonl {_bytes(k['scores'])}; temporary: embeddings {_bytes(k['embeddings'])}"
                  + (f", LESS features {_bytes(k['less_features'])}" if k["less_features"] else ""))
+    if plan.get("preflight"):
+        p = plan["preflight"]
+        lines.append(f"  preflight the model, its adapter and a tiny batch passed every path the run uses ({', '.join(p['paths'])}) "
+                     f"in {p['seconds']:.1f} s")
+        lines.extend(f"  note      {n.removeprefix('ntkselect: note: ')}" for n in p["notes"])
     for w in plan["warnings"]:
         lines.append(f"  warning   {w}")
     lines.append("")

@@ -68,6 +68,11 @@ class Runtime:
     pad_id: int = 0
     progress: bool = True
     last_batch_cap: int | None = None  # examples per batch after any out-of-memory halving
+    memory: object = None  # ntkselect.memory.MemoryCosts: measured per-pass costs and the budget batches keep to (None: no cap)
+
+    def fits(self, kind: str):
+        """fits(B, L, N) for batches of this kind of pass, or None (no memory cap)."""
+        return self.memory.fits(kind) if self.memory is not None else None
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -75,5 +80,8 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def describe(self) -> dict:
-        return {"device": str(self.device), "precision": str(self.dtype).replace("torch.", ""), "batch_size": self.batch_size,
-                "max_batch_tokens": self.max_batch_tokens, "padding_side": self.padding_side}
+        out = {"device": str(self.device), "precision": str(self.dtype).replace("torch.", ""), "batch_size": self.batch_size,
+               "max_batch_tokens": self.max_batch_tokens, "padding_side": self.padding_side}
+        if self.memory is not None:
+            out["memory_budget_bytes"] = int(self.memory.budget) if self.memory.budget != float("inf") else None
+        return out

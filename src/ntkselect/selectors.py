@@ -94,6 +94,7 @@ class SelectionContext:
         self.key = key or digest(cfg.to_dict())
         self.store = ShardStore(Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="ntkselect-")), log_path)
         self._model = None
+        self._fresh = None  # a checked fresh model to use instead of loading one (adopt)
         self._adam: dict | None = None
         self._emb: tuple[np.ndarray, list[np.ndarray]] | None = None
         self._executor = None
@@ -105,6 +106,14 @@ class SelectionContext:
     @property
     def has_model(self) -> bool:
         return self._model is not None
+
+    def adopt(self, checked) -> None:
+        """Use the preflight's model (the base model with this run's fresh adapter) instead of
+        loading it again, and its measured memory costs for the batches (:mod:`ntkselect.memory`)."""
+        if checked is None:
+            return
+        self._fresh = checked.model
+        self.rt.memory = checked.memory
 
     def _lora_options(self) -> WarmupOptions:
         cfg = self.cfg
@@ -119,7 +128,8 @@ class SelectionContext:
             cfg, t = self.cfg, time.perf_counter()
             wdir = self.store.root / "warmup"
             marker = wdir / "warmup.done"
-            model = add_lora(load_model(cfg.model).to(self.rt.device), self._lora_options())
+            fresh, self._fresh = self._fresh, None
+            model = fresh if fresh is not None else add_lora(load_model(cfg.model).to(self.rt.device), self._lora_options())
             done = marker.exists() and json.loads(marker.read_text()).get("key") == self.key
             if done:  # resume: the adapter and moments of the finished warm-up, bit for bit
                 state = torch.load(wdir / "state.pt", map_location="cpu", weights_only=True)
@@ -159,7 +169,7 @@ class SelectionContext:
                 spec = {"model": self.cfg.model, "lora": dataclasses.asdict(self._lora_options()),
                         "adapter_state": {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()},
                         "dtype": str(rt.dtype).replace("torch.", ""), "batch_size": rt.batch_size, "max_batch_tokens": rt.max_batch_tokens,
-                        "padding_side": rt.padding_side, "pad_id": rt.pad_id}
+                        "padding_side": rt.padding_side, "pad_id": rt.pad_id, "memory": rt.memory, "device_type": rt.device.type}
                 self._executor = RayExecutor(spec, self.cfg.ray_address or None, self.cfg.ray_workers, log=self.log)
             else:
                 self._executor = LocalExecutor(self.model, self.rt)
@@ -192,6 +202,7 @@ class SelectionContext:
             self._executor.close()
         self._executor = None
         self._model = None
+        self._fresh = None
         self._adam = None
         self._emb = None
 

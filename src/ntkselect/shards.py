@@ -186,6 +186,12 @@ def _worker_class():
             self.model = model.to(device).eval()
             self.rt = Runtime(device=device, dtype=dtype, batch_size=spec["batch_size"], max_batch_tokens=spec["max_batch_tokens"],
                               padding_side=spec["padding_side"], pad_id=spec["pad_id"], progress=False)
+            mem = spec.get("memory")
+            if mem is not None and device.type == spec.get("device_type") and str(dtype).replace("torch.", "") == spec["dtype"]:
+                from .memory import MemoryCosts, activation_budget
+
+                # the driver's measured costs hold for the same device kind and precision; the budget is this worker's own
+                self.rt.memory = MemoryCosts(mem.passes, activation_budget(device))
 
         def pid(self) -> int:
             return os.getpid()

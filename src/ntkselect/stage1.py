@@ -58,7 +58,7 @@ def embed(model, examples: Sequence, rt: Runtime, out_path: str | Path | None = 
     With ``out_path`` the array is a disk-backed ``.npy`` memmap, so the pool's embeddings never
     have to fit in memory."""
     model.eval()
-    batches = make_batches([len(e.input_ids) for e in examples], rt.batch_size, rt.max_batch_tokens)
+    batches = make_batches([len(e.input_ids) for e in examples], rt.batch_size, rt.max_batch_tokens, fits=rt.fits("forward"))
     out = None
     prog = Progress(desc, len(examples), enabled=rt.progress)
     with _fused(model):

@@ -103,8 +103,19 @@ def _backward_attention(model, rt: Runtime):
             lm.set_attn_implementation(before)
 
 
+def _pass_kind(stream: tuple, objective) -> str:
+    """Which measured cost (:mod:`ntkselect.memory`) a backward pass has."""
+    from .warmup import per_example_loss
+
+    if stream[0] in ("sum", "dot"):
+        return stream[0]
+    return "less" if objective is per_example_loss else "per_example"
+
+
 def _backward_loop(model, examples, rt: Runtime, desc: str, fused: bool, ids, stream: tuple, head, prog: Progress, cap: int, objective):
-    pending = make_batches([len(e.input_ids) for e in examples], rt.batch_size, rt.max_batch_tokens)
+    # capped in examples, padded tokens and, with a measured memory cost, bytes (ntkselect.memory)
+    pending = make_batches([len(e.input_ids) for e in examples], rt.batch_size, rt.max_batch_tokens, fits=rt.fits(_pass_kind(stream, objective)),
+                           trained=[sum(e.train_mask[1:]) for e in examples])
     with gradient_hooks(model, fused) as hooks:
         while pending:
             idx = pending.pop(0)
@@ -142,11 +153,17 @@ def _backward_loop(model, examples, rt: Runtime, desc: str, fused: bool, ids, st
     rt.last_batch_cap = cap
 
 
+def _per_example(fused: bool) -> tuple:
+    """Per-example gradients reduced layer by layer during the backward pass (the fused path):
+    (B, D) at most, instead of every layer's per-token factors."""
+    return ("per_example",) if fused else (None,)
+
+
 def per_example_gradients(model, examples: Sequence, rt: Runtime, fused: bool = True, objective=None) -> torch.Tensor:
     """(n, D) float32 per-example gradients in input order (for tests and small sets)."""
     names = [n for n, _ in lora_parameters(model)]
     out: torch.Tensor | None = None
-    for batch, hooks in _backward_batches(model, examples, rt, "gradients", fused, objective=objective):
+    for batch, hooks in _backward_batches(model, examples, rt, "gradients", fused, objective=objective, stream=_per_example(fused)):
         g = flatten_grads(hooks.per_example(), names).cpu()  # (B, D)
         if out is None:
             out = torch.zeros(len(examples), g.shape[1])
@@ -208,7 +225,7 @@ def projected_features(model, examples: Sequence, projector: RademacherProjector
             out[np.asarray(rows)] = projector.project(buf[: len(rows)]).cpu().numpy()
             rows.clear()
 
-    for batch, hooks in _backward_batches(model, examples, rt, desc, fused, ids, objective=objective):
+    for batch, hooks in _backward_batches(model, examples, rt, desc, fused, ids, objective=objective, stream=_per_example(fused)):
         g = flatten_grads(hooks.per_example(), names)  # (B, D)
         if transform is not None:
             g = transform(g)
