@@ -1,4 +1,4 @@
-"""Time the evaluate leak check (ntkselect/leak.py): N training records against Q test questions.
+"""Time the evaluate leak check (ntkselect/data/leak.py): N training records against Q test questions.
 
     .venv/bin/python benchmarks/leak_check.py --records 10000 --questions 1000
 
@@ -11,8 +11,8 @@ import argparse
 import random
 import time
 
-from ntkselect.data import Record
-from ntkselect.leak import TestQuestions
+from ntkselect.data.records import Record
+from ntkselect.data.leak import TestQuestions
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ For each setting (the default flags, and a 4x larger token budget: ``--max-batch
 --batch-size 64``, since 16 examples of at most 512 tokens already cap a batch at 8,192 tokens)
 it runs, each in a fresh process:
 
-1. the dry run's estimate (:func:`ntkselect.plan.estimate`): the predicted peak and the
+1. the dry run's estimate (:func:`ntkselect.runs.plan.estimate`): the predicted peak and the
    predicted peak of each stage;
 2. the selection itself, with the stage boundaries marked (the model load with the preflight,
    the warm-up, stage 1, stage 2, writing the outputs) and the process's peak resident memory
@@ -37,8 +37,8 @@ STAGES = ("load", "warm-up", "stage 1", "stage 2", "write")
 
 _CHILD = r'''
 import json, os, sys, threading, time
-import ntkselect.selectors as S, ntkselect.shards as H
-from ntkselect.cli import build_parser, _config
+import ntkselect.selection.selectors as S, ntkselect.runs.shards as H
+from ntkselect.cli.main import build_parser, _config
 from ntkselect.pipeline import select
 
 def status(key):
@@ -104,8 +104,8 @@ print("MEMORY-JSON " + json.dumps({"peaks": peaks, "seconds": seconds, "hwm_rese
 
 _ESTIMATE = r'''
 import json, sys
-from ntkselect.cli import build_parser, _config
-from ntkselect.plan import estimate
+from ntkselect.cli.main import build_parser, _config
+from ntkselect.runs.plan import estimate
 cfg = _config(build_parser().parse_args(json.loads(sys.argv[1])))
 plan = estimate(cfg)
 m = plan["memory"]
@@ -130,7 +130,7 @@ def _mib(x) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--domain", help="domain JSONL (default: the demo's, built with ntkselect.demo_data)")
+    ap.add_argument("--domain", help="domain JSONL (default: the demo's, built with ntkselect.data.demo)")
     ap.add_argument("--pool", help="pool JSONL (default: the demo's)")
     ap.add_argument("--n", type=int, default=100, help="N (the demo: 100)")
     ap.add_argument("--model", default="default")
@@ -142,7 +142,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="ntkselect-memory-"))
     if not args.domain:
-        from ntkselect.demo_data import build_demo_data
+        from ntkselect.data.demo import build_demo_data
 
         build_demo_data(work / "data", domain="medical", n_domain=100, n_pool_mmlu=800, n_pool_reasoning=200, seed=0)
         args.domain, args.pool = str(work / "data" / "domain.jsonl"), str(work / "data" / "pool.jsonl")

@@ -28,16 +28,16 @@ import time
 
 import torch
 
-from ntkselect.batching import collate
-from ntkselect.data import load_records, tokenize_records
-from ntkselect.grads import lora_parameters
-from ntkselect.lm import final_hidden
-from ntkselect.model import load_model, load_tokenizer
-from ntkselect.projection import RademacherProjector
-from ntkselect.runtime import Runtime, resolve_device, resolve_precision
-from ntkselect.stage1 import embed
-from ntkselect.stage2 import domain_mean_gradient, projected_features, score_against
-from ntkselect.warmup import WarmupOptions, add_lora
+from ntkselect.data.batching import collate
+from ntkselect.data.records import load_records, tokenize_records
+from ntkselect.grads.fused import lora_parameters
+from ntkselect.model.lm import final_hidden
+from ntkselect.model.loading import load_model, load_tokenizer
+from ntkselect.grads.projection import RademacherProjector
+from ntkselect.model.runtime import Runtime, resolve_device, resolve_precision
+from ntkselect.selection.ntk.stage1 import embed
+from ntkselect.selection.ntk.stage2 import domain_mean_gradient, projected_features, score_against
+from ntkselect.training.warmup import WarmupOptions, add_lora
 
 
 class PeakMemory:
@@ -113,7 +113,7 @@ def less_reference(model, examples, projector, rt):
 
 @torch.no_grad()
 def plain_forward(base, examples, rt):
-    from ntkselect.batching import make_batches, iter_batches
+    from ntkselect.data.batching import make_batches, iter_batches
 
     for batch in iter_batches(examples, make_batches([len(e.input_ids) for e in examples], rt.batch_size, rt.max_batch_tokens), rt.pad_id):
         batch = batch.to(rt.device)
@@ -162,7 +162,7 @@ def main(argv=None):
     if args.pool:
         recs = load_records(args.pool)
     else:
-        from ntkselect.demo_data import build_demo_data
+        from ntkselect.data.demo import build_demo_data
 
         tmp = tempfile.mkdtemp()
         build_demo_data(tmp, n_domain=args.domain, n_pool_mmlu=max(args.candidates - args.candidates // 5, 1), n_pool_reasoning=args.candidates // 5, seed=0)

@@ -8,7 +8,7 @@ import torch
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from ntkselect.model import load_tokenizer
+    from ntkselect.model.loading import load_tokenizer
 
     return load_tokenizer(None)
 
@@ -42,8 +42,8 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 def make_lora_model(model_dir: str, seed: int = 0, target="all-linear", r: int = 4):
     """The tiny model with a LoRA adapter whose B matrices are random, as after a warm-up
     (peft initialises B = 0, which would make every gradient with respect to A vanish)."""
-    from ntkselect.model import load_model
-    from ntkselect.warmup import WarmupOptions, add_lora
+    from ntkselect.model.loading import load_model
+    from ntkselect.training.warmup import WarmupOptions, add_lora
 
     model = add_lora(load_model(model_dir), WarmupOptions(r=r, alpha=2 * r, dropout=0.0, target_modules=target, seed=seed))
     g = torch.Generator().manual_seed(seed + 1)
@@ -72,7 +72,7 @@ def texts():
 
 @pytest.fixture(scope="session")
 def examples(texts, tokenizer):
-    from ntkselect.data import Record, tokenize_records
+    from ntkselect.data.records import Record, tokenize_records
 
     recs = [Record(id=str(i), raw=t, path="mem.jsonl", line=i + 1) for i, t in enumerate(texts)]
     ex, _ = tokenize_records(recs, tokenizer, max_length=64, template="auto")

@@ -68,7 +68,7 @@ def tiny_model(name: str, seed: int = 0):
 
 def tiny_lora_model(name: str, seed: int = 0, r: int = 4):
     """The tiny model with a LoRA adapter (all-linear) whose B matrices are random, as after a warm-up."""
-    from ntkselect.warmup import WarmupOptions, add_lora
+    from ntkselect.training.warmup import WarmupOptions, add_lora
 
     model = add_lora(tiny_model(name, seed), WarmupOptions(r=r, alpha=2 * r, dropout=0.0, target_modules="all-linear", seed=seed))
     g = torch.Generator().manual_seed(seed + 1)
@@ -82,7 +82,7 @@ def tiny_lora_model(name: str, seed: int = 0, r: int = 4):
 
 def synthetic_examples(n: int = 6, seed: int = 0, vocab: int = V):
     """Varied lengths (batches need padding); every other example trains on its last tokens only."""
-    from ntkselect.data import TokenizedExample
+    from ntkselect.data.records import TokenizedExample
 
     g = torch.Generator().manual_seed(seed)
     lengths = [6, 11, 4, 9, 13, 7, 5, 10][:n]

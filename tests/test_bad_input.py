@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ntkselect.cli import main
+from ntkselect.cli.main import main
 
 DOMAIN = [{"id": f"d{i}", "question": f"What should a doctor know about {t}?", "answer": f"Facts about {t} matter in the clinic."}
           for i, t in enumerate(["blood pressure", "the kidney", "a fracture", "insulin"])]
@@ -44,7 +44,7 @@ def nochat_model_dir(tiny_model_dir, tmp_path_factory):
     cfg = json.loads(cfg_path.read_text())
     cfg.pop("chat_template", None)
     cfg_path.write_text(json.dumps(cfg))
-    from ntkselect.model import load_tokenizer
+    from ntkselect.model.loading import load_tokenizer
 
     assert not load_tokenizer(str(out)).chat_template
     return str(out)
@@ -206,10 +206,10 @@ class _FullDisk:
 
 
 def _fill_disk_on(monkeypatch, name: str, budget: int = 40) -> None:
-    """Every file ntkselect.io opens for ``name`` runs out of space after ``budget`` characters."""
+    """Every file ntkselect.files opens for ``name`` runs out of space after ``budget`` characters."""
     import builtins
 
-    import ntkselect.io as nio
+    import ntkselect.files as nio
 
     def fake_open(path, *a, **kw):
         f = builtins.open(path, *a, **kw)
@@ -235,7 +235,7 @@ def test_full_disk_during_a_write_is_one_line_and_leaves_nothing_trusted(files, 
 
 def test_full_disk_error_names_the_file(tmp_path, monkeypatch):
     from ntkselect.errors import NtkSelectError
-    from ntkselect.io import atomic_write_jsonl
+    from ntkselect.files import atomic_write_jsonl
 
     _fill_disk_on(monkeypatch, "scores.jsonl")
     target = tmp_path / "scores.jsonl"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ntkselect.cli import main
+from ntkselect.cli.main import main
 
 TOPICS = ["blood pressure", "the kidney", "a fracture", "insulin", "fever", "the liver", "asthma", "a vaccine"]
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ntkselect.data import (
+from ntkselect.data.records import (
     Record,
     load_records,
     prompt_response,

@@ -1,4 +1,4 @@
-"""Tests for ntkselect.demo_data: the offline MMLU + reasoning-gym demo data builder."""
+"""Tests for ntkselect.data.demo: the offline MMLU + reasoning-gym demo data builder."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ntkselect import demo_data
-from ntkselect.demo_data import (
+from ntkselect.data import demo as demo_data
+from ntkselect.data.demo import (
     DOMAINS,
     MAX_CHARS,
     build_demo_data,

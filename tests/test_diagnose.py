@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from ntkselect.batching import collate
-from ntkselect.cli import main
-from ntkselect.data import Record, TokenizedExample
-from ntkselect.diagnose import (DiagnoseOptions, cos_f, kernel_ridge, kernel_ridge_loo, letter_accuracy, multiple_choice_examples,
+from ntkselect.data.batching import collate
+from ntkselect.cli.main import main
+from ntkselect.data.records import Record, TokenizedExample
+from ntkselect.diagnostics.diagnose import (DiagnoseOptions, cos_f, kernel_ridge, kernel_ridge_loo, letter_accuracy, multiple_choice_examples,
                                 output_gradients, output_kernel_check, spearman)
 from ntkselect.errors import NtkSelectError
-from ntkselect.grads import lora_parameters
-from ntkselect.runtime import Runtime
+from ntkselect.grads.fused import lora_parameters
+from ntkselect.model.runtime import Runtime
 
 V_SMALL = 48
 
@@ -87,7 +87,7 @@ def small_vocab_model():
     by one) and LoRA adapters with random B, as after a warm-up."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ntkselect.warmup import WarmupOptions, add_lora
+    from ntkselect.training.warmup import WarmupOptions, add_lora
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=V_SMALL, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -186,7 +186,7 @@ def test_sampled_route_with_every_output_is_exact(small_vocab_model, small_examp
 # -- multiple-choice questions on the real tokenizer ---------------------------------------------------
 
 def _mc_records():
-    from ntkselect.demo_data import mmlu_prompt
+    from ntkselect.data.demo import mmlu_prompt
 
     qs = [("Which organ pumps blood?", ["Liver", "Heart", "Lung", "Skin"], "B"),
           ("What is 2 + 2?", ["4", "5", "3", "22"], "A"),
@@ -196,7 +196,7 @@ def _mc_records():
 
 
 def test_letter_accuracy_reads_the_letter_logits_after_the_prompt(tiny_model_dir, tokenizer):
-    from ntkselect.model import load_model
+    from ntkselect.model.loading import load_model
 
     mc = multiple_choice_examples(_mc_records(), tokenizer, 256, "auto")
     assert len(set(mc.letter_ids)) == 4 and mc.labels.tolist() == [1, 0, 3]
@@ -215,7 +215,7 @@ def test_letter_accuracy_reads_the_letter_logits_after_the_prompt(tiny_model_dir
 
 @pytest.fixture(scope="module")
 def demo_files(tmp_path_factory):
-    from ntkselect.demo_data import build_demo_data
+    from ntkselect.data.demo import build_demo_data
 
     d = tmp_path_factory.mktemp("diag-data")
     build_demo_data(d, n_domain=26, n_pool_mmlu=16, n_pool_reasoning=0, seed=0)
@@ -270,7 +270,7 @@ def test_diagnose_writes_every_number_and_plot(demo_files, tiny_model_dir, tmp_p
 
 
 def test_diagnose_without_labels_skips_the_kernel_regression(tiny_model_dir, tmp_path):
-    from ntkselect.diagnose import DiagnoseOptions, diagnose
+    from ntkselect.diagnostics.diagnose import DiagnoseOptions, diagnose
 
     dom = tmp_path / "d.jsonl"
     dom.write_text("".join(json.dumps({"text": f"The patient number {i} has a fever and a cough."}) + "\n" for i in range(6)))
@@ -302,11 +302,11 @@ def test_options_from_a_run_take_its_data_and_model(tmp_path):
 def test_real_model_summed_head_cotangent_gives_the_jacobian_free_gradient(tokenizer):
     """On SmolLM2 (V = 49152, d = 576): the per-output route with the cotangent Σ_k w_k is the
     stage-2 gradient g(x), and a small sampled check gives finite, sane statistics."""
-    from ntkselect.data import tokenize_records
-    from ntkselect.diagnose import _head_matrix
-    from ntkselect.model import load_model
-    from ntkselect.stage2 import per_example_gradients
-    from ntkselect.warmup import WarmupOptions, add_lora
+    from ntkselect.data.records import tokenize_records
+    from ntkselect.diagnostics.diagnose import _head_matrix
+    from ntkselect.model.loading import load_model
+    from ntkselect.selection.ntk.stage2 import per_example_gradients
+    from ntkselect.training.warmup import WarmupOptions, add_lora
 
     model = add_lora(load_model(None), WarmupOptions(r=2, alpha=4, seed=0))
     with torch.no_grad():

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from ntkselect.data import Record
+from ntkselect.data.records import Record
 from ntkselect.errors import NtkSelectError
-from ntkselect.evaluation import MCItem, evaluate_mc, mc_items, option_loglikelihoods
-from ntkselect.runtime import Runtime
+from ntkselect.evaluation.metrics import MCItem, evaluate_mc, mc_items, option_loglikelihoods
+from ntkselect.model.runtime import Runtime
 
 
 def _rt(tokenizer, **kw):
@@ -24,7 +24,7 @@ def _bias_model(model_dir, bias: torch.Tensor):
     """The tiny model with an LM head whose weight is 0 and whose bias is ``bias``: every
     position's logits are exactly ``bias``, so log p(token) = bias[token] - logsumexp(bias)
     whatever the prompt — log-likelihoods known by hand."""
-    from ntkselect.model import load_model
+    from ntkselect.model.loading import load_model
 
     model = load_model(model_dir)
     head = torch.nn.Linear(model.config.hidden_size, bias.numel(), bias=True)
@@ -55,14 +55,14 @@ def test_loglikelihoods_match_a_hand_computation(tiny_model_dir, tokenizer):
 def test_fast_path_equals_per_option_scoring_and_full_logits(tiny_model_dir, tokenizer):
     """One forward for single-token options == one continuation per option == log_softmax of the
     model's own full logits; independent of batch size and padding."""
-    from ntkselect.model import load_model
+    from ntkselect.model.loading import load_model
 
     model = load_model(tiny_model_dir).eval()
     items = [MCItem(str(i), f"Question {i}: " + "word " * (3 * i) + "\nA. a\nB. b\nAnswer:", ["A", "B", "C", "D"], i % 4) for i in range(6)]
     fast, _ = option_loglikelihoods(model, tokenizer, items, _rt(tokenizer, batch_size=4))
     slow, _ = option_loglikelihoods(model, tokenizer, items, _rt(tokenizer, batch_size=1), single_token_fast_path=False)
     assert np.allclose(np.stack(fast), np.stack(slow), atol=1e-4)
-    from ntkselect.evaluation import _context_ids
+    from ntkselect.evaluation.metrics import _context_ids
 
     for it, got in zip(items, fast):
         ctx = _context_ids(tokenizer, it.prompt, "chat")
@@ -88,7 +88,7 @@ def test_mc_items_reads_every_supported_shape():
 
 
 def test_paired_sign_flip_test():
-    from ntkselect.evaluate import paired_sign_flip_test
+    from ntkselect.evaluation.harness import paired_sign_flip_test
 
     assert paired_sign_flip_test(np.zeros(10)) == 1.0
     # exact case: 4 non-zero differences all +1: only 2 of the 16 sign patterns reach |sum| = 4
@@ -99,7 +99,7 @@ def test_paired_sign_flip_test():
 
 
 def test_eval_split_is_stratified_disjoint_and_seeded(tmp_path):
-    from ntkselect.demo_data import build_eval_data
+    from ntkselect.data.demo import build_eval_data
 
     a = build_eval_data(tmp_path / "a", "medical", n_train=40, n_test=60, n_pool_mmlu=50, n_pool_reasoning=0, seed=1)
     b = build_eval_data(tmp_path / "b", "medical", n_train=40, n_test=60, n_pool_mmlu=50, n_pool_reasoning=0, seed=1)
@@ -145,7 +145,7 @@ def man_summary(out):
 
 
 def test_evaluate_end_to_end_resumes_and_refuses_a_changed_config(tiny_model_dir, tmp_path, capsys):
-    from ntkselect.cli import main
+    from ntkselect.cli.main import main
 
     p = _eval_data(tmp_path)
     out = tmp_path / "ev"
@@ -201,8 +201,8 @@ def test_evaluate_end_to_end_resumes_and_refuses_a_changed_config(tiny_model_dir
 
 
 def test_evaluate_config_file_and_errors(tmp_path, capsys):
-    from ntkselect.cli import main
-    from ntkselect.evaluate import EvalConfig
+    from ntkselect.cli.main import main
+    from ntkselect.evaluation.harness import EvalConfig
 
     toml = tmp_path / "c.toml"
     toml.write_text('[evaluate]\ndomain_train = "a"\ndomain_test = "b"\npool = "c"\nn = 7\nout = "o"\nseeds = "0,4"\n')

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import make_lora_model
-from ntkselect.batching import collate
-from ntkselect.grads import flatten_grads, gradient_hooks, lora_parameters
-from ntkselect.lm import summed_logits
-from ntkselect.runtime import Runtime
-from ntkselect.stage2 import per_example_gradients
+from ntkselect.data.batching import collate
+from ntkselect.grads.fused import flatten_grads, gradient_hooks, lora_parameters
+from ntkselect.model.lm import summed_logits
+from ntkselect.model.runtime import Runtime
+from ntkselect.selection.ntk.stage2 import per_example_gradients
 
 
 def naive_gradients(model, examples, pad_id):

@@ -1,4 +1,4 @@
-"""``ntkselect select --dry-run`` (ntkselect.plan) on the tiny model: it writes nothing, and its
+"""``ntkselect select --dry-run`` (ntkselect.runs.plan) on the tiny model: it writes nothing, and its
 counts are the real ones (tokens, LoRA gradient dimension, embedding array size)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ntkselect.cli import main
+from ntkselect.cli.main import main
 from ntkselect.config import SelectConfig
-from ntkselect.plan import estimate, format_plan
+from ntkselect.runs.plan import estimate, format_plan
 
 DOMAIN = [{"question": f"What should a doctor know about {t}?", "answer": f"Facts about {t} matter in the clinic."}
           for t in ["blood pressure", "the kidney", "a fracture", "insulin", "fever"]]
@@ -50,8 +50,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(files, tiny_model_dir, tmp_p
 
 
 def test_token_counts_equal_a_direct_tokenization(files, tiny_model_dir, tmp_path):
-    from ntkselect.data import load_records, record_text, tokenize_records
-    from ntkselect.model import load_tokenizer
+    from ntkselect.data.records import load_records, record_text, tokenize_records
+    from ntkselect.model.loading import load_tokenizer
 
     cfg = config(files, tiny_model_dir, tmp_path / "run", warmup_epochs=2.0)
     plan = estimate(cfg)
@@ -83,9 +83,9 @@ def test_token_counts_equal_a_direct_tokenization(files, tiny_model_dir, tmp_pat
 
 @pytest.mark.parametrize("r,target", [(8, "all-linear"), (4, "q_proj,v_proj")])
 def test_grad_dim_equals_the_real_lora_parameter_count(files, tiny_model_dir, tmp_path, r, target):
-    from ntkselect.grads import lora_parameters
-    from ntkselect.model import load_model
-    from ntkselect.warmup import WarmupOptions, add_lora
+    from ntkselect.grads.fused import lora_parameters
+    from ntkselect.model.loading import load_model
+    from ntkselect.training.warmup import WarmupOptions, add_lora
 
     plan = estimate(config(files, tiny_model_dir, tmp_path / "run", lora_r=r, lora_target_modules=target))
     base = load_model(tiny_model_dir)

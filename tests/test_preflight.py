@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ntkselect.cli import main
+from ntkselect.cli.main import main
 
 TOPICS = ["blood pressure", "the kidney", "a fracture", "insulin", "fever", "the liver"]
 
@@ -140,9 +140,9 @@ def test_soft_capped_model_selects_with_a_one_line_notice(files, family_dir, tmp
 
 def test_the_checked_model_comes_back_unchanged(tiny_model_dir, examples, tokenizer):
     from conftest import make_lora_model
-    from ntkselect.grads import lora_parameters
-    from ntkselect.preflight import check_model
-    from ntkselect.runtime import Runtime
+    from ntkselect.grads.fused import lora_parameters
+    from ntkselect.model.preflight import check_model
+    from ntkselect.model.runtime import Runtime
 
     model = make_lora_model(tiny_model_dir, seed=3)
     model.train()

@@ -10,7 +10,7 @@ import torch
 
 
 def _records(texts):
-    from ntkselect.data import Record
+    from ntkselect.data.records import Record
 
     return [Record(id=str(i), raw=t, path="mem.jsonl", line=i + 1) for i, t in enumerate(texts)]
 
@@ -27,10 +27,10 @@ def _naive_nll(model, ex) -> float:
 
 @pytest.mark.parametrize("batch_size,padding_side", [(1, "right"), (3, "right"), (8, "left")])
 def test_heldout_loss_equals_a_hand_computed_nll(tiny_model_dir, texts, tokenizer, batch_size, padding_side):
-    from ntkselect.data import tokenize_records
-    from ntkselect.evaluation import heldout_loss
-    from ntkselect.model import load_model
-    from ntkselect.runtime import Runtime
+    from ntkselect.data.records import tokenize_records
+    from ntkselect.evaluation.metrics import heldout_loss
+    from ntkselect.model.loading import load_model
+    from ntkselect.model.runtime import Runtime
 
     model = load_model(tiny_model_dir).eval()
     ex, _ = tokenize_records(_records(texts), tokenizer, max_length=64, template="auto")
@@ -47,7 +47,7 @@ def test_heldout_loss_equals_a_hand_computed_nll(tiny_model_dir, texts, tokenize
 
 def test_is_mc_record_separates_loss_only_records():
     from ntkselect.errors import NtkSelectError
-    from ntkselect.evaluation import is_mc_record, mc_items
+    from ntkselect.evaluation.metrics import is_mc_record, mc_items
 
     recs = _records([
         {"prompt": "Q?\nA. x\nB. y\nAnswer:", "response": "A. x", "answer": "A"},  # lettered lines + answer: MC
@@ -63,7 +63,7 @@ def test_is_mc_record_separates_loss_only_records():
 
 
 def test_gap_closed_on_a_synthetic_case():
-    from ntkselect.stats import bootstrap_indices, gap_closed
+    from ntkselect.evaluation.stats import bootstrap_indices, gap_closed
 
     rng = np.random.default_rng(0)
     random = 2.0 + rng.normal(0, 0.3, size=(3, 400))  # (seeds, examples)
@@ -84,7 +84,7 @@ def test_gap_closed_on_a_synthetic_case():
 
 
 def test_paired_bootstrap_interval():
-    from ntkselect.stats import paired_bootstrap
+    from ntkselect.evaluation.stats import paired_bootstrap
 
     rng = np.random.default_rng(1)
     b = rng.normal(1.0, 0.5, size=(3, 300))
@@ -102,7 +102,7 @@ def _cells(losses: dict) -> dict:
 
 
 def test_calibration_says_whether_the_oracle_beats_random():
-    from ntkselect.evaluate import calibration, summarise_loss
+    from ntkselect.evaluation.harness import calibration, summarise_loss
 
     rng = np.random.default_rng(2)
     r = 2.0 + rng.normal(0, 0.3, size=(3, 200))
@@ -127,7 +127,7 @@ def _write(path, rows):
 def test_oracle_records_never_repeat_a_test_or_domain_question(tiny_model_dir, tmp_path, capsys):
     """--domain-extra must be unseen data: a record that repeats a D or test question is
     refused before anything is written; the oracle's N come only from that file."""
-    from ntkselect.cli import main
+    from ntkselect.cli.main import main
 
     def q(i):
         return {"id": f"q{i}", "prompt": f"Question {i} about the heart?", "response": f"Answer {i}."}

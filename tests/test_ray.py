@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ntkselect.cli import main
+from ntkselect.cli.main import main
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs the 'ray' extra (pip install 'ntkselect[ray]')")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ntkselect.cli import main
-from ntkselect.report import build_report, nearest_domain, rank_of, score_of
+from ntkselect.cli.main import main
+from ntkselect.report.html import build_report, nearest_domain, rank_of, score_of
 
 SECTIONS = ("summary", "scores", "votes", "composition", "examples", "timings", "configuration")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ntkselect.cli import main
+from ntkselect.cli.main import main
 
 WORDS = ["heart", "kidney", "liver", "lung", "contract", "court", "prime", "vector", "river", "poem", "engine", "virus"]
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from ntkselect import runfolder
-from ntkselect.cli import main
+from ntkselect.runs import folder as runfolder
+from ntkselect.cli.main import main
 
 DOMAIN = [{"id": f"d{i}", "question": f"What should a doctor know about {t}?", "answer": f"Facts about {t} matter in the clinic."}
           for i, t in enumerate(["blood pressure", "the kidney", "a fracture", "insulin"])]
@@ -184,7 +184,7 @@ def test_overwrite_with_a_bad_flag_keeps_the_finished_run(bad, finished, files, 
 
 @pytest.mark.parametrize("how", ["error", "interrupt"])
 def test_a_failed_or_interrupted_replacement_keeps_the_old_run_and_resumes(how, finished, files, tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from ntkselect import selectors
+    from ntkselect.selection import selectors
     from ntkselect.errors import NtkSelectError
 
     out, before = finished
@@ -263,7 +263,7 @@ def test_a_crash_at_any_point_of_the_swap_is_completed_by_the_next_run(files, ti
 
 
 def _holder(out: Path) -> subprocess.Popen:
-    code = ("import sys, time\nfrom ntkselect.runfolder import SELECT, open_run\n"
+    code = ("import sys, time\nfrom ntkselect.runs.folder import SELECT, open_run\n"
             "with open_run(sys.argv[1], SELECT, log=lambda _: None):\n    print('locked', flush=True)\n    time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ntkselect.cli import main
-from ntkselect.selectors import METHODS
+from ntkselect.cli.main import main
+from ntkselect.selection.selectors import METHODS
 
 from conftest import make_lora_model
 from test_cli import data  # noqa: F401  (the shared module fixture)
@@ -59,9 +59,9 @@ def test_bm25_prefers_lexical_matches(data, tiny_model_dir, tmp_path):  # noqa: 
 
 def test_embedding_score_is_mean_cosine(tiny_model_dir, tokenizer):
     from ntkselect.config import SelectConfig
-    from ntkselect.data import Record, tokenize_records
-    from ntkselect.runtime import Runtime
-    from ntkselect.selectors import SelectionContext, get_selector
+    from ntkselect.data.records import Record, tokenize_records
+    from ntkselect.model.runtime import Runtime
+    from ntkselect.selection.selectors import SelectionContext, get_selector
 
     texts = [{"text": f"sample number {i} about {w}"} for i, w in enumerate(["hearts", "lungs", "laws", "sums", "cells", "bones", "maps"])]
     recs = [Record(id=str(i), raw=t, path="m.jsonl", line=i + 1) for i, t in enumerate(texts)]
@@ -80,12 +80,12 @@ def test_embedding_score_is_mean_cosine(tiny_model_dir, tokenizer):
 def test_less_features_equal_naive_adam_preconditioned_loss_gradients(tiny_model_dir, examples, tokenizer):
     """LESS's candidate features: the per-example loss gradient from the hooks, Adam-transformed,
     projected, equal the same computed one example at a time with autograd."""
-    from ntkselect.grads import flatten_grads, lora_parameters
-    from ntkselect.projection import RademacherProjector
-    from ntkselect.runtime import Runtime
-    from ntkselect.stage2 import projected_features
-    from ntkselect.warmup import per_example_loss, trained_token_loss
-    from ntkselect.batching import collate
+    from ntkselect.grads.fused import flatten_grads, lora_parameters
+    from ntkselect.grads.projection import RademacherProjector
+    from ntkselect.model.runtime import Runtime
+    from ntkselect.selection.ntk.stage2 import projected_features
+    from ntkselect.training.warmup import per_example_loss, trained_token_loss
+    from ntkselect.data.batching import collate
 
     model = make_lora_model(tiny_model_dir)
     names = [n for n, _ in lora_parameters(model)]

@@ -9,13 +9,13 @@ import json
 
 import pytest
 
-from ntkselect.cli import main
+from ntkselect.cli.main import main
 
 pytestmark = pytest.mark.slow
 
 
 def test_real_model_selects_from_a_handful_of_mmlu_examples(tmp_path):
-    from ntkselect.demo_data import build_demo_data
+    from ntkselect.data.demo import build_demo_data
 
     build_demo_data(tmp_path / "data", n_domain=6, n_pool_mmlu=16, n_pool_reasoning=4, seed=0)
     out = tmp_path / "run"

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from conftest import make_lora_model
-from ntkselect.runtime import Runtime
-from ntkselect.stage1 import embed, knn_votes, preselect
+from ntkselect.model.runtime import Runtime
+from ntkselect.selection.ntk.stage1 import embed, knn_votes, preselect
 
 
 def brute_votes(d, p, k):

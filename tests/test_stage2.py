@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import make_lora_model
-from ntkselect.projection import BLOCK_ROWS, PAPER_PROJ_DIM, RademacherProjector
-from ntkselect.runtime import Runtime
-from ntkselect.stage2 import domain_mean_gradient, per_example_gradients, projected_features, run_stage2
+from ntkselect.grads.projection import BLOCK_ROWS, PAPER_PROJ_DIM, RademacherProjector
+from ntkselect.model.runtime import Runtime
+from ntkselect.selection.ntk.stage2 import domain_mean_gradient, per_example_gradients, projected_features, run_stage2
 from test_grads import naive_gradients
 
 
@@ -112,7 +112,7 @@ def test_gram_equals_projected_inner_products():
 
 
 def test_out_of_memory_halves_the_batch_and_keeps_scores(model, examples, tokenizer, monkeypatch):
-    import ntkselect.stage2 as s2
+    import ntkselect.selection.ntk.stage2 as s2
 
     dom, cand = examples[:3], examples[3:]
     ref = run_stage2(model, dom, cand, rt_(tokenizer, batch_size=8), proj_dim=0).scores
@@ -131,7 +131,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_scores(model, examples, tokeni
 
 
 def test_non_finite_gradient_names_the_example(model, examples, tokenizer, monkeypatch):
-    import ntkselect.stage2 as s2
+    import ntkselect.selection.ntk.stage2 as s2
     from ntkselect.errors import NtkSelectError
 
     real = s2.summed_logits
@@ -169,7 +169,7 @@ def test_projected_scores_approach_exact_as_p_grows(model, examples, tokenizer):
 
 
 def test_bfloat16_scores_rank_like_float32(tiny_model_dir, tokenizer):
-    from ntkselect.data import Record, tokenize_records
+    from ntkselect.data.records import Record, tokenize_records
     from conftest import make_lora_model as mk
 
     model = mk(tiny_model_dir, seed=9)

@@ -15,9 +15,9 @@ import random
 
 import pytest
 
-from ntkselect import data
-from ntkselect.cli import main
-from ntkselect.data import Record, tokenize_record
+from ntkselect.data import records as data
+from ntkselect.cli.main import main
+from ntkselect.data.records import Record, tokenize_record
 
 LEADING_WS = ["    return x", "  - item\n  - other", "\n\nSecond paragraph.", "\t tab then text", " single space"]
 
@@ -83,7 +83,7 @@ def test_leading_whitespace_responses_select_through_the_cli(template, tiny_mode
 def _ordinary_records():
     """The demo pool and domain (MMLU with lettered options, reasoning-gym with chains of
     thought), the shared fixtures' shapes, and seeded multi-turn conversations."""
-    from ntkselect.demo_data import build_demo_data
+    from ntkselect.data.demo import build_demo_data
 
     rows = []
     rng = random.Random(0)

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from ntkselect.cli import main
-from ntkselect.tsds import draw_order, tsds
+from ntkselect.cli.main import main
+from ntkselect.selection.tsds import draw_order, tsds
 
 from test_cli import data  # noqa: F401  (the shared module fixture)
 from test_plan import POOL, config, files  # noqa: F401
@@ -207,7 +207,7 @@ def test_bad_tsds_option_names_the_flag(data, tiny_model_dir, tmp_path, capsys):
 
 
 def test_dry_run_prices_tsds(files, tiny_model_dir, tmp_path):  # noqa: F811
-    from ntkselect.plan import estimate
+    from ntkselect.runs.plan import estimate
 
     plan = estimate(config(files, tiny_model_dir, tmp_path / "run", method="tsds"))
     assert [s["stage"] for s in plan["stages"]] == ["load", "warm-up", "stage 1"]
@@ -220,7 +220,7 @@ def test_evaluate_adds_tsds_to_a_finished_evaluation(tiny_model_dir, tmp_path, c
     that was run without it (at the defaults the tsds options are not part of its fingerprint)."""
     from test_evaluation import _eval_data
 
-    from ntkselect.evaluate import EvalConfig
+    from ntkselect.evaluation.harness import EvalConfig
 
     p = _eval_data(tmp_path)
     out = tmp_path / "ev"

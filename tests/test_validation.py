@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ntkselect.cli import main
+from ntkselect.cli.main import main
 
 DOMAIN = [{"id": f"d{i}", "question": f"What should a doctor know about {t}?", "answer": f"Facts about {t} matter in the clinic."}
           for i, t in enumerate(["blood pressure", "the kidney", "a fracture", "insulin"])]

@@ -30,9 +30,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ntkselect.demo_data import DOMAINS, LETTERS, load_gsm8k, load_mmlu, reasoning_gym_records
+from ntkselect.data.demo import DOMAINS, LETTERS, load_gsm8k, load_mmlu, reasoning_gym_records
 from ntkselect.errors import NtkSelectError
-from ntkselect.io import atomic_write_json, atomic_write_jsonl, sha256_path
+from ntkselect.files import atomic_write_json, atomic_write_jsonl, sha256_path
 
 MATH_MMLU = ("elementary_mathematics", "high_school_mathematics", "high_school_statistics", "college_mathematics")
 MED_RELATED_MMLU = ("college_biology", "high_school_biology", "nutrition", "virology", "human_aging")

@@ -1,25 +1,25 @@
 """ntkselect: select auxiliary fine-tuning data with the Jacobian-free NTK (NTK-Selector).
 
-The pipeline is one module per stage: :mod:`~ntkselect.warmup`, :mod:`~ntkselect.stage1`,
-:mod:`~ntkselect.stage2`; :func:`select` runs them all from a :class:`SelectConfig`; :func:`run_evaluation` compares NTK-Selector
-with the baselines in :mod:`~ntkselect.selectors` by fine-tuning and testing.
+The pipeline is one module per stage: :mod:`~ntkselect.training.warmup`, :mod:`~ntkselect.selection.ntk.stage1`,
+:mod:`~ntkselect.selection.ntk.stage2`; :func:`select` runs them all from a :class:`SelectConfig`; :func:`run_evaluation` compares NTK-Selector
+with the baselines in :mod:`~ntkselect.selection.selectors` by fine-tuning and testing.
 """
 
-from .config import SelectConfig
-from .data import Record, load_records, tokenize_records
-from .diagnose import DiagnoseOptions, diagnose
-from .errors import NtkSelectError
-from .evaluate import EvalConfig, run_evaluation
-from .evaluation import evaluate_mc, mc_items
-from .finetune import FinetuneRecipe, finetune
-from .pipeline import SelectionResult, select
-from .projection import RademacherProjector
-from .report import build_report
-from .runtime import Runtime
-from .selectors import SELECTORS, get_selector
-from .stage1 import embed, preselect
-from .stage2 import run_stage2
-from .warmup import WarmupOptions, add_lora, warmup
+from ntkselect.config import SelectConfig
+from ntkselect.data.records import Record, load_records, tokenize_records
+from ntkselect.diagnostics.diagnose import DiagnoseOptions, diagnose
+from ntkselect.errors import NtkSelectError
+from ntkselect.evaluation.harness import EvalConfig, run_evaluation
+from ntkselect.evaluation.metrics import evaluate_mc, mc_items
+from ntkselect.training.finetune import FinetuneRecipe, finetune
+from ntkselect.pipeline import SelectionResult, select
+from ntkselect.grads.projection import RademacherProjector
+from ntkselect.report.html import build_report
+from ntkselect.model.runtime import Runtime
+from ntkselect.selection.selectors import SELECTORS, get_selector
+from ntkselect.selection.ntk.stage1 import embed, preselect
+from ntkselect.selection.ntk.stage2 import run_stage2
+from ntkselect.training.warmup import WarmupOptions, add_lora, warmup
 
 __version__ = "0.1.0"
 

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import NtkSelectError
+from ntkselect.errors import NtkSelectError
 
 __all__ = ["SelectConfig", "check_types", "value_problem", "MAX_INT", "MAX_PROJ_DIM", "check_limits"]
 
@@ -69,7 +69,7 @@ def check_types(obj, flag=lambda name: "--" + name.replace("_", "-")) -> None:
 
 def check_limits(obj, names_proj=("proj_dim",), flag=lambda name: "--" + name.replace("_", "-")) -> None:
     """Upper limits shared by the commands: threads (the CPUs), projection dimensions, the device."""
-    from .runtime import check_device
+    from ntkselect.model.runtime import check_device
 
     cpus = os.cpu_count() or 1
     if getattr(obj, "threads", 0) > cpus:

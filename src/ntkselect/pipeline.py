@@ -20,16 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import SelectConfig
-from .data import Record, load_records, record_text, token_convention, tokenize_records
-from .errors import NtkSelectError
-from .io import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, sha256_path
-from .model import check_model_options, load_tokenizer, resolve_model
-from .runfolder import SELECT, Run, check_paths, open_run
-from .preflight import preflight_select
-from .runtime import Runtime, resolve_device, resolve_precision
-from .selectors import Ranking, SelectionContext, get_selector
-from .shards import digest
+from ntkselect.config import SelectConfig
+from ntkselect.data.records import Record, load_records, record_text, token_convention, tokenize_records
+from ntkselect.errors import NtkSelectError
+from ntkselect.files import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, sha256_path
+from ntkselect.model.loading import check_model_options, load_tokenizer, resolve_model
+from ntkselect.runs.folder import SELECT, Run, check_paths, open_run
+from ntkselect.model.preflight import preflight_select
+from ntkselect.model.runtime import Runtime, resolve_device, resolve_precision
+from ntkselect.selection.selectors import Ranking, SelectionContext, get_selector
+from ntkselect.runs.shards import digest
 
 __all__ = ["SelectionResult", "Inputs", "select", "load_inputs", "make_runtime", "write_selection", "package_versions", "summarise"]
 

@@ -1,0 +1,1 @@
+"""ntkselect.selection: selectors: random, embedding, bm25, less, tsds, ntk."""
