@@ -5,29 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from helpers import CLI_TOPICS
 from ntkselect.cli.main import main
-
-TOPICS = ["blood pressure", "the kidney", "a fracture", "insulin", "fever", "the liver", "asthma", "a vaccine"]
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    domain = [{"question": f"What should a doctor know about {t}?", "answer": f"Facts about {t} matter in the clinic."} for t in TOPICS]
-    pool = [{"id": f"p{i}", "prompt": f"Question {i}: tell me about {w}.", "response": f"{w.capitalize()} is topic {i}.", "source": src}
-            for i, (w, src) in enumerate([(w, s) for s in ("medicine", "maths", "law") for w in (TOPICS if s == "medicine" else ["algebra", "a contract", "primes", "torts", "integrals", "a judge", "vectors", "a treaty"])])]
-    pool.append({"text": "A plain text record about the heart and its valves."})
-    return write_jsonl(d / "domain.jsonl", domain), write_jsonl(d / "pool.jsonl", pool), pool
-
 
 def run(args):
     return main([str(a) for a in args])
@@ -62,7 +44,7 @@ def test_select_writes_every_output(data, tiny_model_dir, tmp_path, capsys):
     assert min(s["score"] for s in scores if s["selected"]) >= max(s["score"] for s in scores if not s["selected"])
 
     train = (out / "train.jsonl").read_text().splitlines()
-    assert len(train) == len(TOPICS) + 5
+    assert len(train) == len(CLI_TOPICS) + 5
 
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and m["seed"] == 0 and m["config"]["n"] == 5

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import write_eval_data
 from ntkselect.data.records import Record
 from ntkselect.errors import NtkSelectError
 from ntkselect.evaluation.metrics import MCItem, evaluate_mc, mc_items, option_loglikelihoods
@@ -121,25 +122,6 @@ def test_eval_split_is_stratified_disjoint_and_seeded(tmp_path):
     assert all(abs(a["test_per_subject"][s] / total - a["train_per_subject"][s] / 40) < 0.06 for s in a["domain_subjects"])
 
 
-def _eval_data(tmp_path):
-    """A tiny domain of lettered questions, its test split, and a pool with one test question planted in it."""
-    def q(i, topic):
-        return {"id": f"{topic}{i}", "prompt": f"About {topic} {i}?\nA. yes\nB. no\nC. maybe\nD. never\nAnswer:", "response": "A. yes",
-                "answer": "A", "subject": topic}
-    train = [q(i, "heart") for i in range(6)]
-    test = [{**q(i, "heart"), "options": ["A", "B", "C", "D"]} for i in range(6, 10)]
-    pool = [{"id": f"p{i}", "prompt": f"Tell me about {w} {i}.", "response": f"{w} fact {i}.", "source": w,
-             "relation": "related" if w in ("heart", "kidney") else "unrelated"} for i, w in
-            enumerate(["law", "math", "heart", "kidney"] * 3)]
-    pool.append({**test[0], "id": "leak"})  # a test question in the pool: must never be selected
-    extra = [q(i, "heart") for i in range(10, 15)]  # the oracle's in-domain records
-    paths = {}
-    for name, rows in (("train", train), ("test", test), ("pool", pool), ("extra", extra)):
-        paths[name] = tmp_path / f"{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return paths
-
-
 def man_summary(out):
     return json.loads((out / "manifest.json").read_text())["summary"]
 
@@ -147,7 +129,7 @@ def man_summary(out):
 def test_evaluate_end_to_end_resumes_and_refuses_a_changed_config(tiny_model_dir, tmp_path, capsys):
     from ntkselect.cli.main import main
 
-    p = _eval_data(tmp_path)
+    p = write_eval_data(tmp_path)
     out = tmp_path / "ev"
     args = ["evaluate", "--domain-train", p["train"], "--domain-test", p["test"], "--pool", p["pool"], "--n", 3, "--out", out,
             "--model", tiny_model_dir, "--seeds", 2, "--methods", "domain-only,oracle,random,bm25,embedding,less,ntk", "--knn-k", 2,

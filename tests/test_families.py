@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from families import FAMILIES, synthetic_examples, tiny_lora_model
+from helpers import FAMILIES, synthetic_examples, tiny_lora_model
 from ntkselect.data.batching import collate
 from ntkselect.grads.fused import lora_parameters
 from ntkselect.model.heads import lm_head

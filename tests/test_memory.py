@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_lora_model
+from helpers import make_lora_model
 from ntkselect.data.batching import collate, make_batches
 from ntkselect.grads.fused import FusedLoraGradients, lora_parameters
 from ntkselect.model.lm import summed_head, summed_logits

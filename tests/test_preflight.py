@@ -52,17 +52,13 @@ def unknown_head_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def family_dir(tmp_path_factory, tokenizer):
     """Tiny models of other families with the test tokenizer's vocabulary, saved as HF folders."""
-    import families
+    from helpers import tiny_model
 
     made = {}
 
     def get(name):
         if name not in made:
-            families.V = len(tokenizer)
-            try:
-                model = families.tiny_model(name)
-            finally:
-                families.V = 96
+            model = tiny_model(name, vocab=len(tokenizer))
             made[name] = _save(model, tokenizer, tmp_path_factory.mktemp(name))
         return made[name]
 
@@ -139,7 +135,7 @@ def test_soft_capped_model_selects_with_a_one_line_notice(files, family_dir, tmp
 
 
 def test_the_checked_model_comes_back_unchanged(tiny_model_dir, examples, tokenizer):
-    from conftest import make_lora_model
+    from helpers import make_lora_model
     from ntkselect.grads.fused import lora_parameters
     from ntkselect.model.preflight import check_model
     from ntkselect.model.runtime import Runtime

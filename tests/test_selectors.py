@@ -12,11 +12,10 @@ import torch
 from ntkselect.cli.main import main
 from ntkselect.selection.selectors import METHODS
 
-from conftest import make_lora_model
-from test_cli import data  # noqa: F401  (the shared module fixture)
+from helpers import make_lora_model
 
 
-def _run(data, model, out, method, seed=0, *extra):  # noqa: F811
+def _run(data, model, out, method, seed=0, *extra):
     dom, pool, _ = data
     args = ["select", "--domain", dom, "--pool", pool, "--n", 5, "--out", out, "--model", model, "--method", method,
             "--seed", seed, "--warmup-epochs", 1, "--knn-k", 2, "--less-proj-dim", 64, "--batch-size", 4, "--max-batch-tokens", 512, *extra]
@@ -26,7 +25,7 @@ def _run(data, model, out, method, seed=0, *extra):  # noqa: F811
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_each_selector_returns_n_distinct_pool_ids_deterministically(data, tiny_model_dir, tmp_path, method):  # noqa: F811
+def test_each_selector_returns_n_distinct_pool_ids_deterministically(data, tiny_model_dir, tmp_path, method):
     _, _, pool = data
     a, man = _run(data, tiny_model_dir, tmp_path / "a", method)
     b, _ = _run(data, tiny_model_dir, tmp_path / "b", method)
@@ -45,13 +44,13 @@ def test_each_selector_returns_n_distinct_pool_ids_deterministically(data, tiny_
     assert len((tmp_path / "a" / "train.jsonl").read_text().splitlines()) == 8 + 5
 
 
-def test_random_depends_on_seed(data, tiny_model_dir, tmp_path):  # noqa: F811
+def test_random_depends_on_seed(data, tiny_model_dir, tmp_path):
     a, _ = _run(data, tiny_model_dir, tmp_path / "a", "random", 0)
     b, _ = _run(data, tiny_model_dir, tmp_path / "b", "random", 1)
     assert [r.get("id") for r in a] != [r.get("id") for r in b]
 
 
-def test_bm25_prefers_lexical_matches(data, tiny_model_dir, tmp_path):  # noqa: F811
+def test_bm25_prefers_lexical_matches(data, tiny_model_dir, tmp_path):
     # the domain asks about the eight medical topics; the pool's medicine records name them
     sel, _ = _run(data, tiny_model_dir, tmp_path / "a", "bm25")
     assert all(r.get("source") == "medicine" for r in sel)

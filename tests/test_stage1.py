@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from conftest import make_lora_model
+from helpers import make_lora_model
 from ntkselect.model.runtime import Runtime
 from ntkselect.selection.ntk.stage1 import embed, knn_votes, preselect
 

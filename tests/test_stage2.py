@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_lora_model
+from helpers import make_lora_model, naive_gradients
 from ntkselect.grads.projection import BLOCK_ROWS, PAPER_PROJ_DIM, RademacherProjector
 from ntkselect.model.runtime import Runtime
 from ntkselect.selection.ntk.stage2 import domain_mean_gradient, per_example_gradients, projected_features, run_stage2
-from test_grads import naive_gradients
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +169,7 @@ def test_projected_scores_approach_exact_as_p_grows(model, examples, tokenizer):
 
 def test_bfloat16_scores_rank_like_float32(tiny_model_dir, tokenizer):
     from ntkselect.data.records import Record, tokenize_records
-    from conftest import make_lora_model as mk
+    from helpers import make_lora_model as mk
 
     model = mk(tiny_model_dir, seed=9)
     words = ["heart", "kidney", "liver", "bone", "blood", "lung", "skin", "brain", "nerve", "muscle"]

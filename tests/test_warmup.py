@@ -42,7 +42,7 @@ def test_zero_epochs_leaves_the_fresh_adapter(tiny_model_dir, examples, tokenize
 
 
 def test_fused_training_gradients_equal_autograd_through_peft(tiny_model_dir, examples, tokenizer):
-    from conftest import make_lora_model
+    from helpers import make_lora_model
     from ntkselect.grads.fused import lora_parameters
     from ntkselect.training.warmup import loss_and_grads
 
