@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import importlib.metadata
+import logging
 import os
 import platform
 import shutil
@@ -16,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,6 +34,8 @@ from ntkselect.selection.selectors import Ranking, SelectionContext, get_selecto
 from ntkselect.runs.shards import digest
 
 __all__ = ["SelectionResult", "Inputs", "select", "load_inputs", "make_runtime", "write_selection", "package_versions", "summarise"]
+
+logger = logging.getLogger(__name__)
 
 OUTPUTS = ("selected.jsonl", "scores.jsonl", "train.jsonl", "manifest.json", "adapter")  # also work/, shards.jsonl, run.json: runfolder.SELECT
 
@@ -74,7 +78,7 @@ def _diff(old: dict, new: dict) -> list[str]:
     return out or ["format"]
 
 
-def _prepare_out(cfg: SelectConfig, run: Run, fp: dict, log=print, before_write=None) -> Path:
+def _prepare_out(cfg: SelectConfig, run: Run, fp: dict, log: Callable[[str], None], before_write=None) -> Path:
     """Decide where this run writes, in the run folder ``run`` (locked, see runfolder.py).
 
     ``run.json`` (written first) records what the run is computed from; ``manifest.json``
@@ -158,9 +162,10 @@ class Inputs:
     seconds: float
 
 
-def load_inputs(cfg: SelectConfig, log=print, exclude_texts: set[str] | None = None, exclude_reason: str = "") -> Inputs:
+def load_inputs(cfg: SelectConfig, log: Callable[[str], None] | None = None, exclude_texts: set[str] | None = None, exclude_reason: str = "") -> Inputs:
     """Read, de-duplicate and tokenize D and C. ``exclude_texts`` drops further pool records
     (``ntkselect evaluate`` passes the test set's texts, so no method can select a test question)."""
+    log = log or logger.info
     t = time.perf_counter()
     domain = load_records(cfg.domain)
     pool_all = load_records(cfg.pool)
@@ -198,8 +203,10 @@ def _run_inputs(cfg: SelectConfig, model_path: str | None = None) -> dict:
     return {"--domain": cfg.domain, "--pool": cfg.pool, "--model": model_path if model_path and Path(model_path).is_dir() else None}
 
 
-def select(cfg: SelectConfig, log=print) -> SelectionResult:
-    """Run ``cfg.method`` on ``cfg.domain`` and ``cfg.pool`` and write the run folder ``cfg.out``."""
+def select(cfg: SelectConfig, log: Callable[[str], None] | None = None) -> SelectionResult:
+    """Run ``cfg.method`` on ``cfg.domain`` and ``cfg.pool`` and write the run folder ``cfg.out``.
+    Progress messages go to ``log`` (default: this module's logger, at INFO)."""
+    log = log or logger.info
     cfg.validate()
     t_start = time.perf_counter()
     check_paths(cfg.out, SELECT, _run_inputs(cfg))  # before the inputs are read: fail in a second

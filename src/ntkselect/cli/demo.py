@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 from ntkselect.config import MAX_INT, SelectConfig
 from ntkselect.data.demo import build_demo_data
@@ -15,10 +17,14 @@ from ntkselect.selection.selectors import get_selector
 
 __all__ = ["run_demo"]
 
+logger = logging.getLogger(__name__)
+
 
 def run_demo(out: str, domain: str = "medical", n_domain: int = 100, n_pool_mmlu: int = 800, n_pool_reasoning: int = 200,
-             data_seed: int = 0, base: SelectConfig | None = None, log=print) -> SelectionResult:
-    """Write the demo data to ``out/data`` and run the selection into ``out``."""
+             data_seed: int = 0, base: SelectConfig | None = None, log: Callable[[str], None] | None = None) -> SelectionResult:
+    """Write the demo data to ``out/data`` and run the selection into ``out``; progress messages go
+    to ``log`` (default: this module's logger, at INFO)."""
+    log = log or logger.info
     data = Path(out) / "data"
     # every option is checked before the data is written
     for flag, value in (("--domain-size", n_domain), ("--pool-mmlu", n_pool_mmlu), ("--pool-reasoning", n_pool_reasoning), ("--data-seed", data_seed)):

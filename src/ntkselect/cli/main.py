@@ -2,6 +2,11 @@
 
 Flags for ``select`` are generated from :class:`~ntkselect.config.SelectConfig`, so every
 option has one name, one default and one help text.
+
+The library reports through :mod:`logging` (the ``ntkselect`` loggers) and prints nothing
+itself; while a command runs, :func:`main` shows those messages as plain lines, information
+on stdout and warnings on stderr. What a command produces (the plan, the summary, the file it
+wrote) and its one-line errors are printed here.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import logging
 import os
 import sys
 from pathlib import Path
@@ -141,8 +147,43 @@ def _diagnostic_command(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ConsoleHandler(logging.Handler):
+    """ntkselect's log messages as the bare lines the CLI shows: INFO on stdout, WARNING and above
+    on stderr. The stream is looked up for each message, so redirections made after the handler
+    was installed (pytest's capture, contextlib.redirect_stdout) see it; errors writing it (a
+    closed pipe) propagate as they would from print."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr
+        stream.write(self.format(record) + "\n")
+        stream.flush()
+
+
+@contextlib.contextmanager
+def _console_logging():
+    """Show the ``ntkselect`` loggers' INFO messages on the console while a command runs, and
+    only there (not also through handlers the caller put on the root logger); restored after."""
+    lg = logging.getLogger("ntkselect")
+    handler = _ConsoleHandler()
+    saved = lg.level, lg.propagate
+    lg.addHandler(handler)
+    lg.setLevel(logging.INFO)
+    lg.propagate = False
+    try:
+        yield
+    finally:
+        lg.removeHandler(handler)
+        lg.setLevel(saved[0])
+        lg.propagate = saved[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with _console_logging():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command in ("diagnose", "report"):
             return _diagnostic_command(args)

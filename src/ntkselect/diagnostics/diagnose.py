@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import tempfile
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -70,6 +71,8 @@ __all__ = [
     "multiple_choice_examples",
     "letter_accuracy",
 ]
+
+logger = logging.getLogger(__name__)
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -514,7 +517,7 @@ def _check_memory(opts: DiagnoseOptions, n_lora: int, tokenizer) -> None:
                              "lower --jf-examples or --jf-outputs, use --jf-method sampled, or a smaller --lora-r")
 
 
-def _prepare_out(opts: DiagnoseOptions, stack: contextlib.ExitStack, log=print, before_write=None) -> Run:
+def _prepare_out(opts: DiagnoseOptions, stack: contextlib.ExitStack, log: Callable[[str], None], before_write=None) -> Run:
     """Lock --out and decide where the diagnostics go (runfolder.py): finished diagnostics are
     refused without --overwrite, and with it the new ones are written aside and swapped in once
     they are complete; the leftovers of an unfinished run (ntkselect's own) are cleared."""
@@ -557,11 +560,12 @@ def _clean(obj):
     return obj
 
 
-def diagnose(opts: DiagnoseOptions, log=print) -> dict:
+def diagnose(opts: DiagnoseOptions, log: Callable[[str], None] | None = None) -> dict:
     """Run every diagnostic; write ``diagnostics.json``, ``kernels.npz``, PNG plots and
-    ``checkpoints/`` to ``opts.out``; return the diagnostics dict."""
+    ``checkpoints/`` to ``opts.out``; return the diagnostics dict. Progress messages go to ``log``
+    (default: this module's logger, at INFO)."""
     with contextlib.ExitStack() as stack:  # holds the lock on --out to the end (runfolder.py)
-        return _diagnose(opts, log, stack)
+        return _diagnose(opts, log or logger.info, stack)
 
 
 def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:

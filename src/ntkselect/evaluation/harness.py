@@ -25,13 +25,14 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import os
 import tempfile
 import time
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -51,6 +52,8 @@ from ntkselect.selection.selectors import SELECTORS, SelectionContext, get_selec
 from ntkselect.evaluation.stats import bootstrap_indices, gap_closed, paired_bootstrap, paired_sign_flip_test
 
 __all__ = ["EvalConfig", "run_evaluation", "paired_sign_flip_test"]
+
+logger = logging.getLogger(__name__)
 
 BASELINE = "domain-only"
 ORACLE = "oracle"
@@ -320,9 +323,10 @@ def _oracle_pick(extra: list[Record], n: int, seed: int) -> list[Record]:
     return [extra[int(i)] for i in idx]
 
 
-def run_evaluation(cfg: EvalConfig, log=print) -> dict:
+def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] | None = None) -> dict:
+    """Run the evaluation; progress messages go to ``log`` (default: this module's logger, at INFO)."""
     with contextlib.ExitStack() as stack:  # holds the lock on --out to the end (runfolder.py)
-        return _run_evaluation(cfg, log, stack)
+        return _run_evaluation(cfg, log or logger.info, stack)
 
 
 def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:

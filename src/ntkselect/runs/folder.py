@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -43,6 +44,8 @@ from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_write_json
 
 __all__ = ["Layout", "Run", "open_run", "check_paths", "LOCK", "RECORD", "SELECT", "EVALUATE", "DIAGNOSE", "EVAL_DATA", "DEMO_DATA"]
+
+logger = logging.getLogger(__name__)
 
 LOCK = ".ntkselect.lock"
 RECORD = ".ntkselect.json"
@@ -415,14 +418,15 @@ class Run:
 
 @contextlib.contextmanager
 def open_run(out: str | os.PathLike, layout: Layout, inputs: dict[str, str | os.PathLike | None] | None = None, flag: str = "--out",
-             log: Callable[[str], None] = print, only: tuple[str, ...] = ()) -> Iterator[Run]:
+             log: Callable[[str], None] | None = None, only: tuple[str, ...] = ()) -> Iterator[Run]:
     """Check ``out`` against ``inputs``, lock it, refuse entries of ``layout`` that are not
     ours, sweep temporary files and finish an interrupted swap; yield the :class:`Run`.
 
     Nothing is written before the checks pass, except the lock (removed again), and ``out``
     itself when it did not exist (removed again if the run is refused before writing). ``only``
     names the entries this invocation writes when it writes just some of the layout's (``report``
-    writes report.html into a selection run)."""
+    writes report.html into a selection run). Messages go to ``log`` (default: this module's logger, at INFO)."""
+    log = log or logger.info
     out = check_paths(out, layout, inputs or {}, flag)
     created = [p for p in (out, *out.parents) if not p.exists()]
     try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from ntkselect.files import atomic_open, atomic_write_json
 from ntkselect.progress import Progress
 
 __all__ = ["ShardSpec", "plan_shards", "ShardStore", "LocalExecutor", "RayExecutor", "run_sharded", "TASKS"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -210,7 +213,7 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, worker_spec: dict, address: str | None = None, workers: int = 0, log=print):
+    def __init__(self, worker_spec: dict, address: str | None = None, workers: int = 0, log=None):
         try:
             import ray
         except ImportError:
@@ -232,7 +235,7 @@ class RayExecutor:
         ref = ray.put(spec)
         cls = _worker_class()
         self.actors = [cls.options(num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else threads).remote(ref) for _ in range(n)]
-        log(f"ntkselect: Ray executor with {n} {'GPU' if use_gpu else 'CPU'} worker(s) on {address or 'a local cluster'}")
+        (log or logger.info)(f"ntkselect: Ray executor with {n} {'GPU' if use_gpu else 'CPU'} worker(s) on {address or 'a local cluster'}")
 
     def worker_pids(self) -> list[int]:
         return self.ray.get([a.pid.remote() for a in self.actors])
@@ -276,7 +279,7 @@ def run_sharded(stage: str, task: str, examples: Sequence, specs: Sequence[Shard
     if len(todo) < len(specs):
         store.skipped[stage] = store.skipped.get(stage, 0) + len(specs) - len(todo)
         store.log({"event": "resume", "stage": stage, "shards_done": len(specs) - len(todo), "shards": len(specs)})
-        print(f"{desc}: {len(specs) - len(todo)} of {len(specs)} shards already done, resuming", flush=True)
+        logger.info(f"{desc}: {len(specs) - len(todo)} of {len(specs)} shards already done, resuming")
     if todo:
         prog = Progress(f"{desc} ({len(todo)} shards, {executor.name})", sum(s.size for s in todo), enabled=progress, interval=10.0)
         jobs = [(s, list(examples[s.start : s.stop]), list(ids[s.start : s.stop]) if ids is not None else None) for s in todo]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 import tempfile
@@ -54,6 +55,8 @@ from ntkselect.selection.tsds import draw_order, tsds
 from ntkselect.training.warmup import WarmupOptions, add_lora, per_example_loss, warmup
 
 __all__ = ["Ranking", "SelectionContext", "Selector", "SELECTORS", "get_selector", "METHODS"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,8 +91,8 @@ class SelectionContext:
     rerun resumes exactly where a crash stopped and cannot mix results of different runs."""
 
     def __init__(self, cfg: SelectConfig, domain: Sequence[Record], pool: Sequence[Record], dom_ex: Sequence, pool_ex: Sequence,
-                 rt: Runtime, log=print, work_dir: str | None = None, key: str = "", log_path: str | None = None):
-        self.cfg, self.domain, self.pool, self.dom_ex, self.pool_ex, self.rt, self.log = cfg, domain, pool, dom_ex, pool_ex, rt, log
+                 rt: Runtime, log=None, work_dir: str | None = None, key: str = "", log_path: str | None = None):
+        self.cfg, self.domain, self.pool, self.dom_ex, self.pool_ex, self.rt, self.log = cfg, domain, pool, dom_ex, pool_ex, rt, log or logger.info
         self.work_dir = work_dir
         self.key = key or digest(cfg.to_dict())
         self.store = ShardStore(Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="ntkselect-")), log_path)

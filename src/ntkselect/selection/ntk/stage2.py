@@ -20,8 +20,8 @@ per-pair kernels.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,8 @@ from ntkselect.grads.projection import RademacherProjector
 from ntkselect.model.runtime import Runtime
 
 __all__ = ["Stage2Result", "per_example_gradients", "domain_mean_gradient", "domain_vector", "score_against", "projected_features", "run_stage2"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -142,7 +144,7 @@ def _backward_loop(model, examples, rt: Runtime, desc: str, fused: bool, ids, st
                 if len(idx) == 1:
                     raise NtkSelectError(f"{desc}: out of memory on a single example ({_label(idx[0], ids)}, {len(examples[idx[0]].input_ids)} tokens); lower --max-length") from None
                 cap = max(1, len(idx) // 2)
-                print(f"{desc}: out of memory with {len(idx)} examples per batch; retrying with {cap}", file=sys.stderr)
+                logger.warning(f"{desc}: out of memory with {len(idx)} examples per batch; retrying with {cap}")
                 pending.insert(0, idx)
                 continue
             yield batch, hooks
