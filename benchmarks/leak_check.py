@@ -11,8 +11,8 @@ import argparse
 import random
 import time
 
-from ntkselect.data.records import Record
 from ntkselect.data.leak import TestQuestions
+from ntkselect.data.records import Record
 
 
 def main() -> None:

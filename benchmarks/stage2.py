@@ -31,9 +31,9 @@ import torch
 from ntkselect.data.batching import collate
 from ntkselect.data.records import load_records, tokenize_records
 from ntkselect.grads.fused import lora_parameters
+from ntkselect.grads.projection import RademacherProjector
 from ntkselect.model.lm import final_hidden
 from ntkselect.model.loading import load_model, load_tokenizer
-from ntkselect.grads.projection import RademacherProjector
 from ntkselect.model.runtime import Runtime, resolve_device, resolve_precision
 from ntkselect.selection.ntk.stage1 import embed
 from ntkselect.selection.ntk.stage2 import domain_mean_gradient, projected_features, score_against
@@ -113,7 +113,7 @@ def less_reference(model, examples, projector, rt):
 
 @torch.no_grad()
 def plain_forward(base, examples, rt):
-    from ntkselect.data.batching import make_batches, iter_batches
+    from ntkselect.data.batching import iter_batches, make_batches
 
     for batch in iter_batches(examples, make_batches([len(e.input_ids) for e in examples], rt.batch_size, rt.max_batch_tokens), rt.pad_id):
         batch = batch.to(rt.device)
@@ -216,7 +216,8 @@ def main(argv=None):
     if "stage1" not in skip:
         _, t, m = timed(device, lambda: embed(model, cand, rt))
         report("stage1", len(cand), t, m)
-        print(f"stage 1 throughput {rows['stage1']['tokens_per_s']:.0f} tok/s = {rows['stage1']['tokens_per_s'] / rows['forward']['tokens_per_s']:.2f} x the plain forward pass")
+        print(f"stage 1 throughput {rows['stage1']['tokens_per_s']:.0f} tok/s = "
+              f"{rows['stage1']['tokens_per_s'] / rows['forward']['tokens_per_s']:.2f} x the plain forward pass")
 
     out = {"model": args.model, "candidates": len(cand), "tokens": n_tok, "grad_dim": dim, "proj_dim": args.proj_dim,
            "device": str(device), "precision": str(rt.dtype).replace("torch.", ""), "rows": rows}

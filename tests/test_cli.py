@@ -11,6 +11,7 @@ import pytest
 from helpers import CLI_TOPICS
 from ntkselect.cli.main import main
 
+
 def run(args):
     return main([str(a) for a in args])
 
@@ -64,11 +65,11 @@ def test_same_seed_same_outputs_other_seed_differs(data, tiny_model_dir, tmp_pat
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         assert run(args_for(data, tiny_model_dir, tmp_path / name, "--seed", seed, "--batch-size", 4 if name == "b" else 16)) == 0
     read = lambda name, f: (tmp_path / name / f).read_text()
-    sel = lambda name: [json.loads(l)["selection_rank"] for l in read(name, "selected.jsonl").splitlines()]
-    ids = lambda name: [json.loads(l).get("id") for l in read(name, "selected.jsonl").splitlines()]
+    sel = lambda name: [json.loads(line)["selection_rank"] for line in read(name, "selected.jsonl").splitlines()]
+    ids = lambda name: [json.loads(line).get("id") for line in read(name, "selected.jsonl").splitlines()]
     assert ids("a") == ids("b") and sel("a") == sel("b")  # batch size does not change the selection
-    sa = [json.loads(l)["score"] for l in read("a", "scores.jsonl").splitlines()]
-    sb = [json.loads(l)["score"] for l in read("b", "scores.jsonl").splitlines()]
+    sa = [json.loads(line)["score"] for line in read("a", "scores.jsonl").splitlines()]
+    sb = [json.loads(line)["score"] for line in read("b", "scores.jsonl").splitlines()]
     assert sa == pytest.approx(sb, rel=1e-5)
     assert read("a", "scores.jsonl") != read("c", "scores.jsonl")
 
@@ -117,19 +118,23 @@ def test_select_reads_every_input_format(data, tiny_model_dir, tmp_path, fmt):
     _, pool_path, pool = data
     rows = [{"prompt": r.get("prompt", r.get("text")), "response": r.get("response", "ok"), "source": r.get("source", "text")} for r in pool]
     if fmt == "csv":
-        p = tmp_path / "pool.csv"; pd.DataFrame(rows).to_csv(p, index=False)
+        p = tmp_path / "pool.csv"
+        pd.DataFrame(rows).to_csv(p, index=False)
     elif fmt == "parquet":
-        p = tmp_path / "pool.parquet"; pd.DataFrame(rows).to_parquet(p)
+        p = tmp_path / "pool.parquet"
+        pd.DataFrame(rows).to_parquet(p)
     elif fmt == "json":
-        p = tmp_path / "pool.json"; p.write_text(json.dumps(rows))
+        p = tmp_path / "pool.json"
+        p.write_text(json.dumps(rows))
     else:
         import datasets
 
-        p = tmp_path / "pool_hf"; datasets.Dataset.from_list(rows).save_to_disk(str(p))
+        p = tmp_path / "pool_hf"
+        datasets.Dataset.from_list(rows).save_to_disk(str(p))
     args = args_for(data, tiny_model_dir, tmp_path / "run", "--warmup-epochs", 0)
     args[args.index(pool_path)] = p
     assert run(args) == 0
-    ids = [json.loads(l)["id"] for l in (tmp_path / "run" / "scores.jsonl").read_text().splitlines()]
+    ids = [json.loads(line)["id"] for line in (tmp_path / "run" / "scores.jsonl").read_text().splitlines()]
     assert all(i.isdigit() and int(i) < len(rows) for i in ids)  # no id field: the row number
 
 
@@ -153,5 +158,5 @@ def test_demo_command_runs_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert "selected 4 of 28" in printed and "selected by source" in printed
     m = json.loads((out / "manifest.json").read_text())
     assert m["summary"]["by_source"].keys() == {"mmlu", "reasoning_gym"}
-    domain = [json.loads(l) for l in (out / "data" / "domain.jsonl").read_text().splitlines()]
+    domain = [json.loads(line) for line in (out / "data" / "domain.jsonl").read_text().splitlines()]
     assert len(domain) == 8 and all(r["subject"] in ("anatomy", "clinical_knowledge", "college_medicine", "medical_genetics", "professional_medicine") for r in domain)

@@ -13,11 +13,20 @@ import numpy as np
 import pytest
 import torch
 
-from ntkselect.data.batching import collate
 from ntkselect.cli.main import main
+from ntkselect.data.batching import collate
 from ntkselect.data.records import Record, TokenizedExample
-from ntkselect.diagnostics.diagnose import (DiagnoseOptions, cos_f, kernel_ridge, kernel_ridge_loo, letter_accuracy, multiple_choice_examples,
-                                output_gradients, output_kernel_check, spearman)
+from ntkselect.diagnostics.diagnose import (
+    DiagnoseOptions,
+    cos_f,
+    kernel_ridge,
+    kernel_ridge_loo,
+    letter_accuracy,
+    multiple_choice_examples,
+    output_gradients,
+    output_kernel_check,
+    spearman,
+)
 from ntkselect.errors import NtkSelectError
 from ntkselect.grads.fused import lora_parameters
 from ntkselect.model.runtime import Runtime

@@ -20,9 +20,9 @@ import torch
 from helpers import FAMILIES, synthetic_examples, tiny_lora_model
 from ntkselect.data.batching import collate
 from ntkselect.grads.fused import lora_parameters
+from ntkselect.grads.projection import RademacherProjector
 from ntkselect.model.heads import lm_head
 from ntkselect.model.lm import decoder_of, summed_logits
-from ntkselect.grads.projection import RademacherProjector
 from ntkselect.model.runtime import Runtime
 from ntkselect.selection.ntk.stage1 import embed
 from ntkselect.selection.ntk.stage2 import per_example_gradients, projected_features, run_stage2

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from ntkselect.cli.main import main
-from ntkselect.data.records import Record
 from ntkselect.data.leak import MIN_WORDS, TestQuestions, normalise
+from ntkselect.data.records import Record
 
 Q = "Which vessel carries oxygenated blood from the lungs to the heart?\nA. aorta\nB. pulmonary vein\nC. vena cava\nD. carotid\nAnswer:"
 # the same question as a person might paste it elsewhere: other case, spacing, option markers

@@ -12,6 +12,7 @@ from ntkselect.cli.main import main
 from ntkselect.config import SelectConfig
 from ntkselect.runs.plan import estimate, format_plan
 
+
 def test_dry_run_prints_the_plan_and_writes_nothing(plan_files, tiny_model_dir, tmp_path, capsys):
     dom, pool = plan_files
     out = tmp_path / "never" / "run"

@@ -16,6 +16,7 @@ import pytest
 from helpers import run_outputs, sharded_args
 from ntkselect.cli.main import main
 
+
 def test_shard_size_does_not_change_the_selection(big, tiny_model_dir, tmp_path):
     for name, size in (("one", 4096), ("many", 5)):
         assert main([str(a) for a in sharded_args(big, tiny_model_dir, tmp_path / name, "--shard-size", size)]) == 0

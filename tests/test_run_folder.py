@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from ntkselect.runs import folder as runfolder
 from ntkselect.cli.main import main
+from ntkselect.runs import folder as runfolder
 
 DOMAIN = [{"id": f"d{i}", "question": f"What should a doctor know about {t}?", "answer": f"Facts about {t} matter in the clinic."}
           for i, t in enumerate(["blood pressure", "the kidney", "a fracture", "insulin"])]
@@ -184,8 +184,8 @@ def test_overwrite_with_a_bad_flag_keeps_the_finished_run(bad, finished, files, 
 
 @pytest.mark.parametrize("how", ["error", "interrupt"])
 def test_a_failed_or_interrupted_replacement_keeps_the_old_run_and_resumes(how, finished, files, tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from ntkselect.selection import selectors
     from ntkselect.errors import NtkSelectError
+    from ntkselect.selection import selectors
 
     out, before = finished
     real = selectors.NtkSelector.rank
@@ -233,7 +233,7 @@ def test_a_crash_at_any_point_of_the_swap_is_completed_by_the_next_run(files, ti
         shutil.copytree(base, out)
         calls = {"n": 0}
 
-        def flaky(a, b, *rest, k=k):
+        def flaky(a, b, *rest, k=k, calls=calls):
             if os.path.dirname(a) != os.path.dirname(b) and ".ntkselect-" in str(a) + str(b):  # a move of the swap
                 calls["n"] += 1
                 if calls["n"] > k:

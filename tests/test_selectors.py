@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import make_lora_model
 from ntkselect.cli.main import main
 from ntkselect.selection.selectors import METHODS
-
-from helpers import make_lora_model
 
 
 def _run(data, model, out, method, seed=0, *extra):
@@ -79,12 +78,12 @@ def test_embedding_score_is_mean_cosine(tiny_model_dir, tokenizer):
 def test_less_features_equal_naive_adam_preconditioned_loss_gradients(tiny_model_dir, examples, tokenizer):
     """LESS's candidate features: the per-example loss gradient from the hooks, Adam-transformed,
     projected, equal the same computed one example at a time with autograd."""
+    from ntkselect.data.batching import collate
     from ntkselect.grads.fused import flatten_grads, lora_parameters
     from ntkselect.grads.projection import RademacherProjector
     from ntkselect.model.runtime import Runtime
     from ntkselect.selection.ntk.stage2 import projected_features
     from ntkselect.training.warmup import per_example_loss, trained_token_loss
-    from ntkselect.data.batching import collate
 
     model = make_lora_model(tiny_model_dir)
     names = [n for n, _ in lora_parameters(model)]

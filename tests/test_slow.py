@@ -22,11 +22,11 @@ def test_real_model_selects_from_a_handful_of_mmlu_examples(tmp_path):
     rc = main(["select", "--domain", str(tmp_path / "data/domain.jsonl"), "--pool", str(tmp_path / "data/pool.jsonl"),
                "--n", "3", "--out", str(out), "--warmup-epochs", "1", "--knn-k", "2", "--proj-dim", "8192"])
     assert rc == 0
-    sel = [json.loads(l) for l in (out / "selected.jsonl").read_text().splitlines()]
+    sel = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
     assert len(sel) == 3 and all("prompt" in r and "selection_score" in r for r in sel)
     m = json.loads((out / "manifest.json").read_text())
     assert m["stage2"]["proj_dim"] == 8192
     assert m["stage2"]["grad_dim"] == 30 * 8 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))  # all-linear, r = 8
     assert m["tokens"]["domain"]["template"] == "chat"
-    scores = [json.loads(l)["score"] for l in (out / "scores.jsonl").read_text().splitlines()]
+    scores = [json.loads(line)["score"] for line in (out / "scores.jsonl").read_text().splitlines()]
     assert len(scores) == 12 and len(set(scores)) == 12  # real, distinct scores for M = 4N candidates

@@ -168,8 +168,8 @@ def test_projected_scores_approach_exact_as_p_grows(model, examples, tokenizer):
 
 
 def test_bfloat16_scores_rank_like_float32(tiny_model_dir, tokenizer):
-    from ntkselect.data.records import Record, tokenize_records
     from helpers import make_lora_model as mk
+    from ntkselect.data.records import Record, tokenize_records
 
     model = mk(tiny_model_dir, seed=9)
     words = ["heart", "kidney", "liver", "bone", "blood", "lung", "skin", "brain", "nerve", "muscle"]

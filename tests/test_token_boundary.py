@@ -15,8 +15,8 @@ import random
 
 import pytest
 
-from ntkselect.data import records as data
 from ntkselect.cli.main import main
+from ntkselect.data import records as data
 from ntkselect.data.records import Record, tokenize_record
 
 LEADING_WS = ["    return x", "  - item\n  - other", "\n\nSecond paragraph.", "\t tab then text", " single space"]
@@ -88,7 +88,7 @@ def _ordinary_records():
     rows = []
     rng = random.Random(0)
     words = ["the", "heart", "\n", "é", "日本", "🙂", "x", ".", "42", " - ", "Answer:", "(B)"]
-    for i in range(60):
+    for _ in range(60):
         p = "".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
         r = rng.choice(["A", "b", "Hello", "1.", "B. yes"]) + "".join(rng.choice(words) for _ in range(rng.randint(0, 12)))
         rows.append({"prompt": p or "p", "response": r})

@@ -9,10 +9,9 @@ import json
 import numpy as np
 import pytest
 
+from helpers import PLAN_POOL, plan_config, write_eval_data
 from ntkselect.cli.main import main
 from ntkselect.selection.tsds import draw_order, tsds
-
-from helpers import PLAN_POOL, plan_config, write_eval_data
 
 
 def brute_tsds(dom, pool, alpha, c, sigma, max_k, kde_k):

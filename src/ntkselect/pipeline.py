@@ -15,9 +15,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -27,11 +27,11 @@ from ntkselect.data.records import Record, load_records, record_text, token_conv
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, sha256_path
 from ntkselect.model.loading import check_model_options, load_tokenizer, resolve_model
-from ntkselect.runs.folder import SELECT, Run, check_paths, open_run
 from ntkselect.model.preflight import preflight_select
 from ntkselect.model.runtime import Runtime, resolve_device, resolve_precision
-from ntkselect.selection.selectors import Ranking, SelectionContext, get_selector
+from ntkselect.runs.folder import SELECT, Run, check_paths, open_run
 from ntkselect.runs.shards import digest
+from ntkselect.selection.selectors import Ranking, SelectionContext, get_selector
 
 __all__ = ["SelectionResult", "Inputs", "select", "load_inputs", "make_runtime", "write_selection", "package_versions", "summarise"]
 
@@ -141,7 +141,8 @@ def summarise(manifest: dict) -> str:
     if len(s["composition"]) > 12:
         lines.append(f"    ... {len(s['composition']) - 12} more in manifest.json")
     lo, hi = s["score_range_selected"]
-    lines.append(f"  {manifest.get('method', 'ntk')} scores: selected {lo:.4g} .. {hi:.4g}; all ranked candidates {s['score_range_all'][0]:.4g} .. {s['score_range_all'][1]:.4g}")
+    lines.append(f"  {manifest.get('method', 'ntk')} scores: selected {lo:.4g} .. {hi:.4g}; "
+                 f"all ranked candidates {s['score_range_all'][0]:.4g} .. {s['score_range_all'][1]:.4g}")
     lines.append("  time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in manifest["timings"].items()))
     return "\n".join(lines)
 

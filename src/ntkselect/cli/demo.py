@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from ntkselect.config import MAX_INT, SelectConfig
 from ntkselect.data.demo import build_demo_data
 from ntkselect.errors import NtkSelectError
-from ntkselect.pipeline import SelectionResult, select
 from ntkselect.model.loading import check_model_options
+from ntkselect.pipeline import SelectionResult, select
 from ntkselect.runs.folder import DEMO_DATA, SELECT, check_paths
 from ntkselect.selection.selectors import get_selector
 

@@ -17,8 +17,8 @@ import errno
 import logging
 import os
 import sys
-from pathlib import Path
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 from ntkselect.config import SelectConfig
 from ntkselect.errors import NtkSelectError

@@ -8,8 +8,8 @@ depend on how examples were grouped.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -26,7 +26,7 @@ class Batch:
     labels: torch.Tensor  # (B, L) token id at trained tokens, -100 elsewhere (HF shift convention)
     n_tokens: int  # real tokens in the batch
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(
             self.index,
             *(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.position_ids, self.target_mask, self.labels)),

@@ -24,8 +24,9 @@ import hashlib
 import importlib.metadata
 import random
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_write_jsonl, sha256_path

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from ntkselect.data.records import Record, prompt_response, record_kind, record_text
 from ntkselect.errors import NtkSelectError

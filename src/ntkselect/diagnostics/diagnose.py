@@ -38,26 +38,27 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from ntkselect.data.batching import collate, make_batches
 from ntkselect.config import check_limits, check_types
+from ntkselect.data.batching import collate, make_batches
 from ntkselect.data.records import Record, TokenizedExample, load_records, prompt_response, record_text, tokenize_record, tokenize_records
 from ntkselect.errors import NtkSelectError
-from ntkselect.grads.fused import flatten_grads, gradient_hooks, lora_parameters
-from ntkselect.model.heads import lm_head
 from ntkselect.files import atomic_replace_dir, atomic_write_json
+from ntkselect.grads.fused import flatten_grads, gradient_hooks, lora_parameters
+from ntkselect.grads.projection import RademacherProjector
+from ntkselect.model.heads import lm_head
 from ntkselect.model.lm import _causal_lm, final_hidden
 from ntkselect.model.preflight import check_model
-from ntkselect.progress import Progress
-from ntkselect.grads.projection import RademacherProjector
-from ntkselect.runs.folder import DIAGNOSE, Run, check_paths, open_run
 from ntkselect.model.runtime import Runtime, resolve_device, resolve_precision
+from ntkselect.progress import Progress
+from ntkselect.runs.folder import DIAGNOSE, Run, check_paths, open_run
 
 __all__ = [
     "DiagnoseOptions",
@@ -120,7 +121,7 @@ class DiagnoseOptions:
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     threads: int = _opt(0, "CPU threads for torch (0 = torch's default)")
 
-    def validate(self) -> "DiagnoseOptions":
+    def validate(self) -> DiagnoseOptions:
         def bad(name: str, why: str) -> NtkSelectError:
             return NtkSelectError(f"--{name.replace('_', '-')}: {why} (got {getattr(self, name)!r})")
 
@@ -177,7 +178,7 @@ class DiagnoseOptions:
         return t if t == "all-linear" else [m.strip() for m in t.split(",") if m.strip()]
 
     @classmethod
-    def from_run(cls, run_dir: str, **given) -> "DiagnoseOptions":
+    def from_run(cls, run_dir: str, **given) -> DiagnoseOptions:
         """Options for the data and model of a selection run; ``given`` (non-default) values win."""
         path = Path(run_dir) / "manifest.json"
         try:
@@ -592,7 +593,8 @@ def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
     if opts.n_test == 0:
         krr_note = "--n-test 0"
     elif len(labelled) < opts.n_test + 8:
-        krr_note = f"{len(labelled)} of {len(domain)} domain records are labelled multiple-choice questions (an 'answer' letter A-D with a prompt); need at least --n-test + 8 = {opts.n_test + 8}"
+        krr_note = (f"{len(labelled)} of {len(domain)} domain records are labelled multiple-choice questions (an 'answer' letter A-D with a prompt); "
+                    f"need at least --n-test + 8 = {opts.n_test + 8}")
     test_idx: list[int] = []
     if krr_note is None:
         lab_pos = [i for i, r in enumerate(domain) if _label(r.raw) is not None]
@@ -769,11 +771,14 @@ def summarise(diag: dict) -> str:
     """A few lines for a person."""
     lines = [f"ntkselect diagnose: wrote {diag['options']['out']}/diagnostics.json"]
     for r in diag["kernel_stability"]["checkpoints"]:
-        lines.append(f"  epoch {r['epoch']:.2f}: cos_F vs first {r['cos_f']:.4f}, rank Spearman {r['rank_spearman']:.4f}, top-quarter overlap {r['top_quarter_overlap']:.2f}")
+        lines.append(f"  epoch {r['epoch']:.2f}: cos_F vs first {r['cos_f']:.4f}, rank Spearman {r['rank_spearman']:.4f}, "
+                     f"top-quarter overlap {r['top_quarter_overlap']:.2f}")
     c = diag["jacobian_free"]["cross_output_cosine"]
-    lines.append(f"  cross-output gradient cosines ({c['pairs']} pairs): mean {c['mean']:+.4f}, std {c['std']:.4f}, mean |cos| {c['mean_abs']:.4f}; d^-1/2 = {c['d_inv_sqrt']:.4f}")
+    lines.append(f"  cross-output gradient cosines ({c['pairs']} pairs): mean {c['mean']:+.4f}, std {c['std']:.4f}, mean |cos| {c['mean_abs']:.4f}; "
+                 f"d^-1/2 = {c['d_inv_sqrt']:.4f}")
     rd = diag["jacobian_free"]["relative_difference"]
-    lines.append(f"  Theta~ vs trace of the exact kernel ({diag['jacobian_free']['method']}): median |rel. diff| {rd['median_abs']:.3g}, median Theta~/trace {rd['theta_over_trace_median']:.3g}")
+    lines.append(f"  Theta~ vs trace of the exact kernel ({diag['jacobian_free']['method']}): median |rel. diff| {rd['median_abs']:.3g}, "
+                 f"median Theta~/trace {rd['theta_over_trace_median']:.3g}")
     kr = diag["kernel_regression"]
     if "skipped" in kr:
         lines.append(f"  kernel regression skipped: {kr['skipped']}")

@@ -30,26 +30,27 @@ import os
 import tempfile
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from ntkselect.config import SelectConfig, check_types, value_problem
+from ntkselect.data.leak import TestQuestions
 from ntkselect.data.records import Record, load_records, tokenize_records
 from ntkselect.errors import NtkSelectError
 from ntkselect.evaluation.metrics import evaluate_mc, heldout_loss, is_mc_record, mc_items
-from ntkselect.training.finetune import FinetuneRecipe, finetune
+from ntkselect.evaluation.stats import bootstrap_indices, gap_closed, paired_bootstrap, paired_sign_flip_test
 from ntkselect.files import atomic_open, atomic_write_json, sha256_path
-from ntkselect.data.leak import TestQuestions
 from ntkselect.model.loading import check_model_options, load_model, load_tokenizer
+from ntkselect.model.preflight import preflight_select
 from ntkselect.pipeline import _group, load_inputs, make_runtime, package_versions, write_selection
 from ntkselect.runs.folder import EVALUATE, Run, check_paths, open_run
-from ntkselect.model.preflight import preflight_select
 from ntkselect.selection.selectors import SELECTORS, SelectionContext, get_selector
-from ntkselect.evaluation.stats import bootstrap_indices, gap_closed, paired_bootstrap, paired_sign_flip_test
+from ntkselect.training.finetune import FinetuneRecipe, finetune
 
 __all__ = ["EvalConfig", "run_evaluation", "paired_sign_flip_test"]
 
@@ -143,7 +144,7 @@ class EvalConfig:
                             batch_size=self.batch_size, max_batch_tokens=max(self.max_batch_tokens, self.max_length), precision=self.precision,
                             device=self.device, threads=self.threads, overwrite=True)
 
-    def validate(self) -> "EvalConfig":
+    def validate(self) -> EvalConfig:
         check_types(self)
         for f in fields(self):
             if f.metadata.get("required") and getattr(self, f.name) in ("", None, 0):
@@ -169,7 +170,7 @@ class EvalConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_toml(cls, path: str, overrides: dict | None = None) -> "EvalConfig":
+    def from_toml(cls, path: str, overrides: dict | None = None) -> EvalConfig:
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
@@ -603,7 +604,8 @@ def _write_md(path: Path, cfg, methods, seeds, base, cells, loss, acc, calib, co
         dd, dr = r.get("vs_domain_only"), r.get("vs_random")
         g = r.get("gap_closed")
         lines.append(f"| {m} | {r['loss_mean']:.4f} ± {r['loss_std']:.4f} | {_delta(dd)} | {_delta(dr)} | {_f(dr and dr['p_value'], '.3g')} | "
-                     f"{_better(dr)} | {_gap(g)} | {_related(cells, m, seeds)} | {c['selection_seconds']:.0f} s | {c['selection_tokens'] / 1e3:.0f}K | {c['finetune_seconds']:.0f} s |")
+                     f"{_better(dr)} | {_gap(g)} | {_related(cells, m, seeds)} | {c['selection_seconds']:.0f} s | "
+                     f"{c['selection_tokens'] / 1e3:.0f}K | {c['finetune_seconds']:.0f} s |")
     lines += ["", "Loss: mean negative log-likelihood per trained token of each test record's response (the tokens training trains on), "
               "averaged over records, in nats. Δ < 0: lower loss than the reference. Intervals: percentile bootstrap (2,000 resamples of "
               "seeds and test records). Paired p: two-sided sign-flip test over test records on the seed-averaged difference. "
@@ -614,9 +616,11 @@ def _write_md(path: Path, cfg, methods, seeds, base, cells, loss, acc, calib, co
         ref = BASELINE if BASELINE in methods else None
         bacc = base["accuracy"]
         lines += ["## Accuracy (option log-likelihood)", "",
-                  "| method | accuracy (mean ± sd over seeds) | Δ vs domain-only (mean ± sd) | paired p | better / worse questions | P(correct) | Δ P(correct) | paired p |",
+                  "| method | accuracy (mean ± sd over seeds) | Δ vs domain-only (mean ± sd) | paired p | better / worse questions "
+                  "| P(correct) | Δ P(correct) | paired p |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-                  f"| base (no fine-tuning) | {100 * bacc:.2f} | {_f(100 * (bacc - acc[ref]['mean']) if ref else None, '+.2f')} | | | {_pc(base.get('mean_p_correct'))} | | |"]
+                  f"| base (no fine-tuning) | {100 * bacc:.2f} | {_f(100 * (bacc - acc[ref]['mean']) if ref else None, '+.2f')} | | "
+                  f"| {_pc(base.get('mean_p_correct'))} | | |"]
         for m in methods:
             r = acc[m]
             d = f"{100 * r['delta']:+.2f} ± {100 * r['delta_std']:.2f}" if "delta" in r else ""

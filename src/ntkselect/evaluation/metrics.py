@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,8 +26,8 @@ from ntkselect.data.batching import iter_batches, make_batches
 from ntkselect.data.records import Record, _ids, _render, _where, prompt_response, resolve_template
 from ntkselect.errors import NtkSelectError
 from ntkselect.model.lm import decoder_of, trained_logits
-from ntkselect.progress import Progress
 from ntkselect.model.runtime import Runtime
+from ntkselect.progress import Progress
 
 __all__ = ["MCItem", "MCResult", "mc_items", "is_mc_record", "option_loglikelihoods", "evaluate_mc", "LossResult", "heldout_loss"]
 

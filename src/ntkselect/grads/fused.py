@@ -78,7 +78,7 @@ class LoraGradientHooks:
         if not self.params:
             raise NtkSelectError("the model has no trainable (LoRA) parameters: add a LoRA adapter before computing gradients")
         self.sites: dict[str, _Site] = {}
-        for name, p in self.params:
+        for name, _p in self.params:
             mod_name, _, attr = name.rpartition(".")
             module = model.get_submodule(mod_name)
             if not isinstance(module, nn.Linear) or attr not in ("weight", "bias"):
@@ -91,7 +91,7 @@ class LoraGradientHooks:
         self._mask: torch.Tensor | None = None
 
     # -- capture -------------------------------------------------------------------------
-    def __enter__(self) -> "LoraGradientHooks":
+    def __enter__(self) -> LoraGradientHooks:
         for site in self.sites.values():
             self._handles.append(site.module.register_forward_hook(self._make_hook(site)))
         return self
@@ -319,7 +319,7 @@ class FusedLoraGradients(LoraGradientHooks):
         self._stream: tuple | None = None
         self._acc = None
 
-    def __enter__(self) -> "FusedLoraGradients":
+    def __enter__(self) -> FusedLoraGradients:
         for k, (module, adapter, _, _) in enumerate(self.layers):
             self._saved[k] = module.forward
             module.forward = self._fused_forward(module, adapter)

@@ -66,7 +66,7 @@ class Head:
         needed only: no (B, L, V) tensor)."""
         return self.post(self.module(h))
 
-    def frozen(self) -> "Head":
+    def frozen(self) -> Head:
         """The head, checked to be frozen (the stages take gradients of the LoRA parameters only)."""
         if self.module.weight.requires_grad:
             raise NtkSelectError("the LM head is trainable (adapted by LoRA?); exclude lm_head from --lora-target-modules")

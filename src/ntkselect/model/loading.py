@@ -135,7 +135,8 @@ def load_tokenizer(model: str | None):
     try:
         tok = AutoTokenizer.from_pretrained(path, **_offline(path))
     except (OSError, ValueError) as err:
-        raise NtkSelectError(f"cannot load a tokenizer from --model {path!r}: {str(err).splitlines()[0]}; pass a Hugging Face causal-LM folder or a model name in the local cache") from None
+        raise NtkSelectError(f"cannot load a tokenizer from --model {path!r}: {str(err).splitlines()[0]}; "
+                             "pass a Hugging Face causal-LM folder or a model name in the local cache") from None
     if tok.pad_token_id is None:
         # Padding positions are always masked out; any id works, EOS is the usual choice.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
@@ -150,7 +151,8 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32):
     try:
         m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **_offline(path))
     except (OSError, ValueError) as err:
-        raise NtkSelectError(f"cannot load a causal LM from --model {path!r}: {str(err).splitlines()[0]}; pass a Hugging Face causal-LM folder or a model name in the local cache") from None
+        raise NtkSelectError(f"cannot load a causal LM from --model {path!r}: {str(err).splitlines()[0]}; "
+                             "pass a Hugging Face causal-LM folder or a model name in the local cache") from None
     m.requires_grad_(False)
     m.eval()
     return m

@@ -26,8 +26,9 @@ import json
 import math
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -289,7 +290,8 @@ def _votes_plot(scores: list[dict], manifest: dict) -> tuple[str, str]:
     ax.legend(fontsize=8)
     s1 = manifest.get("stage1") or {}
     extra = f" K used {s1['k_used']}, {s1.get('voted_candidates', '?')} pool examples got a vote." if "k_used" in s1 else ""
-    text = f"{len(v)} candidates; votes {v.min()} .. {v.max()}, median {np.median(v):g} (selected: median {np.median(v[sel]) if sel.any() else float('nan'):g}).{extra}"
+    text = (f"{len(v)} candidates; votes {v.min()} .. {v.max()}, median {np.median(v):g} "
+            f"(selected: median {np.median(v[sel]) if sel.any() else float('nan'):g}).{extra}")
     return _img(fig, "stage-1 vote distribution"), f"<p>{_e(text)}</p>"
 
 
@@ -392,7 +394,8 @@ def render_report(run: dict, top: int = 5, neighbours: int = 3) -> str:
     csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n<meta http-equiv="Content-Security-Policy" content="{csp}">\n'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{_e(title)}</title>\n<style>{_CSS}</style></head>\n<body>\n'
-            f'<h1>{_e(title)}</h1>\n<p class="meta">{_e(run["dir"])} · written {_e(time.strftime("%Y-%m-%d %H:%M:%S"))}</p>\n<nav>{nav}</nav>\n{body}\n</body></html>\n')
+            f'<h1>{_e(title)}</h1>\n<p class="meta">{_e(run["dir"])} · written {_e(time.strftime("%Y-%m-%d %H:%M:%S"))}</p>\n'
+            f'<nav>{nav}</nav>\n{body}\n</body></html>\n')
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None, top: int = 5, neighbours: int = 3) -> Path:

@@ -36,9 +36,9 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_write_json
@@ -398,7 +398,7 @@ class Run:
                     p.name.startswith(pre) and re.fullmatch(_TMP_CHARS, p.name[len(pre):]) for lay in LAYOUTS for pre in lay.temp_prefixes):
                 _remove(p)
                 n += 1
-        for name, cmd in self.entries.items():
+        for name in self.entries:
             top = self.out / name
             if not top.is_dir() or top.is_symlink():
                 continue

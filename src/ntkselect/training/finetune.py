@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ntkselect.errors import NtkSelectError
 from ntkselect.model.loading import load_model
@@ -32,7 +32,7 @@ class FinetuneRecipe:
     lora_alpha: float = 16.0
     lora_target_modules: str = "all-linear"
 
-    def validate(self) -> "FinetuneRecipe":
+    def validate(self) -> FinetuneRecipe:
         if self.epochs <= 0:
             raise NtkSelectError(f"--ft-epochs must be positive (got {self.epochs})")
         if self.lr <= 0:

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ntkselect.model.adapters import default_target_modules
 from ntkselect.data.batching import collate, make_batches
-from ntkselect.model.lm import final_hidden, trained_logits
 from ntkselect.errors import NtkSelectError
 from ntkselect.grads.fused import FusedLoraGradients, lora_parameters
-from ntkselect.progress import Progress
+from ntkselect.model.adapters import default_target_modules
+from ntkselect.model.lm import final_hidden, trained_logits
 from ntkselect.model.runtime import Runtime
+from ntkselect.progress import Progress
 
 __all__ = ["WarmupOptions", "add_lora", "warmup", "per_example_loss"]
 
