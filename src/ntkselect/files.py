@@ -38,8 +38,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results should be as readable as any file
     try:
-        kwargs = {} if "b" in mode else {"encoding": encoding}
-        with open(tmp, mode, **kwargs) as f:
+        with open(tmp, mode) if "b" in mode else open(tmp, mode, encoding=encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

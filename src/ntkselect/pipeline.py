@@ -18,12 +18,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ntkselect.config import SelectConfig
-from ntkselect.data.records import Record, load_records, record_text, token_convention, tokenize_records
+from ntkselect.data.records import Record, TokenizeStats, load_records, record_text, token_convention, tokenize_records
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, sha256_path
 from ntkselect.model.loading import check_model_options, load_tokenizer, resolve_model
@@ -155,11 +156,11 @@ class Inputs:
     pool: list[Record]  # usable pool: exact duplicates of domain records removed
     pool_records_in_file: int
     excluded: dict  # {reason: count}
-    tokenizer: object
+    tokenizer: Any  # a Hugging Face tokenizer
     dom_ex: list
     pool_ex: list
-    dom_stats: object
-    pool_stats: object
+    dom_stats: TokenizeStats
+    pool_stats: TokenizeStats
     seconds: float
 
 

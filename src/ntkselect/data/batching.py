@@ -27,11 +27,11 @@ class Batch:
     n_tokens: int  # real tokens in the batch
 
     def to(self, device) -> Batch:
-        return Batch(
-            self.index,
-            *(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.position_ids, self.target_mask, self.labels)),
-            self.n_tokens,
-        )
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        return Batch(self.index, move(self.input_ids), move(self.attention_mask), move(self.position_ids), move(self.target_mask), move(self.labels),
+                     self.n_tokens)
 
 
 def make_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None, sort: bool = True,

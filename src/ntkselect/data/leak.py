@@ -48,7 +48,7 @@ _WORD = re.compile(r"[^\W_]+")
 _FIELDS = ("prompt", "response", "instruction", "input", "output", "question", "answer", "text")
 
 
-def normalise(text: str) -> tuple[str, ...]:
+def normalise(text: str | int | float) -> tuple[str, ...]:
     """The words of ``text``: NFKC, case-folded, split at everything but letters and digits."""
     return tuple(_WORD.findall(unicodedata.normalize("NFKC", str(text)).casefold()))
 

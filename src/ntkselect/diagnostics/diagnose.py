@@ -225,10 +225,10 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman's rank correlation (Pearson correlation of the tie-averaged ranks); nan when a
     side is constant."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape or a.ndim != 1:
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if x.shape != y.shape or x.ndim != 1:
         raise ValueError("spearman needs two 1-D arrays of the same length")
-    ra, rb = _ranks(a) - (len(a) + 1) / 2, _ranks(b) - (len(b) + 1) / 2
+    ra, rb = _ranks(x) - (len(x) + 1) / 2, _ranks(y) - (len(y) + 1) / 2
     den = math.sqrt((ra @ ra) * (rb @ rb))
     return float(ra @ rb / den) if den > 0 else float("nan")
 
@@ -466,8 +466,8 @@ def output_kernel_check(model, examples: Sequence[TokenizedExample], rt: Runtime
     dn_t, dn_k = np.sqrt(np.abs(np.diag(theta))), np.sqrt(np.abs(np.diag(trace)))
     norm_theta, norm_trace = theta / np.outer(dn_t, dn_t), trace / np.outer(dn_k, dn_k)
     pairs = []
-    for i, j in zip(*iu):
-        row = {"i": int(i), "j": int(j), "theta_tilde": float(theta[i, j]), "trace": float(trace[i, j]),
+    for i, j in zip(iu[0].tolist(), iu[1].tolist()):
+        row: dict[str, Any] = {"i": int(i), "j": int(j), "theta_tilde": float(theta[i, j]), "trace": float(trace[i, j]),
                "offdiag": float(theta[i, j] - trace[i, j]), "relative_difference": float(rel[i, j]),
                "theta_over_trace": float(theta[i, j] / trace[i, j])}
         if names is not None:
@@ -642,8 +642,10 @@ def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
 
     run = _prepare_out(opts, stack, log, before_write=load_and_check)  # inputs, options, --out and the model are checked: only now is --out written
     model, out = loaded[0], run.dir
+    assert out is not None  # _prepare_out chose the folder
     params = lora_parameters(model)
-    d = int(_causal_lm(model).config.hidden_size)
+    lm: Any = _causal_lm(model)  # a transformers PreTrainedModel
+    d = int(lm.config.hidden_size)
 
     # -- fine-tuning with checkpoints --------------------------------------------------------
     t = time.perf_counter()
@@ -671,7 +673,7 @@ def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
 
     # -- kernels and accuracies at every checkpoint --------------------------------------------
     t = time.perf_counter()
-    extra = (mc_train.examples + mc_test.examples) if mc_train is not None else []
+    extra = (mc_train.examples + mc_test.examples) if mc_train is not None and mc_test is not None else []
     ridges = opts.ridge_values()
     kernels, scores, ckpts = [], [], []
     for step, snap in snaps:
@@ -686,7 +688,7 @@ def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
         kernels.append(K)
         scores.append(s)
         row: dict[str, Any] = {"step": step, "epoch": epoch}
-        if mc_train is not None:
+        if mc_train is not None and mc_test is not None:
             f_tr = phi[len(probe) : len(probe) + len(mc_train.examples)]
             f_te = phi[len(probe) + len(mc_train.examples) :]
             k_tr, k_te = f_tr @ f_tr.T, f_te @ f_tr.T
@@ -725,7 +727,7 @@ def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
 
     # -- outputs ---------------------------------------------------------------------------------
     kr: dict[str, Any]
-    if mc_train is None:
+    if mc_train is None or mc_test is None:
         kr = {"skipped": krr_note}
     else:
         last = ckpts[-1]

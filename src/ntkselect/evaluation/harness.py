@@ -172,8 +172,8 @@ class EvalConfig:
     @classmethod
     def from_toml(cls, path: str, overrides: dict | None = None) -> EvalConfig:
         try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
         except FileNotFoundError:
             raise NtkSelectError(f"--config {path}: no such file") from None
         except tomllib.TOMLDecodeError as err:
@@ -188,6 +188,7 @@ class EvalConfig:
         if unknown:
             raise NtkSelectError(f"{path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(names)}")
         for k, v in data.items():  # strict: a TOML boolean is not a number, a string is not a boolean
+            why: str | None
             f = names[k.replace("-", "_")]
             if f.name in ("seeds", "methods"):
                 item = "seed" if f.name == "seeds" else "method name"
@@ -200,7 +201,7 @@ class EvalConfig:
                 why = value_problem(f.type if isinstance(f.type, str) else f.type.__name__, v)
             if why:
                 raise NtkSelectError(f"{path}: {k} {why} (got {v!r}); fix the file")
-        kw = {k.replace("-", "_"): (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in data.items()}
+        kw: dict[str, Any] = {k.replace("-", "_"): (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in data.items()}
         for k in ("seeds", "methods"):
             if k in kw:
                 kw[k] = str(kw[k])
@@ -290,7 +291,7 @@ class _TestSet:
 
 def _test_model(model, tokenizer, test: _TestSet, rt, cfg: EvalConfig, desc: str) -> dict:
     lr = heldout_loss(model, test.examples, rt, ids=[r.id for r in test.records], desc=f"{desc} (loss)")
-    row = {"loss": lr.mean, "losses": [float(x) for x in lr.loss], "loss_tokens": int(lr.tokens.sum()), "n_test": len(test.records),
+    row: dict[str, Any] = {"loss": lr.mean, "losses": [float(x) for x in lr.loss], "loss_tokens": int(lr.tokens.sum()), "n_test": len(test.records),
            "n_test_mc": len(test.items), "eval_seconds": lr.seconds, "eval_tokens": int(sum(len(e.input_ids) for e in test.examples))}
     if not test.items:
         return {**row, "accuracy": None, "mean_p_correct": None, "n_correct": None}
@@ -370,6 +371,7 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
         preflight_select(base_cfg, inp.dom_ex, tokenizer.pad_token_id, methods=methods, finetune=True, log=log)))
     checked = preflight[0]  # the inputs and the model are checked: only now is --out written
     out = run.dir
+    assert checked is not None and out is not None  # the fine-tune uses the model; _prepare chose the folder
     rt = make_runtime(base_cfg, tokenizer)
     rt.memory = checked.memory  # batches sized to the memory budget (ntkselect.model.memory)
     recipe = cfg.recipe()

@@ -18,7 +18,9 @@ Reductions are done in float32 even when the forward pass runs under bfloat16 au
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -253,7 +255,7 @@ def _base_kind(base: nn.Module) -> str | None:
     return "conv1d" if isinstance(base, Conv1D) else None
 
 
-def _unsupported_layer(mod_name: str, module: nn.Module, adapter: str) -> str | None:
+def _unsupported_layer(mod_name: str, module: Any, adapter: str) -> str | None:  # a peft LoraLayer
     """Why the fused path cannot run this LoRA layer, or None."""
     kind = type(module).__name__
     if kind == "ParamWrapper" or not hasattr(module, "get_base_layer"):
@@ -294,7 +296,7 @@ class FusedLoraGradients(LoraGradientHooks):
         if not self.params:
             raise NtkSelectError("the model has no trainable (LoRA) parameters: add a LoRA adapter before computing gradients")
         wanted = {n for n, _ in self.params}
-        self.layers: list[tuple[nn.Module, str, str, str]] = []  # (module, adapter, name of A, name of B)
+        self.layers: list[tuple[Any, str, str, str]] = []  # (peft LoraLayer, adapter, name of A, name of B)
         covered: set[str] = set()
         for mod_name, module in model.named_modules():
             if not isinstance(module, LoraLayer):
@@ -313,7 +315,7 @@ class FusedLoraGradients(LoraGradientHooks):
             raise NtkSelectError(f"trainable parameter {extra[0]} is not a plain LoRA A/B matrix of a linear layer; only plain LoRA on linear "
                                  "(or Conv1D) layers is supported: leave other modules out of --lora-target-modules and keep the rest frozen")
         self._handles = []
-        self._saved: dict[int, tuple] = {}
+        self._saved: dict[int, Callable] = {}  # each layer's own forward, while the fused one is in place
         self._mask = None
         self._factors_store: dict[int, list] = {}
         self._stream: tuple | None = None
@@ -324,7 +326,7 @@ class FusedLoraGradients(LoraGradientHooks):
             self._saved[k] = module.forward
             module.forward = self._fused_forward(module, adapter)
             self._factors_store[k] = []
-            self._handles.append(module.register_forward_hook(self._make_hook(k)))
+            self._handles.append(module.register_forward_hook(self._fused_hook(k)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -347,7 +349,7 @@ class FusedLoraGradients(LoraGradientHooks):
 
         return forward
 
-    def _make_hook(self, k: int):
+    def _fused_hook(self, k: int):
         store = self._factors_store
 
         def hook(module, args, output):
@@ -423,13 +425,16 @@ class FusedLoraGradients(LoraGradientHooks):
         if mode == "dot":
             # ⟨V, g_b⟩ = s Σ_t [(Bᵀ g_t)·(V_A x_t) + (V_Bᵀ g_t)·(A x_t)]
             left = self._mm(g, torch.cat([B, vec[nb].float()], dim=1))  # (B, T, 2r)
-            right = self._right(k, x, vec) if right is None else right  # (B, T, 2r)
+            if right is None:
+                assert x is not None, "the dot product needs x or its image"
+                right = self._right(k, x, vec)  # (B, T, 2r)
             tok = (left * right).sum(-1)  # (B, T)
             if mask is not None:  # where(), not a product: junk at pads may be inf
                 tok = tok.masked_fill(~mask[..., 0], 0.0)
             return s * tok.sum(1)
         # dA = s Σ_t (Bᵀ g_t) x_tᵀ, dB = s Σ_t g_t (A x_t)ᵀ, per example or summed over the batch
         a_eq, b_eq = ("btr,bti->bri", "bto,btr->bor") if mode == "per_example" else ("btr,bti->ri", "bto,btr->or")
+        assert x is not None, "the gradient modes reduce x"
         x, g = x.float(), g.float()
         if mask is not None:
             x, g = x.masked_fill(~mask, 0.0), g.masked_fill(~mask, 0.0)

@@ -54,7 +54,8 @@ def default_target_modules(model: nn.Module) -> list[str] | None:
     blocks = _moe_blocks(model)
     if not blocks:
         return None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get is not None else None
     excluded: list[str] = []
     for b in blocks:
         prefix = f"{b}." if b else ""

@@ -29,7 +29,8 @@ _MULTIPLY_LOGITS_SCALING = ("hyperclovax",)
 
 
 def _lm(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(model, "get_base_model", None)  # a peft model
+    return base() if base is not None else model
 
 
 def _text_config(cfg):
@@ -40,7 +41,7 @@ def _text_config(cfg):
 class Head:
     """The LM head and the post-processing the model applies to its output."""
 
-    module: nn.Module  # the output embeddings (a linear layer)
+    module: nn.Linear  # the output embeddings
     model_name: str
     scale: float = 1.0  # logits = head(h) * scale ...
     divide: float | None = None  # ... or head(h) / divide (Granite's logits_scaling)
@@ -94,7 +95,8 @@ def lm_head(model: nn.Module) -> Head:
     """The model's LM head and its logit post-processing (checked to be a linear layer)."""
     lm = _lm(model)
     name = type(lm).__name__
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    get = getattr(lm, "get_output_embeddings", None)
+    head = get() if get is not None else None
     if head is None:
         raise NtkSelectError(f"{name} has no LM head (get_output_embeddings() is None); pass a Hugging Face causal LM (…ForCausalLM)")
     if not isinstance(head, nn.Linear):

@@ -18,13 +18,15 @@ __all__ = ["decoder_of", "summed_head", "final_hidden", "summed_logits", "traine
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(model, "get_base_model", None)  # a peft model
+    return base() if base is not None else model
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
     """The transformer body (embeddings, blocks, final norm) without the LM head."""
     lm = _causal_lm(model)
-    dec = lm.get_decoder() if hasattr(lm, "get_decoder") else None
+    get = getattr(lm, "get_decoder", None)
+    dec = get() if get is not None else None
     if dec is None or dec is lm:
         dec = getattr(lm, getattr(lm, "base_model_prefix", "model"), None)
     if dec is None:

@@ -96,7 +96,7 @@ def default_model_dir() -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # Drop the GGUF quantisation marker: the weights are dequantised float32 now, and
     # transformers refuses to save a model that still claims to be GGUF-quantised.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # an attribute of PreTrainedModel, not a submodule
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ class LiveBytes(TorchDispatchMode):
     device), from every op the dispatcher sees (forward and backward passes, hooks). Storages
     that existed before (the weights) are not counted."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
@@ -147,7 +147,12 @@ class MemoryCosts:
         cost = self.passes.get(kind)
         if cost is None or self.budget == float("inf"):
             return None
-        return lambda B, L, N=0: cost.bytes(B, L, N) <= self.budget
+        budget = self.budget
+
+        def fits(B: int, L: int, N: int = 0) -> bool:
+            return cost.bytes(B, L, N) <= budget
+
+        return fits
 
     def to_dict(self) -> dict:
         return {"budget": self.budget, "passes": {k: dataclasses.asdict(v) for k, v in self.passes.items()}}
@@ -244,7 +249,7 @@ def _fit(lengths, peaks) -> tuple[float, float, float]:
                 full = [0.0, 0.0, 0.0]
                 for c, v in zip(cols, coef):
                     full[c] = float(v)
-                best, best_res = tuple(full), res
+                best, best_res = (full[0], full[1], full[2]), res
     return best
 
 

@@ -6,10 +6,14 @@ import contextlib
 import functools
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ntkselect.errors import NtkSelectError
+
+if TYPE_CHECKING:
+    from ntkselect.model.memory import MemoryCosts
 
 __all__ = ["Runtime", "check_device", "resolve_device", "resolve_precision", "cpu_has_bf16"]
 
@@ -68,7 +72,7 @@ class Runtime:
     pad_id: int = 0
     progress: bool = True
     last_batch_cap: int | None = None  # examples per batch after any out-of-memory halving
-    memory: object = None  # ntkselect.model.memory.MemoryCosts: measured per-pass costs and the budget batches keep to (None: no cap)
+    memory: MemoryCosts | None = None  # measured per-pass costs and the budget batches keep to (None: no cap)
 
     def fits(self, kind: str):
         """fits(B, L, N) for batches of this kind of pass, or None (no memory cap)."""

@@ -165,7 +165,7 @@ class _Lock:
         try:
             import fcntl
         except ImportError:  # not a POSIX system: the pid in the file decides
-            fcntl = None
+            fcntl = None  # type: ignore[assignment]
         self.path = out / LOCK
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)  # never through a symlink
@@ -323,6 +323,7 @@ class Run:
     def commit(self) -> None:
         """The run succeeded: swap a staged run in; record what is there now."""
         if self.staged:
+            assert self.dir is not None  # stage() set it
             names = [n for n in self.layout.outputs if os.path.lexists(self.dir / n)]
             old = [n for n in self.present() if self.mine(n)]
             self.claim(self.layout.previous, self.layout.journal, *names)

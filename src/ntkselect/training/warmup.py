@@ -13,6 +13,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -49,7 +50,8 @@ def add_lora(model, opts: WarmupOptions):
     target = opts.target_modules
     if target == "all-linear":  # an MoE model: all linear layers but the routers and experts (ntkselect.model.adapters)
         target = default_target_modules(model) or target
-    cfg = LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout, target_modules=target, task_type="CAUSAL_LM", bias="none")
+    alpha: Any = opts.alpha  # peft annotates lora_alpha as int; any number works (it scales by alpha / r)
+    cfg = LoraConfig(r=opts.r, lora_alpha=alpha, lora_dropout=opts.dropout, target_modules=target, task_type="CAUSAL_LM", bias="none")
     try:
         return get_peft_model(model, cfg)
     except ValueError as err:
@@ -139,6 +141,7 @@ def batch_loss_and_grads(model, examples, idx: list[int], rt: Runtime, fused: bo
         part_loss = loss_and_grads(model, batch, rt, fused, weight=w, accumulate=True)
         loss = part_loss if loss is None else loss + part_loss
         n_tokens += batch.n_tokens
+    assert loss is not None  # two or more parts
     return loss, n_tokens
 
 
