@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ntkselect.cli.main import main
-from ntkselect.selection.selectors import METHODS
+from ntkselect.selection import selector_names
 
 from conftest import make_lora_model
 from test_cli import data  # noqa: F401  (the shared module fixture)
@@ -25,7 +25,7 @@ def _run(data, model, out, method, seed=0, *extra):  # noqa: F811
     return sel, json.loads((out / "manifest.json").read_text())
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", selector_names())
 def test_each_selector_returns_n_distinct_pool_ids_deterministically(data, tiny_model_dir, tmp_path, method):  # noqa: F811
     _, _, pool = data
     a, man = _run(data, tiny_model_dir, tmp_path / "a", method)
@@ -61,7 +61,7 @@ def test_embedding_score_is_mean_cosine(tiny_model_dir, tokenizer):
     from ntkselect.config import SelectConfig
     from ntkselect.data.records import Record, tokenize_records
     from ntkselect.model.runtime import Runtime
-    from ntkselect.selection.selectors import SelectionContext, get_selector
+    from ntkselect.selection import SelectionContext, get_selector
 
     texts = [{"text": f"sample number {i} about {w}"} for i, w in enumerate(["hearts", "lungs", "laws", "sums", "cells", "bones", "maps"])]
     recs = [Record(id=str(i), raw=t, path="m.jsonl", line=i + 1) for i, t in enumerate(texts)]
