@@ -37,7 +37,7 @@ STAGES = ("load", "warm-up", "stage 1", "stage 2", "write")
 
 _CHILD = r'''
 import json, os, sys, threading, time
-import ntkselect.selection.selectors as S, ntkselect.runs.shards as H
+import ntkselect.selection.base as B, ntkselect.selection.less as L, ntkselect.selection.ntk.selector as N, ntkselect.runs.shards as H
 from ntkselect.cli.main import build_parser, _config
 from ntkselect.pipeline import select
 
@@ -86,12 +86,15 @@ def wrap(fn, stage):
         return fn(*a, **k)
     return inner
 
-S.warmup = wrap(S.warmup, "warm-up")
-S.embed = wrap(S.embed, "stage 1")
-S.domain_vector = wrap(S.domain_vector, "stage 2")
-S.projected_features = wrap(S.projected_features, "less")
+# where each stage starts: the call sites in the selection code (the preflight calls the same
+# stage functions from its own imports, and stays in "load")
+B.warmup_or_resume = wrap(B.warmup_or_resume, "warm-up")
+B.embed_sets = wrap(B.embed_sets, "stage 1")
+N.run_stage2 = wrap(N.run_stage2, "stage 2")
+L.projected_features = wrap(L.projected_features, "less")
 for name, stage in (("embed", "stage 1"), ("score", "stage 2"), ("less", "less")):
-    H.TASKS[name] = wrap(H.TASKS[name], stage)
+    task = H.get_task(name)
+    task.fn = wrap(task.fn, stage)
 import ntkselect.pipeline as P
 P.write_selection = wrap(P.write_selection, "write")
 

@@ -184,17 +184,17 @@ def test_overwrite_with_a_bad_flag_keeps_the_finished_run(bad, finished, files, 
 
 @pytest.mark.parametrize("how", ["error", "interrupt"])
 def test_a_failed_or_interrupted_replacement_keeps_the_old_run_and_resumes(how, finished, files, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from ntkselect.selection.ntk.selector import NtkSelector
     from ntkselect.errors import NtkSelectError
-    from ntkselect.selection import selectors
 
     out, before = finished
-    real = selectors.NtkSelector.rank
+    real = NtkSelector.rank
 
     def boom(self, ctx, n):
         real(self, ctx, n)  # all the work is done, then the run fails
         raise NtkSelectError("planted failure") if how == "error" else KeyboardInterrupt()
 
-    monkeypatch.setattr(selectors.NtkSelector, "rank", boom)
+    monkeypatch.setattr(NtkSelector, "rank", boom)
     rc = main(sel(files, tiny_model_dir, out, "--overwrite", "--seed", 7))
     assert rc == (2 if how == "error" else 130)
     err = capsys.readouterr().err

@@ -11,7 +11,7 @@ import torch
 
 from helpers import make_lora_model
 from ntkselect.cli.main import main
-from ntkselect.selection.selectors import METHODS
+from ntkselect.selection import selector_names
 
 
 def _run(data, model, out, method, seed=0, *extra):
@@ -23,7 +23,7 @@ def _run(data, model, out, method, seed=0, *extra):
     return sel, json.loads((out / "manifest.json").read_text())
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", selector_names())
 def test_each_selector_returns_n_distinct_pool_ids_deterministically(data, tiny_model_dir, tmp_path, method):
     _, _, pool = data
     a, man = _run(data, tiny_model_dir, tmp_path / "a", method)
@@ -59,7 +59,7 @@ def test_embedding_score_is_mean_cosine(tiny_model_dir, tokenizer):
     from ntkselect.config import SelectConfig
     from ntkselect.data.records import Record, tokenize_records
     from ntkselect.model.runtime import Runtime
-    from ntkselect.selection.selectors import SelectionContext, get_selector
+    from ntkselect.selection import SelectionContext, get_selector
 
     texts = [{"text": f"sample number {i} about {w}"} for i, w in enumerate(["hearts", "lungs", "laws", "sums", "cells", "bones", "maps"])]
     recs = [Record(id=str(i), raw=t, path="m.jsonl", line=i + 1) for i, t in enumerate(texts)]

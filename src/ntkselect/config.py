@@ -3,20 +3,24 @@
 The CLI builds its flags from these fields (name, type, default and help), so the Python API
 and the command line cannot drift apart. :meth:`SelectConfig.validate` names the bad field
 and the fix in a one-line :class:`~ntkselect.errors.NtkSelectError`.
+
+``--method``'s choices and help come from the selector registry
+(:mod:`ntkselect.selection.registry`), looked up when they are used: the selectors register
+when :mod:`ntkselect.selection` is imported, and that package imports this module.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ntkselect.errors import NtkSelectError
 
-__all__ = ["SelectConfig", "check_types", "value_problem", "MAX_INT", "MAX_PROJ_DIM", "check_limits"]
+__all__ = ["SelectConfig", "check_types", "value_problem", "MAX_INT", "MAX_PROJ_DIM", "check_limits", "field_help"]
 
 #: the largest integer any option takes (torch and numpy seeds and sizes are 64-bit)
 MAX_INT = 2**63 - 1
@@ -26,6 +30,43 @@ MAX_PROJ_DIM = 2**24
 
 def _opt(default: Any, help: str, **kw) -> Any:
     return field(default=default, metadata={"help": help, **kw})
+
+
+class _Selectors(Sequence):
+    """The registered selector names, read from the registry each time (a selector registered
+    after this module was imported is a choice too)."""
+
+    @staticmethod
+    def _names() -> tuple[str, ...]:
+        from ntkselect.selection.registry import selector_names
+
+        return selector_names()
+
+    def __getitem__(self, i):
+        return self._names()[i]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __contains__(self, value) -> bool:
+        return value in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+def _method_help() -> str:
+    from ntkselect.selection.registry import describe_methods
+
+    return describe_methods()
+
+
+def field_help(f) -> str:
+    """A field's help text (``help_fn`` computes it where it depends on the registry)."""
+    return f.metadata["help_fn"]() if "help_fn" in f.metadata else f.metadata.get("help", "")
 
 
 def value_problem(kind: str, value: Any) -> str | None:
@@ -88,9 +129,7 @@ class SelectConfig:
     pool: str = _opt("", "candidate pool C, same formats", required=True)
     n: int = _opt(0, "how many pool examples to select (N)", required=True)
     out: str = _opt("", "run folder for selected.jsonl, scores.jsonl, adapter/, train.jsonl, manifest.json", required=True)
-    method: str = _opt("ntk", "selector: ntk (NTK-Selector), random, embedding (mean cosine of stage-1 embeddings), bm25, less (LESS, Xia et al. 2024) "
-                              "or tsds (TSDS, Liu et al. 2024, on stage-1 embeddings)",
-                       choices=("ntk", "random", "embedding", "bm25", "less", "tsds"))
+    method: str = _opt("ntk", "selector: one of the registered selectors (ntkselect.selection.registry)", help_fn=_method_help, choices=_Selectors())
     model: str = _opt("default", "Hugging Face causal-LM folder or cached name; 'default' = embedded SmolLM2-135M-Instruct")
     template: str = _opt("auto", "how prompt/response records are rendered: auto (chat if the tokenizer has a chat template), chat or plain", choices=("auto", "chat", "plain"))
     max_length: int = _opt(512, "maximum tokens per example; longer ones are truncated and counted")
@@ -178,10 +217,11 @@ class SelectConfig:
             raise bad("threads", "must be >= 0")
         if not self.lora_target_modules.strip() or not self.target_modules():
             raise bad("lora_target_modules", "must name modules or be all-linear")
-        if self.method == "less" and self.warmup_epochs <= 0:
-            raise NtkSelectError("--method less needs --warmup-epochs > 0: its candidate gradients are preconditioned by the warm-up's Adam state")
-        if self.method == "bm25" and importlib.util.find_spec("bm25s") is None:
-            raise NtkSelectError("--method bm25 needs the bm25s package: pip install 'ntkselect[baselines]'")
+        from ntkselect.selection.registry import selector_spec
+
+        check = selector_spec(self.method).check  # what the method itself needs (e.g. less: a warm-up; bm25: bm25s)
+        if check is not None:
+            check(self)
         check_limits(self, ("proj_dim", "less_proj_dim"))
         return self
 
@@ -194,4 +234,4 @@ class SelectConfig:
 
     @classmethod
     def help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+        return {f.name: field_help(f) for f in fields(cls)}

@@ -32,7 +32,7 @@ from ntkselect.model.preflight import preflight_select
 from ntkselect.model.runtime import Runtime, resolve_device, resolve_precision
 from ntkselect.runs.folder import SELECT, Run, check_paths, open_run
 from ntkselect.runs.shards import digest
-from ntkselect.selection.selectors import Ranking, SelectionContext, get_selector
+from ntkselect.selection import Ranking, SelectionContext, get_selector, selector_spec
 
 __all__ = ["SelectionResult", "Inputs", "select", "load_inputs", "make_runtime", "write_selection", "package_versions", "summarise"]
 
@@ -215,7 +215,7 @@ def select(cfg: SelectConfig, log: Callable[[str], None] | None = None) -> Selec
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     inp = load_inputs(cfg, log)  # bad input fails before --out is touched
-    if get_selector(cfg.method).uses_model:
+    if selector_spec(cfg.method).uses_model:
         check_model_options(cfg.model, cfg.target_modules(), cfg.lora_r, "--lora-target-modules", "--lora-r", tokenizer=inp.tokenizer)
     fp = run_fingerprint(cfg)
     with open_run(cfg.out, SELECT, _run_inputs(cfg, resolve_model(cfg.model)), log=log) as run:
@@ -243,14 +243,14 @@ def select(cfg: SelectConfig, log: Callable[[str], None] | None = None) -> Selec
 
 def write_selection(out: Path, cfg: SelectConfig, inp: Inputs, ctx: SelectionContext, ranking: Ranking, rt: Runtime, t_start: float,
                     input_hashes: dict | None = None) -> SelectionResult:
-    """Write selected.jsonl, scores.jsonl, train.jsonl, adapter/ (when the method warmed up a
-    model) and, last, manifest.json: the same files for every method. ``out`` is where they are
-    written; ``cfg.out`` where the run lives (they differ while a replacement is written aside).
+    """Write selected.jsonl, scores.jsonl, train.jsonl, adapter/ (when the method uses the
+    warmed-up model: its registration's ``uses_model``) and, last, manifest.json: the same files
+    for every method. ``out`` is where they are written; ``cfg.out`` where the run lives (they differ while a replacement is written aside).
     ``input_hashes`` are the inputs' sha256 taken when the run started (else hashed now)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    if ctx.has_model:
+    if selector_spec(cfg.method).uses_model and ctx.has_model:
         tmp_adapter = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out))
         ctx.model().save_pretrained(tmp_adapter)
         atomic_replace_dir(tmp_adapter, out / "adapter")

@@ -13,7 +13,7 @@ from ntkselect.errors import NtkSelectError
 from ntkselect.model.loading import check_model_options
 from ntkselect.pipeline import SelectionResult, select
 from ntkselect.runs.folder import DEMO_DATA, SELECT, check_paths
-from ntkselect.selection.selectors import get_selector
+from ntkselect.selection.registry import selector_spec
 
 __all__ = ["run_demo"]
 
@@ -34,7 +34,7 @@ def run_demo(out: str, domain: str = "medical", n_domain: int = 100, n_pool_mmlu
         raise NtkSelectError("--domain-size and --pool-mmlu + --pool-reasoning must be positive: the demo needs a domain and a pool")
     pre = replace(base or SelectConfig(n=100), domain="-", pool="-", out=str(out)).validate()
     check_paths(out, SELECT, {})
-    if get_selector(pre.method).uses_model:
+    if selector_spec(pre.method).uses_model:
         check_model_options(pre.model, pre.target_modules(), pre.lora_r)
     check_paths(data, DEMO_DATA, {})
     info = build_demo_data(data, domain=domain, n_domain=n_domain, n_pool_mmlu=n_pool_mmlu, n_pool_reasoning=n_pool_reasoning, seed=data_seed)

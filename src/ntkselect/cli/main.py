@@ -20,7 +20,7 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from ntkselect.config import SelectConfig
+from ntkselect.config import SelectConfig, field_help
 from ntkselect.errors import NtkSelectError
 
 __all__ = ["main", "build_parser"]
@@ -33,7 +33,7 @@ def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), de
             continue
         flag = "--" + f.name.replace("_", "-")
         default = defaults.get(f.name, f.default if f.default is not MISSING else None)
-        help_ = f.metadata.get("help", "")
+        help_ = field_help(f)  # --method: the registered selectors
         if f.type in ("bool", bool):
             p.add_argument(flag, action="store_true", default=default, help=help_)  # no "(default: False)" noise
             continue

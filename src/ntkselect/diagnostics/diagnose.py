@@ -52,7 +52,7 @@ from ntkselect.data.records import Record, TokenizedExample, load_records, promp
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_replace_dir, atomic_write_json
 from ntkselect.grads.fused import flatten_grads, gradient_hooks, lora_parameters
-from ntkselect.grads.projection import RademacherProjector
+from ntkselect.grads.projection import make_projector
 from ntkselect.model.heads import lm_head
 from ntkselect.model.lm import _causal_lm, final_hidden
 from ntkselect.model.preflight import check_model
@@ -535,13 +535,11 @@ def _prepare_out(opts: DiagnoseOptions, stack: contextlib.ExitStack, log: Callab
 
 
 def _features(model, examples, rt: Runtime, proj_dim: int, seed: int) -> np.ndarray:
-    """(n, p) φ(g(x)), or (n, P) g(x) itself when proj_dim = 0."""
-    from ntkselect.selection.ntk.stage2 import per_example_gradients, projected_features
+    """(n, p) φ(g(x)), or (n, P) g(x) itself when proj_dim = 0 (the identity projection)."""
+    from ntkselect.selection.ntk.stage2 import projected_features
 
-    if proj_dim == 0:
-        return per_example_gradients(model, examples, rt).numpy()
     dim = sum(p.numel() for _, p in lora_parameters(model))
-    projector = RademacherProjector(dim, proj_dim, seed, device=rt.device)
+    projector = make_projector(dim, proj_dim, seed, device=rt.device)
     chunk = min(max(1 << 30, 4 * dim * len(examples)), 4 << 30)  # one pass over the blocks when it fits in 4 GiB
     return np.asarray(projected_features(model, examples, projector, rt, chunk_bytes=chunk))
 

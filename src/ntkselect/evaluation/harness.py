@@ -49,7 +49,7 @@ from ntkselect.model.loading import check_model_options, load_model, load_tokeni
 from ntkselect.model.preflight import preflight_select
 from ntkselect.pipeline import _group, load_inputs, make_runtime, package_versions, write_selection
 from ntkselect.runs.folder import EVALUATE, Run, check_paths, open_run
-from ntkselect.selection.selectors import SELECTORS, SelectionContext, get_selector
+from ntkselect.selection import SelectionContext, get_selector, selector_names
 from ntkselect.training.finetune import FinetuneRecipe, finetune
 
 __all__ = ["EvalConfig", "run_evaluation", "paired_sign_flip_test"]
@@ -58,7 +58,13 @@ logger = logging.getLogger(__name__)
 
 BASELINE = "domain-only"
 ORACLE = "oracle"
-ALL_METHODS = (BASELINE, ORACLE, *SELECTORS)
+
+
+def all_methods() -> tuple[str, ...]:
+    """The rows ``--methods`` may ask for: the baseline, the oracle and every registered selector."""
+    return (BASELINE, ORACLE, *selector_names())
+
+
 #: the significance level at which the oracle must beat random for a domain to count
 CALIBRATION_ALPHA = 0.05
 
@@ -77,7 +83,7 @@ class EvalConfig:
                                  "must be disjoint from D and the test set")
     n: int = _opt(0, "examples each method selects (N)", required=True)
     out: str = _opt("", "output folder: results.csv, results.md, results.png, cells/, selections/", required=True)
-    methods: str = _opt("domain-only,random,embedding,bm25,less,ntk", f"comma-separated, from: {', '.join(ALL_METHODS)} (oracle needs --domain-extra)")
+    methods: str = _opt("domain-only,random,embedding,bm25,less,ntk", f"comma-separated, from: {', '.join(all_methods())} (oracle needs --domain-extra)")
     seeds: str = _opt("3", "a count k (seeds 0..k-1) or a comma-separated list of seeds")
     model: str = _opt("default", "Hugging Face causal-LM folder; 'default' = embedded SmolLM2-135M-Instruct")
     template: str = _opt("auto", "prompt rendering for training and testing: auto, chat or plain", choices=("auto", "chat", "plain"))
@@ -125,9 +131,10 @@ class EvalConfig:
 
     def method_list(self) -> list[str]:
         out = [m.strip() for m in str(self.methods).split(",") if m.strip()]
-        bad = [m for m in out if m not in ALL_METHODS]
+        known = all_methods()
+        bad = [m for m in out if m not in known]
         if bad or not out:
-            raise NtkSelectError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(ALL_METHODS)}")
+            raise NtkSelectError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(known)}")
         return list(dict.fromkeys(out))
 
     def recipe(self) -> FinetuneRecipe:
@@ -135,14 +142,17 @@ class EvalConfig:
                               lora_r=self.lora_r, lora_alpha=self.lora_alpha)
 
     def select_config(self, method: str, seed: int, out: str) -> SelectConfig:
-        return SelectConfig(domain=self.domain_train, pool=self.pool, n=self.n, out=out, method=method if method in SELECTORS else "random",
-                            model=self.model, template=self.template, max_length=self.max_length, seed=seed, lora_r=self.lora_r,
-                            lora_alpha=self.lora_alpha, warmup_epochs=self.warmup_epochs, warmup_lr=self.warmup_lr, knn_k=self.knn_k,
-                            preselect_factor=self.preselect_factor, proj_dim=self.proj_dim, less_proj_dim=self.less_proj_dim,
-                            tsds_alpha=self.tsds_alpha, tsds_c=self.tsds_c, tsds_sigma=self.tsds_sigma, tsds_max_k=self.tsds_max_k,
-                            tsds_kde_k=self.tsds_kde_k,
-                            batch_size=self.batch_size, max_batch_tokens=max(self.max_batch_tokens, self.max_length), precision=self.precision,
-                            device=self.device, threads=self.threads, overwrite=True)
+        """The selection options of ``method`` (the baseline and the oracle select nothing: random's).
+
+        Every option this config shares with :class:`SelectConfig` by name is passed on: the
+        shared ones (model, LoRA, warm-up, batching) and each registered selector's own
+        (``options`` of its registration), so a selector's option reaches ``evaluate`` by
+        adding a field of the same name here."""
+        shared = {f.name for f in fields(SelectConfig)} & {f.name for f in fields(self)}
+        kw = {name: getattr(self, name) for name in sorted(shared)}
+        kw.update(domain=self.domain_train, out=out, method=method if method in selector_names() else "random", seed=seed,
+                  max_batch_tokens=max(self.max_batch_tokens, self.max_length), overwrite=True)
+        return SelectConfig(**kw)
 
     def validate(self) -> EvalConfig:
         check_types(self)

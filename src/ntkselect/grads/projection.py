@@ -1,6 +1,11 @@
-"""Seeded Rademacher projection, generated in blocks.
+"""Gradient projections φ: one base class, the seeded Rademacher projection and the identity.
 
-The projection is φ(g) = Rᵀ g / √p with R ∈ {±1}^{D×p}. R is never held whole (for a
+:class:`AbstractProjector` is what stage 2, LESS and the diagnostics need from a projection
+(after TRAK's ``AbstractProjector``); :func:`make_projector` is the one place that chooses
+one: ``proj_dim = 0`` gives :class:`NoOpProjector` (φ = identity, the exact kernel), ``p > 0`` a
+:class:`RademacherProjector` to p dimensions.
+
+The Rademacher projection is φ(g) = Rᵀ g / √p with R ∈ {±1}^{D×p}. R is never held whole (for a
 2.4M-parameter LoRA and p = 8192 it would be 20 G entries): it is cut into blocks of
 ``BLOCK_ROWS`` rows, and block i is generated on the CPU from a Philox counter-based
 generator keyed by (seed, i). So R depends only on the seed and p — not on the device, the
@@ -14,12 +19,14 @@ Signs are made from random bytes through a 256-entry table of bfloat16 bit patte
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
 
-__all__ = ["Projector", "RademacherProjector", "BLOCK_ROWS", "PAPER_PROJ_DIM"]
+from ntkselect.grads.fused import flatten_grads, unflatten_grads
+
+__all__ = ["AbstractProjector", "RademacherProjector", "NoOpProjector", "make_projector", "BLOCK_ROWS", "PAPER_PROJ_DIM"]
 
 BLOCK_ROWS = 1024
 PAPER_PROJ_DIM = 8192  # the paper's p
@@ -33,18 +40,85 @@ _SIGNS = {
 }
 
 
-class Projector(Protocol):
-    """What stage 2 needs from a projection; swap in another implementation behind this."""
+class AbstractProjector(ABC):
+    """φ: R^D -> R^p, linear. ``dim`` is D, ``proj_dim`` is p; ``n_blocks`` is how many pieces
+    one pass over φ visits (what :meth:`gram`'s ``tick`` counts; 0 when nothing is generated)."""
 
     dim: int
     proj_dim: int
+    n_blocks: int = 0
 
-    def project(self, grads: torch.Tensor) -> torch.Tensor: ...  # (B, D) -> (B, p)
+    @abstractmethod
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, p) float32: φ of each row."""
 
-    def gram(self, vec: torch.Tensor, tick=None) -> torch.Tensor: ...  # (D,) -> (D,): PᵀP... i.e. φ*(φ(vec))
+    @abstractmethod
+    def project_back(self, u: torch.Tensor, tick=None) -> torch.Tensor:
+        """(p,) -> (D,) float32: φ*(u), the adjoint of :meth:`project`."""
+
+    @abstractmethod
+    def gram(self, vec: torch.Tensor, tick=None) -> torch.Tensor:
+        """(D,) -> (D,): φ*(φ(vec)), so that ⟨gram(a), b⟩ = ⟨φ(a), φ(b)⟩ for every b."""
+
+    @abstractmethod
+    def describe(self) -> dict | None:
+        """What the manifest records about φ (None: nothing is projected)."""
+
+    def gram_params(self, vec: dict[str, torch.Tensor], tick=None) -> dict[str, torch.Tensor]:
+        """:meth:`gram` of a vector given per parameter ({name: tensor}, in the dict's order)."""
+        shapes = [(n, v.shape) for n, v in vec.items()]
+        flat = flatten_grads({n: v.unsqueeze(0) for n, v in vec.items()}, [n for n, _ in shapes])[0]
+        return unflatten_grads(self.gram(flat, tick), shapes)
+
+    def chunk_rows(self, chunk_bytes: int) -> int:
+        """How many (D,) float32 rows to gather before one :meth:`project` call (each call is
+        one pass over the blocks, so a chunk shares it)."""
+        return chunk_bytes // (4 * self.dim)
 
 
-class RademacherProjector:
+class NoOpProjector(AbstractProjector):
+    """φ = identity (``proj_dim = 0`` on the command line: the exact, unprojected kernel).
+
+    Every method returns its input itself, not a copy or a conversion, so the exact path
+    computes exactly what it would without a projector."""
+
+    def __init__(self, dim: int, device: str | torch.device = "cpu"):
+        if dim <= 0:
+            raise ValueError(f"dim must be positive (got {dim})")
+        self.dim = self.proj_dim = int(dim)
+        self.device = torch.device(device)
+        self.n_blocks = 0
+
+    def describe(self) -> None:
+        return None  # the manifest's "projector" stays null for the exact kernel
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        if grads.shape[-1] != self.dim:
+            raise ValueError(f"expected vectors of size {self.dim}, got {grads.shape[-1]}")
+        return grads
+
+    def project_back(self, u: torch.Tensor, tick=None) -> torch.Tensor:
+        return u
+
+    def gram(self, vec: torch.Tensor, tick=None) -> torch.Tensor:
+        return vec
+
+    def gram_params(self, vec: dict[str, torch.Tensor], tick=None) -> dict[str, torch.Tensor]:
+        return vec  # the same tensors: nothing is flattened, copied or converted
+
+    def chunk_rows(self, chunk_bytes: int) -> int:
+        return 1  # nothing to share between rows: no gathering buffer
+
+
+def make_projector(dim: int, proj_dim: int = 0, seed: int = 0, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> AbstractProjector:
+    """The projection to ``proj_dim`` dimensions: the identity for 0, else the seeded Rademacher one."""
+    if proj_dim == 0:
+        return NoOpProjector(dim, device)
+    return RademacherProjector(dim, proj_dim, seed, device=device, dtype=dtype)
+
+
+class RademacherProjector(AbstractProjector):
     """φ(g) = Rᵀ g / √p with a seed-only Rademacher R, generated block by block.
 
     ``dtype`` is the matmul precision for :meth:`project` (±1 is exact in bfloat16, so

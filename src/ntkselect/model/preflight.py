@@ -36,11 +36,10 @@ from ntkselect.model.lm import decoder_of, summed_head, summed_logits
 from ntkselect.model.memory import MemoryCosts, activation_budget, measure_costs, rss_bytes
 from ntkselect.model.runtime import Runtime
 
-__all__ = ["Preflight", "check_model", "preflight_select", "probe_examples", "MODEL_METHODS"]
+__all__ = ["Preflight", "check_model", "preflight_select", "probe_examples"]
 
 logger = logging.getLogger(__name__)
 
-MODEL_METHODS = ("ntk", "embedding", "less", "tsds")  # the selectors that warm up a LoRA model
 _GRAD_TOL = 5e-3  # relative, per example, float32 on a tiny batch: a structural error is O(1)
 _LOGIT_TOL = 1e-3  # relative to the largest logit
 
@@ -225,10 +224,10 @@ def _run_paths(model, q: Runtime, probe, batch, paths, proj_dim: int, seed: int,
         vec, _ = domain_vector(model, probe, q, proj_dim=min(proj_dim, 8), seed=seed)
         score_against(model, probe, vec, q, desc="preflight: scores")
     if "less" in paths:
-        from ntkselect.grads.projection import RademacherProjector
+        from ntkselect.grads.projection import make_projector
 
         dim = sum(p.numel() for _, p in lora_parameters(model))
-        projected_features(model, probe, RademacherProjector(dim, 8, seed, device=q.device), q, objective=per_example_loss,
+        projected_features(model, probe, make_projector(dim, 8, seed, device=q.device), q, objective=per_example_loss,
                            desc="preflight: LESS features")
     if "loss" in paths:
         from ntkselect.evaluation.metrics import heldout_loss
@@ -255,19 +254,19 @@ def preflight_select(cfg, examples: Sequence, pad_id: int, methods: Sequence[str
     from ntkselect.pipeline import make_runtime
     from ntkselect.training.warmup import WarmupOptions, add_lora
 
+    from ntkselect.selection.registry import find_selector
+
     methods = list(methods or [cfg.method])
-    used = [m for m in methods if m in MODEL_METHODS]
+    used = [s for s in map(find_selector, methods) if s is not None and s.uses_model]  # evaluate's baseline and oracle are not selectors
     if not used and not finetune:
         return None
     paths: list[str] = []
     if used and cfg.warmup_epochs > 0 or finetune:
         paths.append("warmup")
-    if {"ntk", "embedding", "tsds"} & set(used):
+    if any(s.uses_embeddings for s in used):
         paths.append("embed")
-    if "ntk" in used:
-        paths.append("ntk")
-    if "less" in used:
-        paths.append("less")
+    wanted = {p for s in used for p in s.paths}  # the methods' own paths (ntkselect.selection.registry.PREFLIGHT_PATHS)
+    paths += [p for p in _PATH_KINDS if p in wanted and p not in paths]
     if finetune:
         paths.append("loss")
 

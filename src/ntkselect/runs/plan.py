@@ -23,7 +23,6 @@ run could not handle stops the dry run with the same one-line error. Nothing is 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -41,10 +40,10 @@ from ntkselect.model.loading import DEFAULT_MODEL, load_tokenizer
 from ntkselect.model.memory import rss_bytes
 from ntkselect.model.preflight import preflight_select
 
-__all__ = ["estimate", "format_plan", "model_facts", "calibrate"]
+__all__ = ["estimate", "format_plan", "model_facts", "calibrate", "PlanBuilder"]
 
-_MODEL_METHODS = ("ntk", "embedding", "less", "tsds")  # the methods that warm up a LoRA model
-_LESS_CHUNK_BYTES = 2 << 30  # LessSelector gathers per-example gradients in chunks of this size
+_TEMPORARY = ("embeddings", "less_features")  # temporary disk entries every plan lists (0 where unused)
+_DISK_LISTED = ("adapter", *_TEMPORARY, "scores", "selected", "train", "manifest", "outputs", "temporary", "peak")  # format_plan names these itself
 _SCORE_ROW_BYTES = 90  # one scores.jsonl line: id, score, rank, selected (+ votes)
 _SELECTION_FIELDS_BYTES = 80  # selection_score, selection_rank, selection_method added to each selected record
 _MANIFEST_BYTES = 16 << 10
@@ -145,16 +144,20 @@ def calibrate(device: torch.device, dtype: torch.dtype, proj_dim: int = 0) -> di
         times.append(time.perf_counter() - t)
     out = {"matmul": f"{n}x{n}x{n} {str(dtype).replace('torch.', '')} on {device}", "flops_per_s": 2 * n**3 / max(sorted(times)[2], 1e-9)}
     if proj_dim > 0:
-        from ntkselect.grads.projection import BLOCK_ROWS, RademacherProjector
-
-        proj = RademacherProjector(BLOCK_ROWS, proj_dim, 0, device=device)
-        v = torch.randn(1, BLOCK_ROWS, device=device)  # (1, rows)
-        t = time.perf_counter()
-        v @ proj.block(0, torch.float32)  # (1, rows) @ (rows, p): generation dominates
-        _sync(device)
-        out["block_seconds"] = time.perf_counter() - t
-        out["block_rows"] = BLOCK_ROWS
+        out.update(_time_block(device, proj_dim))
     return out
+
+
+def _time_block(device: torch.device, proj_dim: int) -> dict:
+    """Seconds to generate and apply one block of a ``proj_dim`` projection on ``device``."""
+    from ntkselect.grads.projection import BLOCK_ROWS, make_projector
+
+    proj = make_projector(BLOCK_ROWS, proj_dim, 0, device=device)
+    v = torch.randn(1, BLOCK_ROWS, device=device)  # (1, rows)
+    t = time.perf_counter()
+    v @ proj.block(0, torch.float32)  # (1, rows) @ (rows, p): generation dominates
+    _sync(device)
+    return {"block_seconds": time.perf_counter() - t, "block_rows": BLOCK_ROWS}
 
 
 # --------------------------------------------------------------------------- estimate
@@ -175,13 +178,83 @@ def _out_state(cfg: SelectConfig) -> dict:
     return {"path": str(out), "state": state, "free_bytes": shutil.disk_usage(probe).free}
 
 
+class PlanBuilder:
+    """What a selector's cost model (``cost`` of its registration,
+    :func:`~ntkselect.selection.registry.register_selector`) sees of a dry run, and adds to.
+
+    Read: ``cfg``; the inputs as the run tokenizes them (``n_pool``, ``dom_len`` / ``pool_len``
+    tokens per example, ``dom_tr`` / ``pool_tr`` trained tokens, ``dom_stats`` / ``pool_stats``,
+    ``shards``: the pool's shard ranges); with a model, ``facts`` (:func:`model_facts`),
+    ``params`` (P) and ``grad_dim`` (D). Add: stages (:meth:`stage` prices passes of the model
+    by FLOPs at the measured rate, :meth:`add_stage` anything else), ``activations[stage]``
+    (live bytes of the stage's largest batch, :meth:`worst`), ``projection_bytes`` (its
+    projection buffers), ``temporary[name]`` (temporary disk), ``proj_dim`` (the projection it
+    applies), ``candidates`` (how many reach a second stage) and ``score_rows`` (rows of
+    scores.jsonl; default the pool)."""
+
+    def __init__(self, cfg: SelectConfig, dom_ex, pool_ex, dom_stats, pool_stats, stages: list, facts: dict | None, cal: dict | None,
+                 costs, device, dtype):
+        from ntkselect.model.runtime import Runtime
+
+        self.cfg, self.dom_stats, self.pool_stats, self.stages, self.facts, self.cal = cfg, dom_stats, pool_stats, stages, facts, cal
+        self.device = device
+        self.dom_len = [len(e.input_ids) for e in dom_ex]
+        self.pool_len = [len(e.input_ids) for e in pool_ex]
+        self.dom_tr = [sum(e.train_mask[1:]) for e in dom_ex]
+        self.pool_tr = [sum(e.train_mask[1:]) for e in pool_ex]
+        self.n_pool = len(pool_ex)
+        self.shards = [range(s0, min(self.n_pool, s0 + cfg.shard_size)) for s0 in range(0, self.n_pool, cfg.shard_size)]
+        self.params = facts["params"] if facts else None
+        self.grad_dim = facts["grad_dim"] if facts else None
+        self.costs = costs  # measured memory costs per kind of pass (the preflight's), or None without a model
+        self._rt = Runtime(device=device, dtype=dtype, batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens, memory=costs)
+        self.activations: dict[str, float] = {}  # stage -> predicted live bytes of its largest batch (ntkselect.model.memory)
+        self.projection_bytes = 0
+        self.temporary: dict[str, int] = {}
+        self.proj_dim = 0
+        self.candidates: int | None = None
+        self.score_rows: int | None = None
+
+    def batches(self, kind: str, lengths, trained, groups=None) -> list[tuple[int, int, int]]:
+        """(B, L, N) of every batch the run makes of these examples for this kind of pass (per shard for the pool)."""
+        out = []
+        for g in groups or [range(len(lengths))]:
+            lg, tg = [lengths[i] for i in g], [trained[i] for i in g]
+            for b in make_batches(lg, self.cfg.batch_size, self.cfg.max_batch_tokens, fits=self._rt.fits(kind), trained=tg):
+                out.append((len(b), max(lg[i] for i in b), sum(tg[i] for i in b)))
+        return out
+
+    def worst(self, kind: str, shapes) -> float:
+        """Live bytes of the largest of these batches for this kind of pass."""
+        return max((self.costs.passes[kind].bytes(*x) for x in shapes), default=0.0)
+
+    @staticmethod
+    def padded(shapes) -> int:
+        return sum(B * L for B, L, _ in shapes)
+
+    def stage(self, name: str, passes: str, tokens: float, padded: float, extra_flops: float = 0.0, extra_seconds: float = 0.0) -> None:
+        """A stage of passes through the model: FLOPs ~ 2 P per padded token forward, x 3 with backward."""
+        flops = (2 if passes == "forward" else 6) * self.params * padded + extra_flops
+        self.add_stage(name, passes, tokens, padded, flops, flops / self.cal["flops_per_s"] + extra_seconds)
+
+    def add_stage(self, name: str, passes: str, tokens: float, padded: float | None = None, flops: float | None = None, seconds: float = 0.0) -> None:
+        self.stages.append({"stage": name, "pass": passes, "tokens": int(round(tokens)), "padded_tokens": None if padded is None else int(round(padded)),
+                            "flops": flops, "seconds": seconds, "measured": False})
+
+    def block_seconds(self) -> tuple[float, int]:
+        """(seconds, rows) of one block of the ``proj_dim`` projection, timed once on the run's device."""
+        if "block_seconds" not in self.cal:
+            self.cal.update(_time_block(self.device, self.proj_dim))
+        return self.cal["block_seconds"], self.cal["block_rows"]
+
+
 def estimate(cfg: SelectConfig) -> dict:
     """The plan of a selection with ``cfg``: tokens, time, peak memory and disk per stage."""
     from ntkselect.model.runtime import resolve_device, resolve_precision
-    from ntkselect.selection.selectors import get_selector
+    from ntkselect.selection.registry import selector_spec
 
     cfg.validate()
-    get_selector(cfg.method)
+    spec = selector_spec(cfg.method)
     check_paths(cfg.out, SELECT, {"--domain": cfg.domain, "--pool": cfg.pool})  # what the real run would refuse
     out_state = _out_state(cfg)
     if cfg.threads:
@@ -202,91 +275,50 @@ def estimate(cfg: SelectConfig) -> dict:
     dom_ex, dom_stats = tokenize_records(domain, tokenizer, cfg.max_length, cfg.template)
     pool_ex, pool_stats = tokenize_records(pool, tokenizer, cfg.max_length, cfg.template)
     load_seconds = time.perf_counter() - t
-    dom_len = [len(e.input_ids) for e in dom_ex]
-    pool_len = [len(e.input_ids) for e in pool_ex]
     rec_bytes = lambda recs: sum(len(json.dumps(r.raw, ensure_ascii=False, default=str)) + 1 for r in recs)  # noqa: E731
     dom_bytes, pool_bytes = rec_bytes(domain), rec_bytes(pool)
     n_pool = len(pool)
-    m = min(int(round(cfg.preselect_factor * cfg.n)), n_pool)
     data = {
         "domain": {"path": cfg.domain, "records": len(domain), **dom_stats.to_dict(), "bytes": dom_bytes},
         "pool": {"path": cfg.pool, "records_in_file": len(pool_all), "records": n_pool, "excluded_duplicates_of_domain": len(pool_all) - n_pool,
                  **pool_stats.to_dict(), "bytes": pool_bytes},
-        "n": cfg.n, "m": m if cfg.method == "ntk" else None,
+        "n": cfg.n, "m": None,
     }
 
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
-    uses_model = cfg.method in _MODEL_METHODS
+    uses_model = spec.uses_model
     notes: list[str] = []
     process_bytes = rss_bytes()  # this process now; with a model, replaced by what it holds after the preflight (below)
     # the model, the adapter and a tiny batch through every path the run will use: an unsupported model stops the dry run too
     pre = preflight_select(cfg, dom_ex, tokenizer.pad_token_id, log=notes.append) if uses_model else None
     facts = model_facts(cfg) if uses_model else None
-    proj = cfg.proj_dim if cfg.method == "ntk" else cfg.less_proj_dim if cfg.method == "less" else 0
-    cal = calibrate(device, dtype, proj) if uses_model else None
+    cal = calibrate(device, dtype) if uses_model else None
 
     # -- stages: tokens, FLOPs, seconds -------------------------------------------------
     stages = [{"stage": "load", "pass": "read + tokenize", "tokens": dom_stats.tokens + pool_stats.tokens, "padded_tokens": None,
                "flops": None, "seconds": load_seconds, "measured": True}]
-    act: dict[str, float] = {}  # stage -> predicted live bytes of its largest batch (ntkselect.model.memory)
-    if uses_model:
+    plan = PlanBuilder(cfg, dom_ex, pool_ex, dom_stats, pool_stats, stages, facts, cal, pre.memory if pre else None, device, dtype)
+    act = plan.activations
+    if uses_model:  # the shared work: the warm-up, and stage 1's embeddings for the methods that use them
         from ntkselect.model.memory import overhead
-        from ntkselect.model.runtime import Runtime
         from ntkselect.training.warmup import WarmupOptions, micro_batches, warmup_batches
 
-        P, D, rate = facts["params"], facts["grad_dim"], cal["flops_per_s"]
-        bs, mbt = cfg.batch_size, cfg.max_batch_tokens
-        costs = pre.memory
-        rtm = Runtime(device=device, dtype=dtype, batch_size=bs, max_batch_tokens=mbt, memory=costs)
-        dom_tr = [sum(e.train_mask[1:]) for e in dom_ex]
-        pool_tr = [sum(e.train_mask[1:]) for e in pool_ex]
-        shards = [range(s0, min(n_pool, s0 + cfg.shard_size)) for s0 in range(0, n_pool, cfg.shard_size)]
-
-        def batches(kind: str, lengths, trained, groups=None):
-            """(B, L, N) of every batch the run makes of these examples for this kind of pass (per shard for the pool)."""
-            out = []
-            for g in groups or [range(len(lengths))]:
-                lg, tg = [lengths[i] for i in g], [trained[i] for i in g]
-                for b in make_batches(lg, bs, mbt, fits=rtm.fits(kind), trained=tg):
-                    out.append((len(b), max(lg[i] for i in b), sum(tg[i] for i in b)))
-            return out
-
-        def worst(kind: str, shapes) -> float:
-            return max((costs.passes[kind].bytes(*x) for x in shapes), default=0.0)
-
-        def stage(name: str, passes: str, tokens: float, padded: float, extra_flops: float = 0.0, extra_seconds: float = 0.0) -> None:
-            flops = (2 if passes == "forward" else 6) * P * padded + extra_flops  # 2 P per token forward, x 3 with backward
-            stages.append({"stage": name, "pass": passes, "tokens": int(round(tokens)), "padded_tokens": int(round(padded)),
-                           "flops": flops, "seconds": flops / rate + extra_seconds, "measured": False})
-
-        padded = lambda shapes: sum(B * L for B, L, _ in shapes)  # noqa: E731
+        dom_len, dom_tr = plan.dom_len, plan.dom_tr
         if cfg.warmup_epochs > 0:
             wopts = WarmupOptions(epochs=cfg.warmup_epochs, batch_size=cfg.warmup_batch_size, seed=cfg.seed)
             warm = [(len(p), max(dom_len[i] for i in p), sum(dom_tr[i] for i in p))
-                    for idx in warmup_batches(len(dom_ex), wopts) for p in micro_batches(dom_ex, idx, rtm)]
-            stage("warm-up", "forward+backward", cfg.warmup_epochs * dom_stats.tokens, padded(warm))
-            act["warm-up"] = worst("warmup", warm)
-        if cfg.method in ("ntk", "embedding", "tsds"):
-            fwd = batches("forward", dom_len, dom_tr) + batches("forward", pool_len, pool_tr, shards)
-            stage("stage 1", "forward", dom_stats.tokens + pool_stats.tokens, padded(fwd))
-            act["stage 1"] = worst("forward", fwd)
-        if cfg.method == "ntk":
-            dom_b, pool_b = batches("sum", dom_len, dom_tr), batches("dot", pool_len, pool_tr, shards)
-            mean_pool = pool_stats.tokens / max(1, n_pool)
-            mean_pad = padded(pool_b) / max(1, n_pool)
-            extra_s = 2 * math.ceil(D / cal["block_rows"]) * cal["block_seconds"] if proj else 0.0  # v = φ*(φ(ḡ)): two passes over the blocks
-            stage("stage 2", "forward+backward", dom_stats.tokens + m * mean_pool, padded(dom_b) + m * mean_pad, extra_seconds=extra_s)
-            # the candidates are M of the pool, known after stage 1: the pool's worst batch bounds theirs
-            act["stage 2"] = max(worst("sum", dom_b), worst("dot", pool_b))
-        if cfg.method == "less":
-            chunk = max(1, min(max(len(dom_len), n_pool), _LESS_CHUNK_BYTES // (4 * D)))
-            passes = math.ceil(len(dom_len) / chunk) + math.ceil(n_pool / chunk)  # each chunk visits every block once
-            extra_s = passes * math.ceil(D / cal["block_rows"]) * cal["block_seconds"]
-            less_b = batches("less", dom_len, dom_tr) + batches("less", pool_len, pool_tr, shards)
-            stage("less", "forward+backward", dom_stats.tokens + pool_stats.tokens, padded(less_b),
-                  extra_flops=2 * (len(dom_len) + n_pool) * D * proj, extra_seconds=extra_s)
-            act["less"] = worst("less", less_b)
+                    for idx in warmup_batches(len(dom_ex), wopts) for p in micro_batches(dom_ex, idx, plan._rt)]
+            plan.stage("warm-up", "forward+backward", cfg.warmup_epochs * dom_stats.tokens, plan.padded(warm))
+            act["warm-up"] = plan.worst("warmup", warm)
+        if spec.uses_embeddings:
+            fwd = plan.batches("forward", dom_len, dom_tr) + plan.batches("forward", plan.pool_len, plan.pool_tr, plan.shards)
+            plan.stage("stage 1", "forward", dom_stats.tokens + pool_stats.tokens, plan.padded(fwd))
+            act["stage 1"] = plan.worst("forward", fwd)
+    if spec.cost is not None:  # the method's own work, from its cost model
+        spec.cost(plan)
+    proj = plan.proj_dim
+    data["m"] = plan.candidates
 
     # -- memory -------------------------------------------------------------------------
     # resident memory: this process (Python, torch, the tokenizer, the data; with a model, as the
@@ -295,18 +327,13 @@ def estimate(cfg: SelectConfig) -> dict:
     # projection buffers
     factor = overhead(device) if uses_model else 1.0
     memory = {"process": process_bytes, "weights": 0, "lora_and_optimizer": 0, "activations": int(factor * max(act.values(), default=0.0)),
-              "projection": 0}
+              "projection": plan.projection_bytes}
     if uses_model:
         memory["weights"] = 4 * facts["params"]  # loaded in float32; autocast only changes the matmuls
         # the preflight ran every path once with the model loaded: what the process holds then (libraries initialised, the
         # allocator's first arenas) is what a run holds before its stages; less the weights, counted on their own
         memory["process"] = max(process_bytes, pre.rss - memory["weights"]) if pre.rss else process_bytes
         memory["lora_and_optimizer"] = 4 * 4 * facts["grad_dim"]  # parameters, gradients, AdamW m and v
-        if cfg.method == "ntk":
-            memory["projection"] = 4 * 2 * facts["grad_dim"] + (4 * 1024 * proj if proj else 0)  # ḡ_D and v (+ one block)
-        elif cfg.method == "less":
-            chunk = max(1, min(max(len(dom_len), n_pool), _LESS_CHUNK_BYTES // (4 * facts["grad_dim"])))
-            memory["projection"] = 4 * chunk * facts["grad_dim"] + 4 * 1024 * proj + 4 * 4 * facts["grad_dim"]  # chunk, block, Adam m, v
     memory["peak"] = sum(memory.values())
     static = memory["peak"] - memory["activations"]
     memory["by_stage"] = {k: int(static + factor * v) for k, v in act.items()}
@@ -315,17 +342,19 @@ def estimate(cfg: SelectConfig) -> dict:
     # -- disk ---------------------------------------------------------------------------
     sel_bytes = int(round(cfg.n * pool_bytes / max(1, n_pool))) + cfg.n * _SELECTION_FIELDS_BYTES
     hidden = facts["hidden_size"] if facts else 0
+    # temporary arrays a run writes into --out (memory-mapped, removed at the end): stage 1's (n_pool, hidden) float32
+    # embeddings, and what the method's cost model adds (every plan lists _TEMPORARY, 0 where unused)
+    temporary = {**dict.fromkeys(_TEMPORARY, 0), "embeddings": n_pool * hidden * 4 if spec.uses_embeddings else 0, **plan.temporary}
     disk = {
         "adapter": 4 * facts["grad_dim"] if uses_model else 0,
-        "embeddings": n_pool * hidden * 4 if cfg.method in ("ntk", "embedding", "tsds") else 0,  # (n_pool, hidden) float32 memmap, temporary
-        "less_features": n_pool * cfg.less_proj_dim * 4 if cfg.method == "less" else 0,  # (n_pool, p) float32 memmap, temporary
-        "scores": (m if cfg.method == "ntk" else n_pool) * _SCORE_ROW_BYTES,
+        **temporary,
+        "scores": (plan.score_rows if plan.score_rows is not None else n_pool) * _SCORE_ROW_BYTES,
         "selected": sel_bytes,
         "train": dom_bytes + sel_bytes - cfg.n * _SELECTION_FIELDS_BYTES,
         "manifest": _MANIFEST_BYTES,
     }
     disk["outputs"] = disk["adapter"] + disk["scores"] + disk["selected"] + disk["train"] + disk["manifest"]
-    disk["temporary"] = disk["embeddings"] + disk["less_features"]
+    disk["temporary"] = sum(temporary.values())
     disk["peak"] = disk["outputs"] + disk["temporary"]
 
     warnings_: list[str] = []
@@ -414,7 +443,8 @@ def format_plan(plan: dict) -> str:
     lines.append(f"  disk      ~{_bytes(k['peak'])} in {plan['out']['path']} ({plan['out']['state']}; {_bytes(plan['out']['free_bytes'])} free): "
                  f"adapter {_bytes(k['adapter'])}, selected.jsonl {_bytes(k['selected'])}, train.jsonl {_bytes(k['train'])}, "
                  f"scores.jsonl {_bytes(k['scores'])}; temporary: embeddings {_bytes(k['embeddings'])}"
-                 + (f", LESS features {_bytes(k['less_features'])}" if k["less_features"] else ""))
+                 + (f", LESS features {_bytes(k['less_features'])}" if k.get("less_features") else "")
+                 + "".join(f", {name.replace('_', ' ')} {_bytes(k[name])}" for name in k if name not in _DISK_LISTED and k[name]))
     if plan.get("preflight"):
         p = plan["preflight"]
         lines.append(f"  preflight the model, its adapter and a tiny batch passed every path the run uses ({', '.join(p['paths'])}) "

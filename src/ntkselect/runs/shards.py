@@ -1,4 +1,4 @@
-"""Sharded, resumable work and the executors that run it (local or a Ray cluster).
+"""Sharded, resumable work: shard plans, the store of finished shards, shard tasks.
 
 The pool is split into shards (contiguous ranges of records). Each shard's result (stage-1
 embeddings, stage-2 scores, LESS features) is written to its own ``.npy`` under the run's
@@ -7,13 +7,12 @@ marker that names what the result was computed from. A rerun after a crash, ``ki
 included, trusts a shard only if its marker exists and matches; the rest are recomputed,
 and since every shard is computed the same way the outcome equals an uninterrupted run.
 
-Executors run a list of shard jobs and yield each result as it finishes; the driver writes it.
-:class:`LocalExecutor` runs them in this process with the model it already has.
-:class:`RayExecutor` starts one actor per GPU (or a few CPU actors) on a Ray cluster; each
-actor rebuilds the warmed-up model from the base model and the adapter's weights, and Ray
-restarts an actor whose process dies and retries its task. Workers return arrays to the
-driver, so the cluster needs no shared file system; only the model path must resolve on
-every node.
+A :class:`ShardTask` is what runs on one shard: a function of (model, examples, runtime,
+payload) with a typed payload (a dataclass), registered under a name by the module that owns
+it (stage 1's embeddings, stage 2's scores, LESS's features). Executors
+(:mod:`ntkselect.runs.executors`: in this process or on a Ray cluster) run a list of shard jobs
+and yield each result as it finishes; :func:`run_sharded` writes it. :class:`Sharding` is
+what a run hands its stages: the store, the executor, the run's key and the shard size.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -33,7 +32,10 @@ from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_open, atomic_write_json
 from ntkselect.progress import Progress
 
-__all__ = ["ShardSpec", "plan_shards", "ShardStore", "LocalExecutor", "RayExecutor", "run_sharded", "TASKS"]
+if TYPE_CHECKING:
+    from ntkselect.runs.executors.base import Executor
+
+__all__ = ["ShardSpec", "plan_shards", "ShardStore", "ShardTask", "register_task", "get_task", "task_names", "Sharding", "run_sharded", "digest"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,176 +105,69 @@ class ShardStore:
             f.write(line)
 
 
-# -- shard tasks: (model, examples, rt, payload) -> array -------------------------------------
+# -- shard tasks --------------------------------------------------------------------------------
 
-def _task_embed(model, examples, rt, payload, ids=None, desc="stage 1: embeddings") -> np.ndarray:
-    from ntkselect.selection.ntk.stage1 import embed
+@dataclass
+class ShardTask:
+    """What runs on one shard: ``fn(model, examples, rt, payload, ids, desc) -> array`` whose
+    first axis is the shard's examples, with ``payload`` an instance of the dataclass
+    ``payload``. ``fn`` must be a module-level function (a Ray worker imports it by name)."""
 
-    return embed(model, examples, rt, ids=ids, desc=desc)  # (n, d) float32
+    name: str
+    fn: Callable[..., Any]
+    payload: type
 
-
-def _task_score(model, examples, rt, payload, ids=None, desc="stage 2: candidates") -> np.ndarray:
-    from ntkselect.selection.ntk.stage2 import score_against
-
-    return score_against(model, examples, payload["vec"], rt, desc=desc, ids=ids)  # (n,) float64
-
-
-def _task_less(model, examples, rt, payload, ids=None, desc="less: gradients") -> np.ndarray:
-    import torch
-
-    from ntkselect.grads.projection import RademacherProjector
-    from ntkselect.selection.ntk.stage2 import projected_features
-    from ntkselect.training.warmup import per_example_loss
-
-    m, v = payload["m"].to(rt.device), payload["v"].to(rt.device)
-    b1, b2, eps = payload["b1"], payload["b2"], payload["eps"]
-
-    def adam(g):  # (B, D) -> (B, D): LESS's Adam update direction from the warm-up's moments
-        g = g.float()
-        return (b1 * m + (1 - b1) * g) / torch.sqrt(b2 * v + (1 - b2) * g * g + eps)
-
-    proj = RademacherProjector(payload["dim"], payload["proj_dim"], payload["seed"], device=rt.device)
-    return projected_features(model, examples, proj, rt, objective=per_example_loss, transform=adam, chunk_bytes=payload.get("chunk_bytes", 1 << 30),
-                              ids=ids, desc=desc)
+    def __call__(self, model, examples, rt, payload, ids=None, desc: str | None = None):
+        if not isinstance(payload, self.payload):
+            raise TypeError(f"shard task {self.name!r} takes a {self.payload.__name__} payload, not {type(payload).__name__}")
+        if desc is None:  # the task's own default label
+            return self.fn(model, examples, rt, payload, ids)
+        return self.fn(model, examples, rt, payload, ids, desc)
 
 
-TASKS: dict[str, Callable] = {"embed": _task_embed, "score": _task_score, "less": _task_less}
+_TASKS: dict[str, ShardTask] = {}
 
 
-# -- executors ----------------------------------------------------------------------------------
-
-class LocalExecutor:
-    """Runs shard jobs one after another in this process."""
-
-    name = "local"
-
-    def __init__(self, model_fn: Callable[[], Any], rt):
-        self.model_fn, self.rt = model_fn, rt
-
-    def map(self, task: str, jobs: Sequence[tuple[ShardSpec, list, list | None]], payload: dict,
-            desc: str = "") -> Iterator[tuple[ShardSpec, np.ndarray, float]]:
-        model = self.model_fn()
-        for spec, examples, ids in jobs:
-            t = time.perf_counter()
-            # within a shard the task's own progress line runs (a shard can take minutes)
-            arr = TASKS[task](model, examples, self.rt, payload, ids, f"{desc} [shard {spec.index + 1}]")
-            yield spec, np.asarray(arr), time.perf_counter() - t
-
-    def close(self) -> None:
-        pass
+def register_task(task: ShardTask) -> ShardTask:
+    """Make ``task`` known by its name (:func:`get_task`); returns it."""
+    old = _TASKS.get(task.name)
+    if old is not None and (old.fn.__module__, old.fn.__qualname__) != (task.fn.__module__, task.fn.__qualname__):
+        raise ValueError(f"a shard task named {task.name!r} is already registered ({old.fn.__module__}.{old.fn.__qualname__})")
+    _TASKS[task.name] = task
+    return task
 
 
-def _worker_class():
-    import ray
-
-    @ray.remote(max_restarts=4, max_task_retries=4)
-    class ShardWorker:
-        """Rebuilds the warmed-up model once, then runs shard tasks."""
-
-        def __init__(self, spec: dict):
-            import torch
-
-            from ntkselect.model.loading import load_model
-            from ntkselect.model.runtime import Runtime
-            from ntkselect.training.warmup import WarmupOptions, add_lora
-
-            if spec.get("threads"):
-                torch.set_num_threads(spec["threads"])
-            device = torch.device("cuda") if torch.cuda.is_available() and spec.get("use_gpu") else torch.device("cpu")
-            dtype = getattr(torch, spec["dtype"])
-            if device.type == "cpu" and dtype == torch.bfloat16 and not spec.get("cpu_bf16", True):
-                dtype = torch.float32
-            model = add_lora(load_model(spec["model"]), WarmupOptions(**spec["lora"]))
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(model, spec["adapter_state"])
-            self.model = model.to(device).eval()
-            self.rt = Runtime(device=device, dtype=dtype, batch_size=spec["batch_size"], max_batch_tokens=spec["max_batch_tokens"],
-                              padding_side=spec["padding_side"], pad_id=spec["pad_id"], progress=False)
-            mem = spec.get("memory")
-            if mem is not None and device.type == spec.get("device_type") and str(dtype).replace("torch.", "") == spec["dtype"]:
-                from ntkselect.model.memory import MemoryCosts, activation_budget
-
-                # the driver's measured costs hold for the same device kind and precision; the budget is this worker's own
-                self.rt.memory = MemoryCosts(mem.passes, activation_budget(device))
-
-        def pid(self) -> int:
-            return os.getpid()
-
-        def run(self, task: str, index: int, examples: list, payload: dict, ids: list | None = None):
-            t = time.perf_counter()
-            arr = TASKS[task](self.model, examples, self.rt, payload, ids)
-            return index, np.asarray(arr), time.perf_counter() - t
-
-    return ShardWorker
+def get_task(name: str) -> ShardTask:
+    if name not in _TASKS:
+        raise KeyError(f"no shard task {name!r}; registered: {', '.join(_TASKS)}")
+    return _TASKS[name]
 
 
-class RayExecutor:
-    """Runs shard jobs on Ray actors: one per GPU where the cluster has GPUs, else ``workers``
-    CPU actors (default: one per 2 CPUs). Ray restarts a dead actor and retries its task."""
-
-    name = "ray"
-
-    def __init__(self, worker_spec: dict, address: str | None = None, workers: int = 0, log=None):
-        try:
-            import ray
-        except ImportError:
-            raise NtkSelectError("--executor ray needs Ray: pip install 'ntkselect[ray]'") from None
-        self.ray = ray
-        if not ray.is_initialized():
-            try:
-                ray.init(address=address or None, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-                         runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-            except (ConnectionError, RuntimeError, ValueError) as err:
-                raise NtkSelectError(f"--ray-address {address!r}: cannot connect to a Ray cluster ({str(err).splitlines()[0]}); "
-                                     "start one with `ray start --head` or leave --ray-address empty for a local one") from None
-        res = ray.cluster_resources()
-        gpus = int(res.get("GPU", 0))
-        use_gpu = gpus > 0
-        n = workers or (gpus if use_gpu else max(1, int(res.get("CPU", 1)) // 2))
-        threads = 0 if use_gpu else max(1, int(res.get("CPU", 1)) // n)
-        spec = {**worker_spec, "use_gpu": use_gpu, "threads": threads}
-        ref = ray.put(spec)
-        cls = _worker_class()
-        self.actors = [cls.options(num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else threads).remote(ref) for _ in range(n)]
-        (log or logger.info)(f"ntkselect: Ray executor with {n} {'GPU' if use_gpu else 'CPU'} worker(s) on {address or 'a local cluster'}")
-
-    def worker_pids(self) -> list[int]:
-        return self.ray.get([a.pid.remote() for a in self.actors])
-
-    def map(self, task: str, jobs: Sequence[tuple[ShardSpec, list, list | None]], payload: dict,
-            desc: str = "") -> Iterator[tuple[ShardSpec, np.ndarray, float]]:
-        ray = self.ray
-        pref = ray.put(payload)
-        specs = {spec.index: spec for spec, _, _ in jobs}
-        queue = list(jobs)
-        inflight: dict = {}
-        free = list(self.actors) * 2  # two tasks queued per actor keeps each busy
-        while queue or inflight:
-            while queue and free:
-                actor = free.pop(0)
-                spec, examples, ids = queue.pop(0)
-                inflight[actor.run.remote(task, spec.index, examples, pref, ids)] = actor
-            done, _ = ray.wait(list(inflight), num_returns=1)
-            actor = inflight.pop(done[0])
-            free.append(actor)
-            try:
-                index, arr, secs = ray.get(done[0])
-            except ray.exceptions.RayError as err:
-                raise NtkSelectError(f"a Ray worker failed after its retries ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                                     "rerun the same command to resume from the finished shards") from None
-            yield specs[index], arr, secs
-
-    def close(self) -> None:
-        for a in self.actors:
-            try:
-                self.ray.kill(a)
-            except Exception:  # noqa: BLE001 - best effort: an actor may already be gone
-                pass
+def task_names() -> tuple[str, ...]:
+    return tuple(_TASKS)
 
 
-def run_sharded(stage: str, task: str, examples: Sequence, specs: Sequence[ShardSpec], key: str, store: ShardStore, executor,
-                payload: dict, desc: str, progress: bool = True, ids: Sequence[str] | None = None) -> list[np.ndarray]:
+@dataclass
+class Sharding:
+    """Where a run's sharded work goes: ``store`` keeps the finished shards, ``executor()``
+    (called when a stage needs it, so a Ray cluster starts only then) runs the missing ones,
+    ``key`` names what the run is computed from, ``shard_size`` cuts the examples."""
+
+    store: ShardStore
+    executor: Callable[[], "Executor"]
+    key: str
+    shard_size: int
+    progress: bool = True
+
+    def run(self, stage: str, task: ShardTask, examples: Sequence, payload, desc: str, ids: Sequence[str] | None, *key_parts: Any) -> list[np.ndarray]:
+        """:func:`run_sharded` of ``task`` over ``examples``; a shard is trusted only if it was
+        computed under ``digest(key, *key_parts)``."""
+        return run_sharded(stage, task, examples, plan_shards(len(examples), self.shard_size), digest(self.key, *key_parts), self.store,
+                           self.executor(), payload, desc, self.progress, ids=ids)
+
+
+def run_sharded(stage: str, task: ShardTask, examples: Sequence, specs: Sequence[ShardSpec], key: str, store: ShardStore, executor: "Executor",
+                payload, desc: str, progress: bool = True, ids: Sequence[str] | None = None) -> list[np.ndarray]:
     """Compute every shard not already finished in ``store``; return all shards' arrays in order
     (memory-mapped from disk)."""
     todo = [s for s in specs if not store.is_done(stage, s, key)]

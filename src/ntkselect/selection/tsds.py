@@ -41,6 +41,9 @@ The original then draws N examples *with replacement* from p (``np.random.multin
 :func:`draw_order` instead ranks the whole pool: candidates with p > 0 in the order of a seeded
 sample *without replacement* proportional to p (Efraimidis–Spirakis keys), then those with p = 0
 by their best cosine to the domain, so the first N are always N distinct examples.
+
+:class:`TsdsSelector` (at the end) makes this ``--method tsds``: one class and one registration,
+the worked example of ``docs/ADDING_A_SELECTOR.md``.
 """
 
 from __future__ import annotations
@@ -50,9 +53,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ntkselect.selection.base import Ranking, SelectionContext, Selector
 from ntkselect.selection.ntk.stage1 import _as_shards, _normalise, knn_search
+from ntkselect.selection.registry import register_selector
 
-__all__ = ["TsdsResult", "neighbour_caps", "neighbours", "kde", "transport", "tsds", "best_cosine", "draw_order"]
+__all__ = ["TsdsResult", "neighbour_caps", "neighbours", "kde", "transport", "tsds", "best_cosine", "draw_order", "TsdsSelector"]
 
 _DRAW_TAG = 0x54534453  # "TSDS": the draw's own numpy stream, apart from the other seeded uses of --seed
 _BUDGET = 1 << 22  # entries of one chunk's working arrays (a few x 8 bytes each): chunks of queries stay ~100 MiB
@@ -220,3 +225,39 @@ def draw_order(probs: np.ndarray, nearest: np.ndarray, seed: int) -> np.ndarray:
     drawn = pos[np.lexsort((pos, e[pos] / probs[pos]))]
     zero = np.flatnonzero(~(probs > 0))
     return np.concatenate([drawn, zero[np.lexsort((zero, -nearest[zero]))]]).astype(np.int64)
+
+
+# -- the selector ----------------------------------------------------------------------------
+
+@register_selector("tsds", uses_model=True, uses_embeddings=True, options=("tsds_alpha", "tsds_c", "tsds_sigma", "tsds_max_k", "tsds_kde_k"),
+                   summary="TSDS, Liu et al. 2024, on stage-1 embeddings")
+class TsdsSelector(Selector):
+    """``--method tsds``: :func:`tsds` on stage 1's embeddings, then :func:`draw_order`."""
+
+    def rank(self, ctx: SelectionContext, n: int) -> Ranking:
+        cfg = ctx.cfg
+        dom, pool = ctx.embeddings()
+        t = time.perf_counter()
+        r = tsds(dom, pool, alpha=cfg.tsds_alpha, c=cfg.tsds_c, sigma=cfg.tsds_sigma, max_k=cfg.tsds_max_k, kde_k=cfg.tsds_kde_k)
+        order = draw_order(r.probs, r.nearest, cfg.seed)
+        nonzero = int((r.probs > 0).sum())
+        ctx.log(f"ntkselect: tsds K = {r.k}, KDE K = {r.kde_k}, {r.neighbourhood} candidates in the domain's neighbourhoods, "
+                f"{nonzero} with nonzero probability" + ("" if r.stopped else "; the alpha/C condition never held, every domain example spread over all K"))
+        if nonzero < n:
+            ctx.log(f"ntkselect: tsds: only {nonzero} candidates have nonzero probability; the other {n - nonzero} selected are the "
+                    "zero-probability candidates with the best cosine to the domain")
+        own = time.perf_counter() - t
+        return Ranking(order, r.probs[order], columns={"kde": r.kde[order]}, seconds=own, shared=("warmup", "embeddings"),
+                       timings={"embeddings": ctx.shared_seconds.get("embeddings", 0.0), "select": own}, info={
+            "rule": "TSDS (Liu et al. 2024, KNN-KDE as in the authors' tsds.py): score = the candidate's probability; order = a seeded "
+                    "draw without replacement in proportion to it, then the zero-probability candidates",
+            "alpha": cfg.tsds_alpha, "C": cfg.tsds_c, "sigma": cfg.tsds_sigma, "max_k": cfg.tsds_max_k, "kde_k": cfg.tsds_kde_k,
+            "k_used": r.k, "kde_k_used": r.kde_k, "caps": "K = min(max_k, pool // 10) >= 2, KDE K = min(kde_k, pool // 10) >= 1",
+            "embeddings": "stage-1 embeddings, L2-normalised; Euclidean distance",
+            "search": "exact float64 kNN (the original: approximate FAISS IndexIVFFlat); the KDE among the candidates in the neighbourhoods",
+            "kernel": "max(0, 1 - |x - y|^2 / sigma^2) summed over the KDE K nearest, the candidate itself included",
+            "level_s": r.level, "stopped_by_alpha_c": r.stopped, "neighbourhood": r.neighbourhood, "nonzero_probability": nonzero,
+            "capped_domain_examples": r.capped_queries, "mean_near_duplicates": r.near_duplicates,
+            "sampling": "Efraimidis-Spirakis without replacement: keys u^(1/p), u from numpy default_rng([seed, 0x54534453]), highest first "
+                        "(the original draws N with replacement, np.random.multinomial); then p = 0 candidates by best cosine to D, then pool position",
+            "seconds": r.seconds})

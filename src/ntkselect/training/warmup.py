@@ -3,29 +3,37 @@
 The NTK is taken at the warmed-up adapter (the paper's Θ_0 is after a brief adaptation), and
 the same adapter is what the user fine-tunes from. A plain, seeded training loop (AdamW,
 linear warm-up and decay, token-mean cross-entropy on the trained tokens) keeps the run
-deterministic and free of a Trainer dependency.
+deterministic and free of a Trainer dependency. :func:`warmup_or_resume` keeps the finished
+warm-up on disk, so a rerun of the same run loads it bit for bit instead of training again.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import re
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ntkselect.data.batching import collate, make_batches
 from ntkselect.errors import NtkSelectError
+from ntkselect.files import atomic_open, atomic_write_json
 from ntkselect.grads.fused import FusedLoraGradients, lora_parameters
 from ntkselect.model.adapters import default_target_modules
 from ntkselect.model.lm import final_hidden, trained_logits
 from ntkselect.model.runtime import Runtime
 from ntkselect.progress import Progress
 
-__all__ = ["WarmupOptions", "add_lora", "warmup", "per_example_loss"]
+__all__ = ["WarmupOptions", "add_lora", "warmup", "warmup_or_resume", "WarmupRun", "per_example_loss"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -207,3 +215,45 @@ def warmup(model, examples, opts: WarmupOptions, rt: Runtime, adam_state: dict |
     k = max(1, min(10, total // 5))
     summary.update(loss_first=sum(losses[:k]) / k, loss_last=sum(losses[-k:]) / k, seconds=time.perf_counter() - t0)
     return summary
+
+
+@dataclass
+class WarmupRun:
+    """A warm-up done (or read back): its summary, the optimizer's final moments, and whether
+    it was resumed from disk."""
+
+    summary: dict
+    adam: dict = field(default_factory=dict)
+    resumed: bool = False
+
+
+def warmup_or_resume(model, examples, opts: WarmupOptions, rt: Runtime, wdir: str | Path, key: str, log: Callable[[str], None] | None = None,
+                     on_done=None) -> WarmupRun:
+    """:func:`warmup` ``model`` in place, keeping the adapter and the Adam moments in ``wdir``
+    with a completion marker naming ``key``; if a marker with this key is there, load them
+    instead (bit for bit the finished warm-up). ``on_done(summary)`` is called after a warm-up
+    that ran (not after a resume). The resume message goes to ``log`` (default: this module's
+    logger, at INFO)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    wdir = Path(wdir)
+    marker = wdir / "warmup.done"
+    if marker.exists() and json.loads(marker.read_text()).get("key") == key:
+        state = torch.load(wdir / "state.pt", map_location="cpu", weights_only=True)
+        set_peft_model_state_dict(model, state["adapter"])
+        adam = {k: tuple(v) for k, v in state["adam"].items()}
+        adam.update(state["adam_meta"])
+        summary = json.loads(marker.read_text())["summary"]
+        model.eval()
+        (log or logger.info)("ntkselect: warm-up already done, loaded its adapter")
+        return WarmupRun(summary, adam, resumed=True)
+    adam: dict = {}
+    summary = warmup(model, examples, opts, rt, adam_state=adam)
+    moments = {k: list(v) for k, v in adam.items() if not k.startswith("_")}
+    meta = {k: v for k, v in adam.items() if k.startswith("_")}
+    with atomic_open(wdir / "state.pt", "wb", encoding=None) as f:
+        torch.save({"adapter": {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}, "adam": moments, "adam_meta": meta}, f)
+    atomic_write_json(marker, {"key": key, "summary": summary})
+    if on_done is not None:
+        on_done(summary)
+    return WarmupRun(summary, adam)

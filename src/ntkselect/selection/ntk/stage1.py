@@ -6,6 +6,9 @@ model's). Each domain example votes for its K nearest candidates by cosine simil
 the most votes go to stage 2. Ties are broken by the candidate's best cosine among its voters,
 then by its position in the pool, so the outcome is deterministic. If fewer than M
 candidates received a vote, K is doubled until enough have one (or K covers the pool).
+
+:func:`embed_sets` is the run's stage-1 embedding: D in this process, the pool shard by shard
+(the :data:`EMBED` shard task) on the run's executor, each shard kept on disk and resumable.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from ntkselect.grads.fused import FusedLoraGradients
 from ntkselect.model.lm import final_hidden
 from ntkselect.progress import Progress
 from ntkselect.model.runtime import Runtime
+from ntkselect.runs.shards import ShardTask, Sharding, register_task
 
-__all__ = ["Stage1Result", "embed", "knn_search", "knn_votes", "preselect"]
+__all__ = ["Stage1Result", "embed", "embed_sets", "EMBED", "EmbedPayload", "knn_search", "knn_votes", "preselect"]
 
 
 @dataclass
@@ -88,6 +92,28 @@ def _embed_batch(model, batch, rt: Runtime, out, n: int, out_path, desc: str = "
         out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=shape) if out_path else np.zeros(shape, np.float32)
     out[batch.index.numpy()] = e
     return out
+
+
+@dataclass
+class EmbedPayload:
+    """The :data:`EMBED` task needs nothing but the examples."""
+
+
+def _embed_shard(model, examples, rt, payload: EmbedPayload, ids=None, desc="stage 1: embeddings") -> np.ndarray:
+    return embed(model, examples, rt, ids=ids, desc=desc)  # (n, d) float32
+
+
+#: the shard task of the pool's embeddings
+EMBED = register_task(ShardTask("embed", _embed_shard, EmbedPayload))
+
+
+def embed_sets(model, domain: Sequence, pool: Sequence, rt: Runtime, sharding: Sharding, domain_ids: Sequence[str] | None = None,
+               pool_ids: Sequence[str] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(n_domain, d) and the pool's (rows, d) float32 shards (memory-mapped): D embedded here,
+    the pool shard by shard on ``sharding``'s executor, finished shards reused."""
+    dom = embed(model, domain, rt, desc="stage 1: domain embeddings", ids=domain_ids)
+    pool_emb = sharding.run("stage1", EMBED, pool, EmbedPayload(), "stage 1: pool embeddings", pool_ids, "embed")
+    return dom, pool_emb
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

@@ -15,11 +15,18 @@ gradient factors inside the LoRA hooks against v, never forming a per-example gr
 domain × candidate kernel. The result is the paper's projected mean-kernel score, not an
 approximation of it; :func:`projected_features` computes φ(g) explicitly for tests and for
 per-pair kernels.
+
+:func:`run_stage2` is stage 2 end to end, the one implementation ``ntkselect select``, the
+Python API and the tests share. Given a :class:`~ntkselect.runs.shards.Sharding` (what a run
+passes) v is kept on disk with a completion marker and the candidates are scored shard by
+shard (the :data:`SCORE` shard task) on the run's executor, each shard resumable; without one,
+everything runs here, in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -32,13 +39,16 @@ import torch
 
 from ntkselect.data.batching import collate, make_batches
 from ntkselect.errors import NtkSelectError
-from ntkselect.grads.fused import flatten_grads, gradient_hooks, lora_parameters, unflatten_grads
+from ntkselect.files import atomic_open, atomic_write_json
+from ntkselect.grads.fused import flatten_grads, gradient_hooks, lora_parameters
 from ntkselect.model.lm import summed_head, summed_logits
 from ntkselect.progress import Progress
-from ntkselect.grads.projection import RademacherProjector
+from ntkselect.grads.projection import AbstractProjector, make_projector
 from ntkselect.model.runtime import Runtime
+from ntkselect.runs.shards import ShardTask, Sharding, digest, register_task
 
-__all__ = ["Stage2Result", "per_example_gradients", "domain_mean_gradient", "domain_vector", "score_against", "projected_features", "run_stage2"]
+__all__ = ["Stage2Result", "per_example_gradients", "domain_mean_gradient", "domain_vector", "score_against", "projected_features", "run_stage2",
+           "SCORE", "ScorePayload"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +61,7 @@ class Stage2Result:
     seconds: dict = field(default_factory=dict)
     tokens: dict = field(default_factory=dict)
     projector: dict | None = None
+    resumed: bool = False  # v was read back from a finished earlier attempt (with a Sharding)
 
 
 def _label(batch_pos: int, ids: Sequence[str] | None) -> str:
@@ -201,7 +212,7 @@ def score_against(model, examples: Sequence, vec: dict[str, torch.Tensor], rt: R
     return scores
 
 
-def projected_features(model, examples: Sequence, projector: RademacherProjector, rt: Runtime, fused: bool = True,
+def projected_features(model, examples: Sequence, projector: AbstractProjector, rt: Runtime, fused: bool = True,
                        out_path: str | Path | None = None, chunk_bytes: int = 1 << 30, objective=None, transform=None,
                        desc: str = "stage 2: projected features", ids: Sequence[str] | None = None) -> np.ndarray:
     """(n, p) float32 φ(g(x)) for every example, in input order: the explicit route, for per-pair
@@ -218,7 +229,7 @@ def projected_features(model, examples: Sequence, projector: RademacherProjector
     dim, n = projector.dim, len(examples)
     shape = (n, projector.proj_dim)
     out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=shape) if out_path else np.zeros(shape, np.float32)
-    cap = max(1, min(n, chunk_bytes // (4 * dim)))
+    cap = max(1, min(n, projector.chunk_rows(chunk_bytes)))
     buf = torch.zeros(cap, dim, dtype=torch.float32, device=rt.device)  # (C, D)
     rows: list[int] = []
 
@@ -244,7 +255,7 @@ def projected_features(model, examples: Sequence, projector: RademacherProjector
 
 def domain_vector(model, domain: Sequence, rt: Runtime, proj_dim: int = 0, seed: int = 0, fused: bool = True,
                   domain_ids: Sequence[str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """v with s_j = ⟨v, g(c_j)⟩: ḡ_D for exact scoring, φ*(φ(ḡ_D)) with a projection."""
+    """v with s_j = ⟨v, g(c_j)⟩: φ*(φ(ḡ_D)), which is ḡ_D itself for the exact kernel (``proj_dim = 0``)."""
     names_shapes = [(n, p.shape) for n, p in lora_parameters(model)]
     dim = sum(math.prod(s) for _, s in names_shapes)
     times: dict[str, float] = {}
@@ -252,32 +263,74 @@ def domain_vector(model, domain: Sequence, rt: Runtime, proj_dim: int = 0, seed:
     gbar = domain_mean_gradient(model, domain, rt, fused, domain_ids)
     times["domain_gradients"] = time.perf_counter() - t
     t = time.perf_counter()
-    projector = None
-    if proj_dim > 0:
-        projector = RademacherProjector(dim, proj_dim, seed, device=rt.device)
-        flat = flatten_grads({n: g.unsqueeze(0) for n, g in gbar.items()}, [n for n, _ in names_shapes])[0]
-        prog = Progress(f"stage 2: projection to p={proj_dim} (blocks)", 2 * projector.n_blocks, enabled=rt.progress)
-        vec = unflatten_grads(projector.gram(flat, tick=lambda: prog.update(1)), names_shapes)  # φ*(φ(ḡ_D))
-        prog.close()
-    else:
-        vec = gbar
+    projector = make_projector(dim, proj_dim, seed, device=rt.device)
+    prog = Progress(f"stage 2: projection to p={proj_dim} (blocks)", 2 * projector.n_blocks, enabled=rt.progress and projector.n_blocks > 0)
+    vec = projector.gram_params(gbar, tick=lambda: prog.update(1))  # φ*(φ(ḡ_D))
+    prog.close()
     times["projection"] = time.perf_counter() - t
-    return vec, {"grad_dim": dim, "proj_dim": proj_dim, "projector": projector.describe() if projector else None, "seconds": times,
+    return vec, {"grad_dim": dim, "proj_dim": proj_dim, "projector": projector.describe(), "seconds": times,
                  "tokens": sum(len(e.input_ids) for e in domain)}
 
 
-def run_stage2(model, domain: Sequence, candidates: Sequence, rt: Runtime, proj_dim: int = 8192, seed: int = 0, fused: bool = True,
-               domain_ids: Sequence[str] | None = None, candidate_ids: Sequence[str] | None = None) -> Stage2Result:
+@dataclass
+class ScorePayload:
+    """The :data:`SCORE` task's input: v, per parameter (CPU tensors travel to workers)."""
+
+    vec: dict[str, torch.Tensor]
+    fused: bool = True
+
+
+def _score_shard(model, examples, rt, payload: ScorePayload, ids=None, desc="stage 2: candidates") -> np.ndarray:
+    return score_against(model, examples, payload.vec, rt, desc=desc, fused=payload.fused, ids=ids)  # (n,) float64
+
+
+#: the shard task of the candidates' scores
+SCORE = register_task(ShardTask("score", _score_shard, ScorePayload))
+
+
+def _kept_domain_vector(model, domain, rt, proj_dim, seed, fused, domain_ids, sharding: Sharding) -> tuple[dict, dict, bool]:
+    """:func:`domain_vector`, kept in ``sharding``'s store with a completion marker: a rerun
+    under the same key reads it back instead of computing it again."""
+    vdir = sharding.store.root / "stage2"
+    vkey = digest(sharding.key, "vector", proj_dim)
+    marker = vdir / "vector.done"
+    if marker.exists() and json.loads(marker.read_text()).get("key") == vkey:
+        vec = torch.load(vdir / "vector.pt", map_location="cpu", weights_only=True)
+        return vec, json.loads(marker.read_text())["info"], True
     vec, info = domain_vector(model, domain, rt, proj_dim, seed, fused, domain_ids)
-    times = dict(info["seconds"])
+    vec = {k: v.detach().cpu() for k, v in vec.items()}
+    with atomic_open(vdir / "vector.pt", "wb", encoding=None) as f:
+        torch.save(vec, f)
+    atomic_write_json(marker, {"key": vkey, "info": info})
+    return vec, info, False
+
+
+def run_stage2(model, domain: Sequence, candidates: Sequence, rt: Runtime, proj_dim: int = 8192, seed: int = 0, fused: bool = True,
+               domain_ids: Sequence[str] | None = None, candidate_ids: Sequence[str] | None = None,
+               sharding: Sharding | None = None) -> Stage2Result:
+    """Stage 2: s_j = mean_i ⟨φ(g(x_i)), φ(g(c_j))⟩ for every candidate c_j, in the order given.
+
+    ``proj_dim = 0`` is the exact kernel. With ``sharding`` v and every shard of scores are kept
+    in its store under its key (a rerun resumes) and the candidates are scored on its executor."""
     t = time.perf_counter()
-    scores = score_against(model, candidates, vec, rt, fused=fused, ids=candidate_ids)
-    times["candidates"] = time.perf_counter() - t
+    if sharding is None:
+        vec, info = domain_vector(model, domain, rt, proj_dim, seed, fused, domain_ids)
+        resumed = False
+    else:
+        vec, info, resumed = _kept_domain_vector(model, domain, rt, proj_dim, seed, fused, domain_ids, sharding)
+    t_vec = time.perf_counter() - t
+    t = time.perf_counter()
+    if sharding is None:
+        scores = score_against(model, candidates, vec, rt, fused=fused, ids=candidate_ids)
+    else:
+        parts = sharding.run("stage2", SCORE, candidates, ScorePayload(vec, fused), "stage 2: candidates", candidate_ids, "score", proj_dim, candidate_ids)
+        scores = np.concatenate([np.asarray(p, dtype=np.float64) for p in parts])
     return Stage2Result(
         scores=scores,
         grad_dim=info["grad_dim"],
         proj_dim=proj_dim,
-        seconds=times,
+        seconds={**info["seconds"], "vector_total": t_vec, "candidates": time.perf_counter() - t},
         tokens={"domain": info["tokens"], "candidates": sum(len(e.input_ids) for e in candidates)},
         projector=info["projector"],
+        resumed=resumed,
     )
