@@ -36,8 +36,10 @@ def main() -> None:
     found = [i for i, r in enumerate(pool) if index.leaks(r)]
     t_scan = time.perf_counter() - t - t_index
     assert found == planted, (found, planted)
-    print(f"{a.records} records ({words} words) x {a.questions} test questions: index {t_index:.3f} s, scan {t_scan:.2f} s "
-          f"({words / t_scan / 1e6:.2f} M words/s); found the {len(planted)} planted questions and nothing else")
+    print(
+        f"{a.records} records ({words} words) x {a.questions} test questions: index {t_index:.3f} s, scan {t_scan:.2f} s "
+        f"({words / t_scan / 1e6:.2f} M words/s); found the {len(planted)} planted questions and nothing else"
+    )
 
 
 if __name__ == "__main__":

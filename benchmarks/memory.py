@@ -35,7 +35,7 @@ from pathlib import Path
 
 STAGES = ("load", "warm-up", "stage 1", "stage 2", "write")
 
-_CHILD = r'''
+_CHILD = r"""
 import json, os, sys, threading, time
 import ntkselect.selection.base as B, ntkselect.selection.less as L, ntkselect.selection.ntk.selector as N, ntkselect.runs.shards as H
 from ntkselect.cli.main import build_parser, _config
@@ -103,9 +103,9 @@ cfg = _config(build_parser().parse_args(argv))
 select(cfg, log=lambda *a: None)
 mark("done")
 print("MEMORY-JSON " + json.dumps({"peaks": peaks, "seconds": seconds, "hwm_reset": RESET, "peak": status("VmHWM")}))
-'''
+"""
 
-_ESTIMATE = r'''
+_ESTIMATE = r"""
 import json, sys
 from ntkselect.cli.main import build_parser, _config
 from ntkselect.runs.plan import estimate
@@ -114,7 +114,7 @@ plan = estimate(cfg)
 m = plan["memory"]
 print("PLAN-JSON " + json.dumps({"peak": m["peak"], "by_stage": m.get("by_stage", {}), "process": m["process"], "weights": m["weights"],
                                  "activations": m["activations"], "budget": m.get("budget"), "stages": [s["stage"] for s in plan["stages"]]}))
-'''
+"""
 
 
 def _run(code: str, argv: list[str], env: dict, timeout: int) -> dict:
@@ -122,7 +122,7 @@ def _run(code: str, argv: list[str], env: dict, timeout: int) -> dict:
     tag = "MEMORY-JSON " if "MEMORY-JSON" in code else "PLAN-JSON "
     for line in proc.stdout.splitlines():
         if line.startswith(tag):
-            return json.loads(line[len(tag):])
+            return json.loads(line[len(tag) :])
     sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
     raise SystemExit(f"benchmarks/memory.py: the child process failed (exit {proc.returncode})")
 
@@ -137,8 +137,7 @@ def main() -> int:
     ap.add_argument("--pool", help="pool JSONL (default: the demo's)")
     ap.add_argument("--n", type=int, default=100, help="N (the demo: 100)")
     ap.add_argument("--model", default="default")
-    ap.add_argument("--settings", default="; --max-batch-tokens 32768 --batch-size 64",
-                    help="';'-separated extra select flags, one group per setting")
+    ap.add_argument("--settings", default="; --max-batch-tokens 32768 --batch-size 64", help="';'-separated extra select flags, one group per setting")
     ap.add_argument("--extra", default="", help="select flags added to every setting (e.g. '--threads 2')")
     ap.add_argument("--timeout", type=int, default=6 * 3600)
     args = ap.parse_args()
@@ -153,8 +152,21 @@ def main() -> int:
     results = []
     for k, flags in enumerate(s.strip() for s in args.settings.split(";")):
         extra = shlex.split(flags) + shlex.split(args.extra)
-        base = ["select", "--domain", args.domain, "--pool", args.pool, "--n", str(args.n), "--model", args.model,
-                "--out", str(work / f"run-{k}"), "--overwrite", *extra]
+        base = [
+            "select",
+            "--domain",
+            args.domain,
+            "--pool",
+            args.pool,
+            "--n",
+            str(args.n),
+            "--model",
+            args.model,
+            "--out",
+            str(work / f"run-{k}"),
+            "--overwrite",
+            *extra,
+        ]
         t = time.perf_counter()
         plan = _run(_ESTIMATE, base + ["--dry-run"], env, args.timeout)
         t_plan = time.perf_counter() - t
@@ -174,10 +186,13 @@ def main() -> int:
             err = f"{(est - meas['peaks'][st]) / meas['peaks'][st]:+.0%}" if est else "-"
             print(f"| {st} | {meas['seconds'].get(st, 0):.0f} | {_mib(meas['peaks'][st])} | {_mib(est)} | {err} |")
         peak = max(meas["peaks"].values())
-        print(f"| **whole run** | {sum(meas['seconds'].values()):.0f} | **{_mib(peak)}** | **{_mib(plan['peak'])}** | "
-              f"**{(plan['peak'] - peak) / peak:+.0%}** |")
-        print(f"\nestimate: process {_mib(plan['process'])} MiB + weights {_mib(plan['weights'])} MiB + activations "
-              f"{_mib(plan['activations'])} MiB (batch budget {_mib(plan['budget'])} MiB)")
+        print(
+            f"| **whole run** | {sum(meas['seconds'].values()):.0f} | **{_mib(peak)}** | **{_mib(plan['peak'])}** | **{(plan['peak'] - peak) / peak:+.0%}** |"
+        )
+        print(
+            f"\nestimate: process {_mib(plan['process'])} MiB + weights {_mib(plan['weights'])} MiB + activations "
+            f"{_mib(plan['activations'])} MiB (batch budget {_mib(plan['budget'])} MiB)"
+        )
         results.append({"setting": label, "measured": meas, "estimate": plan, "error": (plan["peak"] - peak) / peak})
     print(json.dumps({"benchmark": "memory", "model": args.model, "results": results}))
     return 0

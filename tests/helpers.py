@@ -18,6 +18,7 @@ def write_jsonl(path: Path, rows) -> Path:
 
 # --- the tiny Llama on the SmolLM2 vocabulary (conftest's tiny_model_dir) with a LoRA adapter
 
+
 def make_lora_model(model_dir: str, seed: int = 0, target="all-linear", r: int = 4):
     """The tiny model with a LoRA adapter whose B matrices are random, as after a warm-up
     (peft initialises B = 0, which would make every gradient with respect to A vanish)."""
@@ -58,8 +59,18 @@ V = 96  # vocabulary of the tiny models
 
 
 def _common(vocab: int, **kw):
-    d = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    d = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     d.update(kw)
     return d
 
@@ -86,16 +97,32 @@ def _build(name: str, vocab: int = V):
     if name == "gpt_neox":
         return T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**_common(vocab)))
     if name == "opt":
-        return T.OPTForCausalLM(T.OPTConfig(vocab_size=vocab, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
-                                            max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+        return T.OPTForCausalLM(
+            T.OPTConfig(
+                vocab_size=vocab,
+                hidden_size=32,
+                ffn_dim=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                word_embed_proj_dim=32,
+                max_position_embeddings=64,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=2,
+            )
+        )
     if name == "falcon":
-        return T.FalconForCausalLM(T.FalconConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0,
-                                                  bos_token_id=1, eos_token_id=2))
+        return T.FalconForCausalLM(
+            T.FalconConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        )
     if name == "mixtral":
         return T.MixtralForCausalLM(T.MixtralConfig(**_common(vocab, num_local_experts=2, num_experts_per_tok=1, sliding_window=None)))
     if name == "qwen2_moe":
-        return T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(**_common(vocab, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
-                                                               shared_expert_intermediate_size=32, decoder_sparse_step=1)))
+        return T.Qwen2MoeForCausalLM(
+            T.Qwen2MoeConfig(
+                **_common(vocab, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=32, decoder_sparse_step=1)
+            )
+        )
     if name == "cohere":
         return T.CohereForCausalLM(T.CohereConfig(**_common(vocab, logit_scale=0.3)))
     if name == "granite":
@@ -103,8 +130,7 @@ def _build(name: str, vocab: int = V):
     raise KeyError(name)
 
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "opt", "falcon", "mixtral", "qwen2_moe",
-            "cohere", "granite")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "opt", "falcon", "mixtral", "qwen2_moe", "cohere", "granite")
 
 
 def tiny_model(name: str, seed: int = 0, vocab: int = V):
@@ -151,16 +177,28 @@ CLI_TOPICS = ["blood pressure", "the kidney", "a fracture", "insulin", "fever", 
 def write_cli_data(d: Path):
     """The CLI tests' domain (medical questions) and a 25-record pool of three sources: (domain path, pool path, pool rows)."""
     domain = [{"question": f"What should a doctor know about {t}?", "answer": f"Facts about {t} matter in the clinic."} for t in CLI_TOPICS]
-    pool = [{"id": f"p{i}", "prompt": f"Question {i}: tell me about {w}.", "response": f"{w.capitalize()} is topic {i}.", "source": src}
-            for i, (w, src) in enumerate([(w, s) for s in ("medicine", "maths", "law") for w in (CLI_TOPICS if s == "medicine" else ["algebra", "a contract", "primes", "torts", "integrals", "a judge", "vectors", "a treaty"])])]
+    pool = [
+        {"id": f"p{i}", "prompt": f"Question {i}: tell me about {w}.", "response": f"{w.capitalize()} is topic {i}.", "source": src}
+        for i, (w, src) in enumerate(
+            [
+                (w, s)
+                for s in ("medicine", "maths", "law")
+                for w in (CLI_TOPICS if s == "medicine" else ["algebra", "a contract", "primes", "torts", "integrals", "a judge", "vectors", "a treaty"])
+            ]
+        )
+    ]
     pool.append({"text": "A plain text record about the heart and its valves."})
     return write_jsonl(d / "domain.jsonl", domain), write_jsonl(d / "pool.jsonl", pool), pool
 
 
-PLAN_DOMAIN = [{"question": f"What should a doctor know about {t}?", "answer": f"Facts about {t} matter in the clinic."}
-               for t in ["blood pressure", "the kidney", "a fracture", "insulin", "fever"]]
-PLAN_POOL = [{"id": f"p{i}", "prompt": f"Question {i}: tell me about {w}.", "response": f"{w.capitalize()} is topic {i}, " + "and more " * i}
-             for i, w in enumerate(["algebra", "a contract", "primes", "torts", "integrals", "vectors", "asthma", "a treaty", "the liver"])]
+PLAN_DOMAIN = [
+    {"question": f"What should a doctor know about {t}?", "answer": f"Facts about {t} matter in the clinic."}
+    for t in ["blood pressure", "the kidney", "a fracture", "insulin", "fever"]
+]
+PLAN_POOL = [
+    {"id": f"p{i}", "prompt": f"Question {i}: tell me about {w}.", "response": f"{w.capitalize()} is topic {i}, " + "and more " * i}
+    for i, w in enumerate(["algebra", "a contract", "primes", "torts", "integrals", "vectors", "asthma", "a treaty", "the liver"])
+]
 PLAN_POOL.append({"text": "A plain text record about the heart and its valves."})
 PLAN_POOL.append(dict(PLAN_DOMAIN[2]))  # an exact copy of a domain record: excluded, as in a real run
 
@@ -188,16 +226,44 @@ def write_big_data(d: Path):
     """A 4-question domain and a 96-record pool, enough for many shards: (domain path, pool path)."""
     W = RESUME_WORDS
     domain = [{"question": f"What does a doctor check in the {w}?", "answer": f"The {w} has to be examined with care."} for w in W[:4]]
-    pool = [{"id": f"p{i}", "prompt": f"Item {i}: explain the {W[i % len(W)]} in {1 + i % 5} sentences.",
-             "response": f"The {W[(i * 7) % len(W)]} is item {i}." + " More." * (i % 4)} for i in range(96)]
+    pool = [
+        {
+            "id": f"p{i}",
+            "prompt": f"Item {i}: explain the {W[i % len(W)]} in {1 + i % 5} sentences.",
+            "response": f"The {W[(i * 7) % len(W)]} is item {i}." + " More." * (i % 4),
+        }
+        for i in range(96)
+    ]
     return write_jsonl(d / "domain.jsonl", domain), write_jsonl(d / "pool.jsonl", pool)
 
 
 def sharded_args(big, model, out, *extra):
     """`ntkselect select` arguments on :func:`write_big_data`'s inputs."""
     dom, pool = big
-    return ["select", "--domain", dom, "--pool", pool, "--n", 6, "--out", out, "--model", model, "--warmup-epochs", 1,
-            "--knn-k", 8, "--precision", "float32", "--threads", 1, "--batch-size", 4, *extra]
+    return [
+        "select",
+        "--domain",
+        dom,
+        "--pool",
+        pool,
+        "--n",
+        6,
+        "--out",
+        out,
+        "--model",
+        model,
+        "--warmup-epochs",
+        1,
+        "--knn-k",
+        8,
+        "--precision",
+        "float32",
+        "--threads",
+        1,
+        "--batch-size",
+        4,
+        *extra,
+    ]
 
 
 def run_outputs(out: Path) -> dict:
@@ -207,14 +273,28 @@ def run_outputs(out: Path) -> dict:
 
 def write_eval_data(tmp_path: Path) -> dict:
     """A tiny domain of lettered questions, its test split, and a pool with one test question planted in it."""
+
     def q(i, topic):
-        return {"id": f"{topic}{i}", "prompt": f"About {topic} {i}?\nA. yes\nB. no\nC. maybe\nD. never\nAnswer:", "response": "A. yes",
-                "answer": "A", "subject": topic}
+        return {
+            "id": f"{topic}{i}",
+            "prompt": f"About {topic} {i}?\nA. yes\nB. no\nC. maybe\nD. never\nAnswer:",
+            "response": "A. yes",
+            "answer": "A",
+            "subject": topic,
+        }
+
     train = [q(i, "heart") for i in range(6)]
     test = [{**q(i, "heart"), "options": ["A", "B", "C", "D"]} for i in range(6, 10)]
-    pool = [{"id": f"p{i}", "prompt": f"Tell me about {w} {i}.", "response": f"{w} fact {i}.", "source": w,
-             "relation": "related" if w in ("heart", "kidney") else "unrelated"} for i, w in
-            enumerate(["law", "math", "heart", "kidney"] * 3)]
+    pool = [
+        {
+            "id": f"p{i}",
+            "prompt": f"Tell me about {w} {i}.",
+            "response": f"{w} fact {i}.",
+            "source": w,
+            "relation": "related" if w in ("heart", "kidney") else "unrelated",
+        }
+        for i, w in enumerate(["law", "math", "heart", "kidney"] * 3)
+    ]
     pool.append({**test[0], "id": "leak"})  # a test question in the pool: must never be selected
     extra = [q(i, "heart") for i in range(10, 15)]  # the oracle's in-domain records
     paths = {}

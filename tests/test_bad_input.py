@@ -16,10 +16,14 @@ import torch
 
 from ntkselect.cli.main import main
 
-DOMAIN = [{"id": f"d{i}", "question": f"What should a doctor know about {t}?", "answer": f"Facts about {t} matter in the clinic."}
-          for i, t in enumerate(["blood pressure", "the kidney", "a fracture", "insulin"])]
-POOL = [{"id": f"p{i}", "prompt": f"Question {i}: tell me about {w}.", "response": f"{w.capitalize()} is topic {i}."}
-        for i, w in enumerate(["algebra", "a contract", "primes", "torts", "integrals", "fever", "vectors", "asthma"])]
+DOMAIN = [
+    {"id": f"d{i}", "question": f"What should a doctor know about {t}?", "answer": f"Facts about {t} matter in the clinic."}
+    for i, t in enumerate(["blood pressure", "the kidney", "a fracture", "insulin"])
+]
+POOL = [
+    {"id": f"p{i}", "prompt": f"Question {i}: tell me about {w}.", "response": f"{w.capitalize()} is topic {i}."}
+    for i, w in enumerate(["algebra", "a contract", "primes", "torts", "integrals", "fever", "vectors", "asthma"])
+]
 WEIRD = {"id": "weird", "text": "zxqvj platypus"}  # the only record with these tokens (see nan_model_dir)
 
 
@@ -64,9 +68,19 @@ def nan_model_dir(tokenizer, tmp_path_factory):
     only_weird = sorted(set(tokenizer(WEIRD["text"])["input_ids"]) - others)
     assert only_weird
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
         model.model.embed_tokens.weight[only_weird[-1]] = float("nan")  # (V, d) row of one token
@@ -77,8 +91,28 @@ def nan_model_dir(tokenizer, tmp_path_factory):
 
 
 def select_args(files, model, out, *extra, domain=None, pool=None, n=2):
-    return ["select", "--domain", str(domain or files["domain"]), "--pool", str(pool or files["pool"]), "--n", str(n), "--out", str(out),
-            "--model", str(model), "--warmup-epochs", "0", "--precision", "float32", "--knn-k", "2", "--threads", "1", *map(str, extra)]
+    return [
+        "select",
+        "--domain",
+        str(domain or files["domain"]),
+        "--pool",
+        str(pool or files["pool"]),
+        "--n",
+        str(n),
+        "--out",
+        str(out),
+        "--model",
+        str(model),
+        "--warmup-epochs",
+        "0",
+        "--precision",
+        "float32",
+        "--knn-k",
+        "2",
+        "--threads",
+        "1",
+        *map(str, extra),
+    ]
 
 
 def assert_clean_failure(rc: int, err: str, out: Path, expect: list[str], alone: bool = True) -> str:
@@ -156,9 +190,25 @@ def _case(name, tmp_path, files, tiny_model_dir, nochat_model_dir, nan_model_dir
     raise AssertionError(name)
 
 
-CASES = ["malformed-jsonl", "no-recognised-fields", "empty-text", "empty-response", "duplicate-ids", "duplicate-row-number-id",
-         "n-larger-than-pool", "n-zero", "n-negative", "empty-domain", "empty-pool", "missing-pool", "unknown-model-path",
-         "model-folder-without-a-model", "messages-without-chat-template", "unwritable-out", "nan-gradient"]
+CASES = [
+    "malformed-jsonl",
+    "no-recognised-fields",
+    "empty-text",
+    "empty-response",
+    "duplicate-ids",
+    "duplicate-row-number-id",
+    "n-larger-than-pool",
+    "n-zero",
+    "n-negative",
+    "empty-domain",
+    "empty-pool",
+    "missing-pool",
+    "unknown-model-path",
+    "model-folder-without-a-model",
+    "messages-without-chat-template",
+    "unwritable-out",
+    "nan-gradient",
+]
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -18,8 +18,28 @@ def run(args):
 
 def args_for(data, model, out, *extra):
     dom, pool, _ = data
-    return ["select", "--domain", dom, "--pool", pool, "--n", 5, "--out", out, "--model", model,
-            "--proj-dim", 256, "--knn-k", 3, "--warmup-epochs", 1, "--precision", "float32", *extra]
+    return [
+        "select",
+        "--domain",
+        dom,
+        "--pool",
+        pool,
+        "--n",
+        5,
+        "--out",
+        out,
+        "--model",
+        model,
+        "--proj-dim",
+        256,
+        "--knn-k",
+        3,
+        "--warmup-epochs",
+        1,
+        "--precision",
+        "float32",
+        *extra,
+    ]
 
 
 def test_select_writes_every_output(data, tiny_model_dir, tmp_path, capsys):
@@ -83,12 +103,15 @@ def test_rerun_into_a_finished_run_refuses_without_overwrite(data, tiny_model_di
     assert run(args_for(data, tiny_model_dir, out, "--warmup-epochs", 0, "--overwrite")) == 0
 
 
-@pytest.mark.parametrize("problem,expect", [
-    ("bad-json", "line 2"),
-    ("n-too-large", "larger than the pool"),
-    ("n-zero", "--n"),
-    ("no-model", "--model"),
-])
+@pytest.mark.parametrize(
+    "problem,expect",
+    [
+        ("bad-json", "line 2"),
+        ("n-too-large", "larger than the pool"),
+        ("n-zero", "--n"),
+        ("no-model", "--model"),
+    ],
+)
 def test_bad_input_is_one_line_without_traceback(data, tiny_model_dir, tmp_path, problem, expect):
     dom, pool, _ = data
     args = args_for(data, tiny_model_dir, tmp_path / "run")
@@ -152,11 +175,35 @@ def test_unfinished_run_is_cleared_not_trusted(data, tiny_model_dir, tmp_path, c
 
 def test_demo_command_runs_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--model", tiny_model_dir, "--domain-size", "8", "--pool-mmlu", "24", "--pool-reasoning", "4",
-                 "--n", "4", "--out", str(out), "--warmup-epochs", "0", "--knn-k", "4"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--model",
+                tiny_model_dir,
+                "--domain-size",
+                "8",
+                "--pool-mmlu",
+                "24",
+                "--pool-reasoning",
+                "4",
+                "--n",
+                "4",
+                "--out",
+                str(out),
+                "--warmup-epochs",
+                "0",
+                "--knn-k",
+                "4",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "selected 4 of 28" in printed and "selected by source" in printed
     m = json.loads((out / "manifest.json").read_text())
     assert m["summary"]["by_source"].keys() == {"mmlu", "reasoning_gym"}
     domain = [json.loads(line) for line in (out / "data" / "domain.jsonl").read_text().splitlines()]
-    assert len(domain) == 8 and all(r["subject"] in ("anatomy", "clinical_knowledge", "college_medicine", "medical_genetics", "professional_medicine") for r in domain)
+    assert len(domain) == 8 and all(
+        r["subject"] in ("anatomy", "clinical_knowledge", "college_medicine", "medical_genetics", "professional_medicine") for r in domain
+    )

@@ -36,6 +36,7 @@ V_SMALL = 48
 
 # -- numerical pieces -------------------------------------------------------------------------
 
+
 def test_cos_f_is_one_for_a_kernel_with_itself_and_ignores_scale():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(6, 10))
@@ -90,6 +91,7 @@ def test_options_name_the_bad_field():
 
 # -- per-output gradients against autograd ------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small_vocab_model():
     """A 2-layer random Llama with a 48-token vocabulary (so all outputs can be differentiated one
@@ -99,8 +101,17 @@ def small_vocab_model():
     from ntkselect.training.warmup import WarmupOptions, add_lora
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V_SMALL, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=V_SMALL,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+    )
     base = LlamaForCausalLM(cfg)
     base.requires_grad_(False)
     with torch.no_grad():  # a shared component in the head rows, as trained LM heads have
@@ -194,14 +205,19 @@ def test_sampled_route_with_every_output_is_exact(small_vocab_model, small_examp
 
 # -- multiple-choice questions on the real tokenizer ---------------------------------------------------
 
+
 def _mc_records():
     from ntkselect.data.demo import mmlu_prompt
 
-    qs = [("Which organ pumps blood?", ["Liver", "Heart", "Lung", "Skin"], "B"),
-          ("What is 2 + 2?", ["4", "5", "3", "22"], "A"),
-          ("Which bone is in the thigh?", ["Radius", "Ulna", "Tibia", "Femur"], "D")]
-    return [Record(str(i), {"prompt": mmlu_prompt(q, o), "response": f"{a}. {o['ABCD'.index(a)]}", "answer": a}, "mem.jsonl", i + 1)
-            for i, (q, o, a) in enumerate(qs)]
+    qs = [
+        ("Which organ pumps blood?", ["Liver", "Heart", "Lung", "Skin"], "B"),
+        ("What is 2 + 2?", ["4", "5", "3", "22"], "A"),
+        ("Which bone is in the thigh?", ["Radius", "Ulna", "Tibia", "Femur"], "D"),
+    ]
+    return [
+        Record(str(i), {"prompt": mmlu_prompt(q, o), "response": f"{a}. {o['ABCD'.index(a)]}", "answer": a}, "mem.jsonl", i + 1)
+        for i, (q, o, a) in enumerate(qs)
+    ]
 
 
 def test_letter_accuracy_reads_the_letter_logits_after_the_prompt(tiny_model_dir, tokenizer):
@@ -222,6 +238,7 @@ def test_letter_accuracy_reads_the_letter_logits_after_the_prompt(tiny_model_dir
 
 # -- end to end on the tiny model ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def demo_files(tmp_path_factory):
     from ntkselect.data.demo import build_demo_data
@@ -233,9 +250,38 @@ def demo_files(tmp_path_factory):
 
 def _args(demo_files, model, out, *extra):
     dom, pool = demo_files
-    return ["diagnose", "--domain", str(dom), "--pool", str(pool), "--model", model, "--out", str(out), "--n-domain", "6", "--n-candidates", "8",
-            "--epochs", "2", "--proj-dim", "256", "--jf-examples", "4", "--jf-outputs", "8", "--n-test", "8", "--krr-train", "12",
-            "--precision", "float32", "--batch-size", "8", *map(str, extra)]
+    return [
+        "diagnose",
+        "--domain",
+        str(dom),
+        "--pool",
+        str(pool),
+        "--model",
+        model,
+        "--out",
+        str(out),
+        "--n-domain",
+        "6",
+        "--n-candidates",
+        "8",
+        "--epochs",
+        "2",
+        "--proj-dim",
+        "256",
+        "--jf-examples",
+        "4",
+        "--jf-outputs",
+        "8",
+        "--n-test",
+        "8",
+        "--krr-train",
+        "12",
+        "--precision",
+        "float32",
+        "--batch-size",
+        "8",
+        *map(str, extra),
+    ]
 
 
 def test_diagnose_writes_every_number_and_plot(demo_files, tiny_model_dir, tmp_path, capsys):
@@ -261,7 +307,7 @@ def test_diagnose_writes_every_number_and_plot(demo_files, tiny_model_dir, tmp_p
     assert jf["method"] == "sampled" and jf["outputs_sampled"] == 8 and jf["d"] == 32 and jf["examples"] == 4
     assert len(jf["pairs"]) == 10  # i <= j over 4 examples
     c = jf["cross_output_cosine"]
-    assert c["pairs"] == 4 * 28 and c["d_inv_sqrt"] == pytest.approx(32 ** -0.5) and c["mean_abs"] >= abs(c["mean"])
+    assert c["pairs"] == 4 * 28 and c["d_inv_sqrt"] == pytest.approx(32**-0.5) and c["mean_abs"] >= abs(c["mean"])
     for p in jf["pairs"]:
         assert p["offdiag"] == pytest.approx(p["theta_tilde"] - p["trace"])
 
@@ -285,8 +331,22 @@ def test_diagnose_without_labels_skips_the_kernel_regression(tiny_model_dir, tmp
     dom.write_text("".join(json.dumps({"text": f"The patient number {i} has a fever and a cough."}) + "\n" for i in range(6)))
     pool = tmp_path / "p.jsonl"
     pool.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "response": str(2 * i)}) + "\n" for i in range(6)))
-    d = diagnose(DiagnoseOptions(out=str(tmp_path / "o"), domain=str(dom), pool=str(pool), model=tiny_model_dir, n_domain=3, n_candidates=4,
-                                 epochs=1, proj_dim=0, jf_examples=2, jf_outputs=64, precision="float32"), log=lambda *a: None)
+    d = diagnose(
+        DiagnoseOptions(
+            out=str(tmp_path / "o"),
+            domain=str(dom),
+            pool=str(pool),
+            model=tiny_model_dir,
+            n_domain=3,
+            n_candidates=4,
+            epochs=1,
+            proj_dim=0,
+            jf_examples=2,
+            jf_outputs=64,
+            precision="float32",
+        ),
+        log=lambda *a: None,
+    )
     assert "labelled" in d["kernel_regression"]["skipped"]
     assert d["jacobian_free"]["method"] == "exact"  # d = 32 <= 64 outputs: all V outputs through the hidden-state Jacobian
     assert d["jacobian_free"]["cross_output_cosine"]["pairs"] == 2 * 256 * 255 // 2
@@ -322,8 +382,15 @@ def test_real_model_summed_head_cotangent_gives_the_jacobian_free_gradient(token
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
-    ex, _ = tokenize_records([Record("0", {"prompt": "Which organ pumps blood?", "response": "The heart."}, "mem.jsonl", 1),
-                              Record("1", {"text": "Insulin lowers blood sugar."}, "mem.jsonl", 2)], tokenizer, 64, "auto")
+    ex, _ = tokenize_records(
+        [
+            Record("0", {"prompt": "Which organ pumps blood?", "response": "The heart."}, "mem.jsonl", 1),
+            Record("1", {"text": "Insulin lowers blood sugar."}, "mem.jsonl", 2),
+        ],
+        tokenizer,
+        64,
+        "auto",
+    )
     W, wbar = _head_matrix(model)
     assert W.shape == (49152, 576)
     rt = _rt()
@@ -332,5 +399,5 @@ def test_real_model_summed_head_cotangent_gives_the_jacobian_free_gradient(token
     assert float((row - g).norm() / g.norm()) < 1e-3
     info = output_kernel_check(model, ex, rt, method="sampled", outputs=4, progress=False)
     c = info["cross_output_cosine"]
-    assert info["d"] == 576 and c["pairs"] == 2 * 6 and -1 <= c["mean"] <= 1 and c["d_inv_sqrt"] == pytest.approx(576 ** -0.5)
+    assert info["d"] == 576 and c["pairs"] == 2 * 6 and -1 <= c["mean"] <= 1 and c["d_inv_sqrt"] == pytest.approx(576**-0.5)
     assert all(math.isfinite(p["trace"]) and p["trace_se"] >= 0 for p in info["pairs"])

@@ -43,8 +43,7 @@ def test_loglikelihoods_match_a_hand_computation(tiny_model_dir, tokenizer):
     bias[tok["A"][0]], bias[tok["B"][0]], bias[tok["C"][0]] = 2.0, 5.0, -1.0
     model = _bias_model(tiny_model_dir, bias)
     lse = torch.logsumexp(bias, 0).item()
-    items = [MCItem("q1", "Which?\nA. x\nB. y\nC. z\nD. w\nAnswer:", ["A", "B", "C", "D"], 1),
-             MCItem("q2", "Long options", ["A", " maybe not"], 0)]
+    items = [MCItem("q1", "Which?\nA. x\nB. y\nC. z\nD. w\nAnswer:", ["A", "B", "C", "D"], 1), MCItem("q2", "Long options", ["A", " maybe not"], 0)]
     ll, _ = option_loglikelihoods(model, tokenizer, items, _rt(tokenizer))
     assert ll[0] == pytest.approx([2 - lse, 5 - lse, -1 - lse, 0 - lse], abs=1e-4)
     multi = sum(bias[t].item() - lse for t in tok[" maybe not"])  # every token of a multi-token option counts
@@ -107,8 +106,10 @@ def test_eval_split_is_stratified_disjoint_and_seeded(tmp_path):
     c = build_eval_data(tmp_path / "c", "medical", n_train=40, n_test=60, n_pool_mmlu=50, n_pool_reasoning=0, seed=2)
     assert a["sha256"] == b["sha256"] and a["ids"] != c["ids"]
     assert not set(a["ids"]["train"]) & set(a["ids"]["test"])
-    rows = {k: [json.loads(x) for x in (tmp_path / "a" / f).read_text().splitlines()]
-            for k, f in (("train", "domain_train.jsonl"), ("test", "domain_test.jsonl"), ("pool", "pool.jsonl"))}
+    rows = {
+        k: [json.loads(x) for x in (tmp_path / "a" / f).read_text().splitlines()]
+        for k, f in (("train", "domain_train.jsonl"), ("test", "domain_test.jsonl"), ("pool", "pool.jsonl"))
+    }
     norm = lambda r: " ".join(r["prompt"].lower().split())  # noqa: E731
     assert not {norm(r) for r in rows["test"]} & ({norm(r) for r in rows["train"]} | {norm(r) for r in rows["pool"]})
     assert all(r["options"] == ["A", "B", "C", "D"] for r in rows["test"])
@@ -131,10 +132,39 @@ def test_evaluate_end_to_end_resumes_and_refuses_a_changed_config(tiny_model_dir
 
     p = write_eval_data(tmp_path)
     out = tmp_path / "ev"
-    args = ["evaluate", "--domain-train", p["train"], "--domain-test", p["test"], "--pool", p["pool"], "--n", 3, "--out", out,
-            "--model", tiny_model_dir, "--seeds", 2, "--methods", "domain-only,oracle,random,bm25,embedding,less,ntk", "--knn-k", 2,
-            "--domain-extra", p["extra"],
-            "--less-proj-dim", 64, "--ft-epochs", 1, "--ft-batch-size", 4, "--batch-size", 4, "--max-batch-tokens", 512]
+    args = [
+        "evaluate",
+        "--domain-train",
+        p["train"],
+        "--domain-test",
+        p["test"],
+        "--pool",
+        p["pool"],
+        "--n",
+        3,
+        "--out",
+        out,
+        "--model",
+        tiny_model_dir,
+        "--seeds",
+        2,
+        "--methods",
+        "domain-only,oracle,random,bm25,embedding,less,ntk",
+        "--knn-k",
+        2,
+        "--domain-extra",
+        p["extra"],
+        "--less-proj-dim",
+        64,
+        "--ft-epochs",
+        1,
+        "--ft-batch-size",
+        4,
+        "--batch-size",
+        4,
+        "--max-batch-tokens",
+        512,
+    ]
     assert main([str(a) for a in args]) == 0
     md = (out / "results.md").read_text()
     assert "| base (no fine-tuning) |" in md and "| ntk |" in md and "paired p" in md.lower()
@@ -190,10 +220,11 @@ def test_evaluate_config_file_and_errors(tmp_path, capsys):
     toml.write_text('[evaluate]\ndomain_train = "a"\ndomain_test = "b"\npool = "c"\nn = 7\nout = "o"\nseeds = "0,4"\n')
     cfg = EvalConfig.from_toml(str(toml), {"n": 9})
     assert cfg.n == 9 and cfg.seed_list() == [0, 4] and cfg.domain_test == "b"
-    toml.write_text('n = 7\nbogus = 1\n')
+    toml.write_text("n = 7\nbogus = 1\n")
     assert main(["evaluate", "--config", str(toml)]) == 2
     assert "unknown key(s) bogus" in capsys.readouterr().err
-    assert main(["evaluate", "--domain-train", "a", "--domain-test", "b", "--pool", "c", "--n", "3", "--out", str(tmp_path / "o"),
-                 "--methods", "ntk,magic"]) == 2
+    assert (
+        main(["evaluate", "--domain-train", "a", "--domain-test", "b", "--pool", "c", "--n", "3", "--out", str(tmp_path / "o"), "--methods", "ntk,magic"]) == 2
+    )
     assert "unknown magic" in capsys.readouterr().err
     assert math.isfinite(EvalConfig(domain_train="a", domain_test="b", pool="c", n=1, out="o").recipe().lr)

@@ -54,7 +54,8 @@ def test_summed_logits_never_builds_vocabulary_tensor(model, examples, tokenizer
     V = model.get_base_model().config.vocab_size
     big = []
     hook = torch.nn.modules.module.register_module_forward_hook(
-        lambda m, i, o: big.append(type(m).__name__) if isinstance(o, torch.Tensor) and o.shape[-1] == V else None)
+        lambda m, i, o: big.append(type(m).__name__) if isinstance(o, torch.Tensor) and o.shape[-1] == V else None
+    )
     try:
         with torch.no_grad():
             f = summed_logits(model, b)

@@ -93,12 +93,15 @@ def test_methods_without_a_model_and_less(plan_files, tiny_model_dir, tmp_path):
     assert less["disk"]["less_features"] == (len(PLAN_POOL) - 1) * 64 * 4 and less["disk"]["embeddings"] == 0
 
 
-@pytest.mark.parametrize("problem,expect", [
-    ("n-too-large", "larger than the pool"),
-    ("finished-run", "--overwrite"),
-    ("out-under-a-file", "cannot write to --out"),
-    ("less-without-warmup", "--warmup-epochs"),
-])
+@pytest.mark.parametrize(
+    "problem,expect",
+    [
+        ("n-too-large", "larger than the pool"),
+        ("finished-run", "--overwrite"),
+        ("out-under-a-file", "cannot write to --out"),
+        ("less-without-warmup", "--warmup-epochs"),
+    ],
+)
 def test_dry_run_stops_where_the_real_run_would(plan_files, tiny_model_dir, tmp_path, capsys, problem, expect):
     dom, pool = plan_files
     out = tmp_path / "run"

@@ -37,16 +37,33 @@ def cluster(tmp_path_factory):
     os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     tmp = tmp_path_factory.mktemp("ray")
-    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                    "--object-store-memory=200000000", "--disable-usage-stats", f"--temp-dir={tmp}"],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--object-store-memory=200000000",
+            "--disable-usage-stats",
+            f"--temp-dir={tmp}",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     yield f"127.0.0.1:{port}"
     subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
 
 
 def _ray_args(big, model, out, address):
-    return [sys.executable, "-m", "ntkselect", *map(str, sharded_args(big, model, out, "--shard-size", 2, "--executor", "ray",
-                                                             "--ray-address", address, "--ray-workers", 2))]
+    return [
+        sys.executable,
+        "-m",
+        "ntkselect",
+        *map(str, sharded_args(big, model, out, "--shard-size", 2, "--executor", "ray", "--ray-address", address, "--ray-workers", 2)),
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -80,8 +80,10 @@ def test_an_unknown_method_is_refused_in_one_line_as_before(toy, data, tiny_mode
         main(_select(data, tiny_model_dir, tmp_path / "run", "--method", "magic"))
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert err == ("ntkselect: error: argument --method: invalid choice: 'magic' (choose from 'ntk', 'random', 'embedding', 'bm25', 'less', "
-                   "'tsds', 'longest') (see `ntkselect select --help`)\n")
+    assert err == (
+        "ntkselect: error: argument --method: invalid choice: 'magic' (choose from 'ntk', 'random', 'embedding', 'bm25', 'less', "
+        "'tsds', 'longest') (see `ntkselect select --help`)\n"
+    )
     assert not (tmp_path / "run").exists()
     with pytest.raises(NtkSelectError, match=r"^--method: must be one of ntk, random, embedding, bm25, less, tsds, longest \(got 'magic'\)$"):
         SelectConfig(domain="d", pool="p", n=1, out="o", method="magic").validate()
@@ -135,6 +137,7 @@ def test_every_builtin_registration_names_real_options_and_tasks():
 
 # -- the projector factory ------------------------------------------------------------------
 
+
 def test_the_projector_factory_gives_the_identity_for_proj_dim_0():
     from ntkselect.grads.projection import NoOpProjector, RademacherProjector, make_projector
 
@@ -155,6 +158,7 @@ def test_the_projector_factory_gives_the_identity_for_proj_dim_0():
 
 # -- one stage 2 ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("proj_dim", [0, 64])
 def test_the_cli_stage2_is_run_stage2(data, tiny_model_dir, tmp_path, monkeypatch, proj_dim):
     """`select --method ntk` scores its candidates with run_stage2 (sharded, resumable); run_stage2
@@ -174,7 +178,7 @@ def test_the_cli_stage2_is_run_stage2(data, tiny_model_dir, tmp_path, monkeypatc
     monkeypatch.setattr(ntk, "run_stage2", spy)
     out = tmp_path / "run"
     assert main(_select(data, tiny_model_dir, out, "--method", "ntk", "--proj-dim", proj_dim, "--knn-k", 3, "--precision", "float32")) == 0
-    (ids, sharded, plain), = calls
+    ((ids, sharded, plain),) = calls
     assert np.array_equal(sharded, plain)
     written = {r["id"]: r["score"] for r in map(json.loads, (out / "scores.jsonl").read_text().splitlines())}
     assert [written[i] for i in ids] == [float(s) for s in plain]

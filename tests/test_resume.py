@@ -53,7 +53,8 @@ def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_result(big, tiny_mode
     resumed = [e for e in events if e["event"] == "resume"]
     assert resumed and resumed[0]["shards_done"] >= 5
     assert sum(e["event"] == "shard_done" for e in events) - before == 48 + 12 - resumed[0]["shards_done"] - sum(
-        e["shards_done"] for e in resumed[1:])  # only the missing shards were computed again
+        e["shards_done"] for e in resumed[1:]
+    )  # only the missing shards were computed again
     m = json.loads((out / "manifest.json").read_text())
     assert m["execution"]["resumed"]["warmup"] is True
     assert run_outputs(out) == run_outputs(ref)  # byte for byte

@@ -16,8 +16,34 @@ from ntkselect.selection import selector_names
 
 def _run(data, model, out, method, seed=0, *extra):
     dom, pool, _ = data
-    args = ["select", "--domain", dom, "--pool", pool, "--n", 5, "--out", out, "--model", model, "--method", method,
-            "--seed", seed, "--warmup-epochs", 1, "--knn-k", 2, "--less-proj-dim", 64, "--batch-size", 4, "--max-batch-tokens", 512, *extra]
+    args = [
+        "select",
+        "--domain",
+        dom,
+        "--pool",
+        pool,
+        "--n",
+        5,
+        "--out",
+        out,
+        "--model",
+        model,
+        "--method",
+        method,
+        "--seed",
+        seed,
+        "--warmup-epochs",
+        1,
+        "--knn-k",
+        2,
+        "--less-proj-dim",
+        64,
+        "--batch-size",
+        4,
+        "--max-batch-tokens",
+        512,
+        *extra,
+    ]
     assert main([str(a) for a in args]) == 0
     sel = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
     return sel, json.loads((out / "manifest.json").read_text())

@@ -19,8 +19,25 @@ def test_real_model_selects_from_a_handful_of_mmlu_examples(tmp_path):
 
     build_demo_data(tmp_path / "data", n_domain=6, n_pool_mmlu=16, n_pool_reasoning=4, seed=0)
     out = tmp_path / "run"
-    rc = main(["select", "--domain", str(tmp_path / "data/domain.jsonl"), "--pool", str(tmp_path / "data/pool.jsonl"),
-               "--n", "3", "--out", str(out), "--warmup-epochs", "1", "--knn-k", "2", "--proj-dim", "8192"])
+    rc = main(
+        [
+            "select",
+            "--domain",
+            str(tmp_path / "data/domain.jsonl"),
+            "--pool",
+            str(tmp_path / "data/pool.jsonl"),
+            "--n",
+            "3",
+            "--out",
+            str(out),
+            "--warmup-epochs",
+            "1",
+            "--knn-k",
+            "2",
+            "--proj-dim",
+            "8192",
+        ]
+    )
     assert rc == 0
     sel = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
     assert len(sel) == 3 and all("prompt" in r and "selection_score" in r for r in sel)

@@ -71,6 +71,7 @@ def test_max_batch_tokens_does_not_change_scores(model, examples, tokenizer):
 
 # -- the projector ------------------------------------------------------------------------
 
+
 def test_projection_preserves_inner_products_at_default_size():
     """Johnson–Lindenstrauss at p = 8192: the error of ⟨φa, φb⟩ has standard deviation
     sqrt((|a|²|b|² + ⟨a,b⟩²)/p); every pair must be within 5 of them."""
@@ -141,8 +142,7 @@ def test_non_finite_gradient_names_the_example(model, examples, tokenizer, monke
 
     monkeypatch.setattr(s2, "summed_logits", poisoned)
     with pytest.raises(NtkSelectError, match="'cand-2'"):
-        run_stage2(model, examples[:2], examples[2:6], rt_(tokenizer, batch_size=4), proj_dim=0,
-                   candidate_ids=[f"cand-{i}" for i in range(4)])
+        run_stage2(model, examples[:2], examples[2:6], rt_(tokenizer, batch_size=4), proj_dim=0, candidate_ids=[f"cand-{i}" for i in range(4)])
 
 
 def test_features_streamed_to_disk_equal_in_memory(model, examples, tokenizer, tmp_path):
@@ -173,8 +173,10 @@ def test_bfloat16_scores_rank_like_float32(tiny_model_dir, tokenizer):
 
     model = mk(tiny_model_dir, seed=9)
     words = ["heart", "kidney", "liver", "bone", "blood", "lung", "skin", "brain", "nerve", "muscle"]
-    recs = [Record(str(i), {"prompt": f"Tell me about the {w} number {i}.", "response": f"The {w} is an organ, fact {i * 7 % 13}."}, "m", i + 1)
-            for i, w in enumerate(words * 4)]
+    recs = [
+        Record(str(i), {"prompt": f"Tell me about the {w} number {i}.", "response": f"The {w} is an organ, fact {i * 7 % 13}."}, "m", i + 1)
+        for i, w in enumerate(words * 4)
+    ]
     ex, _ = tokenize_records(recs, tokenizer, 64)
     f32 = run_stage2(model, ex[:8], ex[8:], rt_(tokenizer, batch_size=8, dtype=torch.float32), proj_dim=0).scores
     bf16 = run_stage2(model, ex[:8], ex[8:], rt_(tokenizer, batch_size=8, dtype=torch.bfloat16), proj_dim=0).scores

@@ -148,8 +148,8 @@ def test_n_distinct_even_when_few_have_probability():
     assert 1 <= len(nonzero) <= 3
     order = draw_order(r.probs, r.nearest, 0)
     assert len(set(order[:50].tolist())) == 50 and sorted(order.tolist()) == list(range(len(pool)))
-    assert set(order[:len(nonzero)].tolist()) == set(nonzero.tolist())
-    rest = r.nearest[order[len(nonzero):]]
+    assert set(order[: len(nonzero)].tolist()) == set(nonzero.tolist())
+    rest = r.nearest[order[len(nonzero) :]]
     assert (np.diff(rest) <= 0).all()  # then by best cosine to the domain
 
 
@@ -171,8 +171,26 @@ def test_duplicates_share_the_mass_of_one_candidate():
 
 def _select(data, model, out, *extra):
     dom, pool, _ = data
-    args = ["select", "--domain", dom, "--pool", pool, "--out", out, "--model", model, "--method", "tsds",
-            "--warmup-epochs", 1, "--batch-size", 4, "--max-batch-tokens", 512, *extra]
+    args = [
+        "select",
+        "--domain",
+        dom,
+        "--pool",
+        pool,
+        "--out",
+        out,
+        "--model",
+        model,
+        "--method",
+        "tsds",
+        "--warmup-epochs",
+        1,
+        "--batch-size",
+        4,
+        "--max-batch-tokens",
+        512,
+        *extra,
+    ]
     assert main([str(a) for a in args]) == 0
     rows = lambda f: [json.loads(line) for line in (out / f).read_text().splitlines()]  # noqa: E731
     return rows("selected.jsonl"), rows("scores.jsonl"), json.loads((out / "manifest.json").read_text())
@@ -220,8 +238,31 @@ def test_evaluate_adds_tsds_to_a_finished_evaluation(tiny_model_dir, tmp_path, c
 
     p = write_eval_data(tmp_path)
     out = tmp_path / "ev"
-    args = ["evaluate", "--domain-train", p["train"], "--domain-test", p["test"], "--pool", p["pool"], "--n", 3, "--out", out,
-            "--model", tiny_model_dir, "--seeds", 1, "--ft-epochs", 1, "--ft-batch-size", 4, "--batch-size", 4, "--max-batch-tokens", 512]
+    args = [
+        "evaluate",
+        "--domain-train",
+        p["train"],
+        "--domain-test",
+        p["test"],
+        "--pool",
+        p["pool"],
+        "--n",
+        3,
+        "--out",
+        out,
+        "--model",
+        tiny_model_dir,
+        "--seeds",
+        1,
+        "--ft-epochs",
+        1,
+        "--ft-batch-size",
+        4,
+        "--batch-size",
+        4,
+        "--max-batch-tokens",
+        512,
+    ]
     assert main([str(a) for a in [*args, "--methods", "domain-only"]]) == 0
     before = (out / "cells" / "domain-only-seed0.json").stat().st_mtime_ns
     assert main([str(a) for a in [*args, "--methods", "domain-only,tsds"]]) == 0

@@ -131,12 +131,18 @@ class SelectConfig:
     out: str = _opt("", "run folder for selected.jsonl, scores.jsonl, adapter/, train.jsonl, manifest.json", required=True)
     method: str = _opt("ntk", "selector: one of the registered selectors (ntkselect.selection.registry)", help_fn=_method_help, choices=_Selectors())
     model: str = _opt("default", "Hugging Face causal-LM folder or cached name; 'default' = embedded SmolLM2-135M-Instruct")
-    template: str = _opt("auto", "how prompt/response records are rendered: auto (chat if the tokenizer has a chat template), chat or plain", choices=("auto", "chat", "plain"))
+    template: str = _opt(
+        "auto", "how prompt/response records are rendered: auto (chat if the tokenizer has a chat template), chat or plain", choices=("auto", "chat", "plain")
+    )
     max_length: int = _opt(512, "maximum tokens per example; longer ones are truncated and counted")
     seed: int = _opt(0, "seed for LoRA initialisation, warm-up order and the projection")
     overwrite: bool = _opt(False, "replace the results of an earlier run in --out")
-    keep_domain_duplicates: bool = _opt(False, "keep pool records that exactly duplicate a domain record (by default they are reported and excluded: selecting D again adds nothing)")
-    dry_run: bool = _opt(False, "read and tokenize the inputs, print the estimated tokens, time, peak memory and disk per stage, and stop without writing anything")
+    keep_domain_duplicates: bool = _opt(
+        False, "keep pool records that exactly duplicate a domain record (by default they are reported and excluded: selecting D again adds nothing)"
+    )
+    dry_run: bool = _opt(
+        False, "read and tokenize the inputs, print the estimated tokens, time, peak memory and disk per stage, and stop without writing anything"
+    )
     # -- warm-up ----------------------------------------------------------------------
     lora_r: int = _opt(8, "LoRA rank")
     lora_alpha: float = _opt(16.0, "LoRA alpha (scaling = alpha / r)")
@@ -149,8 +155,11 @@ class SelectConfig:
     knn_k: int = _opt(32, "each domain example votes for its K nearest candidates (raised automatically if too few get votes)")
     preselect_factor: float = _opt(4.0, "stage 1 keeps M = factor x N candidates for stage 2")
     # -- stage 2 ----------------------------------------------------------------------
-    proj_dim: int = _opt(0, "0 (default) scores with the exact, unprojected kernel, which the mean over D makes as cheap as a projection; "
-                            "p > 0 uses the paper's seeded Rademacher projection to p dimensions (the paper: 8192)")
+    proj_dim: int = _opt(
+        0,
+        "0 (default) scores with the exact, unprojected kernel, which the mean over D makes as cheap as a projection; "
+        "p > 0 uses the paper's seeded Rademacher projection to p dimensions (the paper: 8192)",
+    )
     less_proj_dim: int = _opt(8192, "--method less: projection dimension of its gradient features (LESS uses 8192)")
     # -- TSDS (--method tsds; defaults: the authors' config.yaml) ----------------------------
     tsds_alpha: float = _opt(0.5, "--method tsds: weight of distribution alignment (optimal transport to D) against diversity, in [0, 1]")
@@ -161,7 +170,11 @@ class SelectConfig:
     # -- execution --------------------------------------------------------------------
     batch_size: int = _opt(16, "examples per batch in stages 1 and 2")
     max_batch_tokens: int = _opt(8192, "padded tokens per batch in stages 1 and 2 (batches are length-sorted)")
-    precision: str = _opt("auto", "matmul precision: auto (bfloat16 where the hardware has it), float32 or bfloat16; reductions stay float32", choices=("auto", "float32", "bfloat16"))
+    precision: str = _opt(
+        "auto",
+        "matmul precision: auto (bfloat16 where the hardware has it), float32 or bfloat16; reductions stay float32",
+        choices=("auto", "float32", "bfloat16"),
+    )
     padding_side: str = _opt("right", "pad batches on the right or left (scores do not depend on it)", choices=("right", "left"))
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     threads: int = _opt(0, "CPU threads for torch (0 = torch's default)")

@@ -47,8 +47,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise NtkSelectError(f"cannot write {path}: no space left on device; free some space on that disk and rerun "
-                                 "(nothing half-written was kept)") from None
+            raise NtkSelectError(
+                f"cannot write {path}: no space left on device; free some space on that disk and rerun (nothing half-written was kept)"
+            ) from None
         raise
 
 

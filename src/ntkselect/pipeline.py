@@ -60,15 +60,29 @@ def package_versions() -> dict[str, str]:
 
 
 #: options that change how the work runs, not what it computes: a run may resume with other values
-EXECUTION_ONLY = ("out", "overwrite", "threads", "device", "executor", "ray_address", "ray_workers", "batch_size",
-                  "max_batch_tokens", "padding_side", "shard_size", "dry_run")
+EXECUTION_ONLY = (
+    "out",
+    "overwrite",
+    "threads",
+    "device",
+    "executor",
+    "ray_address",
+    "ray_workers",
+    "batch_size",
+    "max_batch_tokens",
+    "padding_side",
+    "shard_size",
+    "dry_run",
+)
 
 
 def run_fingerprint(cfg: SelectConfig) -> dict:
     """What a run's results depend on: the options, the inputs' contents and the model."""
-    return {"config": {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_ONLY},
-            "inputs": {"domain": sha256_path(cfg.domain), "pool": sha256_path(cfg.pool)},
-            "model": _model_fingerprint(resolve_model(cfg.model))}
+    return {
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_ONLY},
+        "inputs": {"domain": sha256_path(cfg.domain), "pool": sha256_path(cfg.pool)},
+        "model": _model_fingerprint(resolve_model(cfg.model)),
+    }
 
 
 def _diff(old: dict, new: dict) -> list[str]:
@@ -95,8 +109,10 @@ def _prepare_out(cfg: SelectConfig, run: Run, fp: dict, log: Callable[[str], Non
     if state == "unfinished" and not cfg.overwrite:
         old = run.setup()
         if old.get("fingerprint") != fp:
-            raise NtkSelectError(f"{out} holds an unfinished run with a different setup (changed: {', '.join(_diff(old.get('fingerprint', {}), fp))}); "
-                                 "rerun with the same options to resume it, or pass --overwrite to start over")
+            raise NtkSelectError(
+                f"{out} holds an unfinished run with a different setup (changed: {', '.join(_diff(old.get('fingerprint', {}), fp))}); "
+                "rerun with the same options to resume it, or pass --overwrite to start over"
+            )
     if before_write is not None:
         before_write()  # the preflight: after every refusal of --out, before anything is written to it
     if state == "unfinished" and not cfg.overwrite:
@@ -142,8 +158,10 @@ def summarise(manifest: dict) -> str:
     if len(s["composition"]) > 12:
         lines.append(f"    ... {len(s['composition']) - 12} more in manifest.json")
     lo, hi = s["score_range_selected"]
-    lines.append(f"  {manifest.get('method', 'ntk')} scores: selected {lo:.4g} .. {hi:.4g}; "
-                 f"all ranked candidates {s['score_range_all'][0]:.4g} .. {s['score_range_all'][1]:.4g}")
+    lines.append(
+        f"  {manifest.get('method', 'ntk')} scores: selected {lo:.4g} .. {hi:.4g}; "
+        f"all ranked candidates {s['score_range_all'][0]:.4g} .. {s['score_range_all'][1]:.4g}"
+    )
     lines.append("  time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in manifest["timings"].items()))
     return "\n".join(lines)
 
@@ -197,8 +215,14 @@ def load_inputs(cfg: SelectConfig, log: Callable[[str], None] | None = None, exc
 
 def make_runtime(cfg: SelectConfig, tokenizer) -> Runtime:
     device = resolve_device(cfg.device)
-    return Runtime(device=device, dtype=resolve_precision(cfg.precision, device), batch_size=cfg.batch_size,
-                   max_batch_tokens=cfg.max_batch_tokens, padding_side=cfg.padding_side, pad_id=tokenizer.pad_token_id)
+    return Runtime(
+        device=device,
+        dtype=resolve_precision(cfg.precision, device),
+        batch_size=cfg.batch_size,
+        max_batch_tokens=cfg.max_batch_tokens,
+        padding_side=cfg.padding_side,
+        pad_id=tokenizer.pad_token_id,
+    )
 
 
 def _run_inputs(cfg: SelectConfig, model_path: str | None = None) -> dict:
@@ -221,15 +245,18 @@ def select(cfg: SelectConfig, log: Callable[[str], None] | None = None) -> Selec
     with open_run(cfg.out, SELECT, _run_inputs(cfg, resolve_model(cfg.model)), log=log) as run:
         # an unsupported model fails in the preflight, in seconds, after --out's refusals and before it is written
         preflight = []
-        wdir = _prepare_out(cfg, run, fp, log, before_write=lambda: preflight.append(
-            preflight_select(cfg, inp.dom_ex, inp.tokenizer.pad_token_id, keep=True, log=log)))
+        wdir = _prepare_out(
+            cfg, run, fp, log, before_write=lambda: preflight.append(preflight_select(cfg, inp.dom_ex, inp.tokenizer.pad_token_id, keep=True, log=log))
+        )
         checked = preflight[0]
         rt = make_runtime(cfg, inp.tokenizer)
-        ctx = SelectionContext(cfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=str(wdir / "work"), key=digest(fp),
-                               log_path=str(wdir / "shards.jsonl"))
+        ctx = SelectionContext(
+            cfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=str(wdir / "work"), key=digest(fp), log_path=str(wdir / "shards.jsonl")
+        )
         ctx.adopt(checked)
-        ctx.store.log({"event": "start", "method": cfg.method, "executor": cfg.executor, "shard_size": cfg.shard_size,
-                       "pool": len(inp.pool), "domain": len(inp.domain)})
+        ctx.store.log(
+            {"event": "start", "method": cfg.method, "executor": cfg.executor, "shard_size": cfg.shard_size, "pool": len(inp.pool), "domain": len(inp.domain)}
+        )
         try:
             ranking = get_selector(cfg.method).rank(ctx, cfg.n)
             result = write_selection(wdir, cfg, inp, ctx, ranking, rt, t_start, input_hashes=fp["inputs"])
@@ -241,8 +268,9 @@ def select(cfg: SelectConfig, log: Callable[[str], None] | None = None) -> Selec
     return result
 
 
-def write_selection(out: Path, cfg: SelectConfig, inp: Inputs, ctx: SelectionContext, ranking: Ranking, rt: Runtime, t_start: float,
-                    input_hashes: dict | None = None) -> SelectionResult:
+def write_selection(
+    out: Path, cfg: SelectConfig, inp: Inputs, ctx: SelectionContext, ranking: Ranking, rt: Runtime, t_start: float, input_hashes: dict | None = None
+) -> SelectionResult:
     """Write selected.jsonl, scores.jsonl, train.jsonl, adapter/ (when the method uses the
     warmed-up model: its registration's ``uses_model``) and, last, manifest.json: the same files
     for every method. ``out`` is where they are written; ``cfg.out`` where the run lives (they differ while a replacement is written aside).
@@ -260,8 +288,10 @@ def write_selection(out: Path, cfg: SelectConfig, inp: Inputs, ctx: SelectionCon
     chosen = ranking.order[: cfg.n]
     selected = [pool[int(i)] for i in chosen]
     sel_scores = ranking.scores[: cfg.n]
-    atomic_write_jsonl(out / "selected.jsonl", ({**r.raw, "selection_score": float(s), "selection_rank": k + 1, "selection_method": method}
-                                                 for k, (r, s) in enumerate(zip(selected, sel_scores))))
+    atomic_write_jsonl(
+        out / "selected.jsonl",
+        ({**r.raw, "selection_score": float(s), "selection_rank": k + 1, "selection_method": method} for k, (r, s) in enumerate(zip(selected, sel_scores))),
+    )
     cols = ranking.columns
 
     def score_rows():
@@ -297,8 +327,13 @@ def write_selection(out: Path, cfg: SelectConfig, inp: Inputs, ctx: SelectionCon
         "versions": package_versions(),
         "inputs": {
             "domain": {"path": os.path.abspath(cfg.domain), "sha256": hashes["domain"], "records": len(domain)},
-            "pool": {"path": os.path.abspath(cfg.pool), "sha256": hashes["pool"], "records": inp.pool_records_in_file,
-                     "excluded_duplicates_of_domain": inp.excluded.get("duplicates_of_domain", 0), "excluded": inp.excluded},
+            "pool": {
+                "path": os.path.abspath(cfg.pool),
+                "sha256": hashes["pool"],
+                "records": inp.pool_records_in_file,
+                "excluded_duplicates_of_domain": inp.excluded.get("duplicates_of_domain", 0),
+                "excluded": inp.excluded,
+            },
             "model": _model_fingerprint(resolve_model(cfg.model)),
         },
         "token_convention": token_convention(inp.dom_stats.template, inp.tokenizer),
@@ -307,13 +342,23 @@ def write_selection(out: Path, cfg: SelectConfig, inp: Inputs, ctx: SelectionCon
         "warmup": ctx.warmup_summary if "warmup" in ranking.shared else None,
         "selector": ranking.info,
         **{k: v for k, v in ranking.info.items() if k in ("stage1", "stage2")},
-        "execution": {"executor": cfg.executor, "shard_size": cfg.shard_size, "pool_shards": -(-len(pool) // cfg.shard_size),
-                      "resumed": {**ctx.resumed, "shards_found_done": ctx.store.skipped}, "shard_log": "shards.jsonl"},
-        "cost": {"seconds": round(sel_seconds, 3), "tokens": int(sel_tokens),
-                 "note": "the selection's own work plus the shared warm-up / embeddings it used, as if run alone"},
+        "execution": {
+            "executor": cfg.executor,
+            "shard_size": cfg.shard_size,
+            "pool_shards": -(-len(pool) // cfg.shard_size),
+            "resumed": {**ctx.resumed, "shards_found_done": ctx.store.skipped},
+            "shard_log": "shards.jsonl",
+        },
+        "cost": {
+            "seconds": round(sel_seconds, 3),
+            "tokens": int(sel_tokens),
+            "note": "the selection's own work plus the shared warm-up / embeddings it used, as if run alone",
+        },
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "summary": {
-            "n_domain": len(domain), "n_pool": len(pool), "n_selected": len(selected),
+            "n_domain": len(domain),
+            "n_pool": len(pool),
+            "n_selected": len(selected),
             "composition": {k: [sel_groups[k], pool_groups[k]] for k, _ in sorted(pool_groups.items(), key=lambda kv: (-sel_groups[kv[0]], kv[0]))},
             "by_source": {k: [src_sel[k], n] for k, n in sorted(src_pool.items(), key=lambda kv: (-src_sel[kv[0]], kv[0]))},
             "score_range_selected": [float(sel_scores.min()), float(sel_scores.max())],

@@ -79,8 +79,7 @@ class Progress:
 
     def line(self) -> str:
         """The current state as one line, as written to a log."""
-        return tqdm.format_meter(self.done, self.total, time.perf_counter() - self.start, ncols=0, prefix=self.desc, unit="ex",
-                                 postfix=self._tok_rate())
+        return tqdm.format_meter(self.done, self.total, time.perf_counter() - self.start, ncols=0, prefix=self.desc, unit="ex", postfix=self._tok_rate())
 
     def close(self) -> float:
         """Draw the final state (once: not again when the last update already showed it); returns the elapsed seconds."""

@@ -20,8 +20,16 @@ __all__ = ["run_demo"]
 logger = logging.getLogger(__name__)
 
 
-def run_demo(out: str, domain: str = "medical", n_domain: int = 100, n_pool_mmlu: int = 800, n_pool_reasoning: int = 200,
-             data_seed: int = 0, base: SelectConfig | None = None, log: Callable[[str], None] | None = None) -> SelectionResult:
+def run_demo(
+    out: str,
+    domain: str = "medical",
+    n_domain: int = 100,
+    n_pool_mmlu: int = 800,
+    n_pool_reasoning: int = 200,
+    data_seed: int = 0,
+    base: SelectConfig | None = None,
+    log: Callable[[str], None] | None = None,
+) -> SelectionResult:
     """Write the demo data to ``out/data`` and run the selection into ``out``; progress messages go
     to ``log`` (default: this module's logger, at INFO)."""
     log = log or logger.info

@@ -55,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sel = sub.add_parser("select", help="select N pool examples for a domain", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_config_flags(sel)
-    demo = sub.add_parser("demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="run the selection on the embedded default: SmolLM2-135M-Instruct, MMLU medical as D, other MMLU subjects + reasoning-gym as the pool")
+    demo = sub.add_parser(
+        "demo",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="run the selection on the embedded default: SmolLM2-135M-Instruct, MMLU medical as D, other MMLU subjects + reasoning-gym as the pool",
+    )
     demo.add_argument("--domain-name", default="medical", choices=("medical", "legal", "psychology"), help="which MMLU domain plays D")
     demo.add_argument("--domain-size", type=int, default=100, help="domain questions")
     demo.add_argument("--pool-mmlu", type=int, default=800, help="MMLU questions from other subjects in the pool")
@@ -70,8 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_evaluate_commands(sub) -> None:
     ev = sub.add_parser("evaluate", help="select with each method, fine-tune on D ∪ S with one recipe, and compare test accuracy over seeds")
     _add_eval_flags(ev)
-    ed = sub.add_parser("eval-data", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                        help="write a seeded, stratified MMLU train/test split of a domain and a pool for `evaluate`")
+    ed = sub.add_parser(
+        "eval-data",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="write a seeded, stratified MMLU train/test split of a domain and a pool for `evaluate`",
+    )
     ed.add_argument("--domain-name", default="medical", choices=("medical", "legal", "psychology"), help="which MMLU domain")
     ed.add_argument("--out", required=True, help="folder for domain_train.jsonl, domain_test.jsonl, pool.jsonl, split.json")
     ed.add_argument("--n-train", type=int, default=100, help="domain training questions (D)")
@@ -117,8 +124,11 @@ def _add_diagnostic_commands(sub) -> None:
     """``diagnose`` (flags from :class:`~ntkselect.diagnostics.diagnose.DiagnoseOptions`) and ``report``."""
     from ntkselect.diagnostics.diagnose import DiagnoseOptions
 
-    diag = sub.add_parser("diagnose", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                          help="check the NTK-like assumption on a probe set: kernel stability during fine-tuning, the Jacobian-free approximation, kernel regression")
+    diag = sub.add_parser(
+        "diagnose",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="check the NTK-like assumption on a probe set: kernel stability during fine-tuning, the Jacobian-free approximation, kernel regression",
+    )
     for f in fields(DiagnoseOptions):
         flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
         if f.type in ("bool", bool):
@@ -127,7 +137,9 @@ def _add_diagnostic_commands(sub) -> None:
         typ = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
         kw = {"choices": f.metadata["choices"]} if f.metadata.get("choices") else {}
         diag.add_argument(flag, type=typ, default=f.default, required=bool(f.metadata.get("required")), help=help_, **kw)
-    rep = sub.add_parser("report", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="write RUN_DIR/report.html, a self-contained page on a selection run")
+    rep = sub.add_parser(
+        "report", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="write RUN_DIR/report.html, a self-contained page on a selection run"
+    )
     rep.add_argument("run_dir", help="the --out folder of a finished selection run")
     rep.add_argument("--top", type=int, default=5, help="how many of the best and of the lowest-ranked selected examples to show")
     rep.add_argument("--neighbours", type=int, default=3, help="nearest domain examples shown for each")
@@ -208,17 +220,27 @@ def _run(args: argparse.Namespace) -> int:
         elif args.command == "eval-data":
             from ntkselect.data.demo import build_eval_data
 
-            info = build_eval_data(args.out, args.domain_name, args.n_train, args.n_test, args.pool_mmlu, args.pool_reasoning,
-                                   args.gsm8k, args.pool_gsm8k, args.seed)
-            print(f"ntkselect: wrote {info['counts']['train']} train / {info['counts']['test']} test {args.domain_name} questions and a pool of "
-                  f"{info['counts']['pool']} ({', '.join(f'{k} {v}' for k, v in info['pool_per_source'].items())}) to {args.out}")
+            info = build_eval_data(
+                args.out, args.domain_name, args.n_train, args.n_test, args.pool_mmlu, args.pool_reasoning, args.gsm8k, args.pool_gsm8k, args.seed
+            )
+            print(
+                f"ntkselect: wrote {info['counts']['train']} train / {info['counts']['test']} test {args.domain_name} questions and a pool of "
+                f"{info['counts']['pool']} ({', '.join(f'{k} {v}' for k, v in info['pool_per_source'].items())}) to {args.out}"
+            )
             return 0
         else:
             from ntkselect.cli.demo import run_demo
 
             cfg = _config(argparse.Namespace(**{**vars(args), "domain": "-", "pool": "-"}))
-            result = run_demo(args.out, domain=args.domain_name, n_domain=args.domain_size, n_pool_mmlu=args.pool_mmlu,
-                              n_pool_reasoning=args.pool_reasoning, data_seed=args.data_seed, base=cfg)
+            result = run_demo(
+                args.out,
+                domain=args.domain_name,
+                n_domain=args.domain_size,
+                n_pool_mmlu=args.pool_mmlu,
+                n_pool_reasoning=args.pool_reasoning,
+                data_seed=args.data_seed,
+                base=cfg,
+            )
         print(summarise(result.manifest))
         return 0
     except NtkSelectError as err:
@@ -233,13 +255,19 @@ def _run(args: argparse.Namespace) -> int:
             # A full disk mid-run: outputs are written atomically and manifest.json last, so the
             # folder holds nothing a rerun would trust.
             where = f"--out {args.out}" if getattr(args, "out", None) else (err.filename or "the output folder")
-            print(f"ntkselect: error: no space left on device while writing to {where}; free some space or choose another --out "
-                  "(the run is unfinished and has no manifest.json, so a rerun starts over)", file=sys.stderr)
+            print(
+                f"ntkselect: error: no space left on device while writing to {where}; free some space or choose another --out "
+                "(the run is unfinished and has no manifest.json, so a rerun starts over)",
+                file=sys.stderr,
+            )
             return 2
         if err.filename is None or os.environ.get("NTKSELECT_DEBUG"):
             return _unexpected(err)
-        print(f"ntkselect: error: cannot use {err.filename}: {err.strerror or err}; check that it exists and that you may read or write it "
-              "(a rerun resumes an unfinished run)", file=sys.stderr)
+        print(
+            f"ntkselect: error: cannot use {err.filename}: {err.strerror or err}; check that it exists and that you may read or write it "
+            "(a rerun resumes an unfinished run)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("ntkselect: interrupted", file=sys.stderr)
@@ -255,11 +283,17 @@ def _unexpected(err: BaseException) -> int:
         raise err
     msg = " ".join(str(err).split())[:300] or type(err).__name__
     if isinstance(err, MemoryError) or "out of memory" in msg.lower() or "can't allocate memory" in msg.lower():
-        print(f"ntkselect: error: out of memory ({msg}); lower --batch-size, --max-batch-tokens or --max-length, or use a machine with more memory "
-              "(a rerun resumes an unfinished run)", file=sys.stderr)
+        print(
+            f"ntkselect: error: out of memory ({msg}); lower --batch-size, --max-batch-tokens or --max-length, or use a machine with more memory "
+            "(a rerun resumes an unfinished run)",
+            file=sys.stderr,
+        )
         return 2
-    print(f"ntkselect: error: unexpected {type(err).__name__}: {msg} (this is a bug in ntkselect: rerun with NTKSELECT_DEBUG=1 "
-          "to see the traceback, and report it)", file=sys.stderr)
+    print(
+        f"ntkselect: error: unexpected {type(err).__name__}: {msg} (this is a bug in ntkselect: rerun with NTKSELECT_DEBUG=1 "
+        "to see the traceback, and report it)",
+        file=sys.stderr,
+    )
     return 1
 
 

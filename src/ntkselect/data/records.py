@@ -166,10 +166,7 @@ def _classify(raw: Any) -> str:
     have = ", ".join(repr(k) for k in raw if raw[k] is not None) or "no fields"
     partial = [k for k in _KNOWN_FIELDS if _present(raw, k)]
     extra = f" (it has {', '.join(partial)} without its partner)" if partial else ""
-    raise _Bad(
-        f"no recognised fields{extra}: the record has {have}; "
-        f"give it one of {', '.join(RECORD_SHAPES)} (rename your columns to these)"
-    )
+    raise _Bad(f"no recognised fields{extra}: the record has {have}; give it one of {', '.join(RECORD_SHAPES)} (rename your columns to these)")
 
 
 def record_kind(raw: dict) -> str:
@@ -260,7 +257,7 @@ def _read_json(path: Path, name: str) -> Iterable[tuple[int, Any]]:
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) != 1:
             raise NtkSelectError(
-                f"{name}: expected a JSON array of records or an object holding one list (like {{\"data\": [...]}}), "
+                f'{name}: expected a JSON array of records or an object holding one list (like {{"data": [...]}}), '
                 f"found an object with {len(lists)} list fields; make the file a JSON array of records"
             )
         data = data[lists[0]]
@@ -289,8 +286,7 @@ def _read_csv(path: Path, name: str) -> Iterable[tuple[int, Any]]:
                     continue
                 if len(row) != len(header):
                     raise NtkSelectError(
-                        f"{name} line {start}: {len(row)} fields but the header has {len(header)} columns; "
-                        "quote fields that contain commas or line breaks"
+                        f"{name} line {start}: {len(row)} fields but the header has {len(header)} columns; quote fields that contain commas or line breaks"
                     )
                 rows.append((start, dict(zip(header, row))))
     except UnicodeDecodeError as err:
@@ -325,7 +321,8 @@ def _read_hf(path: Path, name: str) -> Iterable[tuple[int, Any]]:
         if len(splits) != 1:
             raise NtkSelectError(
                 f"{name}: holds several splits ({', '.join(splits)}); pass one split's folder, e.g. {path / splits[0]}"
-                if splits else f"{name}: has no records; add at least one record"
+                if splits
+                else f"{name}: has no records; add at least one record"
             )
         ds = ds[splits[0]]
     return [(i, _jsonable(r)) for i, r in enumerate(ds.to_list(), 1)]
@@ -334,6 +331,7 @@ def _read_hf(path: Path, name: str) -> Iterable[tuple[int, Any]]:
 def _unencodable(raw: dict) -> str | None:
     """The field of a record holding a string that cannot be written as UTF-8 (a lone
     surrogate, as a JSON escape like \\ud800 gives), as the field's name; None when none does."""
+
     def bad(value: Any) -> bool:
         if isinstance(value, str):
             try:
@@ -364,8 +362,10 @@ def _checked_record(name: str, row: int, line: int, raw: Any, seen: dict[str, tu
         raise NtkSelectError(f"{where}: {err}") from None
     bad = _unencodable(raw)
     if bad:
-        raise NtkSelectError(f"{where}: field {bad} holds a lone surrogate (a JSON escape such as \\ud800 without its pair), "
-                             "which is not valid Unicode; fix or remove that escape")
+        raise NtkSelectError(
+            f"{where}: field {bad} holds a lone surrogate (a JSON escape such as \\ud800 without its pair), "
+            "which is not valid Unicode; fix or remove that escape"
+        )
     rid = raw.get("id")
     implicit = rid is None or rid == ""
     if implicit:
@@ -608,7 +608,9 @@ def tokenize_record(record: Record, tokenizer, max_length: int, template: str) -
             "pass --template plain to render conversations as 'role: content' lines, or use a model whose tokenizer has a chat template"
         )
     if template == "chat" and kind != "text" and not getattr(tokenizer, "chat_template", None):
-        raise NtkSelectError(f"{where}: a {kind} record needs a chat template and this tokenizer has none; use --template plain or a tokenizer with a chat template")
+        raise NtkSelectError(
+            f"{where}: a {kind} record needs a chat template and this tokenizer has none; use --template plain or a tokenizer with a chat template"
+        )
 
     if kind == "text":
         ids = _ids(tokenizer, _as_str(record.raw, "text"), special=True)
@@ -669,17 +671,20 @@ def token_convention(template: str, tokenizer) -> dict:
     if isinstance(chat, dict):  # several named templates
         chat = json.dumps(chat, sort_keys=True)
     if resolved == "chat":
-        pr = ("messages [user: prompt, assistant: response] rendered with the tokenizer's chat template "
-              "(tokenize=False), then tokenized with add_special_tokens=False; trained: the assistant turn's tokens, "
-              "located by character offsets (as for messages)")
-        msgs = ("rendered with the chat template and tokenized once; trained: the tokens whose characters overlap "
-                "an assistant message's span of the rendered text, from the end of render(messages[:i], "
-                "add_generation_prompt=True) to the end of render(messages[:i+1]) (the template must be prefix-stable "
-                "as text; a token straddling the start of a response is trained)")
+        pr = (
+            "messages [user: prompt, assistant: response] rendered with the tokenizer's chat template "
+            "(tokenize=False), then tokenized with add_special_tokens=False; trained: the assistant turn's tokens, "
+            "located by character offsets (as for messages)"
+        )
+        msgs = (
+            "rendered with the chat template and tokenized once; trained: the tokens whose characters overlap "
+            "an assistant message's span of the rendered text, from the end of render(messages[:i], "
+            "add_generation_prompt=True) to the end of render(messages[:i+1]) (the template must be prefix-stable "
+            "as text; a token straddling the start of a response is trained)"
+        )
     else:
         pr = "tokenizer(prompt + '\\n') + tokenizer(response, add_special_tokens=False) + [eos]; trained: response tokens + eos"
-        msgs = ("'role: content' lines; before each assistant message 'assistant: ' (untrained), then its content "
-                "+ eos (trained); other messages untrained")
+        msgs = "'role: content' lines; before each assistant message 'assistant: ' (untrained), then its content + eos (trained); other messages untrained"
     return {
         "template": resolved,
         "tokenizer": getattr(tokenizer, "name_or_path", None),
@@ -693,9 +698,11 @@ def token_convention(template: str, tokenizer) -> dict:
         },
         "prompt_response_fields": "prompt+response; instruction+output (prompt = instruction + '\\n\\n' + input when input is non-empty); question+answer",
         "prediction": "the logit at position t-1 predicts trained token t; token 0 is never predicted, so it is never trained",
-        "truncation": ("keep the first max_length tokens; if that keeps no trained token after index 0, keep a "
-                       "max_length window starting max(1, max_length // 4) tokens before the first trained token, "
-                       "moved earlier if the example ends inside it (never before token 0); "
-                       "truncation is counted, never fatal"),
+        "truncation": (
+            "keep the first max_length tokens; if that keeps no trained token after index 0, keep a "
+            "max_length window starting max(1, max_length // 4) tokens before the first trained token, "
+            "moved earlier if the example ends inside it (never before token 0); "
+            "truncation is counted, never fatal"
+        ),
         "empty": "an example with no trained token after index 0 is an error",
     }

@@ -87,7 +87,9 @@ class DiagnoseOptions:
     out: str = _opt("", "folder for diagnostics.json, kernels.npz, the PNG plots and checkpoints/", required=True)
     domain: str = _opt("", "domain examples D; labelled multiple-choice records (an 'answer' letter A-D, as in the demo data) also give the kernel regression")
     pool: str = _opt("", "candidate pool C")
-    run: str = _opt("", "a selection run folder: take --domain, --pool, --model, --max-length, --template and the LoRA settings from its manifest.json (explicit flags win)")
+    run: str = _opt(
+        "", "a selection run folder: take --domain, --pool, --model, --max-length, --template and the LoRA settings from its manifest.json (explicit flags win)"
+    )
     model: str = _opt("default", "Hugging Face causal-LM folder or cached name; 'default' = embedded SmolLM2-135M-Instruct")
     template: str = _opt("auto", "how prompt/response records are rendered", choices=("auto", "chat", "plain"))
     max_length: int = _opt(512, "maximum tokens per example")
@@ -107,13 +109,18 @@ class DiagnoseOptions:
     # -- Jacobian-free approximation ----------------------------------------------------
     jf_examples: int = _opt(6, "examples for the exact-kernel check (half from the domain probe, half from the candidates)")
     jf_outputs: int = _opt(32, "vocabulary outputs sampled per example (sampled route), or whose pairwise cosines are read off (exact route: at least 256)")
-    jf_method: str = _opt("auto", "exact: all V outputs via the d x P hidden-state Jacobian (d backward passes per example); "
-                                  "sampled: --jf-outputs outputs drawn uniformly, sums scaled to V (unbiased); auto: exact when d <= --jf-outputs",
-                          choices=("auto", "exact", "sampled"))
+    jf_method: str = _opt(
+        "auto",
+        "exact: all V outputs via the d x P hidden-state Jacobian (d backward passes per example); "
+        "sampled: --jf-outputs outputs drawn uniformly, sums scaled to V (unbiased); auto: exact when d <= --jf-outputs",
+        choices=("auto", "exact", "sampled"),
+    )
     # -- kernel regression --------------------------------------------------------------
     n_test: int = _opt(32, "labelled domain questions held out of the fine-tuning for the kernel regression and the model's accuracy (0 = skip)")
     krr_train: int = _opt(64, "labelled training questions for the kernel regression (from D's training part)")
-    ridges: str = _opt("1e-4,1e-3,1e-2,1e-1,1", "ridge values relative to the mean kernel diagonal; the one with the best leave-one-out training accuracy is used")
+    ridges: str = _opt(
+        "1e-4,1e-3,1e-2,1e-1,1", "ridge values relative to the mean kernel diagonal; the one with the best leave-one-out training accuracy is used"
+    )
     # -- execution ----------------------------------------------------------------------
     batch_size: int = _opt(16, "examples per batch for gradients and evaluation")
     max_batch_tokens: int = _opt(8192, "padded tokens per batch")
@@ -134,8 +141,18 @@ class DiagnoseOptions:
             raise NtkSelectError("--out is required")
         if not (self.domain and self.pool):
             raise NtkSelectError("--domain and --pool are required (or --run with a selection run folder)")
-        for name in ("n_domain", "n_candidates", "checkpoints_per_epoch", "lora_r", "train_batch_size", "jf_examples", "jf_outputs",
-                     "krr_train", "batch_size", "max_batch_tokens"):
+        for name in (
+            "n_domain",
+            "n_candidates",
+            "checkpoints_per_epoch",
+            "lora_r",
+            "train_batch_size",
+            "jf_examples",
+            "jf_outputs",
+            "krr_train",
+            "batch_size",
+            "max_batch_tokens",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise bad(name, "must be a positive integer")
         if self.jf_examples < 2:
@@ -187,8 +204,16 @@ class DiagnoseOptions:
             raise NtkSelectError(f"--run {run_dir}: no manifest.json there; pass the folder of a finished selection run") from None
         except (OSError, json.JSONDecodeError) as err:
             raise NtkSelectError(f"--run {run_dir}: cannot read manifest.json ({err}); pass the folder of a finished selection run") from None
-        mapping = {"domain": "domain", "pool": "pool", "model": "model", "max_length": "max_length", "template": "template",
-                   "lora_r": "lora_r", "lora_alpha": "lora_alpha", "lora_target_modules": "lora_target_modules"}
+        mapping = {
+            "domain": "domain",
+            "pool": "pool",
+            "model": "model",
+            "max_length": "max_length",
+            "template": "template",
+            "lora_r": "lora_r",
+            "lora_alpha": "lora_alpha",
+            "lora_target_modules": "lora_target_modules",
+        }
         defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
         kw = {mine: cfg[theirs] for mine, theirs in mapping.items() if cfg.get(theirs) not in (None, "")}
         kw.update({k: v for k, v in given.items() if v is not None and (k not in kw or v != defaults.get(k))})
@@ -196,6 +221,7 @@ class DiagnoseOptions:
 
 
 # -- small numerical pieces ---------------------------------------------------------------
+
 
 def cos_f(a: np.ndarray, b: np.ndarray) -> float:
     """⟨A, B⟩_F / (‖A‖_F ‖B‖_F); nan when either matrix is zero."""
@@ -265,6 +291,7 @@ def _one_vs_rest(labels: np.ndarray, c: int) -> np.ndarray:
 
 # -- multiple-choice questions -------------------------------------------------------------
 
+
 @dataclass
 class MultipleChoice:
     examples: list[TokenizedExample]  # prompt + letter "A"; only the letter is a trained token, so f is read at the position before it
@@ -293,7 +320,7 @@ def multiple_choice_examples(records: Sequence[Record], tokenizer, max_length: i
         variants = [tokenize_record(Record(rec.id, {"prompt": prompt, "response": L}, rec.path, rec.line), tokenizer, max_length, template) for L in LETTERS]
         firsts = [v.train_mask.index(True) for v in variants]
         prefix = variants[0].input_ids[: firsts[0]]
-        if any(f != firsts[0] or v.input_ids[: f] != prefix for v, f in zip(variants, firsts)):
+        if any(f != firsts[0] or v.input_ids[:f] != prefix for v, f in zip(variants, firsts)):
             raise NtkSelectError(f"{rec.path}:{rec.line}: the answer letters change the tokens of the prompt under this template; use --template plain")
         ids = [v.input_ids[f] for v, f in zip(variants, firsts)]
         if len(set(ids)) != len(LETTERS):
@@ -329,8 +356,8 @@ def letter_accuracy(model, mc: MultipleChoice, rt: Runtime) -> tuple[float, np.n
 
 # -- gradients of individual outputs --------------------------------------------------------
 
-def output_gradients(model, example: TokenizedExample, cotangents: torch.Tensor, rt: Runtime, head=None,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
+
+def output_gradients(model, example: TokenizedExample, cotangents: torch.Tensor, rt: Runtime, head=None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """(S, P) float32: row s is ∇_LoRA (1/T) Σ_t h_t · c_s over the example's trained positions.
 
     With c_s = w_k (row k of the LM head, times any logit scale) this is ∇F_k(x); with c = e_j it
@@ -382,14 +409,30 @@ def _head_matrix(model) -> tuple[torch.Tensor, torch.Tensor]:
 def _cosine_stats(c: np.ndarray, d: int, p: int, bins: int = 40) -> dict:
     c = np.asarray(c, np.float64)
     hist, edges = np.histogram(c, bins=bins, range=(-1.0, 1.0))
-    return {"pairs": int(c.size), "mean": float(c.mean()), "std": float(c.std()), "mean_abs": float(np.abs(c).mean()),
-            "quantiles": {str(q): float(np.quantile(c, q)) for q in (0.01, 0.1, 0.5, 0.9, 0.99)},
-            "d": d, "d_inv_sqrt": 1 / math.sqrt(d), "P": p, "P_inv_sqrt": 1 / math.sqrt(p),
-            "histogram": {"edges": edges.tolist(), "counts": hist.tolist()}}
+    return {
+        "pairs": int(c.size),
+        "mean": float(c.mean()),
+        "std": float(c.std()),
+        "mean_abs": float(np.abs(c).mean()),
+        "quantiles": {str(q): float(np.quantile(c, q)) for q in (0.01, 0.1, 0.5, 0.9, 0.99)},
+        "d": d,
+        "d_inv_sqrt": 1 / math.sqrt(d),
+        "P": p,
+        "P_inv_sqrt": 1 / math.sqrt(p),
+        "histogram": {"edges": edges.tolist(), "counts": hist.tolist()},
+    }
 
 
-def output_kernel_check(model, examples: Sequence[TokenizedExample], rt: Runtime, method: str = "auto", outputs: int = 32, seed: int = 0,
-                        names: Sequence[str] | None = None, progress: bool = True) -> dict:
+def output_kernel_check(
+    model,
+    examples: Sequence[TokenizedExample],
+    rt: Runtime,
+    method: str = "auto",
+    outputs: int = 32,
+    seed: int = 0,
+    names: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict:
     """Trace of the exact multi-output kernel against Θ̃ for every pair of ``examples``, and the
     cross-output gradient cosines within each example (see the module docstring)."""
     from ntkselect.selection.ntk.stage2 import per_example_gradients
@@ -416,7 +459,7 @@ def output_kernel_check(model, examples: Sequence[TokenizedExample], rt: Runtime
         for ex in examples:
             H.append(output_gradients(model, ex, torch.eye(d), rt).double())
             prog.update(1, len(ex.input_ids) * d)
-        WtW = (W.double().T @ W.double())  # (d, d)
+        WtW = W.double().T @ W.double()  # (d, d)
         M = [[H[i] @ H[j].T for j in range(n)] for i in range(n)]  # (d, d) blocks
         trace = np.array([[float((WtW * M[i][j]).sum()) for j in range(n)] for i in range(n)])
         theta_via_h = np.array([[float(wbar.double() @ M[i][j] @ wbar.double()) for j in range(n)] for i in range(n)])
@@ -429,8 +472,11 @@ def output_kernel_check(model, examples: Sequence[TokenizedExample], rt: Runtime
             nrm = np.sqrt(np.clip(np.diag(gram), 1e-300, None))
             c = gram / nrm[:, None] / nrm[None, :]
             cos.append(c[np.triu_indices(len(ks), 1)])
-        info.update(outputs_sampled_for_cosines=len(ks), trace_estimator="exact over all V outputs: <W^T W, H(x) H(x')^T>",
-                    theta_tilde_via_jacobian_rel_err=float(np.abs(theta_via_h - theta).max() / max(np.abs(theta).max(), 1e-300)))
+        info.update(
+            outputs_sampled_for_cosines=len(ks),
+            trace_estimator="exact over all V outputs: <W^T W, H(x) H(x')^T>",
+            theta_tilde_via_jacobian_rel_err=float(np.abs(theta_via_h - theta).max() / max(np.abs(theta).max(), 1e-300)),
+        )
         trace_se = np.zeros_like(trace)
     else:
         S = min(outputs, V)
@@ -454,9 +500,12 @@ def output_kernel_check(model, examples: Sequence[TokenizedExample], rt: Runtime
                 if i == j:
                     nrm = np.sqrt(np.clip(terms, 1e-300, None))
                     cos.append((G / nrm[:, None] / nrm[None, :])[np.triu_indices(S, 1)])
-        info.update(outputs_sampled=S, trace_estimator=f"unbiased: V/S x sum over S = {S} outputs drawn uniformly without replacement (seed {seed}); "
-                                                       "trace_se is its standard error (finite-population corrected); offdiag = theta_tilde - trace",
-                    outputs=ks.tolist())
+        info.update(
+            outputs_sampled=S,
+            trace_estimator=f"unbiased: V/S x sum over S = {S} outputs drawn uniformly without replacement (seed {seed}); "
+            "trace_se is its standard error (finite-population corrected); offdiag = theta_tilde - trace",
+            outputs=ks.tolist(),
+        )
     prog.close()
     info["seconds"] = time.perf_counter() - t0
 
@@ -467,31 +516,45 @@ def output_kernel_check(model, examples: Sequence[TokenizedExample], rt: Runtime
     norm_theta, norm_trace = theta / np.outer(dn_t, dn_t), trace / np.outer(dn_k, dn_k)
     pairs = []
     for i, j in zip(iu[0].tolist(), iu[1].tolist()):
-        row: dict[str, Any] = {"i": int(i), "j": int(j), "theta_tilde": float(theta[i, j]), "trace": float(trace[i, j]),
-               "offdiag": float(theta[i, j] - trace[i, j]), "relative_difference": float(rel[i, j]),
-               "theta_over_trace": float(theta[i, j] / trace[i, j])}
+        row: dict[str, Any] = {
+            "i": int(i),
+            "j": int(j),
+            "theta_tilde": float(theta[i, j]),
+            "trace": float(trace[i, j]),
+            "offdiag": float(theta[i, j] - trace[i, j]),
+            "relative_difference": float(rel[i, j]),
+            "theta_over_trace": float(theta[i, j] / trace[i, j]),
+        }
         if names is not None:
             row["names"] = [names[i], names[j]]
         if method == "sampled":
             row["trace_se"] = float(trace_se[i, j])
         pairs.append(row)
     cos_all = np.concatenate(cos)
-    info.update({
-        "pairs": pairs,
-        "relative_difference": {"median_abs": float(np.median(np.abs(rel[iu]))), "diagonal_median": float(np.median(rel[np.diag_indices(n)])),
-                                "off_diagonal_median": float(np.median(rel[off])) if n > 1 else None,
-                                "theta_over_trace_median": float(np.median((theta / trace)[iu]))},
-        "normalised": {"what": "K(x,x') / sqrt(K(x,x) K(x',x')) for both kernels, over the off-diagonal pairs",
-                       "pearson": _pearson(norm_theta[off], norm_trace[off]) if n > 2 else None,
-                       "spearman": spearman(norm_theta[off], norm_trace[off]) if n > 2 else None,
-                       "max_abs_difference": float(np.abs(norm_theta[off] - norm_trace[off]).max()) if n > 1 else None},
-        "cross_output_cosine": _cosine_stats(cos_all, d, P),
-        "cross_output_cosine_per_example": [{"mean": float(c.mean()), "std": float(c.std()), "mean_abs": float(np.abs(c).mean())} for c in cos],
-    })
+    info.update(
+        {
+            "pairs": pairs,
+            "relative_difference": {
+                "median_abs": float(np.median(np.abs(rel[iu]))),
+                "diagonal_median": float(np.median(rel[np.diag_indices(n)])),
+                "off_diagonal_median": float(np.median(rel[off])) if n > 1 else None,
+                "theta_over_trace_median": float(np.median((theta / trace)[iu])),
+            },
+            "normalised": {
+                "what": "K(x,x') / sqrt(K(x,x) K(x',x')) for both kernels, over the off-diagonal pairs",
+                "pearson": _pearson(norm_theta[off], norm_trace[off]) if n > 2 else None,
+                "spearman": spearman(norm_theta[off], norm_trace[off]) if n > 2 else None,
+                "max_abs_difference": float(np.abs(norm_theta[off] - norm_trace[off]).max()) if n > 1 else None,
+            },
+            "cross_output_cosine": _cosine_stats(cos_all, d, P),
+            "cross_output_cosine_per_example": [{"mean": float(c.mean()), "std": float(c.std()), "mean_abs": float(np.abs(c).mean())} for c in cos],
+        }
+    )
     return info
 
 
 # -- the run ------------------------------------------------------------------------------------
+
 
 def _diagnose_inputs(opts: DiagnoseOptions) -> dict:
     model = opts.model if opts.model not in ("", "default") and Path(opts.model).is_dir() else None
@@ -513,9 +576,11 @@ def _check_memory(opts: DiagnoseOptions, n_lora: int, tokenizer) -> None:
     rows = d if method == "exact" else min(opts.jf_outputs, len(tokenizer))
     need = 8 * n * rows * n_lora  # float64
     if need > 0.8 * total:
-        raise NtkSelectError(f"--jf-examples {opts.jf_examples} / --jf-outputs {opts.jf_outputs}: the {method} Jacobian-free check would keep "
-                             f"{n} x {rows} x {n_lora} gradients ({need / 2**30:.0f} GiB, more than this machine's {total / 2**30:.0f} GiB); "
-                             "lower --jf-examples or --jf-outputs, use --jf-method sampled, or a smaller --lora-r")
+        raise NtkSelectError(
+            f"--jf-examples {opts.jf_examples} / --jf-outputs {opts.jf_outputs}: the {method} Jacobian-free check would keep "
+            f"{n} x {rows} x {n_lora} gradients ({need / 2**30:.0f} GiB, more than this machine's {total / 2**30:.0f} GiB); "
+            "lower --jf-examples or --jf-outputs, use --jf-method sampled, or a smaller --lora-r"
+        )
 
 
 def _prepare_out(opts: DiagnoseOptions, stack: contextlib.ExitStack, log: Callable[[str], None], before_write=None) -> Run:
@@ -591,8 +656,10 @@ def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
     if opts.n_test == 0:
         krr_note = "--n-test 0"
     elif len(labelled) < opts.n_test + 8:
-        krr_note = (f"{len(labelled)} of {len(domain)} domain records are labelled multiple-choice questions (an 'answer' letter A-D with a prompt); "
-                    f"need at least --n-test + 8 = {opts.n_test + 8}")
+        krr_note = (
+            f"{len(labelled)} of {len(domain)} domain records are labelled multiple-choice questions (an 'answer' letter A-D with a prompt); "
+            f"need at least --n-test + 8 = {opts.n_test + 8}"
+        )
     test_idx: list[int] = []
     if krr_note is None:
         lab_pos = [i for i, r in enumerate(domain) if _label(r.raw) is not None]
@@ -601,7 +668,9 @@ def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
     train = [r for i, r in enumerate(domain) if i not in test_set]
     test = [domain[i] for i in test_idx]
     if len(train) < 2:
-        raise NtkSelectError(f"--domain {opts.domain}: {len(train)} records left to fine-tune on after holding out --n-test {opts.n_test}; lower --n-test or add records")
+        raise NtkSelectError(
+            f"--domain {opts.domain}: {len(train)} records left to fine-tune on after holding out --n-test {opts.n_test}; lower --n-test or add records"
+        )
     if len(pool) < 2:
         raise NtkSelectError(f"--pool {opts.pool}: fewer than 2 usable records")
     dom_probe_idx = sorted(rng.choice(len(train), size=min(opts.n_domain, len(train)), replace=False).tolist())
@@ -625,17 +694,31 @@ def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
     _check_memory(opts, n_lora, tokenizer)
 
     device = resolve_device(opts.device)
-    rt = Runtime(device=device, dtype=resolve_precision(opts.precision, device), batch_size=opts.batch_size,
-                 max_batch_tokens=opts.max_batch_tokens, pad_id=tokenizer.pad_token_id)
-    wopts = WarmupOptions(r=opts.lora_r, alpha=opts.lora_alpha, dropout=0.0, target_modules=opts.target_modules(), epochs=opts.epochs,
-                          lr=opts.lr, batch_size=opts.train_batch_size, seed=opts.seed)
+    rt = Runtime(
+        device=device,
+        dtype=resolve_precision(opts.precision, device),
+        batch_size=opts.batch_size,
+        max_batch_tokens=opts.max_batch_tokens,
+        pad_id=tokenizer.pad_token_id,
+    )
+    wopts = WarmupOptions(
+        r=opts.lora_r,
+        alpha=opts.lora_alpha,
+        dropout=0.0,
+        target_modules=opts.target_modules(),
+        epochs=opts.epochs,
+        lr=opts.lr,
+        batch_size=opts.train_batch_size,
+        seed=opts.seed,
+    )
     loaded = []
 
     def load_and_check() -> None:
         model = add_lora(load_model(opts.model).to(device), wopts)
         # every path below, on a tiny batch, before the fine-tuning: an unsupported model fails now, in one line
-        rt.memory = check_model(model, rt, train_ex, ("warmup", "diagnose"), proj_dim=opts.proj_dim, seed=opts.seed, jf_method=opts.jf_method,
-                                log=log).memory  # and its batches are sized to the memory budget
+        rt.memory = check_model(
+            model, rt, train_ex, ("warmup", "diagnose"), proj_dim=opts.proj_dim, seed=opts.seed, jf_method=opts.jf_method, log=log
+        ).memory  # and its batches are sized to the memory budget
         loaded.append(model)
 
     run = _prepare_out(opts, stack, log, before_write=load_and_check)  # inputs, options, --out and the model are checked: only now is --out written
@@ -649,7 +732,9 @@ def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
     t = time.perf_counter()
     spe = math.ceil(len(train_ex) / opts.train_batch_size)
     total = int(round(opts.epochs * spe))
-    marks = sorted({min(total, max(1, round(i * spe / opts.checkpoints_per_epoch))) for i in range(1, math.ceil(opts.epochs * opts.checkpoints_per_epoch) + 1)} | {total})
+    marks = sorted(
+        {min(total, max(1, round(i * spe / opts.checkpoints_per_epoch))) for i in range(1, math.ceil(opts.epochs * opts.checkpoints_per_epoch) + 1)} | {total}
+    )
     snaps: list[tuple[int, dict]] = [(0, {n: p.detach().clone() for n, p in params})]
 
     def save(step: int) -> None:
@@ -697,14 +782,24 @@ def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
             pred = kernel_ridge(k_tr, y, k_te, best * scale).argmax(1)
             acc_model, _ = letter_accuracy(model, mc_test, rt)
             acc_model_train, _ = letter_accuracy(model, mc_train, rt)
-            row.update(krr_accuracy=float((pred == mc_test.labels).mean()), krr_ridge=best, krr_loo_accuracy=loo,
-                       model_accuracy=acc_model, model_train_accuracy=acc_model_train)
+            row.update(
+                krr_accuracy=float((pred == mc_test.labels).mean()),
+                krr_ridge=best,
+                krr_loo_accuracy=loo,
+                model_accuracy=acc_model,
+                model_train_accuracy=acc_model_train,
+            )
         ckpts.append(row)
     for row, K, s in zip(ckpts, kernels, scores):
         q = max(1, n_c // 4)
         top0, top = set(np.argsort(-scores[0])[:q].tolist()), set(np.argsort(-s)[:q].tolist())
-        row.update(cos_f=cos_f(K, kernels[0]), rank_spearman=spearman(s, scores[0]), top_quarter_overlap=len(top & top0) / q,
-                   cos_f_domain_block=cos_f(K[:n_d, :n_d], kernels[0][:n_d, :n_d]), cos_f_cross_block=cos_f(K[:n_d, n_d:], kernels[0][:n_d, n_d:]))
+        row.update(
+            cos_f=cos_f(K, kernels[0]),
+            rank_spearman=spearman(s, scores[0]),
+            top_quarter_overlap=len(top & top0) / q,
+            cos_f_domain_block=cos_f(K[:n_d, :n_d], kernels[0][:n_d, :n_d]),
+            cos_f_cross_block=cos_f(K[:n_d, n_d:], kernels[0][:n_d, n_d:]),
+        )
     timings["kernels"] = time.perf_counter() - t
 
     # -- the Jacobian-free approximation ---------------------------------------------------------
@@ -729,37 +824,60 @@ def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
         kr = {"skipped": krr_note}
     else:
         last = ckpts[-1]
-        kr = {"n_train": len(mc_train.examples), "n_test": len(mc_test.examples), "chance": 1 / len(LETTERS),
-              "majority_test": float(np.bincount(mc_test.labels, minlength=4).max() / len(mc_test.labels)),
-              "targets": "one-vs-rest, +1 for the answer letter, -1 for the others",
-              "kernel": "Jacobian-free eNTK of f = sum_k logit at the position predicting the answer letter" + (f", projected to p = {opts.proj_dim}" if opts.proj_dim else " (exact)"),
-              "ridge": "relative to the mean training-kernel diagonal, chosen per checkpoint by leave-one-out training accuracy",
-              "model": "argmax over the logits of the four letters at the same position",
-              "krr_accuracy_initial_kernel": ckpts[0]["krr_accuracy"], "model_accuracy_initial": ckpts[0]["model_accuracy"],
-              "model_accuracy_fine_tuned": last["model_accuracy"], "krr_accuracy_final_kernel": last["krr_accuracy"],
-              "per_checkpoint": [{k: r[k] for k in ("step", "epoch", "krr_accuracy", "krr_ridge", "krr_loo_accuracy", "model_accuracy", "model_train_accuracy")} for r in ckpts]}
-    stab = {"reference": "the first checkpoint (step 0: the fresh adapter, before any update)",
-            "probe": {"domain": n_d, "candidates": n_c},
-            "kernel": "K = Phi Phi^T on the probe, Phi = " + (f"Rademacher projection (p = {opts.proj_dim}, seed {opts.seed})" if opts.proj_dim else "exact gradients") + " of the Jacobian-free gradient",
-            "scores": "s_j = mean over the domain probe of K[i, j], for every candidate j",
-            "checkpoints": [{k: r[k] for k in ("step", "epoch", "cos_f", "rank_spearman", "top_quarter_overlap", "cos_f_domain_block", "cos_f_cross_block")} for r in ckpts],
-            "cos_f_matrix": [[cos_f(a, b) for b in kernels] for a in kernels],
-            "rank_spearman_matrix": [[spearman(a, b) for b in scores] for a in scores],
-            "candidate_scores": [s.tolist() for s in scores],
-            "candidate_ids": [pool[i].id for i in cand_idx], "domain_ids": [train[i].id for i in dom_probe_idx]}
-    result = _clean({
-        "tool": "ntkselect diagnose",
-        "options": asdict(opts),
-        "model": {"hidden_size": d, "vocab_size": int(_head_matrix(model)[0].shape[0]), "lora_parameters": int(sum(p.numel() for _, p in params))},
-        "runtime": rt.describe(),
-        "data": {"domain_records": len(domain), "domain_train": len(train), "domain_test": len(test), "pool_records": len(pool_all),
-                 "pool_usable": len(pool)},
-        "fine_tune": {**train_summary, "steps_per_epoch": spe, "checkpoint_steps": [0, *marks]},
-        "kernel_stability": stab,
-        "jacobian_free": jf,
-        "kernel_regression": kr,
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-    })
+        kr = {
+            "n_train": len(mc_train.examples),
+            "n_test": len(mc_test.examples),
+            "chance": 1 / len(LETTERS),
+            "majority_test": float(np.bincount(mc_test.labels, minlength=4).max() / len(mc_test.labels)),
+            "targets": "one-vs-rest, +1 for the answer letter, -1 for the others",
+            "kernel": "Jacobian-free eNTK of f = sum_k logit at the position predicting the answer letter"
+            + (f", projected to p = {opts.proj_dim}" if opts.proj_dim else " (exact)"),
+            "ridge": "relative to the mean training-kernel diagonal, chosen per checkpoint by leave-one-out training accuracy",
+            "model": "argmax over the logits of the four letters at the same position",
+            "krr_accuracy_initial_kernel": ckpts[0]["krr_accuracy"],
+            "model_accuracy_initial": ckpts[0]["model_accuracy"],
+            "model_accuracy_fine_tuned": last["model_accuracy"],
+            "krr_accuracy_final_kernel": last["krr_accuracy"],
+            "per_checkpoint": [
+                {k: r[k] for k in ("step", "epoch", "krr_accuracy", "krr_ridge", "krr_loo_accuracy", "model_accuracy", "model_train_accuracy")} for r in ckpts
+            ],
+        }
+    stab = {
+        "reference": "the first checkpoint (step 0: the fresh adapter, before any update)",
+        "probe": {"domain": n_d, "candidates": n_c},
+        "kernel": "K = Phi Phi^T on the probe, Phi = "
+        + (f"Rademacher projection (p = {opts.proj_dim}, seed {opts.seed})" if opts.proj_dim else "exact gradients")
+        + " of the Jacobian-free gradient",
+        "scores": "s_j = mean over the domain probe of K[i, j], for every candidate j",
+        "checkpoints": [
+            {k: r[k] for k in ("step", "epoch", "cos_f", "rank_spearman", "top_quarter_overlap", "cos_f_domain_block", "cos_f_cross_block")} for r in ckpts
+        ],
+        "cos_f_matrix": [[cos_f(a, b) for b in kernels] for a in kernels],
+        "rank_spearman_matrix": [[spearman(a, b) for b in scores] for a in scores],
+        "candidate_scores": [s.tolist() for s in scores],
+        "candidate_ids": [pool[i].id for i in cand_idx],
+        "domain_ids": [train[i].id for i in dom_probe_idx],
+    }
+    result = _clean(
+        {
+            "tool": "ntkselect diagnose",
+            "options": asdict(opts),
+            "model": {"hidden_size": d, "vocab_size": int(_head_matrix(model)[0].shape[0]), "lora_parameters": int(sum(p.numel() for _, p in params))},
+            "runtime": rt.describe(),
+            "data": {
+                "domain_records": len(domain),
+                "domain_train": len(train),
+                "domain_test": len(test),
+                "pool_records": len(pool_all),
+                "pool_usable": len(pool),
+            },
+            "fine_tune": {**train_summary, "steps_per_epoch": spe, "checkpoint_steps": [0, *marks]},
+            "kernel_stability": stab,
+            "jacobian_free": jf,
+            "kernel_regression": kr,
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+        }
+    )
     np.savez_compressed(out / "kernels.npz", steps=np.array([s for s, _ in snaps]), kernels=np.stack(kernels), scores=np.stack(scores))
     result["plots"] = _plots(result, out)
     atomic_write_json(out / "diagnostics.json", result)
@@ -771,20 +889,28 @@ def summarise(diag: dict) -> str:
     """A few lines for a person."""
     lines = [f"ntkselect diagnose: wrote {diag['options']['out']}/diagnostics.json"]
     for r in diag["kernel_stability"]["checkpoints"]:
-        lines.append(f"  epoch {r['epoch']:.2f}: cos_F vs first {r['cos_f']:.4f}, rank Spearman {r['rank_spearman']:.4f}, "
-                     f"top-quarter overlap {r['top_quarter_overlap']:.2f}")
+        lines.append(
+            f"  epoch {r['epoch']:.2f}: cos_F vs first {r['cos_f']:.4f}, rank Spearman {r['rank_spearman']:.4f}, "
+            f"top-quarter overlap {r['top_quarter_overlap']:.2f}"
+        )
     c = diag["jacobian_free"]["cross_output_cosine"]
-    lines.append(f"  cross-output gradient cosines ({c['pairs']} pairs): mean {c['mean']:+.4f}, std {c['std']:.4f}, mean |cos| {c['mean_abs']:.4f}; "
-                 f"d^-1/2 = {c['d_inv_sqrt']:.4f}")
+    lines.append(
+        f"  cross-output gradient cosines ({c['pairs']} pairs): mean {c['mean']:+.4f}, std {c['std']:.4f}, mean |cos| {c['mean_abs']:.4f}; "
+        f"d^-1/2 = {c['d_inv_sqrt']:.4f}"
+    )
     rd = diag["jacobian_free"]["relative_difference"]
-    lines.append(f"  Theta~ vs trace of the exact kernel ({diag['jacobian_free']['method']}): median |rel. diff| {rd['median_abs']:.3g}, "
-                 f"median Theta~/trace {rd['theta_over_trace_median']:.3g}")
+    lines.append(
+        f"  Theta~ vs trace of the exact kernel ({diag['jacobian_free']['method']}): median |rel. diff| {rd['median_abs']:.3g}, "
+        f"median Theta~/trace {rd['theta_over_trace_median']:.3g}"
+    )
     kr = diag["kernel_regression"]
     if "skipped" in kr:
         lines.append(f"  kernel regression skipped: {kr['skipped']}")
     else:
-        lines.append(f"  kernel regression accuracy {kr['krr_accuracy_initial_kernel']:.3f} (initial kernel), {kr['krr_accuracy_final_kernel']:.3f} (final); "
-                     f"model {kr['model_accuracy_initial']:.3f} before, {kr['model_accuracy_fine_tuned']:.3f} after fine-tuning (n_test {kr['n_test']}, chance 0.25)")
+        lines.append(
+            f"  kernel regression accuracy {kr['krr_accuracy_initial_kernel']:.3f} (initial kernel), {kr['krr_accuracy_final_kernel']:.3f} (final); "
+            f"model {kr['model_accuracy_initial']:.3f} before, {kr['model_accuracy_fine_tuned']:.3f} after fine-tuning (n_test {kr['n_test']}, chance 0.25)"
+        )
     return "\n".join(lines)
 
 
@@ -852,4 +978,3 @@ def _plots(diag: dict, out: Path) -> list[str]:
         write_png(fig, out / "kernel_regression.png")
         written.append("kernel_regression.png")
     return written
-

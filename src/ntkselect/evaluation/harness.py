@@ -76,11 +76,16 @@ def _opt(default: Any, help: str, **kw) -> Any:
 @dataclass
 class EvalConfig:
     domain_train: str = _opt("", "domain training set D (any format select accepts)", required=True)
-    domain_test: str = _opt("", "domain test set: any prompt/response, chat or text records (scored by held-out loss); "
-                                "records with options (or lettered lines) and an answer are also scored for accuracy", required=True)
+    domain_test: str = _opt(
+        "",
+        "domain test set: any prompt/response, chat or text records (scored by held-out loss); "
+        "records with options (or lettered lines) and an answer are also scored for accuracy",
+        required=True,
+    )
     pool: str = _opt("", "candidate pool C", required=True)
-    domain_extra: str = _opt("", "more in-domain records from D's distribution, for the 'oracle' row (N drawn per seed); "
-                                 "must be disjoint from D and the test set")
+    domain_extra: str = _opt(
+        "", "more in-domain records from D's distribution, for the 'oracle' row (N drawn per seed); must be disjoint from D and the test set"
+    )
     n: int = _opt(0, "examples each method selects (N)", required=True)
     out: str = _opt("", "output folder: results.csv, results.md, results.png, cells/, selections/", required=True)
     methods: str = _opt("domain-only,random,embedding,bm25,less,ntk", f"comma-separated, from: {', '.join(all_methods())} (oracle needs --domain-extra)")
@@ -138,8 +143,9 @@ class EvalConfig:
         return list(dict.fromkeys(out))
 
     def recipe(self) -> FinetuneRecipe:
-        return FinetuneRecipe(epochs=self.ft_epochs, lr=self.ft_lr, batch_size=self.ft_batch_size, max_length=self.ft_max_length,
-                              lora_r=self.lora_r, lora_alpha=self.lora_alpha)
+        return FinetuneRecipe(
+            epochs=self.ft_epochs, lr=self.ft_lr, batch_size=self.ft_batch_size, max_length=self.ft_max_length, lora_r=self.lora_r, lora_alpha=self.lora_alpha
+        )
 
     def select_config(self, method: str, seed: int, out: str) -> SelectConfig:
         """The selection options of ``method`` (the baseline and the oracle select nothing: random's).
@@ -150,8 +156,14 @@ class EvalConfig:
         adding a field of the same name here."""
         shared = {f.name for f in fields(SelectConfig)} & {f.name for f in fields(self)}
         kw = {name: getattr(self, name) for name in sorted(shared)}
-        kw.update(domain=self.domain_train, out=out, method=method if method in selector_names() else "random", seed=seed,
-                  max_batch_tokens=max(self.max_batch_tokens, self.max_length), overwrite=True)
+        kw.update(
+            domain=self.domain_train,
+            out=out,
+            method=method if method in selector_names() else "random",
+            seed=seed,
+            max_batch_tokens=max(self.max_batch_tokens, self.max_length),
+            overwrite=True,
+        )
         return SelectConfig(**kw)
 
     def validate(self) -> EvalConfig:
@@ -224,6 +236,7 @@ class EvalConfig:
 
 # -- the run ---------------------------------------------------------------------------------
 
+
 def _fingerprint(cfg: EvalConfig) -> dict:
     # seeds and methods are left out: cells are per (method, seed), so adding either reuses the rest
     keep = {k: v for k, v in cfg.to_dict().items() if k not in ("overwrite", "out", "threads", "device", "seeds", "methods")}
@@ -249,8 +262,10 @@ def _prepare(cfg: EvalConfig, log, stack: contextlib.ExitStack, before_write=Non
         if old.get("fingerprint") != fp:
             changed = [k for k in fp["config"] if old.get("fingerprint", {}).get("config", {}).get(k) != fp["config"][k]]
             changed += [f"{k} (contents)" for k in fp["inputs"] if old.get("fingerprint", {}).get("inputs", {}).get(k) != fp["inputs"][k]]
-            raise NtkSelectError(f"{out} holds an evaluation with a different configuration ({', '.join(changed) or 'format'}); "
-                                 "pass --overwrite to start over or choose another --out")
+            raise NtkSelectError(
+                f"{out} holds an evaluation with a different configuration ({', '.join(changed) or 'format'}); "
+                "pass --overwrite to start over or choose another --out"
+            )
     if before_write is not None:
         before_write()  # e.g. the preflight: after every refusal of --out, before anything is written to it
     if run.state != "new" and not cfg.overwrite:
@@ -267,9 +282,13 @@ def _prepare(cfg: EvalConfig, log, stack: contextlib.ExitStack, before_write=Non
 
 
 def _eval_inputs(cfg: EvalConfig) -> dict:
-    return {"--domain-train": cfg.domain_train, "--domain-test": cfg.domain_test, "--pool": cfg.pool,
-            "--domain-extra": cfg.domain_extra or None,
-            "--model": cfg.model if cfg.model not in ("", "default") and Path(cfg.model).is_dir() else None}
+    return {
+        "--domain-train": cfg.domain_train,
+        "--domain-test": cfg.domain_test,
+        "--pool": cfg.pool,
+        "--domain-extra": cfg.domain_extra or None,
+        "--model": cfg.model if cfg.model not in ("", "default") and Path(cfg.model).is_dir() else None,
+    }
 
 
 def _cell_path(out: Path, method: str, seed: int | None) -> Path:
@@ -284,8 +303,11 @@ def _composition(records: list[Record], top: int = 6) -> dict:
     groups = collections.Counter(_group(r) for r in records)
     src = collections.Counter(str(r.raw.get("source", Path(r.path).name)) for r in records)
     rel = collections.Counter(str(r.raw["relation"]) for r in records if "relation" in r.raw)
-    return {"composition": dict(groups.most_common(top)), "by_source": dict(sorted(src.items(), key=lambda kv: -kv[1])),
-            "by_relation": dict(sorted(rel.items()))}
+    return {
+        "composition": dict(groups.most_common(top)),
+        "by_source": dict(sorted(src.items(), key=lambda kv: -kv[1])),
+        "by_relation": dict(sorted(rel.items())),
+    }
 
 
 @dataclass
@@ -301,17 +323,33 @@ class _TestSet:
 
 def _test_model(model, tokenizer, test: _TestSet, rt, cfg: EvalConfig, desc: str) -> dict:
     lr = heldout_loss(model, test.examples, rt, ids=[r.id for r in test.records], desc=f"{desc} (loss)")
-    row: dict[str, Any] = {"loss": lr.mean, "losses": [float(x) for x in lr.loss], "loss_tokens": int(lr.tokens.sum()), "n_test": len(test.records),
-           "n_test_mc": len(test.items), "eval_seconds": lr.seconds, "eval_tokens": int(sum(len(e.input_ids) for e in test.examples))}
+    row: dict[str, Any] = {
+        "loss": lr.mean,
+        "losses": [float(x) for x in lr.loss],
+        "loss_tokens": int(lr.tokens.sum()),
+        "n_test": len(test.records),
+        "n_test_mc": len(test.items),
+        "eval_seconds": lr.seconds,
+        "eval_tokens": int(sum(len(e.input_ids) for e in test.examples)),
+    }
     if not test.items:
         return {**row, "accuracy": None, "mean_p_correct": None, "n_correct": None}
     res = evaluate_mc(model, tokenizer, test.items, rt, cfg.template, cfg.eval_max_length, desc=desc)
     # P(correct): the softmax over the options of the correct one's log-likelihood. Accuracy only
     # moves when an argmax flips; this moves with every question, so it sees smaller effects.
     p_correct = [float(np.exp(ll[it.answer] - np.logaddexp.reduce(ll))) for ll, it in zip(res.loglik, test.items)]
-    row.update({"accuracy": res.accuracy, "mean_p_correct": float(np.mean(p_correct)), "p_correct": [round(p, 6) for p in p_correct],
-                "n_correct": int(res.correct.sum()), "correct": res.correct.astype(int).tolist(), "pred": res.pred.tolist(),
-                "eval_seconds": lr.seconds + res.seconds, "eval_tokens": row["eval_tokens"] + res.tokens})
+    row.update(
+        {
+            "accuracy": res.accuracy,
+            "mean_p_correct": float(np.mean(p_correct)),
+            "p_correct": [round(p, 6) for p in p_correct],
+            "n_correct": int(res.correct.sum()),
+            "correct": res.correct.astype(int).tolist(),
+            "pred": res.pred.tolist(),
+            "eval_seconds": lr.seconds + res.seconds,
+            "eval_tokens": row["eval_tokens"] + res.tokens,
+        }
+    )
     return row
 
 
@@ -363,8 +401,10 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
         raise NtkSelectError(f"--domain-extra {cfg.domain_extra} has {len(extra)} records, fewer than --n {cfg.n}; the oracle draws N of them")
     leak = [r.id for r in inp.domain if test_q.leaks(r.raw)]
     if leak:
-        raise NtkSelectError(f"{cfg.domain_train}: {len(leak)} training question(s) also appear in {cfg.domain_test} (e.g. id {leak[0]!r}); "
-                             "remove them, the test set must be unseen")
+        raise NtkSelectError(
+            f"{cfg.domain_train}: {len(leak)} training question(s) also appear in {cfg.domain_test} (e.g. id {leak[0]!r}); "
+            "remove them, the test set must be unseen"
+        )
     # no method may select a test question: drop such pool records up front, for every method alike
     pool_keep = [i for i, r in enumerate(inp.pool) if not test_q.leaks(r.raw)]
     dropped = len(inp.pool) - len(pool_keep)
@@ -377,8 +417,12 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
         raise NtkSelectError(f"--n {cfg.n} is larger than the usable pool ({len(inp.pool)} records); lower --n")
     # the model through every path the methods and the fine-tune use, on a tiny batch: an unsupported one fails now
     preflight = []
-    run = _prepare(cfg, log, stack, before_write=lambda: preflight.append(
-        preflight_select(base_cfg, inp.dom_ex, tokenizer.pad_token_id, methods=methods, finetune=True, log=log)))
+    run = _prepare(
+        cfg,
+        log,
+        stack,
+        before_write=lambda: preflight.append(preflight_select(base_cfg, inp.dom_ex, tokenizer.pad_token_id, methods=methods, finetune=True, log=log)),
+    )
     checked = preflight[0]  # the inputs and the model are checked: only now is --out written
     out = run.dir
     assert checked is not None and out is not None  # the fine-tune uses the model; _prepare chose the folder
@@ -399,8 +443,17 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
     if not cell.exists():
         log("ntkselect evaluate: base model")
         model = load_model(cfg.model).to(rt.device)
-        row = {"method": "base", "seed": None, "n_selected": 0, "selection_seconds": 0.0, "selection_tokens": 0,
-               "finetune_seconds": 0.0, "finetune_tokens": 0, "test_overlap": 0, **_composition([])}
+        row = {
+            "method": "base",
+            "seed": None,
+            "n_selected": 0,
+            "selection_seconds": 0.0,
+            "selection_tokens": 0,
+            "finetune_seconds": 0.0,
+            "finetune_tokens": 0,
+            "test_overlap": 0,
+            **_composition([]),
+        }
         row.update(_test_model(model, tokenizer, test, rt, cfg, "evaluate: base"))
         atomic_write_json(cell, row)
         del model
@@ -431,9 +484,19 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
                 if overlap:
                     raise NtkSelectError(f"{method}, seed {seed}: {overlap} training examples share a question with the test set; refusing to report")
                 model, ft = finetune(cfg.model, ft_examples(train), recipe, rt, seed, desc=f"fine-tune: {method}, seed {seed}")
-                row = {"method": method, "seed": seed, "n_selected": len(selected), "selection_seconds": round(sel_s, 3), "selection_tokens": int(sel_tok),
-                       "finetune_seconds": round(ft["seconds_total"], 3), "finetune_tokens": ft["tokens"], "finetune_loss_last": ft.get("loss_last"),
-                       "test_overlap": overlap, "selected_ids": [r.id for r in selected], **_composition(selected)}
+                row = {
+                    "method": method,
+                    "seed": seed,
+                    "n_selected": len(selected),
+                    "selection_seconds": round(sel_s, 3),
+                    "selection_tokens": int(sel_tok),
+                    "finetune_seconds": round(ft["seconds_total"], 3),
+                    "finetune_tokens": ft["tokens"],
+                    "finetune_loss_last": ft.get("loss_last"),
+                    "test_overlap": overlap,
+                    "selected_ids": [r.id for r in selected],
+                    **_composition(selected),
+                }
                 row.update(_test_model(model, tokenizer, test, rt, cfg, f"evaluate: {method}, seed {seed}"))
                 del model
                 atomic_write_json(_cell_path(out, method, seed), row)
@@ -471,8 +534,13 @@ def summarise_loss(cells: dict, methods, seeds, n_boot: int = 2000) -> dict:
             if ref in L and ref != m:
                 d = L[m] - L[ref]  # (seeds, examples): negative = lower loss than ref
                 lo, hi = paired_bootstrap(L[m], L[ref], idx)
-                row[tag] = {"delta": float(d.mean()), "ci95": [lo, hi], "p_value": paired_sign_flip_test(d.mean(axis=0), seed=0),
-                            "better": int((d.mean(axis=0) < 0).sum()), "worse": int((d.mean(axis=0) > 0).sum())}
+                row[tag] = {
+                    "delta": float(d.mean()),
+                    "ci95": [lo, hi],
+                    "p_value": paired_sign_flip_test(d.mean(axis=0), seed=0),
+                    "better": int((d.mean(axis=0) < 0).sum()),
+                    "worse": int((d.mean(axis=0) > 0).sum()),
+                }
         if ORACLE in L and "random" in L and m not in (ORACLE, "random"):
             g = gap_closed(L[m], L["random"], L[ORACLE], idx)
             row["gap_closed"] = {"value": g.value, "ci95": [g.low, g.high]}
@@ -487,8 +555,7 @@ def calibration(loss: dict, methods) -> dict:
         return {"checked": False, "sensitive": None, "reason": "needs the oracle and random rows"}
     v = loss[ORACLE]["vs_random"]
     ok = v["delta"] < 0 and v["p_value"] < CALIBRATION_ALPHA
-    return {"checked": True, "sensitive": bool(ok), "oracle_minus_random": v["delta"], "p_value": v["p_value"], "ci95": v["ci95"],
-            "alpha": CALIBRATION_ALPHA}
+    return {"checked": True, "sensitive": bool(ok), "oracle_minus_random": v["delta"], "p_value": v["p_value"], "ci95": v["ci95"], "alpha": CALIBRATION_ALPHA}
 
 
 def summarise_accuracy(cells: dict, methods, seeds) -> dict:
@@ -506,8 +573,13 @@ def summarise_accuracy(cells: dict, methods, seeds) -> dict:
         if ref and m != ref:
             d = corr - np.mean([cells[(ref, s)]["correct"] for s in seeds], axis=0)
             deltas = [cells[(m, s)]["accuracy"] - cells[(ref, s)]["accuracy"] for s in seeds]
-            row.update(delta=float(np.mean(deltas)), delta_std=_sd(deltas), p_value=paired_sign_flip_test(d, seed=0),
-                       wins=int((d > 0).sum()), losses=int((d < 0).sum()))
+            row.update(
+                delta=float(np.mean(deltas)),
+                delta_std=_sd(deltas),
+                p_value=paired_sign_flip_test(d, seed=0),
+                wins=int((d > 0).sum()),
+                losses=int((d < 0).sum()),
+            )
             if all("p_correct" in cells[(x, s)] for x in (m, ref) for s in seeds):
                 dp = np.mean([cells[(m, s)]["p_correct"] for s in seeds], 0) - np.mean([cells[(ref, s)]["p_correct"] for s in seeds], 0)
                 row.update(p_correct_delta=float(dp.mean()), p_correct_p_value=paired_sign_flip_test(dp, seed=0))
@@ -529,12 +601,24 @@ def write_results(cfg: EvalConfig, out: Path, seeds, methods, inp, seconds: floa
     _write_md(out / "results.md", cfg, methods, seeds, base, cells, loss, acc, calib, cost, inp)
     _plot(out / "results.png", methods, seeds, cells, loss, acc, base)
     summary = {m: {**loss[m], **({"accuracy": acc[m]} if acc else {}), **cost[m], "seeds": len(seeds)} for m in methods}
-    manifest = {"tool": "ntkselect", "command": "evaluate", "config": cfg.to_dict(), "recipe": cfg.recipe().to_dict(), "seeds": seeds,
-                "methods": methods, "versions": package_versions(),
-                "inputs": {k: {"path": os.path.abspath(getattr(cfg, k)), "sha256": sha256_path(getattr(cfg, k))} for k in _input_fields(cfg)},
-                "excluded_pool_records": inp.excluded, "n_test": base["n_test"], "n_test_mc": base.get("n_test_mc", 0),
-                "base": {"loss": base["loss"], "accuracy": base.get("accuracy")}, "base_accuracy": base.get("accuracy"),
-                "calibration": calib, "summary": summary, "seconds_this_invocation": round(seconds, 1)}
+    manifest = {
+        "tool": "ntkselect",
+        "command": "evaluate",
+        "config": cfg.to_dict(),
+        "recipe": cfg.recipe().to_dict(),
+        "seeds": seeds,
+        "methods": methods,
+        "versions": package_versions(),
+        "inputs": {k: {"path": os.path.abspath(getattr(cfg, k)), "sha256": sha256_path(getattr(cfg, k))} for k in _input_fields(cfg)},
+        "excluded_pool_records": inp.excluded,
+        "n_test": base["n_test"],
+        "n_test_mc": base.get("n_test_mc", 0),
+        "base": {"loss": base["loss"], "accuracy": base.get("accuracy")},
+        "base_accuracy": base.get("accuracy"),
+        "calibration": calib,
+        "summary": summary,
+        "seconds_this_invocation": round(seconds, 1),
+    }
     atomic_write_json(out / "manifest.json", manifest)
     return manifest
 
@@ -545,9 +629,31 @@ def _f(x, fmt: str = ".4f") -> str:
 
 def _write_csv(path: Path, methods, seeds, base, cells, loss, acc, cost) -> None:
     """One row per (method, seed), then mean and sd rows per method."""
-    cols = ["method", "seed", "loss", "loss_delta_vs_domain_only", "loss_delta_vs_random", "loss_p_vs_random", "gap_closed",
-            "gap_closed_low", "gap_closed_high", "accuracy", "n_correct", "n_test", "n_selected", "delta_vs_domain_only", "p_value",
-            "selection_seconds", "selection_tokens", "finetune_seconds", "eval_seconds", "test_overlap", "by_relation", "by_source", "top_subjects"]
+    cols = [
+        "method",
+        "seed",
+        "loss",
+        "loss_delta_vs_domain_only",
+        "loss_delta_vs_random",
+        "loss_p_vs_random",
+        "gap_closed",
+        "gap_closed_low",
+        "gap_closed_high",
+        "accuracy",
+        "n_correct",
+        "n_test",
+        "n_selected",
+        "delta_vs_domain_only",
+        "p_value",
+        "selection_seconds",
+        "selection_tokens",
+        "finetune_seconds",
+        "eval_seconds",
+        "test_overlap",
+        "by_relation",
+        "by_source",
+        "top_subjects",
+    ]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
@@ -556,29 +662,65 @@ def _write_csv(path: Path, methods, seeds, base, cells, loss, acc, cost) -> None
     def put(**kw):
         w.writerow([kw.get(c, blank[c]) for c in cols])
 
-    put(method="base", loss=_f(base["loss"], ".6f"), accuracy=_f(base.get("accuracy"), ".6f"), n_correct=_f(base.get("n_correct"), "d"),
-        n_test=base["n_test"], n_selected=0, eval_seconds=f"{base['eval_seconds']:.1f}", test_overlap=0)
+    put(
+        method="base",
+        loss=_f(base["loss"], ".6f"),
+        accuracy=_f(base.get("accuracy"), ".6f"),
+        n_correct=_f(base.get("n_correct"), "d"),
+        n_test=base["n_test"],
+        n_selected=0,
+        eval_seconds=f"{base['eval_seconds']:.1f}",
+        test_overlap=0,
+    )
     for m in methods:
         for s in seeds:
             c = cells[(m, s)]
-            dl = {tag: f"{c['loss'] - cells[(ref, s)]['loss']:.6f}" for ref, tag in ((BASELINE, "loss_delta_vs_domain_only"), ("random", "loss_delta_vs_random"))
-                  if ref in methods and ref != m}
+            dl = {
+                tag: f"{c['loss'] - cells[(ref, s)]['loss']:.6f}"
+                for ref, tag in ((BASELINE, "loss_delta_vs_domain_only"), ("random", "loss_delta_vs_random"))
+                if ref in methods and ref != m
+            }
             da = {"delta_vs_domain_only": f"{c['accuracy'] - cells[(BASELINE, s)]['accuracy']:.6f}"} if acc and BASELINE in methods and m != BASELINE else {}
-            put(method=m, seed=s, loss=f"{c['loss']:.6f}", accuracy=_f(c.get("accuracy"), ".6f"), n_correct=_f(c.get("n_correct"), "d"),
-                n_test=c["n_test"], n_selected=c["n_selected"], selection_seconds=f"{c['selection_seconds']:.1f}", selection_tokens=c["selection_tokens"],
-                finetune_seconds=f"{c['finetune_seconds']:.1f}", eval_seconds=f"{c['eval_seconds']:.1f}", test_overlap=c["test_overlap"],
+            put(
+                method=m,
+                seed=s,
+                loss=f"{c['loss']:.6f}",
+                accuracy=_f(c.get("accuracy"), ".6f"),
+                n_correct=_f(c.get("n_correct"), "d"),
+                n_test=c["n_test"],
+                n_selected=c["n_selected"],
+                selection_seconds=f"{c['selection_seconds']:.1f}",
+                selection_tokens=c["selection_tokens"],
+                finetune_seconds=f"{c['finetune_seconds']:.1f}",
+                eval_seconds=f"{c['eval_seconds']:.1f}",
+                test_overlap=c["test_overlap"],
                 by_relation="; ".join(f"{k}:{v}" for k, v in c.get("by_relation", {}).items()),
                 by_source="; ".join(f"{k}:{v}" for k, v in c["by_source"].items()),
-                top_subjects="; ".join(f"{k}:{v}" for k, v in c["composition"].items()), **dl, **da)
+                top_subjects="; ".join(f"{k}:{v}" for k, v in c["composition"].items()),
+                **dl,
+                **da,
+            )
         r, a = loss[m], acc.get(m, {})
         g = r.get("gap_closed", {})
-        put(method=m, seed="mean", loss=f"{r['loss_mean']:.6f}",
+        put(
+            method=m,
+            seed="mean",
+            loss=f"{r['loss_mean']:.6f}",
             loss_delta_vs_domain_only=_f(r.get("vs_domain_only", {}).get("delta"), ".6f"),
-            loss_delta_vs_random=_f(r.get("vs_random", {}).get("delta"), ".6f"), loss_p_vs_random=_f(r.get("vs_random", {}).get("p_value"), ".4g"),
-            gap_closed=_f(g.get("value")), gap_closed_low=_f((g.get("ci95") or [None])[0]), gap_closed_high=_f((g.get("ci95") or [None, None])[1]),
-            accuracy=_f(a.get("mean"), ".6f"), n_selected=cells[(m, seeds[0])]["n_selected"], delta_vs_domain_only=_f(a.get("delta"), ".6f"),
-            p_value=_f(a.get("p_value"), ".4g"), selection_seconds=f"{cost[m]['selection_seconds']:.1f}",
-            selection_tokens=int(cost[m]["selection_tokens"]), finetune_seconds=f"{cost[m]['finetune_seconds']:.1f}", test_overlap=0)
+            loss_delta_vs_random=_f(r.get("vs_random", {}).get("delta"), ".6f"),
+            loss_p_vs_random=_f(r.get("vs_random", {}).get("p_value"), ".4g"),
+            gap_closed=_f(g.get("value")),
+            gap_closed_low=_f((g.get("ci95") or [None])[0]),
+            gap_closed_high=_f((g.get("ci95") or [None, None])[1]),
+            accuracy=_f(a.get("mean"), ".6f"),
+            n_selected=cells[(m, seeds[0])]["n_selected"],
+            delta_vs_domain_only=_f(a.get("delta"), ".6f"),
+            p_value=_f(a.get("p_value"), ".4g"),
+            selection_seconds=f"{cost[m]['selection_seconds']:.1f}",
+            selection_tokens=int(cost[m]["selection_tokens"]),
+            finetune_seconds=f"{cost[m]['finetune_seconds']:.1f}",
+            test_overlap=0,
+        )
         put(method=m, seed="std", loss=f"{r['loss_std']:.6f}", accuracy=_f(a.get("std"), ".6f"), delta_vs_domain_only=_f(a.get("delta_std"), ".6f"))
     with atomic_open(path) as f:
         f.write(buf.getvalue())
@@ -593,71 +735,114 @@ def _ci(v: dict | None, scale: float = 1.0, fmt: str = "+.4f") -> str:
 
 def _write_md(path: Path, cfg, methods, seeds, base, cells, loss, acc, calib, cost, inp) -> None:
     n_test, n_mc = base["n_test"], base.get("n_test_mc", 0)
-    lines = [f"# ntkselect evaluate: {Path(cfg.domain_train).name} + N = {cfg.n} from {Path(cfg.pool).name}", "",
-             f"Test: {n_test} records from {Path(cfg.domain_test).name} ({n_mc} with options); |D| = {len(inp.domain)}; "
-             f"pool {len(inp.pool)} usable records; seeds {', '.join(map(str, seeds))}; model {cfg.model}.", ""]
+    lines = [
+        f"# ntkselect evaluate: {Path(cfg.domain_train).name} + N = {cfg.n} from {Path(cfg.pool).name}",
+        "",
+        f"Test: {n_test} records from {Path(cfg.domain_test).name} ({n_mc} with options); |D| = {len(inp.domain)}; "
+        f"pool {len(inp.pool)} usable records; seeds {', '.join(map(str, seeds))}; model {cfg.model}.",
+        "",
+    ]
     if calib["checked"]:
-        verdict = ("**The benchmark is sensitive here:** the oracle's held-out loss beats random's "
-                   f"by {calib['oracle_minus_random']:+.4f} nats/token (95% CI {_ci(calib)}, paired p = {calib['p_value']:.3g} < {calib['alpha']}).")
+        verdict = (
+            "**The benchmark is sensitive here:** the oracle's held-out loss beats random's "
+            f"by {calib['oracle_minus_random']:+.4f} nats/token (95% CI {_ci(calib)}, paired p = {calib['p_value']:.3g} < {calib['alpha']})."
+        )
         if not calib["sensitive"]:
-            verdict = ("**This domain does not count:** the oracle does not beat random with p < "
-                       f"{calib['alpha']} (oracle − random {calib['oracle_minus_random']:+.4f}, p = {calib['p_value']:.3g}), so this benchmark "
-                       "cannot tell selectors apart at these sizes and this recipe; change them on this check alone, never on a selector's result.")
+            verdict = (
+                "**This domain does not count:** the oracle does not beat random with p < "
+                f"{calib['alpha']} (oracle − random {calib['oracle_minus_random']:+.4f}, p = {calib['p_value']:.3g}), so this benchmark "
+                "cannot tell selectors apart at these sizes and this recipe; change them on this check alone, never on a selector's result."
+            )
         lines += [verdict, ""]
     else:
-        lines += ["Calibration not checked: add the `oracle` (with --domain-extra) and `random` rows to see whether this benchmark can tell selectors apart.", ""]
-    lines += ["## Held-out domain loss", "",
-              "| method | loss (mean ± sd over seeds) | Δ vs domain-only [95% CI] | Δ vs random [95% CI] | paired p vs random "
-              "| better / worse examples vs random | gap closed [95% CI] | related selected | selection time | selection tokens | fine-tune time |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-              f"| base (no fine-tuning) | {base['loss']:.4f} | | | | | | | | | |"]
+        lines += [
+            "Calibration not checked: add the `oracle` (with --domain-extra) and `random` rows to see whether this benchmark can tell selectors apart.",
+            "",
+        ]
+    lines += [
+        "## Held-out domain loss",
+        "",
+        "| method | loss (mean ± sd over seeds) | Δ vs domain-only [95% CI] | Δ vs random [95% CI] | paired p vs random "
+        "| better / worse examples vs random | gap closed [95% CI] | related selected | selection time | selection tokens | fine-tune time |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| base (no fine-tuning) | {base['loss']:.4f} | | | | | | | | | |",
+    ]
     for m in methods:
         r, c = loss[m], cost[m]
         dd, dr = r.get("vs_domain_only"), r.get("vs_random")
         g = r.get("gap_closed")
-        lines.append(f"| {m} | {r['loss_mean']:.4f} ± {r['loss_std']:.4f} | {_delta(dd)} | {_delta(dr)} | {_f(dr and dr['p_value'], '.3g')} | "
-                     f"{_better(dr)} | {_gap(g)} | {_related(cells, m, seeds)} | {c['selection_seconds']:.0f} s | "
-                     f"{c['selection_tokens'] / 1e3:.0f}K | {c['finetune_seconds']:.0f} s |")
-    lines += ["", "Loss: mean negative log-likelihood per trained token of each test record's response (the tokens training trains on), "
-              "averaged over records, in nats. Δ < 0: lower loss than the reference. Intervals: percentile bootstrap (2,000 resamples of "
-              "seeds and test records). Paired p: two-sided sign-flip test over test records on the seed-averaged difference. "
-              "Gap closed = (L_random − L_method) / (L_random − L_oracle): 0 is random, 1 is the oracle. "
-              "Related selected: the share of S whose pool record is labelled related to the domain, mean over seeds. "
-              "Selection cost counts the shared warm-up and embeddings for every method that uses them, as if run alone.", ""]
+        lines.append(
+            f"| {m} | {r['loss_mean']:.4f} ± {r['loss_std']:.4f} | {_delta(dd)} | {_delta(dr)} | {_f(dr and dr['p_value'], '.3g')} | "
+            f"{_better(dr)} | {_gap(g)} | {_related(cells, m, seeds)} | {c['selection_seconds']:.0f} s | "
+            f"{c['selection_tokens'] / 1e3:.0f}K | {c['finetune_seconds']:.0f} s |"
+        )
+    lines += [
+        "",
+        "Loss: mean negative log-likelihood per trained token of each test record's response (the tokens training trains on), "
+        "averaged over records, in nats. Δ < 0: lower loss than the reference. Intervals: percentile bootstrap (2,000 resamples of "
+        "seeds and test records). Paired p: two-sided sign-flip test over test records on the seed-averaged difference. "
+        "Gap closed = (L_random − L_method) / (L_random − L_oracle): 0 is random, 1 is the oracle. "
+        "Related selected: the share of S whose pool record is labelled related to the domain, mean over seeds. "
+        "Selection cost counts the shared warm-up and embeddings for every method that uses them, as if run alone.",
+        "",
+    ]
     if acc:
         ref = BASELINE if BASELINE in methods else None
         bacc = base["accuracy"]
-        lines += ["## Accuracy (option log-likelihood)", "",
-                  "| method | accuracy (mean ± sd over seeds) | Δ vs domain-only (mean ± sd) | paired p | better / worse questions "
-                  "| P(correct) | Δ P(correct) | paired p |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-                  f"| base (no fine-tuning) | {100 * bacc:.2f} | {_f(100 * (bacc - acc[ref]['mean']) if ref else None, '+.2f')} | | "
-                  f"| {_pc(base.get('mean_p_correct'))} | | |"]
+        lines += [
+            "## Accuracy (option log-likelihood)",
+            "",
+            "| method | accuracy (mean ± sd over seeds) | Δ vs domain-only (mean ± sd) | paired p | better / worse questions "
+            "| P(correct) | Δ P(correct) | paired p |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| base (no fine-tuning) | {100 * bacc:.2f} | {_f(100 * (bacc - acc[ref]['mean']) if ref else None, '+.2f')} | | "
+            f"| {_pc(base.get('mean_p_correct'))} | | |",
+        ]
         for m in methods:
             r = acc[m]
             d = f"{100 * r['delta']:+.2f} ± {100 * r['delta_std']:.2f}" if "delta" in r else ""
-            lines.append(f"| {m} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} | {d} | {_f(r.get('p_value'), '.3g')} | "
-                         f"{_wins(r)} | {_pc(r['p_correct_mean'])} ± {100 * r['p_correct_std']:.2f} | "
-                         f"{_f(100 * r['p_correct_delta'] if 'p_correct_delta' in r else None, '+.2f')} | {_f(r.get('p_correct_p_value'), '.3g')} |")
-        lines += ["", f"Accuracy in % over the {n_mc} test records with options. P(correct): the softmax over the options' log-likelihoods "
-                  "of the correct one, in %. Δ: per-seed difference to domain-only. Paired p: sign-flip test over questions on "
-                  "per-question accuracy averaged over seeds.", ""]
+            lines.append(
+                f"| {m} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} | {d} | {_f(r.get('p_value'), '.3g')} | "
+                f"{_wins(r)} | {_pc(r['p_correct_mean'])} ± {100 * r['p_correct_std']:.2f} | "
+                f"{_f(100 * r['p_correct_delta'] if 'p_correct_delta' in r else None, '+.2f')} | {_f(r.get('p_correct_p_value'), '.3g')} |"
+            )
+        lines += [
+            "",
+            f"Accuracy in % over the {n_mc} test records with options. P(correct): the softmax over the options' log-likelihoods "
+            "of the correct one, in %. Δ: per-seed difference to domain-only. Paired p: sign-flip test over questions on "
+            "per-question accuracy averaged over seeds.",
+            "",
+        ]
     lines += [f"## What each method selected (seed {seeds[0]})", "", "| method | related / unrelated | by source | top subjects |", "| --- | --- | --- | --- |"]
     for m in methods:
         c = cells[(m, seeds[0])]
-        lines.append(f"| {m} | {', '.join(f'{k} {v}' for k, v in c.get('by_relation', {}).items()) or '-'} | "
-                     f"{', '.join(f'{k} {v}' for k, v in c['by_source'].items()) or '-'} | {', '.join(f'{k} {v}' for k, v in c['composition'].items()) or '-'} |")
-    lines += ["", "## Fine-tuning recipe (every method)", "", "```json", json.dumps(cfg.recipe().to_dict(), indent=1), "```", "",
-              f"Test-set overlap with every training set: {max(c['test_overlap'] for c in cells.values())} (must be 0). "
-              f"Pool records excluded as test questions: {inp.excluded.get('test_questions', 0)}.", ""]
+        lines.append(
+            f"| {m} | {', '.join(f'{k} {v}' for k, v in c.get('by_relation', {}).items()) or '-'} | "
+            f"{', '.join(f'{k} {v}' for k, v in c['by_source'].items()) or '-'} | {', '.join(f'{k} {v}' for k, v in c['composition'].items()) or '-'} |"
+        )
+    lines += [
+        "",
+        "## Fine-tuning recipe (every method)",
+        "",
+        "```json",
+        json.dumps(cfg.recipe().to_dict(), indent=1),
+        "```",
+        "",
+        f"Test-set overlap with every training set: {max(c['test_overlap'] for c in cells.values())} (must be 0). "
+        f"Pool records excluded as test questions: {inp.excluded.get('test_questions', 0)}.",
+        "",
+    ]
     with atomic_open(path) as f:
         f.write("\n".join(lines))
 
 
 def _related(cells: dict, m: str, seeds) -> str:
     """Share of the selection labelled ``relation: related`` (benchmark pools), mean over seeds."""
-    shares = [cells[(m, s)]["by_relation"].get("related", 0) / cells[(m, s)]["n_selected"] for s in seeds
-              if cells[(m, s)].get("n_selected") and cells[(m, s)].get("by_relation")]
+    shares = [
+        cells[(m, s)]["by_relation"].get("related", 0) / cells[(m, s)]["n_selected"]
+        for s in seeds
+        if cells[(m, s)].get("n_selected") and cells[(m, s)].get("by_relation")
+    ]
     return f"{100 * np.mean(shares):.0f}%" if len(shares) == len(seeds) else ""
 
 
@@ -692,8 +877,15 @@ def _plot(path: Path, methods, seeds, cells, loss, acc, base) -> None:
         return  # the tables carry every number; the plot needs the 'report' extra
     panels = [("loss", "held-out loss (nats / token)", lambda c: c["loss"], {m: (loss[m]["loss_mean"], loss[m]["loss_std"]) for m in methods}, base["loss"])]
     if acc:
-        panels.append(("accuracy", "test accuracy (%)", lambda c: 100 * c["accuracy"], {m: (100 * acc[m]["mean"], 100 * acc[m]["std"]) for m in methods},
-                       100 * base["accuracy"]))
+        panels.append(
+            (
+                "accuracy",
+                "test accuracy (%)",
+                lambda c: 100 * c["accuracy"],
+                {m: (100 * acc[m]["mean"], 100 * acc[m]["std"]) for m in methods},
+                100 * base["accuracy"],
+            )
+        )
     fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * (1.1 * len(methods) + 2), 3.6), dpi=120, squeeze=False)
     x = np.arange(len(methods))
     colour = {BASELINE: "#999999", ORACLE: "#2ca02c", "ntk": "#d62728", "random": "#8c564b"}

@@ -77,8 +77,10 @@ def _item(rec: Record) -> MCItem:
         elif len(letters) >= 2 and letters == [chr(ord("A") + i) for i in range(len(letters))]:
             options = letters
         else:
-            raise NtkSelectError(f"{where}: no 'options' list and none can be read from the prompt (lettered lines 'A. ...' or a yes/no/maybe answer); "
-                                 "add an 'options' field, e.g. [\"A\", \"B\", \"C\", \"D\"]")
+            raise NtkSelectError(
+                f"{where}: no 'options' list and none can be read from the prompt (lettered lines 'A. ...' or a yes/no/maybe answer); "
+                'add an \'options\' field, e.g. ["A", "B", "C", "D"]'
+            )
     if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o for o in options):
         raise NtkSelectError(f"{where}: 'options' must be a list of at least two non-empty strings")
     if isinstance(answer, bool) or answer is None:
@@ -149,8 +151,16 @@ def _forward_positions(model, seqs: list[list[int]], positions: list[list[int]],
 
 
 @torch.no_grad()
-def option_loglikelihoods(model, tokenizer, items: Sequence[MCItem], rt: Runtime, template: str = "auto", max_length: int = 2048,
-                          single_token_fast_path: bool = True, desc: str = "evaluate") -> tuple[list[np.ndarray], int]:
+def option_loglikelihoods(
+    model,
+    tokenizer,
+    items: Sequence[MCItem],
+    rt: Runtime,
+    template: str = "auto",
+    max_length: int = 2048,
+    single_token_fast_path: bool = True,
+    desc: str = "evaluate",
+) -> tuple[list[np.ndarray], int]:
     """Per item (n_options,) float64 log p(option | prompt); also the number of tokens run."""
     template = resolve_template(tokenizer, template)
     model.eval()
@@ -166,7 +176,7 @@ def option_loglikelihoods(model, tokenizer, items: Sequence[MCItem], rt: Runtime
             jobs.append((i, list(range(len(opts))), ctx, [len(ctx) - 1], [[o[0] for o in opts]]))
         else:
             for k, o in enumerate(opts):
-                c = ctx[-max(1, max_length - len(o)):]  # keep the end of a long prompt
+                c = ctx[-max(1, max_length - len(o)) :]  # keep the end of a long prompt
                 seq = c + o
                 jobs.append((i, [k], seq, list(range(len(c) - 1, len(seq) - 1)), [[t] for t in o]))
     out = [np.zeros(len(it.options)) for it in items]
@@ -192,13 +202,18 @@ def option_loglikelihoods(model, tokenizer, items: Sequence[MCItem], rt: Runtime
     return out, tokens
 
 
-def evaluate_mc(model, tokenizer, items: Sequence[MCItem], rt: Runtime, template: str = "auto", max_length: int = 2048,
-                desc: str = "evaluate") -> MCResult:
+def evaluate_mc(model, tokenizer, items: Sequence[MCItem], rt: Runtime, template: str = "auto", max_length: int = 2048, desc: str = "evaluate") -> MCResult:
     t = time.perf_counter()
     ll, tokens = option_loglikelihoods(model, tokenizer, items, rt, template, max_length, desc=desc)
     pred = np.array([int(np.argmax(x)) for x in ll], dtype=np.int64)  # argmax: the first of equal scores
-    return MCResult(ids=[it.id for it in items], loglik=ll, pred=pred, answer=np.array([it.answer for it in items], dtype=np.int64),
-                    seconds=time.perf_counter() - t, tokens=tokens)
+    return MCResult(
+        ids=[it.id for it in items],
+        loglik=ll,
+        pred=pred,
+        answer=np.array([it.answer for it in items], dtype=np.int64),
+        seconds=time.perf_counter() - t,
+        tokens=tokens,
+    )
 
 
 @dataclass
@@ -236,5 +251,4 @@ def heldout_loss(model, examples: Sequence, rt: Runtime, ids: Sequence[str] | No
         out[batch.index.numpy()] = loss.double().cpu().numpy()
         prog.update(len(batch.index), batch.n_tokens)
     prog.close()
-    return LossResult(ids=list(ids) if ids is not None else [str(i) for i in range(len(examples))], loss=out, tokens=ntok,
-                      seconds=time.perf_counter() - t)
+    return LossResult(ids=list(ids) if ids is not None else [str(i) for i in range(len(examples))], loss=out, tokens=ntok, seconds=time.perf_counter() - t)

@@ -79,8 +79,7 @@ class GapClosed:
     denominator: float  # L_random − L_oracle: how much room there is to close
 
 
-def gap_closed(method: np.ndarray, random: np.ndarray, oracle: np.ndarray, idx: tuple[np.ndarray, np.ndarray] | None = None,
-               level: float = 0.95) -> GapClosed:
+def gap_closed(method: np.ndarray, random: np.ndarray, oracle: np.ndarray, idx: tuple[np.ndarray, np.ndarray] | None = None, level: float = 0.95) -> GapClosed:
     """How much of the loss gap between random and the oracle a method closes: 0 = no better
     than random, 1 = as good as in-domain data, < 0 worse than random. Arrays are (seeds,
     examples) losses on the same seeds and examples. The interval comes from resampling seeds

@@ -50,8 +50,10 @@ def _as_btd(t: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tens
         return t
     if t.dim() == 2 and t.shape[0] == B * T:
         return t.reshape(B, T, t.shape[1])
-    raise NtkSelectError(f"{name}: the layer sees inputs of shape {tuple(t.shape)} for a batch of {B} x {T} tokens (an MoE expert sees only "
-                         "the tokens routed to it); per-example gradients need layers that see every token: leave it out of --lora-target-modules")
+    raise NtkSelectError(
+        f"{name}: the layer sees inputs of shape {tuple(t.shape)} for a batch of {B} x {T} tokens (an MoE expert sees only "
+        "the tokens routed to it); per-example gradients need layers that see every token: leave it out of --lora-target-modules"
+    )
 
 
 @dataclass
@@ -244,7 +246,7 @@ class _FusedLoraLinear(torch.autograd.Function):
 
 
 def _base_kind(base: nn.Module) -> str | None:
-    """"linear" (nn.Linear and subclasses such as Falcon's), "conv1d" (GPT-2's transposed
+    """ "linear" (nn.Linear and subclasses such as Falcon's), "conv1d" (GPT-2's transposed
     linear layer), or None for a layer the fused path cannot run."""
     if isinstance(base, nn.Linear):
         return "linear"
@@ -259,14 +261,15 @@ def _unsupported_layer(mod_name: str, module: Any, adapter: str) -> str | None: 
     """Why the fused path cannot run this LoRA layer, or None."""
     kind = type(module).__name__
     if kind == "ParamWrapper" or not hasattr(module, "get_base_layer"):
-        return (f"{mod_name}: LoRA on a parameter tensor (peft target_parameters: MoE experts or routers) is not supported; "
-                "per-example gradients need LoRA on linear layers that see every token: leave the experts and routers out of --lora-target-modules")
+        return (
+            f"{mod_name}: LoRA on a parameter tensor (peft target_parameters: MoE experts or routers) is not supported; "
+            "per-example gradients need LoRA on linear layers that see every token: leave the experts and routers out of --lora-target-modules"
+        )
     if getattr(module, "lora_variant", {}).get(adapter) is not None or getattr(module, "use_dora", {}).get(adapter):
         return f"{mod_name}: only plain LoRA is supported (no DoRA or other variants)"
     base = module.get_base_layer()
     if _base_kind(base) is None:
-        return (f"{mod_name}: LoRA on {type(base).__name__} layers is not supported (only on linear and Conv1D layers); "
-                "leave it out of --lora-target-modules")
+        return f"{mod_name}: LoRA on {type(base).__name__} layers is not supported (only on linear and Conv1D layers); leave it out of --lora-target-modules"
     if module.lora_B[adapter].bias is not None:
         return f"{mod_name}: LoRA with a bias on B is not supported by the fused path"
     return None
@@ -312,8 +315,10 @@ class FusedLoraGradients(LoraGradientHooks):
                 covered |= {a, b}
         if covered != wanted:
             extra = sorted(wanted - covered)[:1] or sorted(covered - wanted)[:1]
-            raise NtkSelectError(f"trainable parameter {extra[0]} is not a plain LoRA A/B matrix of a linear layer; only plain LoRA on linear "
-                                 "(or Conv1D) layers is supported: leave other modules out of --lora-target-modules and keep the rest frozen")
+            raise NtkSelectError(
+                f"trainable parameter {extra[0]} is not a plain LoRA A/B matrix of a linear layer; only plain LoRA on linear "
+                "(or Conv1D) layers is supported: leave other modules out of --lora-target-modules and keep the rest frozen"
+            )
         self._handles = []
         self._saved: dict[int, Callable] = {}  # each layer's own forward, while the fused one is in place
         self._mask = None

@@ -110,8 +110,7 @@ class NoOpProjector(AbstractProjector):
         return 1  # nothing to share between rows: no gathering buffer
 
 
-def make_projector(dim: int, proj_dim: int = 0, seed: int = 0, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32) -> AbstractProjector:
+def make_projector(dim: int, proj_dim: int = 0, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> AbstractProjector:
     """The projection to ``proj_dim`` dimensions: the identity for 0, else the seeded Rademacher one."""
     if proj_dim == 0:
         return NoOpProjector(dim, device)
@@ -135,8 +134,15 @@ class RademacherProjector(AbstractProjector):
         self.n_blocks = math.ceil(self.dim / BLOCK_ROWS)
 
     def describe(self) -> dict:
-        return {"kind": "rademacher", "dim": self.dim, "proj_dim": self.proj_dim, "seed": self.seed,
-                "block_rows": BLOCK_ROWS, "generator": "numpy Philox key=(seed, block)", "scale": "1/sqrt(proj_dim)"}
+        return {
+            "kind": "rademacher",
+            "dim": self.dim,
+            "proj_dim": self.proj_dim,
+            "seed": self.seed,
+            "block_rows": BLOCK_ROWS,
+            "generator": "numpy Philox key=(seed, block)",
+            "scale": "1/sqrt(proj_dim)",
+        }
 
     def block(self, i: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """Rows [i·BLOCK_ROWS, (i+1)·BLOCK_ROWS) ∩ [0, D) of R as ±1 (bfloat16 or float32, the

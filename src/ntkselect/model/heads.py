@@ -119,8 +119,10 @@ def head_notice(head: Head) -> str | None:
     if head.linear:
         return None
     V, d = head.module.weight.shape
-    return (f"ntkselect: note: {head.model_name} soft-caps its logits (final_logit_softcapping {head.softcap:g}), so stage 2 sums them "
-            f"exactly through the LM head in vocabulary chunks: one extra {V} x {d} LM-head pass per scored token")
+    return (
+        f"ntkselect: note: {head.model_name} soft-caps its logits (final_logit_softcapping {head.softcap:g}), so stage 2 sums them "
+        f"exactly through the LM head in vocabulary chunks: one extra {V} x {d} LM-head pass per scored token"
+    )
 
 
 class _CappedSums(torch.autograd.Function):

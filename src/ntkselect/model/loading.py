@@ -20,8 +20,7 @@ import torch
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_replace_dir
 
-__all__ = ["DEFAULT_MODEL", "cache_dir", "check_model_options", "default_model_dir", "default_tokenizer_dir", "load_model", "load_tokenizer",
-           "resolve_model"]
+__all__ = ["DEFAULT_MODEL", "cache_dir", "check_model_options", "default_model_dir", "default_tokenizer_dir", "load_model", "load_tokenizer", "resolve_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +134,10 @@ def load_tokenizer(model: str | None):
     try:
         tok = AutoTokenizer.from_pretrained(path, **_offline(path))
     except (OSError, ValueError) as err:
-        raise NtkSelectError(f"cannot load a tokenizer from --model {path!r}: {str(err).splitlines()[0]}; "
-                             "pass a Hugging Face causal-LM folder or a model name in the local cache") from None
+        raise NtkSelectError(
+            f"cannot load a tokenizer from --model {path!r}: {str(err).splitlines()[0]}; "
+            "pass a Hugging Face causal-LM folder or a model name in the local cache"
+        ) from None
     if tok.pad_token_id is None:
         # Padding positions are always masked out; any id works, EOS is the usual choice.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
@@ -151,8 +152,10 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32):
     try:
         m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **_offline(path))
     except (OSError, ValueError) as err:
-        raise NtkSelectError(f"cannot load a causal LM from --model {path!r}: {str(err).splitlines()[0]}; "
-                             "pass a Hugging Face causal-LM folder or a model name in the local cache") from None
+        raise NtkSelectError(
+            f"cannot load a causal LM from --model {path!r}: {str(err).splitlines()[0]}; "
+            "pass a Hugging Face causal-LM folder or a model name in the local cache"
+        ) from None
     m.requires_grad_(False)
     m.eval()
     return m
@@ -168,12 +171,15 @@ def _meta_model(model: str | None, flag: str = "--model"):
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise NtkSelectError(f"cannot load a causal LM from {flag} {path!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
-                             "pass a Hugging Face causal-LM folder or a model name in the local cache") from None
+        raise NtkSelectError(
+            f"cannot load a causal LM from {flag} {path!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+            "pass a Hugging Face causal-LM folder or a model name in the local cache"
+        ) from None
 
 
-def check_model_options(model: str | None, target_modules: str | list[str], lora_r: int, flag_targets: str = "--lora-target-modules",
-                        flag_r: str = "--lora-r", tokenizer=None) -> int:
+def check_model_options(
+    model: str | None, target_modules: str | list[str], lora_r: int, flag_targets: str = "--lora-target-modules", flag_r: str = "--lora-r", tokenizer=None
+) -> int:
     """Check the LoRA options against the model's modules before any work: every name in
     ``target_modules`` must name a linear layer of the model other than the LM head (matched as
     peft does: the module's full name or its last dotted parts; ntkselect's gradients support
@@ -182,8 +188,10 @@ def check_model_options(model: str | None, target_modules: str | list[str], lora
     m = _meta_model(model)
     emb = m.get_input_embeddings()
     if tokenizer is not None and emb is not None and len(tokenizer) > emb.num_embeddings:
-        raise NtkSelectError(f"--model {model}: its tokenizer has {len(tokenizer)} tokens but the model only {emb.num_embeddings} embeddings; "
-                             "the tokenizer does not belong to this model: pass a folder whose tokenizer and weights match")
+        raise NtkSelectError(
+            f"--model {model}: its tokenizer has {len(tokenizer)} tokens but the model only {emb.num_embeddings} embeddings; "
+            "the tokenizer does not belong to this model: pass a folder whose tokenizer and weights match"
+        )
     head = m.get_output_embeddings()
     if head is None:
         raise NtkSelectError(f"--model {model}: {type(m).__name__} has no language-model head; pass a causal LM (a decoder that predicts the next token)")
@@ -193,12 +201,22 @@ def check_model_options(model: str | None, target_modules: str | list[str], lora
         for t in target_modules:
             hits = [mod for n, mod in named if n == t or n.endswith("." + t)]
             if not hits or not any(isinstance(mod, torch.nn.Linear) and mod is not head for mod in hits):
-                why = ("names no module of this model" if not hits else "is the LM head, which stays frozen" if any(mod is head for mod in hits)
-                       else "is not a linear layer (ntkselect adapts linear layers with plain LoRA)")
+                why = (
+                    "names no module of this model"
+                    if not hits
+                    else "is the LM head, which stays frozen"
+                    if any(mod is head for mod in hits)
+                    else "is not a linear layer (ntkselect adapts linear layers with plain LoRA)"
+                )
                 raise NtkSelectError(f"{flag_targets}: {t!r} {why}; use all-linear or a comma-separated list of {', '.join(adaptable)}")
     hidden = getattr(m.config, "hidden_size", None) or getattr(getattr(m.config, "text_config", None), "hidden_size", None)
     if isinstance(hidden, int) and lora_r > hidden:
         raise NtkSelectError(f"{flag_r}: must be at most the model's hidden size ({hidden}) (got {lora_r})")
-    chosen = [mod for n, mod in named if isinstance(mod, torch.nn.Linear) and mod is not head
-              and (target_modules == "all-linear" or any(n == t or n.endswith("." + t) for t in target_modules))]
+    chosen = [
+        mod
+        for n, mod in named
+        if isinstance(mod, torch.nn.Linear)
+        and mod is not head
+        and (target_modules == "all-linear" or any(n == t or n.endswith("." + t) for t in target_modules))
+    ]
     return sum(lora_r * (mod.in_features + mod.out_features) for mod in chosen)

@@ -32,8 +32,20 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["LiveBytes", "PassCost", "MemoryCosts", "measure_costs", "activation_budget", "overhead", "available_bytes", "rss_bytes",
-           "peak_rss_bytes", "CPU_BUDGET", "ALLOCATOR_OVERHEAD", "KINDS"]
+__all__ = [
+    "LiveBytes",
+    "PassCost",
+    "MemoryCosts",
+    "measure_costs",
+    "activation_budget",
+    "overhead",
+    "available_bytes",
+    "rss_bytes",
+    "peak_rss_bytes",
+    "CPU_BUDGET",
+    "ALLOCATOR_OVERHEAD",
+    "KINDS",
+]
 
 #: resident bytes the activations of one batch may take on a CPU. Larger batches do not run faster there:
 #: an 8-layer SmolLM2-width model scored 24 candidates (100-300 tokens) in 12.5-13 s with 512, 1,024 or
@@ -297,6 +309,7 @@ def measure_costs(model, rt, kinds=tuple(KINDS), vocab: int = 0, lengths: tuple[
             return float(tracker.peak)
         mode = {"warmup": "sum", "sum": "sum", "dot": "dot"}[kind]
         if kind == "warmup":
+
             def objective(m, b, h):
                 return trained_token_loss(m, b).reshape(1)
         else:

@@ -111,16 +111,19 @@ def _check_logits(model, batch, head: Head, name: str) -> None:
             out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
         except TypeError:  # a model without position_ids
             out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        h = decoder_of(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                              use_cache=False).last_hidden_state
+        h = decoder_of(model)(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+        ).last_hidden_state
         m = batch.attention_mask.bool()
         ref = out.logits[m].float()  # (N, V)
         got = head.logits(h[m]).float()
         err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
     if not err <= _LOGIT_TOL:
-        raise NtkSelectError(f"{name}: its logits are not the LM head of its final hidden states with the post-processing ntkselect knows "
-                             f"(soft-capping, logit_scale, logits_scaling; relative difference {err:.1e} on a tiny batch), so its losses and "
-                             "scores would be wrong; this model family is not supported")
+        raise NtkSelectError(
+            f"{name}: its logits are not the LM head of its final hidden states with the post-processing ntkselect knows "
+            f"(soft-capping, logit_scale, logits_scaling; relative difference {err:.1e} on a tiny batch), so its losses and "
+            "scores would be wrong; this model family is not supported"
+        )
 
 
 def _check_gradients(model, batch, objective, head, name: str, what: str) -> None:
@@ -144,12 +147,24 @@ def _check_gradients(model, batch, objective, head, name: str, what: str) -> Non
         ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(f[b], [p for _, p in params], retain_graph=b + 1 < f.shape[0])]).cpu()
         err = float((got[b] - ref).norm() / ref.norm().clamp_min(1e-30))
         if not err <= _GRAD_TOL:
-            raise NtkSelectError(f"{name}: the per-example LoRA gradients of the {what} from ntkselect's fused path differ from autograd "
-                                 f"(relative error {err:.1e} on a tiny batch); this architecture is not supported")
+            raise NtkSelectError(
+                f"{name}: the per-example LoRA gradients of the {what} from ntkselect's fused path differ from autograd "
+                f"(relative error {err:.1e} on a tiny batch); this architecture is not supported"
+            )
 
 
-def check_model(model, rt: Runtime, examples: Sequence, paths: Sequence[str], proj_dim: int = 0, seed: int = 0, fused_warmup: bool = True,
-                jf_method: str | None = None, log: Callable[[str], None] | None = None, measure: bool = True) -> Preflight:
+def check_model(
+    model,
+    rt: Runtime,
+    examples: Sequence,
+    paths: Sequence[str],
+    proj_dim: int = 0,
+    seed: int = 0,
+    fused_warmup: bool = True,
+    jf_method: str | None = None,
+    log: Callable[[str], None] | None = None,
+    measure: bool = True,
+) -> Preflight:
     """Run ``paths`` (a subset of "warmup", "embed", "ntk", "less", "loss", "diagnose") on a tiny
     batch of ``examples``; raise a one-line :class:`NtkSelectError` on anything unsupported.
     With ``measure``, also measure the memory cost of each kind of pass the paths use and the
@@ -184,14 +199,17 @@ def check_model(model, rt: Runtime, examples: Sequence, paths: Sequence[str], pr
             if measure:
                 step = "the memory measurement"
                 kinds = tuple(k for p in paths for k in _PATH_KINDS.get(p, ()))
-                memory = MemoryCosts(measure_costs(model, q, tuple(dict.fromkeys(kinds)), vocab=head.module.weight.shape[0],
-                                                   lengths=_probe_lengths(model)), activation_budget(rt.device))
+                memory = MemoryCosts(
+                    measure_costs(model, q, tuple(dict.fromkeys(kinds)), vocab=head.module.weight.shape[0], lengths=_probe_lengths(model)),
+                    activation_budget(rt.device),
+                )
             step = "the checks"
     except NtkSelectError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure of the model on the tiny batch: one line, no traceback
-        raise NtkSelectError(f"preflight: {step} fails on a tiny batch of {name} ({type(err).__name__}: {_first_line(err)}); "
-                             "this model is not supported by ntkselect") from None
+        raise NtkSelectError(
+            f"preflight: {step} fails on a tiny batch of {name} ({type(err).__name__}: {_first_line(err)}); this model is not supported by ntkselect"
+        ) from None
     notice = head_notice(head) if {"ntk", "diagnose"} & set(paths) else None
     if notice:
         (log or logger.info)(notice)
@@ -227,8 +245,7 @@ def _run_paths(model, q: Runtime, probe, batch, paths, proj_dim: int, seed: int,
         from ntkselect.grads.projection import make_projector
 
         dim = sum(p.numel() for _, p in lora_parameters(model))
-        projected_features(model, probe, make_projector(dim, 8, seed, device=q.device), q, objective=per_example_loss,
-                           desc="preflight: LESS features")
+        projected_features(model, probe, make_projector(dim, 8, seed, device=q.device), q, objective=per_example_loss, desc="preflight: LESS features")
     if "loss" in paths:
         from ntkselect.evaluation.metrics import heldout_loss
 
@@ -239,12 +256,20 @@ def _run_paths(model, q: Runtime, probe, batch, paths, proj_dim: int, seed: int,
 
         per_example_gradients(model, probe, q)
         W = head.module.weight.detach()[:2].float()
-        output_gradients(model, probe[0], W, q, head=None if head.linear else head,
-                         bias=head.module.bias.detach()[:2].float() if head.module.bias is not None else None)
+        output_gradients(
+            model, probe[0], W, q, head=None if head.linear else head, bias=head.module.bias.detach()[:2].float() if head.module.bias is not None else None
+        )
 
 
-def preflight_select(cfg, examples: Sequence, pad_id: int, methods: Sequence[str] | None = None, finetune: bool = False, keep: bool = False,
-                     log: Callable[[str], None] | None = None) -> Preflight | None:
+def preflight_select(
+    cfg,
+    examples: Sequence,
+    pad_id: int,
+    methods: Sequence[str] | None = None,
+    finetune: bool = False,
+    keep: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Preflight | None:
     """The preflight of a selection (``select``, ``--dry-run``) or an evaluation with ``cfg``
     (a :class:`~ntkselect.config.SelectConfig`): load the model, add the run's adapter, check
     every path ``methods`` (default: ``cfg.method``) and, with ``finetune``, the fine-tune and

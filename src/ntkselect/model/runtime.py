@@ -84,8 +84,13 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def describe(self) -> dict:
-        out = {"device": str(self.device), "precision": str(self.dtype).replace("torch.", ""), "batch_size": self.batch_size,
-               "max_batch_tokens": self.max_batch_tokens, "padding_side": self.padding_side}
+        out = {
+            "device": str(self.device),
+            "precision": str(self.dtype).replace("torch.", ""),
+            "batch_size": self.batch_size,
+            "max_batch_tokens": self.max_batch_tokens,
+            "padding_side": self.padding_side,
+        }
         if self.memory is not None:
             out["memory_budget_bytes"] = int(self.memory.budget) if self.memory.budget != float("inf") else None
         return out

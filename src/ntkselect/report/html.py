@@ -40,6 +40,7 @@ __all__ = ["build_report", "load_run", "nearest_domain", "require_matplotlib", "
 
 # -- plotting helpers (matplotlib's object API: no global state, no display backend) -----------
 
+
 def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
@@ -78,6 +79,7 @@ def _img(fig, alt: str) -> str:
 _SCORE_KEYS = ("score", "selection_score", "ntk_score")
 _RANK_KEYS = ("rank", "selection_rank", "ntk_rank")
 _ADDED_KEYS = (*_SCORE_KEYS, *_RANK_KEYS, "selection_method")  # what a run adds to the user's record
+
 
 def score_of(row: dict) -> float | None:
     """The score of a scores.jsonl / selected.jsonl row: ``score`` or ``selection_score``, else
@@ -139,8 +141,14 @@ def load_run(run_dir: str | Path) -> dict:
             domain = load_records(dpath)
         except NtkSelectError as err:
             note = f"the domain file could not be read ({err})"
-    return {"dir": run, "manifest": manifest, "scores": _read_jsonl(run / "scores.jsonl"), "selected": _read_jsonl(run / "selected.jsonl"),
-            "domain": domain, "domain_note": note}
+    return {
+        "dir": run,
+        "manifest": manifest,
+        "scores": _read_jsonl(run / "scores.jsonl"),
+        "selected": _read_jsonl(run / "selected.jsonl"),
+        "domain": domain,
+        "domain_note": note,
+    }
 
 
 # -- nearest domain examples by TF-IDF ------------------------------------------------------------
@@ -148,9 +156,11 @@ def load_run(run_dir: str | Path) -> dict:
 _WORD = re.compile(r"[a-z0-9]+")
 
 
-_STOP = frozenset("""a an and are as at be been but by can could did do does for from had has have he her his how i if in into is it its
+_STOP = frozenset(
+    """a an and are as at be been but by can could did do does for from had has have he her his how i if in into is it its
 may more most no not of on or our she should so such than that the their them then there these they this those to was we were what
-when where which who whom why will with would you your answer following""".split())
+when where which who whom why will with would you your answer following""".split()
+)
 
 
 def _words(text: str) -> list[str]:
@@ -199,8 +209,15 @@ img.plot{max-width:100%;border:1px solid #eee} .meta{color:#555;font-size:.9rem}
 nav a{margin-right:1rem}
 """
 
-_SECTIONS = (("summary", "Summary"), ("scores", "Score distribution"), ("votes", "Stage-1 votes"), ("composition", "Composition"),
-             ("examples", "Top and bottom selected examples"), ("timings", "Timings"), ("configuration", "Configuration"))
+_SECTIONS = (
+    ("summary", "Summary"),
+    ("scores", "Score distribution"),
+    ("votes", "Stage-1 votes"),
+    ("composition", "Composition"),
+    ("examples", "Top and bottom selected examples"),
+    ("timings", "Timings"),
+    ("configuration", "Configuration"),
+)
 
 
 def _e(v: Any) -> str:
@@ -260,8 +277,9 @@ def _score_plot(scores: list[dict]) -> tuple[str, str]:
     sel = np.array([b for _, b in vals])
     fig, ax = new_figure(7, 3.4)
     bins = np.histogram_bin_edges(s, bins=min(40, max(5, len(s) // 5)))
-    ax.hist([s[~sel], s[sel]], bins=bins, stacked=True, color=["#9aa7b8", "#dd8452"],
-            label=[f"not selected ({int((~sel).sum())})", f"selected ({int(sel.sum())})"])
+    ax.hist(
+        [s[~sel], s[sel]], bins=bins, stacked=True, color=["#9aa7b8", "#dd8452"], label=[f"not selected ({int((~sel).sum())})", f"selected ({int(sel.sum())})"]
+    )
     text = f"{len(s)} scored candidates; "
     if sel.any():
         cut = float(s[sel].min())
@@ -290,8 +308,10 @@ def _votes_plot(scores: list[dict], manifest: dict) -> tuple[str, str]:
     ax.legend(fontsize=8)
     s1 = manifest.get("stage1") or {}
     extra = f" K used {s1['k_used']}, {s1.get('voted_candidates', '?')} pool examples got a vote." if "k_used" in s1 else ""
-    text = (f"{len(v)} candidates; votes {v.min()} .. {v.max()}, median {np.median(v):g} "
-            f"(selected: median {np.median(v[sel]) if sel.any() else float('nan'):g}).{extra}")
+    text = (
+        f"{len(v)} candidates; votes {v.min()} .. {v.max()}, median {np.median(v):g} "
+        f"(selected: median {np.median(v[sel]) if sel.any() else float('nan'):g}).{extra}"
+    )
     return _img(fig, "stage-1 vote distribution"), f"<p>{_e(text)}</p>"
 
 
@@ -315,10 +335,14 @@ def _composition(manifest: dict, selected: list[dict]) -> str:
     ax.set_title(f"composition by subject/source (the {len(top)} largest in the selection)")
     ax.legend(fontsize=8)
     parts.append(_img(fig, "composition of the selected set against the pool"))
-    rows = [(k, s, p if p is not None else "", f"{100 * s / n_sel:.1f}", f"{100 * p / n_pool:.1f}" if (p and n_pool) else "",
-             f"{100 * s / p:.1f}" if p else "") for k, s, p in sorted(items, key=lambda t: (-t[1], t[0]))]
-    parts.append("<h3>By subject or source</h3>" + _table(["group", "selected", "in pool", "% of selected", "% of pool", "% of group selected"], rows,
-                                                           [False, True, True, True, True, True]))
+    rows = [
+        (k, s, p if p is not None else "", f"{100 * s / n_sel:.1f}", f"{100 * p / n_pool:.1f}" if (p and n_pool) else "", f"{100 * s / p:.1f}" if p else "")
+        for k, s, p in sorted(items, key=lambda t: (-t[1], t[0]))
+    ]
+    parts.append(
+        "<h3>By subject or source</h3>"
+        + _table(["group", "selected", "in pool", "% of selected", "% of pool", "% of group selected"], rows, [False, True, True, True, True, True])
+    )
     src = summ.get("by_source")
     if src:
         parts.append("<h3>By source</h3>" + _table(["source", "selected", "in pool"], [(k, v[0], v[1]) for k, v in src.items()], [False, True, True]))
@@ -339,13 +363,24 @@ def _examples(run: dict, top: int, neighbours: int) -> str:
     for (rank, r), text, nn in zip(picks, texts, near):
         votes = votes_by_id.get(str(r["id"])) if "id" in r else (sel_rows[rank - 1].get("votes") if 0 < rank <= len(sel_rows) else None)
         nn_html = "".join(f'<div class="text">[{_e(domain[i].id)}] sim {sim:.2f}: {_e(_snippet(_record_text(domain[i].raw), 240))}</div>' for i, sim in nn)
-        rows.append((rank, score_of(r), votes if votes is not None else "", _group(r), _Raw(f'<div class="text">{_e(_snippet(text))}</div>'),
-                     _Raw(nn_html or '<span class="note">(no domain examples)</span>')))
+        rows.append(
+            (
+                rank,
+                score_of(r),
+                votes if votes is not None else "",
+                _group(r),
+                _Raw(f'<div class="text">{_e(_snippet(text))}</div>'),
+                _Raw(nn_html or '<span class="note">(no domain examples)</span>'),
+            )
+        )
     note = "" if domain else f'<p class="note">Nearest domain examples unavailable: {_e(run["domain_note"])}.</p>'
-    return (f"<p>The {min(top, len(ranked))} best and {len(picks) - min(top, len(ranked))} lowest-ranked selected examples; next to each, its "
-            f"{neighbours} nearest domain examples by TF-IDF cosine over content words (a lexical view, independent of the model).</p>{note}"
-            + _table(["rank", "score", "votes", "subject/source", "selected example", "nearest domain examples"], rows,
-                     [True, True, True, False, False, False], raw=True))
+    return (
+        f"<p>The {min(top, len(ranked))} best and {len(picks) - min(top, len(ranked))} lowest-ranked selected examples; next to each, its "
+        f"{neighbours} nearest domain examples by TF-IDF cosine over content words (a lexical view, independent of the model).</p>{note}"
+        + _table(
+            ["rank", "score", "votes", "subject/source", "selected example", "nearest domain examples"], rows, [True, True, True, False, False, False], raw=True
+        )
+    )
 
 
 def _kv_table(d: dict) -> str:
@@ -360,8 +395,13 @@ def render_report(run: dict, top: int = 5, neighbours: int = 3) -> str:
     title = f"ntkselect report: {run['dir'].name}"
     score_img, score_text = _score_plot(run["scores"])
     votes_img, votes_text = _votes_plot(run["scores"], m)
-    summary_rows = [("method", method), ("domain examples", summ.get("n_domain", "")), ("pool examples", summ.get("n_pool", "")),
-                    ("selected", summ.get("n_selected", len(run["selected"]))), ("scored candidates", len(run["scores"]))]
+    summary_rows = [
+        ("method", method),
+        ("domain examples", summ.get("n_domain", "")),
+        ("pool examples", summ.get("n_pool", "")),
+        ("selected", summ.get("n_selected", len(run["selected"]))),
+        ("scored candidates", len(run["scores"])),
+    ]
     for key in ("score_range_selected", "score_range_all"):
         if summ.get(key):
             summary_rows.append((key.replace("_", " "), " .. ".join(f"{v:.4g}" for v in summ[key])))
@@ -372,7 +412,11 @@ def render_report(run: dict, top: int = 5, neighbours: int = 3) -> str:
         if isinstance(inputs.get(name), dict):
             summary_rows.append((f"{name} file", f"{inputs[name].get('path', '')} (sha256 {str(inputs[name].get('sha256', ''))[:12]}…)"))
     timings = m.get("timings") or {}
-    timing_html = _table(["stage", "seconds"], [(k, f"{v:.1f}" if isinstance(v, (int, float)) else v) for k, v in timings.items()], [False, True]) if timings else '<p class="note">No timings in the manifest.</p>'
+    timing_html = (
+        _table(["stage", "seconds"], [(k, f"{v:.1f}" if isinstance(v, (int, float)) else v) for k, v in timings.items()], [False, True])
+        if timings
+        else '<p class="note">No timings in the manifest.</p>'
+    )
     s2 = m.get("stage2") or {}
     if isinstance(s2.get("seconds"), dict):
         timing_html += "<h3>Stage 2 in detail</h3>" + _table(["part", "seconds"], [(k, f"{v:.1f}") for k, v in s2["seconds"].items()], [False, True])
@@ -392,10 +436,12 @@ def render_report(run: dict, top: int = 5, neighbours: int = 3) -> str:
     nav = "".join(f'<a href="#{sid}">{_e(name)}</a>' for sid, name in _SECTIONS)
     body = "\n".join(f'<section id="{sid}"><h2>{_e(name)}</h2>\n{sections[sid]}\n</section>' for sid, name in _SECTIONS)
     csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n<meta http-equiv="Content-Security-Policy" content="{csp}">\n'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{_e(title)}</title>\n<style>{_CSS}</style></head>\n<body>\n'
-            f'<h1>{_e(title)}</h1>\n<p class="meta">{_e(run["dir"])} · written {_e(time.strftime("%Y-%m-%d %H:%M:%S"))}</p>\n'
-            f'<nav>{nav}</nav>\n{body}\n</body></html>\n')
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n<meta http-equiv="Content-Security-Policy" content="{csp}">\n'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{_e(title)}</title>\n<style>{_CSS}</style></head>\n<body>\n'
+        f'<h1>{_e(title)}</h1>\n<p class="meta">{_e(run["dir"])} · written {_e(time.strftime("%Y-%m-%d %H:%M:%S"))}</p>\n'
+        f"<nav>{nav}</nav>\n{body}\n</body></html>\n"
+    )
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None, top: int = 5, neighbours: int = 3) -> Path:

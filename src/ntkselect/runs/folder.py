@@ -79,12 +79,26 @@ class Layout:
         return (*self.outputs, self.staging, self.previous, self.journal, LOCK, RECORD)
 
 
-SELECT = Layout("select", ("run.json", "work", "shards.jsonl", "adapter", "selected.jsonl", "scores.jsonl", "train.jsonl", "report.html",
-                           "manifest.json"), finished="manifest.json", setup="run.json", temp_prefixes=(".adapter-",))
-EVALUATE = Layout("evaluate", ("evaluate_config.json", "cells", "selections", "results.csv", "results.md", "results.png", "manifest.json"),
-                  finished="manifest.json", setup="evaluate_config.json", temp_prefixes=(".work-",))
-DIAGNOSE = Layout("diagnose", ("checkpoints", "kernels.npz", "kernel_stability.png", "jacobian_free.png", "kernel_regression.png",
-                               "diagnostics.json"), finished="diagnostics.json", temp_prefixes=(".ckpt-",))
+SELECT = Layout(
+    "select",
+    ("run.json", "work", "shards.jsonl", "adapter", "selected.jsonl", "scores.jsonl", "train.jsonl", "report.html", "manifest.json"),
+    finished="manifest.json",
+    setup="run.json",
+    temp_prefixes=(".adapter-",),
+)
+EVALUATE = Layout(
+    "evaluate",
+    ("evaluate_config.json", "cells", "selections", "results.csv", "results.md", "results.png", "manifest.json"),
+    finished="manifest.json",
+    setup="evaluate_config.json",
+    temp_prefixes=(".work-",),
+)
+DIAGNOSE = Layout(
+    "diagnose",
+    ("checkpoints", "kernels.npz", "kernel_stability.png", "jacobian_free.png", "kernel_regression.png", "diagnostics.json"),
+    finished="diagnostics.json",
+    temp_prefixes=(".ckpt-",),
+)
 EVAL_DATA = Layout("eval-data", ("domain_train.jsonl", "domain_test.jsonl", "pool.jsonl", "split.json"), finished="split.json")
 DEMO_DATA = Layout("demo-data", ("domain.jsonl", "pool.jsonl"))
 LAYOUTS = (SELECT, EVALUATE, DIAGNOSE, EVAL_DATA, DEMO_DATA)
@@ -92,6 +106,7 @@ _ALL_OUTPUTS = {n for lay in LAYOUTS for n in lay.outputs} | {RECORD}
 
 
 # -- paths --------------------------------------------------------------------------------------
+
 
 def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
@@ -112,12 +127,12 @@ def check_paths(out: str | os.PathLike, layout: Layout, inputs: dict[str, str | 
             raise NtkSelectError(f"{flag} {out} is inside {name} {p}: the run would write into its input; choose an {flag} outside it")
         for o in layout.reserved:
             if _inside(real, os.path.join(real_out, o)):
-                raise NtkSelectError(f"{name} {p} is where this run writes {o} ({flag} {out}); "
-                                     f"move the input out of the way or choose another {flag}")
+                raise NtkSelectError(f"{name} {p} is where this run writes {o} ({flag} {out}); move the input out of the way or choose another {flag}")
     return out
 
 
 # -- the lock -------------------------------------------------------------------------------------
+
 
 def _proc_start(pid: int) -> str | None:
     try:
@@ -147,8 +162,10 @@ def _alive(info: dict) -> bool:
 def _busy(path: Path, info: dict, flag: str, out: Path, unsure: bool) -> NtkSelectError:
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["time"])) if isinstance(info.get("time"), (int, float)) else "?"
     hint = f" (if no such run is alive, delete {path})" if unsure else ""  # a held flock: the kernel vouches that it is
-    return NtkSelectError(f"{flag} {out} is in use by another ntkselect run (pid {info.get('pid', '?')} on {info.get('host', '?')}, "
-                          f"`ntkselect {info.get('command', '?')}` since {since}); wait for it to finish or choose another {flag}{hint}")
+    return NtkSelectError(
+        f"{flag} {out} is in use by another ntkselect run (pid {info.get('pid', '?')} on {info.get('host', '?')}, "
+        f"`ntkselect {info.get('command', '?')}` since {since}); wait for it to finish or choose another {flag}{hint}"
+    )
 
 
 def _read_lock(fd: int) -> dict:
@@ -215,6 +232,7 @@ class _Lock:
 
 # -- the record of what is ours ----------------------------------------------------------------------
 
+
 def _read_record(out: Path, flag: str) -> dict[str, str]:
     path = out / RECORD
     if not path.exists():
@@ -265,7 +283,7 @@ class Run:
 
     @property
     def state(self) -> str:
-        """"finished", "unfinished" (a setup file without a finish marker) or "new"."""
+        """ "finished", "unfinished" (a setup file without a finish marker) or "new"."""
         lay = self.layout
         if lay.finished and (self.out / lay.finished).exists():
             return "finished"
@@ -285,8 +303,14 @@ class Run:
 
     # -- the record ------------------------------------------------------------------------------
     def _save(self) -> None:
-        atomic_write_json(self.out / RECORD, {"tool": "ntkselect", "note": "entries of this folder that ntkselect created, and which command; "
-                                              "ntkselect replaces or deletes nothing else here", "entries": dict(sorted(self.entries.items()))})
+        atomic_write_json(
+            self.out / RECORD,
+            {
+                "tool": "ntkselect",
+                "note": "entries of this folder that ntkselect created, and which command; ntkselect replaces or deletes nothing else here",
+                "entries": dict(sorted(self.entries.items())),
+            },
+        )
 
     def claim(self, *names: str) -> None:
         """Record ``names`` as this command's before it creates them."""
@@ -301,7 +325,7 @@ class Run:
         (all recorded as ours)."""
         self.claim(*(self.only or self.layout.outputs))
         if clear:
-            for n in (self.only or self.present()):
+            for n in self.only or self.present():
                 if self.mine(n):
                     _remove(self.out / n)
         self.dir = self.out
@@ -396,7 +420,8 @@ class Run:
         for p in list(self.out.iterdir()):
             m = _TOP_TMP.match(p.name)
             if (m and m.group("base") in _ALL_OUTPUTS) or any(
-                    p.name.startswith(pre) and re.fullmatch(_TMP_CHARS, p.name[len(pre):]) for lay in LAYOUTS for pre in lay.temp_prefixes):
+                p.name.startswith(pre) and re.fullmatch(_TMP_CHARS, p.name[len(pre) :]) for lay in LAYOUTS for pre in lay.temp_prefixes
+            ):
                 _remove(p)
                 n += 1
         for name in self.entries:
@@ -418,8 +443,14 @@ class Run:
 
 
 @contextlib.contextmanager
-def open_run(out: str | os.PathLike, layout: Layout, inputs: dict[str, str | os.PathLike | None] | None = None, flag: str = "--out",
-             log: Callable[[str], None] | None = None, only: tuple[str, ...] = ()) -> Iterator[Run]:
+def open_run(
+    out: str | os.PathLike,
+    layout: Layout,
+    inputs: dict[str, str | os.PathLike | None] | None = None,
+    flag: str = "--out",
+    log: Callable[[str], None] | None = None,
+    only: tuple[str, ...] = (),
+) -> Iterator[Run]:
     """Check ``out`` against ``inputs``, lock it, refuse entries of ``layout`` that are not
     ours, sweep temporary files and finish an interrupted swap; yield the :class:`Run`.
 
@@ -442,14 +473,15 @@ def open_run(out: str | os.PathLike, layout: Layout, inputs: dict[str, str | os.
     run = Run(out=out, layout=layout, flag=flag, log=log, only=tuple(only))
     try:
         run.entries = _read_record(out, flag)
-        foreign = [n for n in (only or layout.outputs) + (layout.staging, layout.previous, layout.journal)
-                   if os.path.lexists(out / n) and not run.mine(n)]
+        foreign = [n for n in (only or layout.outputs) + (layout.staging, layout.previous, layout.journal) if os.path.lexists(out / n) and not run.mine(n)]
         if foreign:
             owners = sorted({run.entries[n] for n in foreign if n in run.entries})
             whose = f"by `ntkselect {', '.join(owners)}`" if owners else "by you or another program, not by ntkselect"
             shown = ", ".join(n + ("/" if (out / n).is_dir() else "") for n in foreign)
-            raise NtkSelectError(f"{flag} {out} holds {shown}, created {whose}; this run would replace "
-                                 f"{'it' if len(foreign) == 1 else 'them'}: move {'it' if len(foreign) == 1 else 'them'} away or choose another {flag}")
+            raise NtkSelectError(
+                f"{flag} {out} holds {shown}, created {whose}; this run would replace "
+                f"{'it' if len(foreign) == 1 else 'them'}: move {'it' if len(foreign) == 1 else 'them'} away or choose another {flag}"
+            )
         if lock.stale:
             log(f"ntkselect: took over the lock of an ntkselect run that is no longer running (pid {lock.stale.get('pid')})")
         run._recover()

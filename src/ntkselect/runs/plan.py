@@ -68,8 +68,10 @@ def _model_config(model: str):
     try:
         return AutoConfig.from_pretrained(model, **kw), model
     except (OSError, ValueError) as err:
-        raise NtkSelectError(f"cannot read the model configuration of --model {model!r}: {str(err).splitlines()[0]}; "
-                             "pass a Hugging Face causal-LM folder or a model name in the local cache") from None
+        raise NtkSelectError(
+            f"cannot read the model configuration of --model {model!r}: {str(err).splitlines()[0]}; "
+            "pass a Hugging Face causal-LM folder or a model name in the local cache"
+        ) from None
 
 
 def model_facts(cfg: SelectConfig) -> dict:
@@ -192,8 +194,7 @@ class PlanBuilder:
     applies), ``candidates`` (how many reach a second stage) and ``score_rows`` (rows of
     scores.jsonl; default the pool)."""
 
-    def __init__(self, cfg: SelectConfig, dom_ex, pool_ex, dom_stats, pool_stats, stages: list, facts: dict | None, cal: dict | None,
-                 costs, device, dtype):
+    def __init__(self, cfg: SelectConfig, dom_ex, pool_ex, dom_stats, pool_stats, stages: list, facts: dict | None, cal: dict | None, costs, device, dtype):
         from ntkselect.model.runtime import Runtime
 
         self.cfg, self.dom_stats, self.pool_stats, self.stages, self.facts, self.cal = cfg, dom_stats, pool_stats, stages, facts, cal
@@ -238,8 +239,17 @@ class PlanBuilder:
         self.add_stage(name, passes, tokens, padded, flops, flops / self.cal["flops_per_s"] + extra_seconds)
 
     def add_stage(self, name: str, passes: str, tokens: float, padded: float | None = None, flops: float | None = None, seconds: float = 0.0) -> None:
-        self.stages.append({"stage": name, "pass": passes, "tokens": int(round(tokens)), "padded_tokens": None if padded is None else int(round(padded)),
-                            "flops": flops, "seconds": seconds, "measured": False})
+        self.stages.append(
+            {
+                "stage": name,
+                "pass": passes,
+                "tokens": int(round(tokens)),
+                "padded_tokens": None if padded is None else int(round(padded)),
+                "flops": flops,
+                "seconds": seconds,
+                "measured": False,
+            }
+        )
 
     def block_seconds(self) -> tuple[float, int]:
         """(seconds, rows) of one block of the ``proj_dim`` projection, timed once on the run's device."""
@@ -280,9 +290,16 @@ def estimate(cfg: SelectConfig) -> dict:
     n_pool = len(pool)
     data = {
         "domain": {"path": cfg.domain, "records": len(domain), **dom_stats.to_dict(), "bytes": dom_bytes},
-        "pool": {"path": cfg.pool, "records_in_file": len(pool_all), "records": n_pool, "excluded_duplicates_of_domain": len(pool_all) - n_pool,
-                 **pool_stats.to_dict(), "bytes": pool_bytes},
-        "n": cfg.n, "m": None,
+        "pool": {
+            "path": cfg.pool,
+            "records_in_file": len(pool_all),
+            "records": n_pool,
+            "excluded_duplicates_of_domain": len(pool_all) - n_pool,
+            **pool_stats.to_dict(),
+            "bytes": pool_bytes,
+        },
+        "n": cfg.n,
+        "m": None,
     }
 
     device = resolve_device(cfg.device)
@@ -296,8 +313,17 @@ def estimate(cfg: SelectConfig) -> dict:
     cal = calibrate(device, dtype) if uses_model else None
 
     # -- stages: tokens, FLOPs, seconds -------------------------------------------------
-    stages = [{"stage": "load", "pass": "read + tokenize", "tokens": dom_stats.tokens + pool_stats.tokens, "padded_tokens": None,
-               "flops": None, "seconds": load_seconds, "measured": True}]
+    stages = [
+        {
+            "stage": "load",
+            "pass": "read + tokenize",
+            "tokens": dom_stats.tokens + pool_stats.tokens,
+            "padded_tokens": None,
+            "flops": None,
+            "seconds": load_seconds,
+            "measured": True,
+        }
+    ]
     plan = PlanBuilder(cfg, dom_ex, pool_ex, dom_stats, pool_stats, stages, facts, cal, pre.memory if pre else None, device, dtype)
     act = plan.activations
     if uses_model:  # the shared work: the warm-up, and stage 1's embeddings for the methods that use them
@@ -307,8 +333,11 @@ def estimate(cfg: SelectConfig) -> dict:
         dom_len, dom_tr = plan.dom_len, plan.dom_tr
         if cfg.warmup_epochs > 0:
             wopts = WarmupOptions(epochs=cfg.warmup_epochs, batch_size=cfg.warmup_batch_size, seed=cfg.seed)
-            warm = [(len(p), max(dom_len[i] for i in p), sum(dom_tr[i] for i in p))
-                    for idx in warmup_batches(len(dom_ex), wopts) for p in micro_batches(dom_ex, idx, plan._rt)]
+            warm = [
+                (len(p), max(dom_len[i] for i in p), sum(dom_tr[i] for i in p))
+                for idx in warmup_batches(len(dom_ex), wopts)
+                for p in micro_batches(dom_ex, idx, plan._rt)
+            ]
             plan.stage("warm-up", "forward+backward", cfg.warmup_epochs * dom_stats.tokens, plan.padded(warm))
             act["warm-up"] = plan.worst("warmup", warm)
         if spec.uses_embeddings:
@@ -326,8 +355,13 @@ def estimate(cfg: SelectConfig) -> dict:
     # batch's activations (measured per token by the preflight, times the allocator's share) and the
     # projection buffers
     factor = overhead(device) if uses_model else 1.0
-    memory = {"process": process_bytes, "weights": 0, "lora_and_optimizer": 0, "activations": int(factor * max(act.values(), default=0.0)),
-              "projection": plan.projection_bytes}
+    memory = {
+        "process": process_bytes,
+        "weights": 0,
+        "lora_and_optimizer": 0,
+        "activations": int(factor * max(act.values(), default=0.0)),
+        "projection": plan.projection_bytes,
+    }
     if uses_model:
         memory["weights"] = 4 * facts["params"]  # loaded in float32; autocast only changes the matmuls
         # the preflight ran every path once with the model loaded: what the process holds then (libraries initialised, the
@@ -361,18 +395,29 @@ def estimate(cfg: SelectConfig) -> dict:
     if disk["peak"] > out_state["free_bytes"]:
         warnings_.append(f"--out needs about {_bytes(disk['peak'])} but its disk has {_bytes(out_state['free_bytes'])} free")
     if dom_stats.truncated or pool_stats.truncated:
-        warnings_.append(f"{dom_stats.truncated} domain and {pool_stats.truncated} pool examples are longer than --max-length {cfg.max_length} "
-                         "and will be truncated")
+        warnings_.append(
+            f"{dom_stats.truncated} domain and {pool_stats.truncated} pool examples are longer than --max-length {cfg.max_length} and will be truncated"
+        )
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         if memory["peak"] > total:
             warnings_.append(f"peak memory ~{_bytes(memory['peak'])} exceeds the GPU's {_bytes(total)}; lower --max-batch-tokens or --batch-size")
     timed = [s["seconds"] for s in stages]
     return {
-        "method": cfg.method, "device": str(device), "precision": str(dtype).replace("torch.", ""),
-        "model": facts, "lora": {"r": cfg.lora_r, "target_modules": cfg.lora_target_modules, "grad_dim": facts["grad_dim"] if facts else 0},
-        "proj_dim": proj, "data": data, "calibration": cal, "stages": stages, "total_seconds": sum(timed),
-        "memory": memory, "disk": disk, "out": out_state, "warnings": warnings_,
+        "method": cfg.method,
+        "device": str(device),
+        "precision": str(dtype).replace("torch.", ""),
+        "model": facts,
+        "lora": {"r": cfg.lora_r, "target_modules": cfg.lora_target_modules, "grad_dim": facts["grad_dim"] if facts else 0},
+        "proj_dim": proj,
+        "data": data,
+        "calibration": cal,
+        "stages": stages,
+        "total_seconds": sum(timed),
+        "memory": memory,
+        "disk": disk,
+        "out": out_state,
+        "warnings": warnings_,
         "preflight": {"seconds": pre.seconds, "paths": list(pre.paths), "notes": notes} if pre else None,
         "assumptions": [
             "time: FLOPs ~ 2 x parameters x padded tokens forward, x 3 for forward + backward, at the rate of one timed matmul; "
@@ -409,15 +454,23 @@ def format_plan(plan: dict) -> str:
     d, f = plan["data"], plan["model"]
     lines = [f"ntkselect: dry run of --method {plan['method']} on {plan['device']} ({plan['precision']}); nothing was trained or written"]
     if f:
-        lines.append(f"  model     {f['path']} ({f['type']}): {f['params'] / 1e6:.1f}M parameters, hidden {f['hidden_size']}, "
-                     f"{f['layers']} layers, vocabulary {f['vocab_size']}")
-        lines.append(f"  LoRA      r={plan['lora']['r']} on {plan['lora']['target_modules']}: {f['lora_modules']} modules, "
-                     f"gradient dimension {f['grad_dim']:,}" + (f", projected to {plan['proj_dim']}" if plan["proj_dim"] else " (exact kernel)"))
+        lines.append(
+            f"  model     {f['path']} ({f['type']}): {f['params'] / 1e6:.1f}M parameters, hidden {f['hidden_size']}, "
+            f"{f['layers']} layers, vocabulary {f['vocab_size']}"
+        )
+        lines.append(
+            f"  LoRA      r={plan['lora']['r']} on {plan['lora']['target_modules']}: {f['lora_modules']} modules, "
+            f"gradient dimension {f['grad_dim']:,}" + (f", projected to {plan['proj_dim']}" if plan["proj_dim"] else " (exact kernel)")
+        )
     dom, pool = d["domain"], d["pool"]
-    lines.append(f"  domain    {dom['records']} records, {dom['tokens']:,} tokens ({dom['trained_tokens']:,} trained, {dom['truncated']} truncated), "
-                 f"template {dom['template']}")
-    lines.append(f"  pool      {pool['records']} usable of {pool['records_in_file']} records ({pool['excluded_duplicates_of_domain']} duplicates of the "
-                 f"domain excluded), {pool['tokens']:,} tokens ({pool['truncated']} truncated)")
+    lines.append(
+        f"  domain    {dom['records']} records, {dom['tokens']:,} tokens ({dom['trained_tokens']:,} trained, {dom['truncated']} truncated), "
+        f"template {dom['template']}"
+    )
+    lines.append(
+        f"  pool      {pool['records']} usable of {pool['records_in_file']} records ({pool['excluded_duplicates_of_domain']} duplicates of the "
+        f"domain excluded), {pool['tokens']:,} tokens ({pool['truncated']} truncated)"
+    )
     lines.append(f"  select    N = {d['n']}" + (f"; stage 1 keeps M = {d['m']}" if d["m"] is not None else ""))
     lines.append("")
     lines.append(f"  {'stage':<10} {'pass':<17} {'tokens':>12} {'padded':>12} {'TFLOP':>9} {'time':>10}")
@@ -429,26 +482,34 @@ def format_plan(plan: dict) -> str:
     lines.append(f"  {'total':<10} {'':<17} {'':>12} {'':>12} {'':>9} {'>= ' + _seconds(plan['total_seconds']):>10}")
     if plan["calibration"]:
         c = plan["calibration"]
-        lines.append(f"  rate      {c['flops_per_s'] / 1e9:.1f} GFLOP/s measured with a {c['matmul']} matmul"
-                     + (f"; one projection block of {c['block_rows']} rows: {c['block_seconds'] * 1e3:.0f} ms" if "block_seconds" in c else ""))
+        lines.append(
+            f"  rate      {c['flops_per_s'] / 1e9:.1f} GFLOP/s measured with a {c['matmul']} matmul"
+            + (f"; one projection block of {c['block_rows']} rows: {c['block_seconds'] * 1e3:.0f} ms" if "block_seconds" in c else "")
+        )
     mem = plan["memory"]
     lines.append("")
-    lines.append(f"  memory    peak ~{_bytes(mem['peak'])} resident: process {_bytes(mem['process'])}, weights {_bytes(mem['weights'])}, "
-                 f"LoRA + AdamW state {_bytes(mem['lora_and_optimizer'])}, activations of the largest batch {_bytes(mem['activations'])}, "
-                 f"projection {_bytes(mem['projection'])}")
+    lines.append(
+        f"  memory    peak ~{_bytes(mem['peak'])} resident: process {_bytes(mem['process'])}, weights {_bytes(mem['weights'])}, "
+        f"LoRA + AdamW state {_bytes(mem['lora_and_optimizer'])}, activations of the largest batch {_bytes(mem['activations'])}, "
+        f"projection {_bytes(mem['projection'])}"
+    )
     if mem.get("by_stage"):
-        lines.append("  by stage  " + ", ".join(f"{k} ~{_bytes(v)}" for k, v in mem["by_stage"].items())
-                     + (f"; batches sized to a {_bytes(mem['budget'])} activation budget" if mem.get("budget") else ""))
+        lines.append(
+            "  by stage  "
+            + ", ".join(f"{k} ~{_bytes(v)}" for k, v in mem["by_stage"].items())
+            + (f"; batches sized to a {_bytes(mem['budget'])} activation budget" if mem.get("budget") else "")
+        )
     k = plan["disk"]
-    lines.append(f"  disk      ~{_bytes(k['peak'])} in {plan['out']['path']} ({plan['out']['state']}; {_bytes(plan['out']['free_bytes'])} free): "
-                 f"adapter {_bytes(k['adapter'])}, selected.jsonl {_bytes(k['selected'])}, train.jsonl {_bytes(k['train'])}, "
-                 f"scores.jsonl {_bytes(k['scores'])}; temporary: embeddings {_bytes(k['embeddings'])}"
-                 + (f", LESS features {_bytes(k['less_features'])}" if k.get("less_features") else "")
-                 + "".join(f", {name.replace('_', ' ')} {_bytes(k[name])}" for name in k if name not in _DISK_LISTED and k[name]))
+    lines.append(
+        f"  disk      ~{_bytes(k['peak'])} in {plan['out']['path']} ({plan['out']['state']}; {_bytes(plan['out']['free_bytes'])} free): "
+        f"adapter {_bytes(k['adapter'])}, selected.jsonl {_bytes(k['selected'])}, train.jsonl {_bytes(k['train'])}, "
+        f"scores.jsonl {_bytes(k['scores'])}; temporary: embeddings {_bytes(k['embeddings'])}"
+        + (f", LESS features {_bytes(k['less_features'])}" if k.get("less_features") else "")
+        + "".join(f", {name.replace('_', ' ')} {_bytes(k[name])}" for name in k if name not in _DISK_LISTED and k[name])
+    )
     if plan.get("preflight"):
         p = plan["preflight"]
-        lines.append(f"  preflight the model, its adapter and a tiny batch passed every path the run uses ({', '.join(p['paths'])}) "
-                     f"in {p['seconds']:.1f} s")
+        lines.append(f"  preflight the model, its adapter and a tiny batch passed every path the run uses ({', '.join(p['paths'])}) in {p['seconds']:.1f} s")
         lines.extend(f"  note      {n.removeprefix('ntkselect: note: ')}" for n in p["notes"])
     for w in plan["warnings"]:
         lines.append(f"  warning   {w}")

@@ -107,6 +107,7 @@ class ShardStore:
 
 # -- shard tasks --------------------------------------------------------------------------------
 
+
 @dataclass
 class ShardTask:
     """What runs on one shard: ``fn(model, examples, rt, payload, ids, desc) -> array`` whose
@@ -162,12 +163,34 @@ class Sharding:
     def run(self, stage: str, task: ShardTask, examples: Sequence, payload, desc: str, ids: Sequence[str] | None, *key_parts: Any) -> list[np.ndarray]:
         """:func:`run_sharded` of ``task`` over ``examples``; a shard is trusted only if it was
         computed under ``digest(key, *key_parts)``."""
-        return run_sharded(stage, task, examples, plan_shards(len(examples), self.shard_size), digest(self.key, *key_parts), self.store,
-                           self.executor(), payload, desc, self.progress, ids=ids)
+        return run_sharded(
+            stage,
+            task,
+            examples,
+            plan_shards(len(examples), self.shard_size),
+            digest(self.key, *key_parts),
+            self.store,
+            self.executor(),
+            payload,
+            desc,
+            self.progress,
+            ids=ids,
+        )
 
 
-def run_sharded(stage: str, task: ShardTask, examples: Sequence, specs: Sequence[ShardSpec], key: str, store: ShardStore, executor: "Executor",
-                payload, desc: str, progress: bool = True, ids: Sequence[str] | None = None) -> list[np.ndarray]:
+def run_sharded(
+    stage: str,
+    task: ShardTask,
+    examples: Sequence,
+    specs: Sequence[ShardSpec],
+    key: str,
+    store: ShardStore,
+    executor: "Executor",
+    payload,
+    desc: str,
+    progress: bool = True,
+    ids: Sequence[str] | None = None,
+) -> list[np.ndarray]:
     """Compute every shard not already finished in ``store``; return all shards' arrays in order
     (memory-mapped from disk)."""
     todo = [s for s in specs if not store.is_done(stage, s, key)]

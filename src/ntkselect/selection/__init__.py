@@ -20,8 +20,16 @@ when imported; this package imports them all, in the order ``--method`` lists th
 """
 
 from ntkselect.selection.base import Ranking, SelectionContext, Selector, ordered
-from ntkselect.selection.registry import (SelectorSpec, find_selector, get_selector, register_selector, selector_names, selector_spec,
-                                          selector_specs, unregister_selector)
+from ntkselect.selection.registry import (
+    SelectorSpec,
+    find_selector,
+    get_selector,
+    register_selector,
+    selector_names,
+    selector_spec,
+    selector_specs,
+    unregister_selector,
+)
 
 # the built-in selectors register themselves on import (keep this order: it is --method's)
 from ntkselect.selection.ntk import selector as _ntk  # noqa: F401,E402
@@ -31,5 +39,17 @@ from ntkselect.selection import bm25 as _bm25  # noqa: F401,E402
 from ntkselect.selection import less as _less  # noqa: F401,E402
 from ntkselect.selection import tsds as _tsds  # noqa: F401,E402
 
-__all__ = ["Ranking", "SelectionContext", "Selector", "ordered", "SelectorSpec", "register_selector", "unregister_selector", "get_selector",
-           "selector_spec", "find_selector", "selector_names", "selector_specs"]
+__all__ = [
+    "Ranking",
+    "SelectionContext",
+    "Selector",
+    "ordered",
+    "SelectorSpec",
+    "register_selector",
+    "unregister_selector",
+    "get_selector",
+    "selector_spec",
+    "find_selector",
+    "selector_names",
+    "selector_specs",
+]

@@ -87,8 +87,19 @@ class SelectionContext:
     (configuration, input and model hashes); a marker with another key is never trusted, so a
     rerun resumes exactly where a crash stopped and cannot mix results of different runs."""
 
-    def __init__(self, cfg: SelectConfig, domain: Sequence[Record], pool: Sequence[Record], dom_ex: Sequence, pool_ex: Sequence,
-                 rt: Runtime, log=None, work_dir: str | None = None, key: str = "", log_path: str | None = None):
+    def __init__(
+        self,
+        cfg: SelectConfig,
+        domain: Sequence[Record],
+        pool: Sequence[Record],
+        dom_ex: Sequence,
+        pool_ex: Sequence,
+        rt: Runtime,
+        log=None,
+        work_dir: str | None = None,
+        key: str = "",
+        log_path: str | None = None,
+    ):
         self.cfg, self.domain, self.pool, self.dom_ex, self.pool_ex, self.rt, self.log = cfg, domain, pool, dom_ex, pool_ex, rt, log or logger.info
         self.work_dir = work_dir
         self.key = key or digest(cfg.to_dict())
@@ -117,8 +128,16 @@ class SelectionContext:
 
     def lora_options(self) -> WarmupOptions:
         cfg = self.cfg
-        return WarmupOptions(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules(),
-                             epochs=cfg.warmup_epochs, lr=cfg.warmup_lr, batch_size=cfg.warmup_batch_size, seed=cfg.seed)
+        return WarmupOptions(
+            r=cfg.lora_r,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            target_modules=cfg.target_modules(),
+            epochs=cfg.warmup_epochs,
+            lr=cfg.warmup_lr,
+            batch_size=cfg.warmup_batch_size,
+            seed=cfg.seed,
+        )
 
     def model(self):
         """The model with the warmed-up LoRA adapter (trained on D once, kept on disk, reused)."""
@@ -126,8 +145,16 @@ class SelectionContext:
             cfg, t = self.cfg, time.perf_counter()
             fresh, self._fresh = self._fresh, None
             model = fresh if fresh is not None else add_lora(load_model(cfg.model).to(self.rt.device), self.lora_options())
-            done = warmup_or_resume(model, self.dom_ex, self.lora_options(), self.rt, self.store.root / "warmup", self.key, log=self.log,
-                                    on_done=lambda s: self.store.log({"event": "warmup_done", "seconds": round(s.get("seconds", 0.0), 3)}))
+            done = warmup_or_resume(
+                model,
+                self.dom_ex,
+                self.lora_options(),
+                self.rt,
+                self.store.root / "warmup",
+                self.key,
+                log=self.log,
+                on_done=lambda s: self.store.log({"event": "warmup_done", "seconds": round(s.get("seconds", 0.0), 3)}),
+            )
             self._adam, self.warmup_summary = done.adam, done.summary
             if done.resumed:
                 self.resumed["warmup"] = True
@@ -144,17 +171,25 @@ class SelectionContext:
     def executor(self) -> Executor:
         """Where shards run (``--executor``): this process, or Ray actors that rebuild the warmed-up model."""
         if self._executor is None:
-            self._executor = make_executor(self.cfg.executor, self.model, self.rt, model_name=self.cfg.model,
-                                           lora=dataclasses.asdict(self.lora_options()), address=self.cfg.ray_address, workers=self.cfg.ray_workers,
-                                           log=self.log)
+            self._executor = make_executor(
+                self.cfg.executor,
+                self.model,
+                self.rt,
+                model_name=self.cfg.model,
+                lora=dataclasses.asdict(self.lora_options()),
+                address=self.cfg.ray_address,
+                workers=self.cfg.ray_workers,
+                log=self.log,
+            )
         return self._executor
 
     def sharding(self) -> Sharding:
         """The run's store, executor, key and shard size, for the stage functions."""
         return Sharding(self.store, self.executor, self.key, self.cfg.shard_size, self.rt.progress)
 
-    def run_sharded(self, stage: str, task: ShardTask, examples: Sequence, payload: Any, desc: str, ids: Sequence[str] | None,
-                    *key_parts: Any) -> list[np.ndarray]:
+    def run_sharded(
+        self, stage: str, task: ShardTask, examples: Sequence, payload: Any, desc: str, ids: Sequence[str] | None, *key_parts: Any
+    ) -> list[np.ndarray]:
         """``task`` over ``examples`` shard by shard on the run's executor (see :class:`~ntkselect.runs.shards.Sharding`)."""
         return self.sharding().run(stage, task, examples, payload, desc, ids, *key_parts)
 

@@ -45,5 +45,12 @@ class BM25Selector(Selector):
                 scores += retriever.get_scores(known)
         scores /= max(1, len(queries))
         order, sc = ordered(np.arange(len(corpus)), scores)
-        return Ranking(order, sc, info={"rule": "mean over domain queries of the BM25 score (bm25s, Lucene, k1=1.5, b=0.75, English stopwords)",
-                                        "bm25s": getattr(bm25s, "__version__", "?")}, seconds=time.perf_counter() - t)
+        return Ranking(
+            order,
+            sc,
+            info={
+                "rule": "mean over domain queries of the BM25 score (bm25s, Lucene, k1=1.5, b=0.75, English stopwords)",
+                "bm25s": getattr(bm25s, "__version__", "?"),
+            },
+            seconds=time.perf_counter() - t,
+        )

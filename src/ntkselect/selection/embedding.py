@@ -26,5 +26,11 @@ class EmbeddingSelector(Selector):
         scores = np.concatenate(parts) if parts else np.zeros(0)
         order, sc = ordered(np.arange(len(ctx.pool)), scores)
         own = time.perf_counter() - t
-        return Ranking(order, sc, info={"rule": "mean cosine of the stage-1 embedding to the domain embeddings"},
-                       seconds=own, shared=("warmup", "embeddings"), timings={"embeddings": ctx.shared_seconds.get("embeddings", 0.0), "select": own})
+        return Ranking(
+            order,
+            sc,
+            info={"rule": "mean cosine of the stage-1 embedding to the domain embeddings"},
+            seconds=own,
+            shared=("warmup", "embeddings"),
+            timings={"embeddings": ctx.shared_seconds.get("embeddings", 0.0), "select": own},
+        )

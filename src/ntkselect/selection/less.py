@@ -54,8 +54,9 @@ def _less_shard(model, examples, rt, payload: LessPayload, ids=None, desc="less:
         return (b1 * m + (1 - b1) * g) / torch.sqrt(b2 * v + (1 - b2) * g * g + eps)
 
     proj = make_projector(payload.dim, payload.proj_dim, payload.seed, device=rt.device)
-    return projected_features(model, examples, proj, rt, objective=per_example_loss, transform=adam, chunk_bytes=payload.chunk_bytes,
-                              ids=ids, desc=desc)  # (n, p) float32
+    return projected_features(
+        model, examples, proj, rt, objective=per_example_loss, transform=adam, chunk_bytes=payload.chunk_bytes, ids=ids, desc=desc
+    )  # (n, p) float32
 
 
 #: the shard task of the candidates' LESS features
@@ -78,15 +79,22 @@ def less_cost(plan) -> None:
     passes = math.ceil(n_dom / chunk) + math.ceil(n_pool / chunk)  # each chunk visits every block once
     block_s, block_rows = plan.block_seconds()
     less_b = plan.batches("less", plan.dom_len, plan.dom_tr) + plan.batches("less", plan.pool_len, plan.pool_tr, plan.shards)
-    plan.stage("less", "forward+backward", plan.dom_stats.tokens + plan.pool_stats.tokens, plan.padded(less_b),
-               extra_flops=2 * (n_dom + n_pool) * D * proj, extra_seconds=passes * math.ceil(D / block_rows) * block_s)
+    plan.stage(
+        "less",
+        "forward+backward",
+        plan.dom_stats.tokens + plan.pool_stats.tokens,
+        plan.padded(less_b),
+        extra_flops=2 * (n_dom + n_pool) * D * proj,
+        extra_seconds=passes * math.ceil(D / block_rows) * block_s,
+    )
     plan.activations["less"] = plan.worst("less", less_b)
     plan.projection_bytes = 4 * chunk * D + 4 * BLOCK_ROWS * proj + 4 * 4 * D  # chunk, block, Adam m, v
     plan.temporary["less_features"] = n_pool * proj * 4  # (n_pool, p) float32 memmap, temporary
 
 
-@register_selector("less", uses_model=True, options=("less_proj_dim",), cost=less_cost, tasks=(LESS,), check=_check, paths=("less",),
-                   summary="LESS, Xia et al. 2024")
+@register_selector(
+    "less", uses_model=True, options=("less_proj_dim",), cost=less_cost, tasks=(LESS,), check=_check, paths=("less",), summary="LESS, Xia et al. 2024"
+)
 class LessSelector(Selector):
     def rank(self, ctx: SelectionContext, n: int) -> Ranking:
         cfg, rt = ctx.cfg, ctx.rt
@@ -104,8 +112,9 @@ class LessSelector(Selector):
         # warm-up's moments, m' / sqrt(v' + eps), as in its code (no bias correction)
         p = cfg.less_proj_dim
         projector = make_projector(dim, p, cfg.seed, device=rt.device)
-        dom = projected_features(model, ctx.dom_ex, projector, rt, objective=per_example_loss, chunk_bytes=CHUNK_BYTES,
-                                 desc="less: domain gradients", ids=[r.id for r in ctx.domain])  # (n_dom, p)
+        dom = projected_features(
+            model, ctx.dom_ex, projector, rt, objective=per_example_loss, chunk_bytes=CHUNK_BYTES, desc="less: domain gradients", ids=[r.id for r in ctx.domain]
+        )  # (n_dom, p)
         payload = LessPayload(m.cpu(), v.cpu(), b1, b2, eps, dim, p, cfg.seed, CHUNK_BYTES)
         shards = ctx.run_sharded("less", LESS, ctx.pool_ex, payload, "less: pool gradients", [r.id for r in ctx.pool], "less", p)
         d = torch.from_numpy(dom).double()
@@ -118,7 +127,19 @@ class LessSelector(Selector):
         scores = np.concatenate(parts)
         order, sc = ordered(np.arange(len(ctx.pool)), scores)
         toks = 2 * (sum(len(e.input_ids) for e in ctx.dom_ex) + sum(len(e.input_ids) for e in ctx.pool_ex))  # forward + backward
-        return Ranking(order, sc, seconds=time.perf_counter() - t, tokens=toks, shared=("warmup",), info={
-            "rule": "max over D of cos(phi(Gamma(grad loss(c))), phi(grad loss(x_i))); Gamma = Adam step from the warm-up's moments",
-            "proj_dim": p, "grad_dim": dim, "projector": projector.describe(), "adam_betas": [b1, b2], "adam_eps": eps,
-            "checkpoints": "the single warm-up checkpoint (LESS averages several, weighted by learning rate)"})
+        return Ranking(
+            order,
+            sc,
+            seconds=time.perf_counter() - t,
+            tokens=toks,
+            shared=("warmup",),
+            info={
+                "rule": "max over D of cos(phi(Gamma(grad loss(c))), phi(grad loss(x_i))); Gamma = Adam step from the warm-up's moments",
+                "proj_dim": p,
+                "grad_dim": dim,
+                "projector": projector.describe(),
+                "adam_betas": [b1, b2],
+                "adam_eps": eps,
+                "checkpoints": "the single warm-up checkpoint (LESS averages several, weighted by learning rate)",
+            },
+        )

@@ -20,5 +20,4 @@ class RandomSelector(Selector):
         t = time.perf_counter()
         u = np.random.default_rng([ctx.cfg.seed, _TAG]).random(len(ctx.pool))  # (n_pool,) seeded uniform keys
         order, scores = ordered(np.arange(len(ctx.pool)), u)
-        return Ranking(order, scores, info={"rule": "seeded uniform keys (numpy default_rng([seed, tag])), highest first"},
-                       seconds=time.perf_counter() - t)
+        return Ranking(order, scores, info={"rule": "seeded uniform keys (numpy default_rng([seed, tag])), highest first"}, seconds=time.perf_counter() - t)

@@ -23,8 +23,18 @@ from typing import Callable
 
 from ntkselect.errors import NtkSelectError
 
-__all__ = ["SelectorSpec", "register_selector", "unregister_selector", "get_selector", "selector_spec", "find_selector", "selector_names",
-           "selector_specs", "describe_methods", "RESERVED_NAMES"]
+__all__ = [
+    "SelectorSpec",
+    "register_selector",
+    "unregister_selector",
+    "get_selector",
+    "selector_spec",
+    "find_selector",
+    "selector_names",
+    "selector_specs",
+    "describe_methods",
+    "RESERVED_NAMES",
+]
 
 #: names ``ntkselect evaluate`` uses for its own rows, so no selector may take them
 RESERVED_NAMES = ("domain-only", "oracle", "base")
@@ -65,9 +75,19 @@ class SelectorSpec:
 _REGISTRY: dict[str, SelectorSpec] = {}
 
 
-def register_selector(name: str, cls: type | None = None, *, summary: str = "", uses_model: bool = False, uses_embeddings: bool = False,
-                      options: tuple[str, ...] = (), cost: Callable | None = None, tasks: tuple = (), check: Callable | None = None,
-                      paths: tuple[str, ...] = ()):
+def register_selector(
+    name: str,
+    cls: type | None = None,
+    *,
+    summary: str = "",
+    uses_model: bool = False,
+    uses_embeddings: bool = False,
+    options: tuple[str, ...] = (),
+    cost: Callable | None = None,
+    tasks: tuple = (),
+    check: Callable | None = None,
+    paths: tuple[str, ...] = (),
+):
     """Register the :class:`~ntkselect.selection.base.Selector` subclass ``cls`` as ``--method name``.
 
     Used as a decorator (``@register_selector("name", ...)``) or called with the class. Sets the
@@ -75,14 +95,17 @@ def register_selector(name: str, cls: type | None = None, *, summary: str = "", 
     shard tasks, and returns the class. Registering a name again replaces it only when it is the
     same class (a module imported twice); another class under a taken name is refused."""
     if cls is None:
-        return lambda c: register_selector(name, c, summary=summary, uses_model=uses_model, uses_embeddings=uses_embeddings, options=options,
-                                           cost=cost, tasks=tasks, check=check, paths=paths)
+        return lambda c: register_selector(
+            name, c, summary=summary, uses_model=uses_model, uses_embeddings=uses_embeddings, options=options, cost=cost, tasks=tasks, check=check, paths=paths
+        )
     from ntkselect.config import SelectConfig
     from ntkselect.runs.shards import ShardTask, register_task
     from ntkselect.selection.base import Selector
 
     if not isinstance(name, str) or not _NAME.match(name) or name in RESERVED_NAMES:
-        raise ValueError(f"selector name {name!r}: use lower-case letters, digits, '-' and '_', starting with a letter, and none of {', '.join(RESERVED_NAMES)}")
+        raise ValueError(
+            f"selector name {name!r}: use lower-case letters, digits, '-' and '_', starting with a letter, and none of {', '.join(RESERVED_NAMES)}"
+        )
     if not (isinstance(cls, type) and issubclass(cls, Selector)):
         raise TypeError(f"selector {name!r}: {cls!r} is not a subclass of ntkselect.Selector")
     old = _REGISTRY.get(name)

@@ -88,7 +88,7 @@ def _chunked_search(queries: np.ndarray, shards, k: int, width: int) -> tuple[np
     """:func:`~ntkselect.selection.ntk.stage1.knn_search` over chunks of queries, each chunk's running top-k
     (rows x (k + shard length)) within ``_BUDGET``; ``shards()`` gives the pool's shards anew."""
     rows = max(1, _BUDGET // max(1, width))
-    parts = [knn_search(queries[a:a + rows], shards(), k) for a in range(0, len(queries), rows)]
+    parts = [knn_search(queries[a : a + rows], shards(), k) for a in range(0, len(queries), rows)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -127,7 +127,7 @@ def kde(pool_emb, members: np.ndarray, sigma: float, k: int) -> tuple[np.ndarray
     rows = max(1, _BUDGET // max(len(loc) for loc in local))
     rho, within = np.empty(len(members)), np.empty(len(members), dtype=np.int64)
     for a in range(0, len(members), rows):
-        xq = _normalise(_rows(shards, bounds, members[a:a + rows]))  # (r, d)
+        xq = _normalise(_rows(shards, bounds, members[a : a + rows]))  # (r, d)
         top = np.zeros((len(xq), 0))  # (r, <=k) the largest positive kernel values so far
         count = np.zeros(len(xq), dtype=np.int64)  # (r,) members within σ so far
         for shard, loc in zip(shards, local):
@@ -143,7 +143,7 @@ def kde(pool_emb, members: np.ndarray, sigma: float, k: int) -> tuple[np.ndarray
             top = np.concatenate([top, best], 1)
             if top.shape[1] > k:
                 top = -np.partition(-top, k - 1, axis=1)[:, :k]  # (r, k)
-        rho[a:a + rows], within[a:a + rows] = top.sum(1), np.minimum(count, k)
+        rho[a : a + rows], within[a : a + rows] = top.sum(1), np.minimum(count, k)
     return rho, within
 
 
@@ -179,8 +179,7 @@ def best_cosine(domain_emb: np.ndarray, pool_emb) -> np.ndarray:
     return np.concatenate([(_normalise(np.asarray(s)) @ q.T).max(1) for s in _as_shards(pool_emb)])
 
 
-def tsds(domain_emb: np.ndarray, pool_emb, alpha: float = 0.5, c: float = 5.0, sigma: float = 0.75,
-         max_k: int = 5000, kde_k: int = 1000) -> TsdsResult:
+def tsds(domain_emb: np.ndarray, pool_emb, alpha: float = 0.5, c: float = 5.0, sigma: float = 0.75, max_k: int = 5000, kde_k: int = 1000) -> TsdsResult:
     """TSDS probabilities over the pool (steps 1-6 above). ``pool_emb``: one (n_pool, d) array or
     a list of shards in pool order; the result does not depend on the sharding. The defaults are
     the authors' ``config.yaml`` (alpha 0.5, C 5.0, sigma 0.75, max_K 5000, kde_K 1000)."""
@@ -203,10 +202,19 @@ def tsds(domain_emb: np.ndarray, pool_emb, alpha: float = 0.5, c: float = 5.0, s
     kde_all[members] = rho_u
     nearest = best_cosine(domain_emb, shards)
     t3 = time.perf_counter()
-    return TsdsResult(probs=probs, kde=kde_all, nearest=nearest, k=k, kde_k=k_kde, level=s, stopped=stopped, neighbourhood=len(members),
-                      near_duplicates=None if within is None else float(within.mean() - 1.0),
-                      capped_queries=int((1.0 / rho[:, 0] > s).sum()) if k >= 2 else 0,
-                      seconds={"knn": t1 - t0, "kde": t2 - t1, "transport": t3 - t2})
+    return TsdsResult(
+        probs=probs,
+        kde=kde_all,
+        nearest=nearest,
+        k=k,
+        kde_k=k_kde,
+        level=s,
+        stopped=stopped,
+        neighbourhood=len(members),
+        near_duplicates=None if within is None else float(within.mean() - 1.0),
+        capped_queries=int((1.0 / rho[:, 0] > s).sum()) if k >= 2 else 0,
+        seconds={"knn": t1 - t0, "kde": t2 - t1, "transport": t3 - t2},
+    )
 
 
 def draw_order(probs: np.ndarray, nearest: np.ndarray, seed: int) -> np.ndarray:
@@ -229,8 +237,14 @@ def draw_order(probs: np.ndarray, nearest: np.ndarray, seed: int) -> np.ndarray:
 
 # -- the selector ----------------------------------------------------------------------------
 
-@register_selector("tsds", uses_model=True, uses_embeddings=True, options=("tsds_alpha", "tsds_c", "tsds_sigma", "tsds_max_k", "tsds_kde_k"),
-                   summary="TSDS, Liu et al. 2024, on stage-1 embeddings")
+
+@register_selector(
+    "tsds",
+    uses_model=True,
+    uses_embeddings=True,
+    options=("tsds_alpha", "tsds_c", "tsds_sigma", "tsds_max_k", "tsds_kde_k"),
+    summary="TSDS, Liu et al. 2024, on stage-1 embeddings",
+)
 class TsdsSelector(Selector):
     """``--method tsds``: :func:`tsds` on stage 1's embeddings, then :func:`draw_order`."""
 
@@ -241,23 +255,45 @@ class TsdsSelector(Selector):
         r = tsds(dom, pool, alpha=cfg.tsds_alpha, c=cfg.tsds_c, sigma=cfg.tsds_sigma, max_k=cfg.tsds_max_k, kde_k=cfg.tsds_kde_k)
         order = draw_order(r.probs, r.nearest, cfg.seed)
         nonzero = int((r.probs > 0).sum())
-        ctx.log(f"ntkselect: tsds K = {r.k}, KDE K = {r.kde_k}, {r.neighbourhood} candidates in the domain's neighbourhoods, "
-                f"{nonzero} with nonzero probability" + ("" if r.stopped else "; the alpha/C condition never held, every domain example spread over all K"))
+        ctx.log(
+            f"ntkselect: tsds K = {r.k}, KDE K = {r.kde_k}, {r.neighbourhood} candidates in the domain's neighbourhoods, "
+            f"{nonzero} with nonzero probability" + ("" if r.stopped else "; the alpha/C condition never held, every domain example spread over all K")
+        )
         if nonzero < n:
-            ctx.log(f"ntkselect: tsds: only {nonzero} candidates have nonzero probability; the other {n - nonzero} selected are the "
-                    "zero-probability candidates with the best cosine to the domain")
+            ctx.log(
+                f"ntkselect: tsds: only {nonzero} candidates have nonzero probability; the other {n - nonzero} selected are the "
+                "zero-probability candidates with the best cosine to the domain"
+            )
         own = time.perf_counter() - t
-        return Ranking(order, r.probs[order], columns={"kde": r.kde[order]}, seconds=own, shared=("warmup", "embeddings"),
-                       timings={"embeddings": ctx.shared_seconds.get("embeddings", 0.0), "select": own}, info={
-            "rule": "TSDS (Liu et al. 2024, KNN-KDE as in the authors' tsds.py): score = the candidate's probability; order = a seeded "
-                    "draw without replacement in proportion to it, then the zero-probability candidates",
-            "alpha": cfg.tsds_alpha, "C": cfg.tsds_c, "sigma": cfg.tsds_sigma, "max_k": cfg.tsds_max_k, "kde_k": cfg.tsds_kde_k,
-            "k_used": r.k, "kde_k_used": r.kde_k, "caps": "K = min(max_k, pool // 10) >= 2, KDE K = min(kde_k, pool // 10) >= 1",
-            "embeddings": "stage-1 embeddings, L2-normalised; Euclidean distance",
-            "search": "exact float64 kNN (the original: approximate FAISS IndexIVFFlat); the KDE among the candidates in the neighbourhoods",
-            "kernel": "max(0, 1 - |x - y|^2 / sigma^2) summed over the KDE K nearest, the candidate itself included",
-            "level_s": r.level, "stopped_by_alpha_c": r.stopped, "neighbourhood": r.neighbourhood, "nonzero_probability": nonzero,
-            "capped_domain_examples": r.capped_queries, "mean_near_duplicates": r.near_duplicates,
-            "sampling": "Efraimidis-Spirakis without replacement: keys u^(1/p), u from numpy default_rng([seed, 0x54534453]), highest first "
-                        "(the original draws N with replacement, np.random.multinomial); then p = 0 candidates by best cosine to D, then pool position",
-            "seconds": r.seconds})
+        return Ranking(
+            order,
+            r.probs[order],
+            columns={"kde": r.kde[order]},
+            seconds=own,
+            shared=("warmup", "embeddings"),
+            timings={"embeddings": ctx.shared_seconds.get("embeddings", 0.0), "select": own},
+            info={
+                "rule": "TSDS (Liu et al. 2024, KNN-KDE as in the authors' tsds.py): score = the candidate's probability; order = a seeded "
+                "draw without replacement in proportion to it, then the zero-probability candidates",
+                "alpha": cfg.tsds_alpha,
+                "C": cfg.tsds_c,
+                "sigma": cfg.tsds_sigma,
+                "max_k": cfg.tsds_max_k,
+                "kde_k": cfg.tsds_kde_k,
+                "k_used": r.k,
+                "kde_k_used": r.kde_k,
+                "caps": "K = min(max_k, pool // 10) >= 2, KDE K = min(kde_k, pool // 10) >= 1",
+                "embeddings": "stage-1 embeddings, L2-normalised; Euclidean distance",
+                "search": "exact float64 kNN (the original: approximate FAISS IndexIVFFlat); the KDE among the candidates in the neighbourhoods",
+                "kernel": "max(0, 1 - |x - y|^2 / sigma^2) summed over the KDE K nearest, the candidate itself included",
+                "level_s": r.level,
+                "stopped_by_alpha_c": r.stopped,
+                "neighbourhood": r.neighbourhood,
+                "nonzero_probability": nonzero,
+                "capped_domain_examples": r.capped_queries,
+                "mean_near_duplicates": r.near_duplicates,
+                "sampling": "Efraimidis-Spirakis without replacement: keys u^(1/p), u from numpy default_rng([seed, 0x54534453]), highest first "
+                "(the original draws N with replacement, np.random.multinomial); then p = 0 candidates by best cosine to D, then pool position",
+                "seconds": r.seconds,
+            },
+        )

@@ -53,9 +53,16 @@ def finetune(model_name: str, examples: Sequence, recipe: FinetuneRecipe, rt: Ru
     t = time.perf_counter()
     model = load_model(model_name).to(rt.device)
     t_mod = recipe.lora_target_modules.strip()
-    opts = WarmupOptions(r=recipe.lora_r, alpha=recipe.lora_alpha, dropout=0.0,
-                         target_modules=t_mod if t_mod == "all-linear" else [m.strip() for m in t_mod.split(",") if m.strip()],
-                         epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, seed=seed)
+    opts = WarmupOptions(
+        r=recipe.lora_r,
+        alpha=recipe.lora_alpha,
+        dropout=0.0,
+        target_modules=t_mod if t_mod == "all-linear" else [m.strip() for m in t_mod.split(",") if m.strip()],
+        epochs=recipe.epochs,
+        lr=recipe.lr,
+        batch_size=recipe.batch_size,
+        seed=seed,
+    )
     model = add_lora(model, opts)
     summary = warmup(model, examples, opts, rt, desc=desc)
     summary["tokens"] = int(round(sum(len(e.input_ids) for e in examples) * recipe.epochs))

@@ -227,8 +227,9 @@ class WarmupRun:
     resumed: bool = False
 
 
-def warmup_or_resume(model, examples, opts: WarmupOptions, rt: Runtime, wdir: str | Path, key: str, log: Callable[[str], None] | None = None,
-                     on_done=None) -> WarmupRun:
+def warmup_or_resume(
+    model, examples, opts: WarmupOptions, rt: Runtime, wdir: str | Path, key: str, log: Callable[[str], None] | None = None, on_done=None
+) -> WarmupRun:
     """:func:`warmup` ``model`` in place, keeping the adapter and the Adam moments in ``wdir``
     with a completion marker naming ``key``; if a marker with this key is there, load them
     instead (bit for bit the finished warm-up). ``on_done(summary)`` is called after a warm-up

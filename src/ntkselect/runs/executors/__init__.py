@@ -15,8 +15,9 @@ from ntkselect.runs.executors.ray import RayExecutor, worker_spec
 __all__ = ["Executor", "Job", "LocalExecutor", "RayExecutor", "make_executor"]
 
 
-def make_executor(kind: str, model_fn: Callable[[], Any], rt, *, model_name: str = "", lora: dict | None = None, address: str = "",
-                  workers: int = 0, log=None) -> Executor:
+def make_executor(
+    kind: str, model_fn: Callable[[], Any], rt, *, model_name: str = "", lora: dict | None = None, address: str = "", workers: int = 0, log=None
+) -> Executor:
     """``local``: shards in this process with ``model_fn()``'s model. ``ray``: actors that
     rebuild that model from ``model_name``, the LoRA options ``lora`` and its adapter's weights.
     The Ray executor's message goes to ``log`` (default: its module's logger, at INFO)."""

@@ -30,10 +30,18 @@ def worker_spec(model, model_name: str, lora: dict, rt) -> dict:
     options ``lora`` and the adapter's current weights) and the run's batching."""
     from peft import get_peft_model_state_dict
 
-    return {"model": model_name, "lora": lora,
-            "adapter_state": {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()},
-            "dtype": str(rt.dtype).replace("torch.", ""), "batch_size": rt.batch_size, "max_batch_tokens": rt.max_batch_tokens,
-            "padding_side": rt.padding_side, "pad_id": rt.pad_id, "memory": rt.memory, "device_type": rt.device.type}
+    return {
+        "model": model_name,
+        "lora": lora,
+        "adapter_state": {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()},
+        "dtype": str(rt.dtype).replace("torch.", ""),
+        "batch_size": rt.batch_size,
+        "max_batch_tokens": rt.max_batch_tokens,
+        "padding_side": rt.padding_side,
+        "pad_id": rt.pad_id,
+        "memory": rt.memory,
+        "device_type": rt.device.type,
+    }
 
 
 def _worker_class():
@@ -61,8 +69,15 @@ def _worker_class():
 
             set_peft_model_state_dict(model, spec["adapter_state"])
             self.model = model.to(device).eval()
-            self.rt = Runtime(device=device, dtype=dtype, batch_size=spec["batch_size"], max_batch_tokens=spec["max_batch_tokens"],
-                              padding_side=spec["padding_side"], pad_id=spec["pad_id"], progress=False)
+            self.rt = Runtime(
+                device=device,
+                dtype=dtype,
+                batch_size=spec["batch_size"],
+                max_batch_tokens=spec["max_batch_tokens"],
+                padding_side=spec["padding_side"],
+                pad_id=spec["pad_id"],
+                progress=False,
+            )
             mem = spec.get("memory")
             if mem is not None and device.type == spec.get("device_type") and str(dtype).replace("torch.", "") == spec["dtype"]:
                 from ntkselect.model.memory import MemoryCosts, activation_budget
@@ -95,11 +110,18 @@ class RayExecutor(Executor):
         self.ray = ray
         if not ray.is_initialized():
             try:
-                ray.init(address=address or None, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-                         runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+                ray.init(
+                    address=address or None,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    ignore_reinit_error=True,
+                    runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+                )
             except (ConnectionError, RuntimeError, ValueError) as err:
-                raise NtkSelectError(f"--ray-address {address!r}: cannot connect to a Ray cluster ({str(err).splitlines()[0]}); "
-                                     "start one with `ray start --head` or leave --ray-address empty for a local one") from None
+                raise NtkSelectError(
+                    f"--ray-address {address!r}: cannot connect to a Ray cluster ({str(err).splitlines()[0]}); "
+                    "start one with `ray start --head` or leave --ray-address empty for a local one"
+                ) from None
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0))
         use_gpu = gpus > 0
@@ -132,8 +154,10 @@ class RayExecutor(Executor):
             try:
                 index, arr, secs = ray.get(done[0])
             except ray.exceptions.RayError as err:
-                raise NtkSelectError(f"a Ray worker failed after its retries ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                                     "rerun the same command to resume from the finished shards") from None
+                raise NtkSelectError(
+                    f"a Ray worker failed after its retries ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                    "rerun the same command to resume from the finished shards"
+                ) from None
             yield specs[index], arr, secs
 
     def close(self) -> None:

@@ -37,8 +37,16 @@ def ntk_cost(plan) -> None:
     plan.projection_bytes = 4 * 2 * D + (4 * BLOCK_ROWS * proj if proj else 0)  # ḡ_D and v (+ one block)
 
 
-@register_selector("ntk", uses_model=True, uses_embeddings=True, options=("knn_k", "preselect_factor", "proj_dim"), cost=ntk_cost, tasks=(SCORE,),
-                   paths=("ntk",), summary="NTK-Selector")
+@register_selector(
+    "ntk",
+    uses_model=True,
+    uses_embeddings=True,
+    options=("knn_k", "preselect_factor", "proj_dim"),
+    cost=ntk_cost,
+    tasks=(SCORE,),
+    paths=("ntk",),
+    summary="NTK-Selector",
+)
 class NtkSelector(Selector):
     def rank(self, ctx: SelectionContext, n: int) -> Ranking:
         cfg = ctx.cfg
@@ -48,8 +56,17 @@ class NtkSelector(Selector):
         cand = s1.selected
         t2 = time.perf_counter()
         ids = [ctx.pool[int(i)].id for i in cand]
-        s2 = run_stage2(ctx.model(), ctx.dom_ex, [ctx.pool_ex[int(i)] for i in cand], ctx.rt, cfg.proj_dim, cfg.seed,
-                        domain_ids=[r.id for r in ctx.domain], candidate_ids=ids, sharding=ctx.sharding())
+        s2 = run_stage2(
+            ctx.model(),
+            ctx.dom_ex,
+            [ctx.pool_ex[int(i)] for i in cand],
+            ctx.rt,
+            cfg.proj_dim,
+            cfg.seed,
+            domain_ids=[r.id for r in ctx.domain],
+            candidate_ids=ids,
+            sharding=ctx.sharding(),
+        )
         if s2.resumed:
             ctx.resumed["stage2_vector"] = True
         order, sc = ordered(cand, s2.scores)
@@ -57,10 +74,32 @@ class NtkSelector(Selector):
         ctx.log(f"ntkselect: stage 1 kept {len(cand)} candidates (K = {s1.k_used}, {int((s1.votes > 0).sum())} got a vote)")
         toks = 2 * (s2.tokens["domain"] + s2.tokens["candidates"])
         timings = {"stage1": ctx.shared_seconds.get("embeddings", 0.0) + (t2 - t), "stage2": time.perf_counter() - t2}
-        return Ranking(order, sc, columns={"votes": votes}, seconds=time.perf_counter() - t, tokens=toks, shared=("warmup", "embeddings"), timings=timings, info={
-            "stage1": {"m": int(len(cand)), "k_requested": cfg.knn_k, "k_used": s1.k_used, "voted_candidates": int((s1.votes > 0).sum()),
-                       "tie_break": "votes desc, best cosine desc, pool position asc", "seconds": s1.seconds},
-            "stage2": {"grad_dim": s2.grad_dim, "proj_dim": s2.proj_dim, "projector": s2.projector, "seconds": s2.seconds, "tokens": s2.tokens,
-                       "objective": "f(x) = (1/T) sum_t sum_k logit[t,k], via h_t . sum_k w_k",
-                       "score": "mean_i <phi(g(x_i)), phi(g(c_j))> = <phi*(phi(mean_i g(x_i))), g(c_j)>",
-                       "tie_break": "score desc, pool position asc"}})
+        return Ranking(
+            order,
+            sc,
+            columns={"votes": votes},
+            seconds=time.perf_counter() - t,
+            tokens=toks,
+            shared=("warmup", "embeddings"),
+            timings=timings,
+            info={
+                "stage1": {
+                    "m": int(len(cand)),
+                    "k_requested": cfg.knn_k,
+                    "k_used": s1.k_used,
+                    "voted_candidates": int((s1.votes > 0).sum()),
+                    "tie_break": "votes desc, best cosine desc, pool position asc",
+                    "seconds": s1.seconds,
+                },
+                "stage2": {
+                    "grad_dim": s2.grad_dim,
+                    "proj_dim": s2.proj_dim,
+                    "projector": s2.projector,
+                    "seconds": s2.seconds,
+                    "tokens": s2.tokens,
+                    "objective": "f(x) = (1/T) sum_t sum_k logit[t,k], via h_t . sum_k w_k",
+                    "score": "mean_i <phi(g(x_i)), phi(g(c_j))> = <phi*(phi(mean_i g(x_i))), g(c_j)>",
+                    "tie_break": "score desc, pool position asc",
+                },
+            },
+        )

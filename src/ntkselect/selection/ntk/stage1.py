@@ -55,8 +55,9 @@ def _fused(model):
 
 
 @torch.no_grad()
-def embed(model, examples: Sequence, rt: Runtime, out_path: str | Path | None = None, desc: str = "stage 1: embeddings",
-          ids: Sequence[str] | None = None) -> np.ndarray:
+def embed(
+    model, examples: Sequence, rt: Runtime, out_path: str | Path | None = None, desc: str = "stage 1: embeddings", ids: Sequence[str] | None = None
+) -> np.ndarray:
     """(n, d) float32 masked-mean final hidden states, in input order.
 
     With ``out_path`` the array is a disk-backed ``.npy`` memmap, so the pool's embeddings never
@@ -107,8 +108,9 @@ def _embed_shard(model, examples, rt, payload: EmbedPayload, ids=None, desc="sta
 EMBED = register_task(ShardTask("embed", _embed_shard, EmbedPayload))
 
 
-def embed_sets(model, domain: Sequence, pool: Sequence, rt: Runtime, sharding: Sharding, domain_ids: Sequence[str] | None = None,
-               pool_ids: Sequence[str] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+def embed_sets(
+    model, domain: Sequence, pool: Sequence, rt: Runtime, sharding: Sharding, domain_ids: Sequence[str] | None = None, pool_ids: Sequence[str] | None = None
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """(n_domain, d) and the pool's (rows, d) float32 shards (memory-mapped): D embedded here,
     the pool shard by shard on ``sharding``'s executor, finished shards reused."""
     dom = embed(model, domain, rt, desc="stage 1: domain embeddings", ids=domain_ids)
@@ -137,7 +139,7 @@ def knn_search(queries: np.ndarray, pool_emb, k: int) -> tuple[np.ndarray, np.nd
     top_s = np.full((len(q), 0), -np.inf)  # (n_q, <=k) running best cosines
     top_i = np.zeros((len(q), 0), dtype=np.int64)  # (n_q, <=k) their pool indices
     start = 0
-    for shard in ([pool_emb] if isinstance(pool_emb, np.ndarray) else pool_emb):
+    for shard in [pool_emb] if isinstance(pool_emb, np.ndarray) else pool_emb:
         x = _normalise(np.asarray(shard))  # (s, d)
         sims = q @ x.T  # (n_q, s) float64
         ids = np.broadcast_to(np.arange(start, start + len(x), dtype=np.int64), sims.shape)

@@ -47,8 +47,17 @@ from ntkselect.grads.projection import AbstractProjector, make_projector
 from ntkselect.model.runtime import Runtime
 from ntkselect.runs.shards import ShardTask, Sharding, digest, register_task
 
-__all__ = ["Stage2Result", "per_example_gradients", "domain_mean_gradient", "domain_vector", "score_against", "projected_features", "run_stage2",
-           "SCORE", "ScorePayload"]
+__all__ = [
+    "Stage2Result",
+    "per_example_gradients",
+    "domain_mean_gradient",
+    "domain_vector",
+    "score_against",
+    "projected_features",
+    "run_stage2",
+    "SCORE",
+    "ScorePayload",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +87,7 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def _backward_batches(model, examples, rt: Runtime, desc: str, fused: bool = True, ids: Sequence[str] | None = None,
-                      stream: tuple = (None,), objective=None):
+def _backward_batches(model, examples, rt: Runtime, desc: str, fused: bool = True, ids: Sequence[str] | None = None, stream: tuple = (None,), objective=None):
     """Yield (batch, hooks) after the backward pass of Σ_b f(x_b) for each batch.
 
     ``objective(model, batch, head) -> (B,)`` replaces f (the summed logits) by another
@@ -127,8 +135,13 @@ def _pass_kind(stream: tuple, objective) -> str:
 
 def _backward_loop(model, examples, rt: Runtime, desc: str, fused: bool, ids, stream: tuple, head, prog: Progress, cap: int, objective):
     # capped in examples, padded tokens and, with a measured memory cost, bytes (ntkselect.model.memory)
-    pending = make_batches([len(e.input_ids) for e in examples], rt.batch_size, rt.max_batch_tokens, fits=rt.fits(_pass_kind(stream, objective)),
-                           trained=[sum(e.train_mask[1:]) for e in examples])
+    pending = make_batches(
+        [len(e.input_ids) for e in examples],
+        rt.batch_size,
+        rt.max_batch_tokens,
+        fits=rt.fits(_pass_kind(stream, objective)),
+        trained=[sum(e.train_mask[1:]) for e in examples],
+    )
     with gradient_hooks(model, fused) as hooks:
         while pending:
             idx = pending.pop(0)
@@ -153,7 +166,9 @@ def _backward_loop(model, examples, rt: Runtime, desc: str, fused: bool, ids, st
                 if rt.device.type == "cuda":
                     torch.cuda.empty_cache()
                 if len(idx) == 1:
-                    raise NtkSelectError(f"{desc}: out of memory on a single example ({_label(idx[0], ids)}, {len(examples[idx[0]].input_ids)} tokens); lower --max-length") from None
+                    raise NtkSelectError(
+                        f"{desc}: out of memory on a single example ({_label(idx[0], ids)}, {len(examples[idx[0]].input_ids)} tokens); lower --max-length"
+                    ) from None
                 cap = max(1, len(idx) // 2)
                 logger.warning(f"{desc}: out of memory with {len(idx)} examples per batch; retrying with {cap}")
                 pending.insert(0, idx)
@@ -198,8 +213,15 @@ def domain_mean_gradient(model, examples: Sequence, rt: Runtime, fused: bool = T
     return out
 
 
-def score_against(model, examples: Sequence, vec: dict[str, torch.Tensor], rt: Runtime, desc: str = "stage 2: candidates", fused: bool = True,
-                  ids: Sequence[str] | None = None) -> np.ndarray:
+def score_against(
+    model,
+    examples: Sequence,
+    vec: dict[str, torch.Tensor],
+    rt: Runtime,
+    desc: str = "stage 2: candidates",
+    fused: bool = True,
+    ids: Sequence[str] | None = None,
+) -> np.ndarray:
     """(n,) float64: ⟨vec, g(x)⟩ for every example, by contraction inside the hooks."""
     vec = {n: v.to(rt.device) for n, v in vec.items()}
     scores = np.full(len(examples), np.nan, dtype=np.float64)
@@ -212,9 +234,19 @@ def score_against(model, examples: Sequence, vec: dict[str, torch.Tensor], rt: R
     return scores
 
 
-def projected_features(model, examples: Sequence, projector: AbstractProjector, rt: Runtime, fused: bool = True,
-                       out_path: str | Path | None = None, chunk_bytes: int = 1 << 30, objective=None, transform=None,
-                       desc: str = "stage 2: projected features", ids: Sequence[str] | None = None) -> np.ndarray:
+def projected_features(
+    model,
+    examples: Sequence,
+    projector: AbstractProjector,
+    rt: Runtime,
+    fused: bool = True,
+    out_path: str | Path | None = None,
+    chunk_bytes: int = 1 << 30,
+    objective=None,
+    transform=None,
+    desc: str = "stage 2: projected features",
+    ids: Sequence[str] | None = None,
+) -> np.ndarray:
     """(n, p) float32 φ(g(x)) for every example, in input order: the explicit route, for per-pair
     kernels, max-over-D aggregation and diagnostics.
 
@@ -253,8 +285,9 @@ def projected_features(model, examples: Sequence, projector: AbstractProjector, 
     return out
 
 
-def domain_vector(model, domain: Sequence, rt: Runtime, proj_dim: int = 0, seed: int = 0, fused: bool = True,
-                  domain_ids: Sequence[str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def domain_vector(
+    model, domain: Sequence, rt: Runtime, proj_dim: int = 0, seed: int = 0, fused: bool = True, domain_ids: Sequence[str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
     """v with s_j = ⟨v, g(c_j)⟩: φ*(φ(ḡ_D)), which is ḡ_D itself for the exact kernel (``proj_dim = 0``)."""
     names_shapes = [(n, p.shape) for n, p in lora_parameters(model)]
     dim = sum(math.prod(s) for _, s in names_shapes)
@@ -268,8 +301,7 @@ def domain_vector(model, domain: Sequence, rt: Runtime, proj_dim: int = 0, seed:
     vec = projector.gram_params(gbar, tick=lambda: prog.update(1))  # φ*(φ(ḡ_D))
     prog.close()
     times["projection"] = time.perf_counter() - t
-    return vec, {"grad_dim": dim, "proj_dim": proj_dim, "projector": projector.describe(), "seconds": times,
-                 "tokens": sum(len(e.input_ids) for e in domain)}
+    return vec, {"grad_dim": dim, "proj_dim": proj_dim, "projector": projector.describe(), "seconds": times, "tokens": sum(len(e.input_ids) for e in domain)}
 
 
 @dataclass
@@ -305,9 +337,18 @@ def _kept_domain_vector(model, domain, rt, proj_dim, seed, fused, domain_ids, sh
     return vec, info, False
 
 
-def run_stage2(model, domain: Sequence, candidates: Sequence, rt: Runtime, proj_dim: int = 8192, seed: int = 0, fused: bool = True,
-               domain_ids: Sequence[str] | None = None, candidate_ids: Sequence[str] | None = None,
-               sharding: Sharding | None = None) -> Stage2Result:
+def run_stage2(
+    model,
+    domain: Sequence,
+    candidates: Sequence,
+    rt: Runtime,
+    proj_dim: int = 8192,
+    seed: int = 0,
+    fused: bool = True,
+    domain_ids: Sequence[str] | None = None,
+    candidate_ids: Sequence[str] | None = None,
+    sharding: Sharding | None = None,
+) -> Stage2Result:
     """Stage 2: s_j = mean_i ⟨φ(g(x_i)), φ(g(c_j))⟩ for every candidate c_j, in the order given.
 
     ``proj_dim = 0`` is the exact kernel. With ``sharding`` v and every shard of scores are kept
