@@ -216,8 +216,8 @@ def test_overwrite_with_a_bad_flag_keeps_the_finished_run(bad, finished, files, 
 
 @pytest.mark.parametrize("how", ["error", "interrupt"])
 def test_a_failed_or_interrupted_replacement_keeps_the_old_run_and_resumes(how, finished, files, tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from ntkselect.selection.ntk.selector import NtkSelector
     from ntkselect.errors import NtkSelectError
+    from ntkselect.selection.ntk.selector import NtkSelector
 
     out, before = finished
     real = NtkSelector.rank

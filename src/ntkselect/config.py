@@ -183,7 +183,7 @@ class SelectConfig:
     ray_address: str = _opt("", "--executor ray: address of a running cluster (e.g. ray://head:10001 or auto); empty starts a local one")
     ray_workers: int = _opt(0, "--executor ray: number of actors (0 = one per GPU, or one per 2 CPUs without GPUs)")
 
-    def validate(self) -> "SelectConfig":
+    def validate(self) -> SelectConfig:
         def bad(name: str, why: str) -> NtkSelectError:
             flag = "--" + name.replace("_", "-")
             return NtkSelectError(f"{flag}: {why} (got {getattr(self, name)!r})")

@@ -277,9 +277,8 @@ def preflight_select(
     use, exactly as a freshly loaded one; otherwise it is freed. None when nothing uses a model."""
     from ntkselect.model.loading import load_model
     from ntkselect.pipeline import make_runtime
-    from ntkselect.training.warmup import WarmupOptions, add_lora
-
     from ntkselect.selection.registry import find_selector
+    from ntkselect.training.warmup import WarmupOptions, add_lora
 
     methods = list(methods or [cfg.method])
     used = [s for s in map(find_selector, methods) if s is not None and s.uses_model]  # evaluate's baseline and oracle are not selectors

@@ -28,17 +28,18 @@ import shutil
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ntkselect.data.batching import make_batches
 from ntkselect.config import SelectConfig
+from ntkselect.data.batching import make_batches
 from ntkselect.data.records import load_records, record_text, tokenize_records
 from ntkselect.errors import NtkSelectError
-from ntkselect.runs.folder import SELECT, check_paths
 from ntkselect.model.loading import DEFAULT_MODEL, load_tokenizer
 from ntkselect.model.memory import rss_bytes
 from ntkselect.model.preflight import preflight_select
+from ntkselect.runs.folder import SELECT, check_paths
 
 __all__ = ["estimate", "format_plan", "model_facts", "calibrate", "PlanBuilder"]
 
@@ -152,9 +153,11 @@ def calibrate(device: torch.device, dtype: torch.dtype, proj_dim: int = 0) -> di
 
 def _time_block(device: torch.device, proj_dim: int) -> dict:
     """Seconds to generate and apply one block of a ``proj_dim`` projection on ``device``."""
-    from ntkselect.grads.projection import BLOCK_ROWS, make_projector
+    from ntkselect.grads.projection import BLOCK_ROWS, RademacherProjector, make_projector
 
     proj = make_projector(BLOCK_ROWS, proj_dim, 0, device=device)
+    if not isinstance(proj, RademacherProjector):  # proj_dim = 0 is the identity: no blocks to time
+        raise ValueError(f"a projection block needs proj_dim > 0 (got {proj_dim})")
     v = torch.randn(1, BLOCK_ROWS, device=device)  # (1, rows)
     t = time.perf_counter()
     v @ proj.block(0, torch.float32)  # (1, rows) @ (rows, p): generation dominates
@@ -233,10 +236,17 @@ class PlanBuilder:
     def padded(shapes) -> int:
         return sum(B * L for B, L, _ in shapes)
 
+    def _model_plan(self, what: str) -> tuple[dict, dict]:
+        """(facts, calibration): there only when the method uses the model (its registration's ``uses_model``)."""
+        if self.facts is None or self.cal is None:
+            raise TypeError(f"PlanBuilder.{what} prices work of the model, and --method {self.cfg.method} uses none (uses_model=False)")
+        return self.facts, self.cal
+
     def stage(self, name: str, passes: str, tokens: float, padded: float, extra_flops: float = 0.0, extra_seconds: float = 0.0) -> None:
         """A stage of passes through the model: FLOPs ~ 2 P per padded token forward, x 3 with backward."""
-        flops = (2 if passes == "forward" else 6) * self.params * padded + extra_flops
-        self.add_stage(name, passes, tokens, padded, flops, flops / self.cal["flops_per_s"] + extra_seconds)
+        facts, cal = self._model_plan("stage")
+        flops = (2 if passes == "forward" else 6) * facts["params"] * padded + extra_flops
+        self.add_stage(name, passes, tokens, padded, flops, flops / cal["flops_per_s"] + extra_seconds)
 
     def add_stage(self, name: str, passes: str, tokens: float, padded: float | None = None, flops: float | None = None, seconds: float = 0.0) -> None:
         self.stages.append(
@@ -253,9 +263,10 @@ class PlanBuilder:
 
     def block_seconds(self) -> tuple[float, int]:
         """(seconds, rows) of one block of the ``proj_dim`` projection, timed once on the run's device."""
-        if "block_seconds" not in self.cal:
-            self.cal.update(_time_block(self.device, self.proj_dim))
-        return self.cal["block_seconds"], self.cal["block_rows"]
+        _, cal = self._model_plan("block_seconds")
+        if "block_seconds" not in cal:
+            cal.update(_time_block(self.device, self.proj_dim))
+        return cal["block_seconds"], cal["block_rows"]
 
 
 def estimate(cfg: SelectConfig) -> dict:
@@ -355,7 +366,7 @@ def estimate(cfg: SelectConfig) -> dict:
     # batch's activations (measured per token by the preflight, times the allocator's share) and the
     # projection buffers
     factor = overhead(device) if uses_model else 1.0
-    memory = {
+    memory: dict[str, Any] = {  # bytes; by_stage a dict, budget None without a cap
         "process": process_bytes,
         "weights": 0,
         "lora_and_optimizer": 0,
@@ -363,6 +374,7 @@ def estimate(cfg: SelectConfig) -> dict:
         "projection": plan.projection_bytes,
     }
     if uses_model:
+        assert facts is not None and pre is not None  # both made above for a method that uses the model
         memory["weights"] = 4 * facts["params"]  # loaded in float32; autocast only changes the matmuls
         # the preflight ran every path once with the model loaded: what the process holds then (libraries initialised, the
         # allocator's first arenas) is what a run holds before its stages; less the weights, counted on their own
@@ -380,7 +392,7 @@ def estimate(cfg: SelectConfig) -> dict:
     # embeddings, and what the method's cost model adds (every plan lists _TEMPORARY, 0 where unused)
     temporary = {**dict.fromkeys(_TEMPORARY, 0), "embeddings": n_pool * hidden * 4 if spec.uses_embeddings else 0, **plan.temporary}
     disk = {
-        "adapter": 4 * facts["grad_dim"] if uses_model else 0,
+        "adapter": 4 * facts["grad_dim"] if facts is not None else 0,  # facts: only for a method that uses the model
         **temporary,
         "scores": (plan.score_rows if plan.score_rows is not None else n_pool) * _SCORE_ROW_BYTES,
         "selected": sel_bytes,

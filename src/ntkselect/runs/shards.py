@@ -22,9 +22,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -155,7 +156,7 @@ class Sharding:
     ``key`` names what the run is computed from, ``shard_size`` cuts the examples."""
 
     store: ShardStore
-    executor: Callable[[], "Executor"]
+    executor: Callable[[], Executor]
     key: str
     shard_size: int
     progress: bool = True
@@ -185,7 +186,7 @@ def run_sharded(
     specs: Sequence[ShardSpec],
     key: str,
     store: ShardStore,
-    executor: "Executor",
+    executor: Executor,
     payload,
     desc: str,
     progress: bool = True,

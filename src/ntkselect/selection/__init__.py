@@ -31,13 +31,15 @@ from ntkselect.selection.registry import (
     unregister_selector,
 )
 
-# the built-in selectors register themselves on import (keep this order: it is --method's)
+# the built-in selectors register themselves on import (keep this order: it is --method's, so isort must not sort it)
+# isort: off
 from ntkselect.selection.ntk import selector as _ntk  # noqa: F401,E402
 from ntkselect.selection import random as _random  # noqa: F401,E402
 from ntkselect.selection import embedding as _embedding  # noqa: F401,E402
 from ntkselect.selection import bm25 as _bm25  # noqa: F401,E402
 from ntkselect.selection import less as _less  # noqa: F401,E402
 from ntkselect.selection import tsds as _tsds  # noqa: F401,E402
+# isort: on
 
 __all__ = [
     "Ranking",

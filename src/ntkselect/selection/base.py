@@ -21,9 +21,10 @@ import logging
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -73,7 +74,7 @@ class Selector(ABC):
     uses_embeddings: ClassVar[bool] = False  # needs stage 1's embeddings (implies uses_model)
 
     @abstractmethod
-    def rank(self, ctx: "SelectionContext", n: int) -> Ranking:
+    def rank(self, ctx: SelectionContext, n: int) -> Ranking:
         """Rank the pool ``ctx.pool`` for the domain ``ctx.domain``: at least ``n`` distinct
         pool indices, best first."""
 

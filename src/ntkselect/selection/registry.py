@@ -18,8 +18,8 @@ The built-in selectors register when :mod:`ntkselect.selection` is imported.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable
 
 from ntkselect.errors import NtkSelectError
 

@@ -242,13 +242,13 @@ def warmup_or_resume(
     if marker.exists() and json.loads(marker.read_text()).get("key") == key:
         state = torch.load(wdir / "state.pt", map_location="cpu", weights_only=True)
         set_peft_model_state_dict(model, state["adapter"])
-        adam = {k: tuple(v) for k, v in state["adam"].items()}
+        adam: dict = {k: tuple(v) for k, v in state["adam"].items()}
         adam.update(state["adam_meta"])
         summary = json.loads(marker.read_text())["summary"]
         model.eval()
         (log or logger.info)("ntkselect: warm-up already done, loaded its adapter")
         return WarmupRun(summary, adam, resumed=True)
-    adam: dict = {}
+    adam = {}
     summary = warmup(model, examples, opts, rt, adam_state=adam)
     moments = {k: list(v) for k, v in adam.items() if not k.startswith("_")}
     meta = {k: v for k, v in adam.items() if k.startswith("_")}

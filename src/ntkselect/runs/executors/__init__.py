@@ -6,7 +6,8 @@ when a :class:`RayExecutor` is made.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ntkselect.runs.executors.base import Executor, Job
 from ntkselect.runs.executors.local import LocalExecutor

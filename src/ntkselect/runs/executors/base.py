@@ -9,7 +9,7 @@ Implementations: :class:`~ntkselect.runs.executors.local.LocalExecutor` (this pr
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -30,10 +30,10 @@ class Executor(ABC):
     def map(self, task: ShardTask, jobs: Sequence[Job], payload, desc: str = "") -> Iterator[tuple[ShardSpec, np.ndarray, float]]:
         """Run ``task`` with ``payload`` on every job; yield (shard, result, seconds) in any order."""
 
-    def close(self) -> None:
-        """Release what the executor holds (workers, a cluster connection)."""
+    def close(self) -> None:  # noqa: B027 - a default, not abstract: an executor that holds nothing (LocalExecutor) need not override it
+        """Release what the executor holds (workers, a cluster connection); by default nothing."""
 
-    def __enter__(self) -> "Executor":
+    def __enter__(self) -> Executor:
         return self
 
     def __exit__(self, *exc) -> None:

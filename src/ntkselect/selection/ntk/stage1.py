@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,9 +26,9 @@ from ntkselect.data.batching import iter_batches, make_batches
 from ntkselect.errors import NtkSelectError
 from ntkselect.grads.fused import FusedLoraGradients
 from ntkselect.model.lm import final_hidden
-from ntkselect.progress import Progress
 from ntkselect.model.runtime import Runtime
-from ntkselect.runs.shards import ShardTask, Sharding, register_task
+from ntkselect.progress import Progress
+from ntkselect.runs.shards import Sharding, ShardTask, register_task
 
 __all__ = ["Stage1Result", "embed", "embed_sets", "EMBED", "EmbedPayload", "knn_search", "knn_votes", "preselect"]
 
@@ -71,6 +71,8 @@ def embed(
             out = _embed_batch(model, batch, rt, out, len(examples), out_path, desc, ids)
             prog.update(len(batch.index), batch.n_tokens)
     prog.close()
+    if out is None:  # no batch ran: d (the hidden size) is only known from the first one
+        raise ValueError(f"{desc}: no examples to embed")
     if isinstance(out, np.memmap):
         out.flush()
     return out

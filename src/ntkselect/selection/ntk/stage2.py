@@ -30,9 +30,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,11 +41,11 @@ from ntkselect.data.batching import collate, make_batches
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_open, atomic_write_json
 from ntkselect.grads.fused import flatten_grads, gradient_hooks, lora_parameters
-from ntkselect.model.lm import summed_head, summed_logits
-from ntkselect.progress import Progress
 from ntkselect.grads.projection import AbstractProjector, make_projector
+from ntkselect.model.lm import summed_head, summed_logits
 from ntkselect.model.runtime import Runtime
-from ntkselect.runs.shards import ShardTask, Sharding, digest, register_task
+from ntkselect.progress import Progress
+from ntkselect.runs.shards import Sharding, ShardTask, digest, register_task
 
 __all__ = [
     "Stage2Result",
@@ -196,6 +196,8 @@ def per_example_gradients(model, examples: Sequence, rt: Runtime, fused: bool = 
         if out is None:
             out = torch.zeros(len(examples), g.shape[1])
         out[batch.index] = g
+    if out is None:  # no batch ran: D (the gradient dimension) is only known from the first one
+        raise ValueError("per-example gradients: no examples")
     return out
 
 
@@ -203,7 +205,7 @@ def domain_mean_gradient(model, examples: Sequence, rt: Runtime, fused: bool = T
     """ḡ_D = mean_i g(x_i), {name: param-shaped float32 tensor}, summed over each batch from the
     hooks' factors (Σ_b g_b needs no per-example tensor)."""
     total: dict[str, torch.Tensor] = {}
-    for batch, hooks in _backward_batches(model, examples, rt, "stage 2: domain gradients", fused, ids, stream=("sum",)):
+    for _batch, hooks in _backward_batches(model, examples, rt, "stage 2: domain gradients", fused, ids, stream=("sum",)):
         for name, g in hooks.batch_sum().items():
             total[name] = total[name] + g if name in total else g
     out = {n: total[n] / len(examples) for n, _ in lora_parameters(model)}
