@@ -1,4 +1,4 @@
-"""Time the evaluate leak check (ntkselect/leak.py): N training records against Q test questions.
+"""Time the evaluate leak check (ntkselect/data/leak.py): N training records against Q test questions.
 
     .venv/bin/python benchmarks/leak_check.py --records 10000 --questions 1000
 
@@ -11,8 +11,8 @@ import argparse
 import random
 import time
 
-from ntkselect.data import Record
-from ntkselect.leak import TestQuestions
+from ntkselect.data.leak import TestQuestions
+from ntkselect.data.records import Record
 
 
 def main() -> None:
@@ -36,8 +36,10 @@ def main() -> None:
     found = [i for i, r in enumerate(pool) if index.leaks(r)]
     t_scan = time.perf_counter() - t - t_index
     assert found == planted, (found, planted)
-    print(f"{a.records} records ({words} words) x {a.questions} test questions: index {t_index:.3f} s, scan {t_scan:.2f} s "
-          f"({words / t_scan / 1e6:.2f} M words/s); found the {len(planted)} planted questions and nothing else")
+    print(
+        f"{a.records} records ({words} words) x {a.questions} test questions: index {t_index:.3f} s, scan {t_scan:.2f} s "
+        f"({words / t_scan / 1e6:.2f} M words/s); found the {len(planted)} planted questions and nothing else"
+    )
 
 
 if __name__ == "__main__":

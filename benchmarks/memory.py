@@ -4,7 +4,7 @@ For each setting (the default flags, and a 4x larger token budget: ``--max-batch
 --batch-size 64``, since 16 examples of at most 512 tokens already cap a batch at 8,192 tokens)
 it runs, each in a fresh process:
 
-1. the dry run's estimate (:func:`ntkselect.plan.estimate`): the predicted peak and the
+1. the dry run's estimate (:func:`ntkselect.runs.plan.estimate`): the predicted peak and the
    predicted peak of each stage;
 2. the selection itself, with the stage boundaries marked (the model load with the preflight,
    the warm-up, stage 1, stage 2, writing the outputs) and the process's peak resident memory
@@ -35,10 +35,10 @@ from pathlib import Path
 
 STAGES = ("load", "warm-up", "stage 1", "stage 2", "write")
 
-_CHILD = r'''
+_CHILD = r"""
 import json, os, sys, threading, time
-import ntkselect.selectors as S, ntkselect.shards as H
-from ntkselect.cli import build_parser, _config
+import ntkselect.selection.base as B, ntkselect.selection.less as L, ntkselect.selection.ntk.selector as N, ntkselect.runs.shards as H
+from ntkselect.cli.main import build_parser, _config
 from ntkselect.pipeline import select
 
 def status(key):
@@ -86,12 +86,15 @@ def wrap(fn, stage):
         return fn(*a, **k)
     return inner
 
-S.warmup = wrap(S.warmup, "warm-up")
-S.embed = wrap(S.embed, "stage 1")
-S.domain_vector = wrap(S.domain_vector, "stage 2")
-S.projected_features = wrap(S.projected_features, "less")
+# where each stage starts: the call sites in the selection code (the preflight calls the same
+# stage functions from its own imports, and stays in "load")
+B.warmup_or_resume = wrap(B.warmup_or_resume, "warm-up")
+B.embed_sets = wrap(B.embed_sets, "stage 1")
+N.run_stage2 = wrap(N.run_stage2, "stage 2")
+L.projected_features = wrap(L.projected_features, "less")
 for name, stage in (("embed", "stage 1"), ("score", "stage 2"), ("less", "less")):
-    H.TASKS[name] = wrap(H.TASKS[name], stage)
+    task = H.get_task(name)
+    task.fn = wrap(task.fn, stage)
 import ntkselect.pipeline as P
 P.write_selection = wrap(P.write_selection, "write")
 
@@ -100,18 +103,18 @@ cfg = _config(build_parser().parse_args(argv))
 select(cfg, log=lambda *a: None)
 mark("done")
 print("MEMORY-JSON " + json.dumps({"peaks": peaks, "seconds": seconds, "hwm_reset": RESET, "peak": status("VmHWM")}))
-'''
+"""
 
-_ESTIMATE = r'''
+_ESTIMATE = r"""
 import json, sys
-from ntkselect.cli import build_parser, _config
-from ntkselect.plan import estimate
+from ntkselect.cli.main import build_parser, _config
+from ntkselect.runs.plan import estimate
 cfg = _config(build_parser().parse_args(json.loads(sys.argv[1])))
 plan = estimate(cfg)
 m = plan["memory"]
 print("PLAN-JSON " + json.dumps({"peak": m["peak"], "by_stage": m.get("by_stage", {}), "process": m["process"], "weights": m["weights"],
                                  "activations": m["activations"], "budget": m.get("budget"), "stages": [s["stage"] for s in plan["stages"]]}))
-'''
+"""
 
 
 def _run(code: str, argv: list[str], env: dict, timeout: int) -> dict:
@@ -119,7 +122,7 @@ def _run(code: str, argv: list[str], env: dict, timeout: int) -> dict:
     tag = "MEMORY-JSON " if "MEMORY-JSON" in code else "PLAN-JSON "
     for line in proc.stdout.splitlines():
         if line.startswith(tag):
-            return json.loads(line[len(tag):])
+            return json.loads(line[len(tag) :])
     sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
     raise SystemExit(f"benchmarks/memory.py: the child process failed (exit {proc.returncode})")
 
@@ -130,19 +133,18 @@ def _mib(x) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--domain", help="domain JSONL (default: the demo's, built with ntkselect.demo_data)")
+    ap.add_argument("--domain", help="domain JSONL (default: the demo's, built with ntkselect.data.demo)")
     ap.add_argument("--pool", help="pool JSONL (default: the demo's)")
     ap.add_argument("--n", type=int, default=100, help="N (the demo: 100)")
     ap.add_argument("--model", default="default")
-    ap.add_argument("--settings", default="; --max-batch-tokens 32768 --batch-size 64",
-                    help="';'-separated extra select flags, one group per setting")
+    ap.add_argument("--settings", default="; --max-batch-tokens 32768 --batch-size 64", help="';'-separated extra select flags, one group per setting")
     ap.add_argument("--extra", default="", help="select flags added to every setting (e.g. '--threads 2')")
     ap.add_argument("--timeout", type=int, default=6 * 3600)
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="ntkselect-memory-"))
     if not args.domain:
-        from ntkselect.demo_data import build_demo_data
+        from ntkselect.data.demo import build_demo_data
 
         build_demo_data(work / "data", domain="medical", n_domain=100, n_pool_mmlu=800, n_pool_reasoning=200, seed=0)
         args.domain, args.pool = str(work / "data" / "domain.jsonl"), str(work / "data" / "pool.jsonl")
@@ -150,8 +152,21 @@ def main() -> int:
     results = []
     for k, flags in enumerate(s.strip() for s in args.settings.split(";")):
         extra = shlex.split(flags) + shlex.split(args.extra)
-        base = ["select", "--domain", args.domain, "--pool", args.pool, "--n", str(args.n), "--model", args.model,
-                "--out", str(work / f"run-{k}"), "--overwrite", *extra]
+        base = [
+            "select",
+            "--domain",
+            args.domain,
+            "--pool",
+            args.pool,
+            "--n",
+            str(args.n),
+            "--model",
+            args.model,
+            "--out",
+            str(work / f"run-{k}"),
+            "--overwrite",
+            *extra,
+        ]
         t = time.perf_counter()
         plan = _run(_ESTIMATE, base + ["--dry-run"], env, args.timeout)
         t_plan = time.perf_counter() - t
@@ -171,10 +186,13 @@ def main() -> int:
             err = f"{(est - meas['peaks'][st]) / meas['peaks'][st]:+.0%}" if est else "-"
             print(f"| {st} | {meas['seconds'].get(st, 0):.0f} | {_mib(meas['peaks'][st])} | {_mib(est)} | {err} |")
         peak = max(meas["peaks"].values())
-        print(f"| **whole run** | {sum(meas['seconds'].values()):.0f} | **{_mib(peak)}** | **{_mib(plan['peak'])}** | "
-              f"**{(plan['peak'] - peak) / peak:+.0%}** |")
-        print(f"\nestimate: process {_mib(plan['process'])} MiB + weights {_mib(plan['weights'])} MiB + activations "
-              f"{_mib(plan['activations'])} MiB (batch budget {_mib(plan['budget'])} MiB)")
+        print(
+            f"| **whole run** | {sum(meas['seconds'].values()):.0f} | **{_mib(peak)}** | **{_mib(plan['peak'])}** | **{(plan['peak'] - peak) / peak:+.0%}** |"
+        )
+        print(
+            f"\nestimate: process {_mib(plan['process'])} MiB + weights {_mib(plan['weights'])} MiB + activations "
+            f"{_mib(plan['activations'])} MiB (batch budget {_mib(plan['budget'])} MiB)"
+        )
         results.append({"setting": label, "measured": meas, "estimate": plan, "error": (plan["peak"] - peak) / peak})
     print(json.dumps({"benchmark": "memory", "model": args.model, "results": results}))
     return 0

@@ -28,16 +28,16 @@ import time
 
 import torch
 
-from ntkselect.batching import collate
-from ntkselect.data import load_records, tokenize_records
-from ntkselect.grads import lora_parameters
-from ntkselect.lm import final_hidden
-from ntkselect.model import load_model, load_tokenizer
-from ntkselect.projection import RademacherProjector
-from ntkselect.runtime import Runtime, resolve_device, resolve_precision
-from ntkselect.stage1 import embed
-from ntkselect.stage2 import domain_mean_gradient, projected_features, score_against
-from ntkselect.warmup import WarmupOptions, add_lora
+from ntkselect.data.batching import collate
+from ntkselect.data.records import load_records, tokenize_records
+from ntkselect.grads.fused import lora_parameters
+from ntkselect.grads.projection import RademacherProjector
+from ntkselect.model.lm import final_hidden
+from ntkselect.model.loading import load_model, load_tokenizer
+from ntkselect.model.runtime import Runtime, resolve_device, resolve_precision
+from ntkselect.selection.ntk.stage1 import embed
+from ntkselect.selection.ntk.stage2 import domain_mean_gradient, projected_features, score_against
+from ntkselect.training.warmup import WarmupOptions, add_lora
 
 
 class PeakMemory:
@@ -113,7 +113,7 @@ def less_reference(model, examples, projector, rt):
 
 @torch.no_grad()
 def plain_forward(base, examples, rt):
-    from ntkselect.batching import make_batches, iter_batches
+    from ntkselect.data.batching import iter_batches, make_batches
 
     for batch in iter_batches(examples, make_batches([len(e.input_ids) for e in examples], rt.batch_size, rt.max_batch_tokens), rt.pad_id):
         batch = batch.to(rt.device)
@@ -127,9 +127,19 @@ def tiny_model() -> str:
 
     tok = load_tokenizer(None)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     path = tempfile.mkdtemp(prefix="ntkselect-tiny-")
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
@@ -146,7 +156,12 @@ def main(argv=None):
     ap.add_argument("--proj-dim", type=int, default=8192)
     ap.add_argument("--precision", default="float32", choices=("float32", "bfloat16", "auto"))
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-batch-tokens", type=int, default=4096, help="padded tokens per batch; the memory probe compares K/10 and K candidates, so K/10 should fill at least one batch")
+    ap.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=4096,
+        help="padded tokens per batch; the memory probe compares K/10 and K candidates, so K/10 should fill at least one batch",
+    )
     ap.add_argument("--device", default="auto")
     ap.add_argument("--skip", default="", help="comma-separated phases to skip: reference,projected,exact,stage1,memory")
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # internal: the memory probe
@@ -156,13 +171,15 @@ def main(argv=None):
     if args.model == "tiny":
         args.model = tiny_model()
     device = resolve_device(args.device)
-    rt = Runtime(device=device, dtype=resolve_precision(args.precision, device), batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, progress=False)
+    rt = Runtime(
+        device=device, dtype=resolve_precision(args.precision, device), batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, progress=False
+    )
     tok = load_tokenizer(args.model)
     rt.pad_id = tok.pad_token_id
     if args.pool:
         recs = load_records(args.pool)
     else:
-        from ntkselect.demo_data import build_demo_data
+        from ntkselect.data.demo import build_demo_data
 
         tmp = tempfile.mkdtemp()
         build_demo_data(tmp, n_domain=args.domain, n_pool_mmlu=max(args.candidates - args.candidates // 5, 1), n_pool_reasoning=args.candidates // 5, seed=0)
@@ -180,8 +197,11 @@ def main(argv=None):
                 p.copy_(torch.randn(p.shape, generator=g).to(p) * 0.01)
     model.eval()
     dim = sum(p.numel() for _, p in lora_parameters(model))
-    print(f"model {args.model}: LoRA gradient dimension {dim:,}; {len(cand)} candidates, {n_tok:,} tokens; "
-          f"device {device}, precision {str(rt.dtype).replace('torch.', '')}, p = {args.proj_dim}", flush=True)
+    print(
+        f"model {args.model}: LoRA gradient dimension {dim:,}; {len(cand)} candidates, {n_tok:,} tokens; "
+        f"device {device}, precision {str(rt.dtype).replace('torch.', '')}, p = {args.proj_dim}",
+        flush=True,
+    )
 
     rows = {}
 
@@ -201,8 +221,15 @@ def main(argv=None):
         _, t, m = timed(device, lambda: score_against(model, cand, gbar, rt))
         report("exact", len(cand), t, m)
         if args.probe:
-            print(json.dumps({"probe_candidates": len(cand), "max_rss_mib": peak_rss_mib(),
-                              "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}))
+            print(
+                json.dumps(
+                    {
+                        "probe_candidates": len(cand),
+                        "max_rss_mib": peak_rss_mib(),
+                        "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+                    }
+                )
+            )
             return 0
     if "projected" not in skip:
         proj = RademacherProjector(dim, args.proj_dim, seed=0, device=device, dtype=rt.dtype)
@@ -216,10 +243,21 @@ def main(argv=None):
     if "stage1" not in skip:
         _, t, m = timed(device, lambda: embed(model, cand, rt))
         report("stage1", len(cand), t, m)
-        print(f"stage 1 throughput {rows['stage1']['tokens_per_s']:.0f} tok/s = {rows['stage1']['tokens_per_s'] / rows['forward']['tokens_per_s']:.2f} x the plain forward pass")
+        print(
+            f"stage 1 throughput {rows['stage1']['tokens_per_s']:.0f} tok/s = "
+            f"{rows['stage1']['tokens_per_s'] / rows['forward']['tokens_per_s']:.2f} x the plain forward pass"
+        )
 
-    out = {"model": args.model, "candidates": len(cand), "tokens": n_tok, "grad_dim": dim, "proj_dim": args.proj_dim,
-           "device": str(device), "precision": str(rt.dtype).replace("torch.", ""), "rows": rows}
+    out = {
+        "model": args.model,
+        "candidates": len(cand),
+        "tokens": n_tok,
+        "grad_dim": dim,
+        "proj_dim": args.proj_dim,
+        "device": str(device),
+        "precision": str(rt.dtype).replace("torch.", ""),
+        "rows": rows,
+    }
     r = lambda a, b: rows[a]["candidates_per_s"] / rows[b]["candidates_per_s"] if a in rows and b in rows else None
     out["exact_vs_reference"] = r("exact", "reference")
     out["projected_vs_reference"] = r("projected", "reference")

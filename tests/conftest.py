@@ -1,14 +1,18 @@
-"""Shared fixtures: the real SmolLM2 tokenizer and a tiny random Llama built on it."""
+"""Fixtures shared by several test modules: the real SmolLM2 tokenizer, a tiny random Llama built on
+it, tokenized examples, and the input files of the CLI, dry-run and sharding tests (written by
+the plain functions in helpers.py, which test modules import for everything that is not a fixture)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from helpers import write_big_data, write_cli_data, write_plan_files
+
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from ntkselect.model import load_tokenizer
+    from ntkselect.model.loading import load_tokenizer
 
     return load_tokenizer(None)
 
@@ -39,22 +43,6 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return str(out)
 
 
-def make_lora_model(model_dir: str, seed: int = 0, target="all-linear", r: int = 4):
-    """The tiny model with a LoRA adapter whose B matrices are random, as after a warm-up
-    (peft initialises B = 0, which would make every gradient with respect to A vanish)."""
-    from ntkselect.model import load_model
-    from ntkselect.warmup import WarmupOptions, add_lora
-
-    model = add_lora(load_model(model_dir), WarmupOptions(r=r, alpha=2 * r, dropout=0.0, target_modules=target, seed=seed))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    model.eval()
-    return model
-
-
 @pytest.fixture(scope="session")
 def texts():
     """Varied lengths so that batches always need padding."""
@@ -72,8 +60,26 @@ def texts():
 
 @pytest.fixture(scope="session")
 def examples(texts, tokenizer):
-    from ntkselect.data import Record, tokenize_records
+    from ntkselect.data.records import Record, tokenize_records
 
     recs = [Record(id=str(i), raw=t, path="mem.jsonl", line=i + 1) for i, t in enumerate(texts)]
     ex, _ = tokenize_records(recs, tokenizer, max_length=64, template="auto")
     return ex
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The CLI tests' inputs: (domain path, pool path, pool rows)."""
+    return write_cli_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def plan_files(tmp_path_factory):
+    """The dry-run tests' inputs: (domain path, pool path)."""
+    return write_plan_files(tmp_path_factory.mktemp("plan"))
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """The sharding tests' inputs, a 96-record pool: (domain path, pool path)."""
+    return write_big_data(tmp_path_factory.mktemp("big"))

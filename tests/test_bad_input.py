@@ -14,12 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from ntkselect.cli import main
+from ntkselect.cli.main import main
 
-DOMAIN = [{"id": f"d{i}", "question": f"What should a doctor know about {t}?", "answer": f"Facts about {t} matter in the clinic."}
-          for i, t in enumerate(["blood pressure", "the kidney", "a fracture", "insulin"])]
-POOL = [{"id": f"p{i}", "prompt": f"Question {i}: tell me about {w}.", "response": f"{w.capitalize()} is topic {i}."}
-        for i, w in enumerate(["algebra", "a contract", "primes", "torts", "integrals", "fever", "vectors", "asthma"])]
+DOMAIN = [
+    {"id": f"d{i}", "question": f"What should a doctor know about {t}?", "answer": f"Facts about {t} matter in the clinic."}
+    for i, t in enumerate(["blood pressure", "the kidney", "a fracture", "insulin"])
+]
+POOL = [
+    {"id": f"p{i}", "prompt": f"Question {i}: tell me about {w}.", "response": f"{w.capitalize()} is topic {i}."}
+    for i, w in enumerate(["algebra", "a contract", "primes", "torts", "integrals", "fever", "vectors", "asthma"])
+]
 WEIRD = {"id": "weird", "text": "zxqvj platypus"}  # the only record with these tokens (see nan_model_dir)
 
 
@@ -44,7 +48,7 @@ def nochat_model_dir(tiny_model_dir, tmp_path_factory):
     cfg = json.loads(cfg_path.read_text())
     cfg.pop("chat_template", None)
     cfg_path.write_text(json.dumps(cfg))
-    from ntkselect.model import load_tokenizer
+    from ntkselect.model.loading import load_tokenizer
 
     assert not load_tokenizer(str(out)).chat_template
     return str(out)
@@ -64,9 +68,19 @@ def nan_model_dir(tokenizer, tmp_path_factory):
     only_weird = sorted(set(tokenizer(WEIRD["text"])["input_ids"]) - others)
     assert only_weird
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
         model.model.embed_tokens.weight[only_weird[-1]] = float("nan")  # (V, d) row of one token
@@ -77,8 +91,28 @@ def nan_model_dir(tokenizer, tmp_path_factory):
 
 
 def select_args(files, model, out, *extra, domain=None, pool=None, n=2):
-    return ["select", "--domain", str(domain or files["domain"]), "--pool", str(pool or files["pool"]), "--n", str(n), "--out", str(out),
-            "--model", str(model), "--warmup-epochs", "0", "--precision", "float32", "--knn-k", "2", "--threads", "1", *map(str, extra)]
+    return [
+        "select",
+        "--domain",
+        str(domain or files["domain"]),
+        "--pool",
+        str(pool or files["pool"]),
+        "--n",
+        str(n),
+        "--out",
+        str(out),
+        "--model",
+        str(model),
+        "--warmup-epochs",
+        "0",
+        "--precision",
+        "float32",
+        "--knn-k",
+        "2",
+        "--threads",
+        "1",
+        *map(str, extra),
+    ]
 
 
 def assert_clean_failure(rc: int, err: str, out: Path, expect: list[str], alone: bool = True) -> str:
@@ -156,9 +190,25 @@ def _case(name, tmp_path, files, tiny_model_dir, nochat_model_dir, nan_model_dir
     raise AssertionError(name)
 
 
-CASES = ["malformed-jsonl", "no-recognised-fields", "empty-text", "empty-response", "duplicate-ids", "duplicate-row-number-id",
-         "n-larger-than-pool", "n-zero", "n-negative", "empty-domain", "empty-pool", "missing-pool", "unknown-model-path",
-         "model-folder-without-a-model", "messages-without-chat-template", "unwritable-out", "nan-gradient"]
+CASES = [
+    "malformed-jsonl",
+    "no-recognised-fields",
+    "empty-text",
+    "empty-response",
+    "duplicate-ids",
+    "duplicate-row-number-id",
+    "n-larger-than-pool",
+    "n-zero",
+    "n-negative",
+    "empty-domain",
+    "empty-pool",
+    "missing-pool",
+    "unknown-model-path",
+    "model-folder-without-a-model",
+    "messages-without-chat-template",
+    "unwritable-out",
+    "nan-gradient",
+]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -206,10 +256,10 @@ class _FullDisk:
 
 
 def _fill_disk_on(monkeypatch, name: str, budget: int = 40) -> None:
-    """Every file ntkselect.io opens for ``name`` runs out of space after ``budget`` characters."""
+    """Every file ntkselect.files opens for ``name`` runs out of space after ``budget`` characters."""
     import builtins
 
-    import ntkselect.io as nio
+    import ntkselect.files as nio
 
     def fake_open(path, *a, **kw):
         f = builtins.open(path, *a, **kw)
@@ -235,7 +285,7 @@ def test_full_disk_during_a_write_is_one_line_and_leaves_nothing_trusted(files, 
 
 def test_full_disk_error_names_the_file(tmp_path, monkeypatch):
     from ntkselect.errors import NtkSelectError
-    from ntkselect.io import atomic_write_jsonl
+    from ntkselect.files import atomic_write_jsonl
 
     _fill_disk_on(monkeypatch, "scores.jsonl")
     target = tmp_path / "scores.jsonl"

@@ -5,28 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from ntkselect.cli import main
-
-TOPICS = ["blood pressure", "the kidney", "a fracture", "insulin", "fever", "the liver", "asthma", "a vaccine"]
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    domain = [{"question": f"What should a doctor know about {t}?", "answer": f"Facts about {t} matter in the clinic."} for t in TOPICS]
-    pool = [{"id": f"p{i}", "prompt": f"Question {i}: tell me about {w}.", "response": f"{w.capitalize()} is topic {i}.", "source": src}
-            for i, (w, src) in enumerate([(w, s) for s in ("medicine", "maths", "law") for w in (TOPICS if s == "medicine" else ["algebra", "a contract", "primes", "torts", "integrals", "a judge", "vectors", "a treaty"])])]
-    pool.append({"text": "A plain text record about the heart and its valves."})
-    return write_jsonl(d / "domain.jsonl", domain), write_jsonl(d / "pool.jsonl", pool), pool
+from helpers import CLI_TOPICS
+from ntkselect.cli.main import main
 
 
 def run(args):
@@ -35,8 +18,28 @@ def run(args):
 
 def args_for(data, model, out, *extra):
     dom, pool, _ = data
-    return ["select", "--domain", dom, "--pool", pool, "--n", 5, "--out", out, "--model", model,
-            "--proj-dim", 256, "--knn-k", 3, "--warmup-epochs", 1, "--precision", "float32", *extra]
+    return [
+        "select",
+        "--domain",
+        dom,
+        "--pool",
+        pool,
+        "--n",
+        5,
+        "--out",
+        out,
+        "--model",
+        model,
+        "--proj-dim",
+        256,
+        "--knn-k",
+        3,
+        "--warmup-epochs",
+        1,
+        "--precision",
+        "float32",
+        *extra,
+    ]
 
 
 def test_select_writes_every_output(data, tiny_model_dir, tmp_path, capsys):
@@ -62,7 +65,7 @@ def test_select_writes_every_output(data, tiny_model_dir, tmp_path, capsys):
     assert min(s["score"] for s in scores if s["selected"]) >= max(s["score"] for s in scores if not s["selected"])
 
     train = (out / "train.jsonl").read_text().splitlines()
-    assert len(train) == len(TOPICS) + 5
+    assert len(train) == len(CLI_TOPICS) + 5
 
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and m["seed"] == 0 and m["config"]["n"] == 5
@@ -82,11 +85,11 @@ def test_same_seed_same_outputs_other_seed_differs(data, tiny_model_dir, tmp_pat
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         assert run(args_for(data, tiny_model_dir, tmp_path / name, "--seed", seed, "--batch-size", 4 if name == "b" else 16)) == 0
     read = lambda name, f: (tmp_path / name / f).read_text()
-    sel = lambda name: [json.loads(l)["selection_rank"] for l in read(name, "selected.jsonl").splitlines()]
-    ids = lambda name: [json.loads(l).get("id") for l in read(name, "selected.jsonl").splitlines()]
+    sel = lambda name: [json.loads(line)["selection_rank"] for line in read(name, "selected.jsonl").splitlines()]
+    ids = lambda name: [json.loads(line).get("id") for line in read(name, "selected.jsonl").splitlines()]
     assert ids("a") == ids("b") and sel("a") == sel("b")  # batch size does not change the selection
-    sa = [json.loads(l)["score"] for l in read("a", "scores.jsonl").splitlines()]
-    sb = [json.loads(l)["score"] for l in read("b", "scores.jsonl").splitlines()]
+    sa = [json.loads(line)["score"] for line in read("a", "scores.jsonl").splitlines()]
+    sb = [json.loads(line)["score"] for line in read("b", "scores.jsonl").splitlines()]
     assert sa == pytest.approx(sb, rel=1e-5)
     assert read("a", "scores.jsonl") != read("c", "scores.jsonl")
 
@@ -100,12 +103,15 @@ def test_rerun_into_a_finished_run_refuses_without_overwrite(data, tiny_model_di
     assert run(args_for(data, tiny_model_dir, out, "--warmup-epochs", 0, "--overwrite")) == 0
 
 
-@pytest.mark.parametrize("problem,expect", [
-    ("bad-json", "line 2"),
-    ("n-too-large", "larger than the pool"),
-    ("n-zero", "--n"),
-    ("no-model", "--model"),
-])
+@pytest.mark.parametrize(
+    "problem,expect",
+    [
+        ("bad-json", "line 2"),
+        ("n-too-large", "larger than the pool"),
+        ("n-zero", "--n"),
+        ("no-model", "--model"),
+    ],
+)
 def test_bad_input_is_one_line_without_traceback(data, tiny_model_dir, tmp_path, problem, expect):
     dom, pool, _ = data
     args = args_for(data, tiny_model_dir, tmp_path / "run")
@@ -135,19 +141,23 @@ def test_select_reads_every_input_format(data, tiny_model_dir, tmp_path, fmt):
     _, pool_path, pool = data
     rows = [{"prompt": r.get("prompt", r.get("text")), "response": r.get("response", "ok"), "source": r.get("source", "text")} for r in pool]
     if fmt == "csv":
-        p = tmp_path / "pool.csv"; pd.DataFrame(rows).to_csv(p, index=False)
+        p = tmp_path / "pool.csv"
+        pd.DataFrame(rows).to_csv(p, index=False)
     elif fmt == "parquet":
-        p = tmp_path / "pool.parquet"; pd.DataFrame(rows).to_parquet(p)
+        p = tmp_path / "pool.parquet"
+        pd.DataFrame(rows).to_parquet(p)
     elif fmt == "json":
-        p = tmp_path / "pool.json"; p.write_text(json.dumps(rows))
+        p = tmp_path / "pool.json"
+        p.write_text(json.dumps(rows))
     else:
         import datasets
 
-        p = tmp_path / "pool_hf"; datasets.Dataset.from_list(rows).save_to_disk(str(p))
+        p = tmp_path / "pool_hf"
+        datasets.Dataset.from_list(rows).save_to_disk(str(p))
     args = args_for(data, tiny_model_dir, tmp_path / "run", "--warmup-epochs", 0)
     args[args.index(pool_path)] = p
     assert run(args) == 0
-    ids = [json.loads(l)["id"] for l in (tmp_path / "run" / "scores.jsonl").read_text().splitlines()]
+    ids = [json.loads(line)["id"] for line in (tmp_path / "run" / "scores.jsonl").read_text().splitlines()]
     assert all(i.isdigit() and int(i) < len(rows) for i in ids)  # no id field: the row number
 
 
@@ -165,11 +175,35 @@ def test_unfinished_run_is_cleared_not_trusted(data, tiny_model_dir, tmp_path, c
 
 def test_demo_command_runs_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--model", tiny_model_dir, "--domain-size", "8", "--pool-mmlu", "24", "--pool-reasoning", "4",
-                 "--n", "4", "--out", str(out), "--warmup-epochs", "0", "--knn-k", "4"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--model",
+                tiny_model_dir,
+                "--domain-size",
+                "8",
+                "--pool-mmlu",
+                "24",
+                "--pool-reasoning",
+                "4",
+                "--n",
+                "4",
+                "--out",
+                str(out),
+                "--warmup-epochs",
+                "0",
+                "--knn-k",
+                "4",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "selected 4 of 28" in printed and "selected by source" in printed
     m = json.loads((out / "manifest.json").read_text())
     assert m["summary"]["by_source"].keys() == {"mmlu", "reasoning_gym"}
-    domain = [json.loads(l) for l in (out / "data" / "domain.jsonl").read_text().splitlines()]
-    assert len(domain) == 8 and all(r["subject"] in ("anatomy", "clinical_knowledge", "college_medicine", "medical_genetics", "professional_medicine") for r in domain)
+    domain = [json.loads(line) for line in (out / "data" / "domain.jsonl").read_text().splitlines()]
+    assert len(domain) == 8 and all(
+        r["subject"] in ("anatomy", "clinical_knowledge", "college_medicine", "medical_genetics", "professional_medicine") for r in domain
+    )

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ntkselect.data import (
+from ntkselect.data.records import (
     Record,
     load_records,
     prompt_response,
@@ -200,7 +200,7 @@ def test_chat_prompt_response_trains_response_and_end_of_turn(tokenizer):
     ex = tokenize_record(rec({"prompt": prompt, "response": response}), tokenizer, 512, "chat")
     trained = _trained_text(tokenizer, ex)
     assert trained.startswith(response)
-    assert trained[len(response):].strip() == "<|im_end|>"  # end-of-turn token(s)
+    assert trained[len(response) :].strip() == "<|im_end|>"  # end-of-turn token(s)
     assert prompt not in trained and "user" not in trained
     full = tokenizer.decode(ex.input_ids)
     assert prompt in full and "You are a helpful AI assistant" in full  # default system prompt is context
@@ -242,8 +242,8 @@ def test_multi_turn_messages_train_exactly_both_assistant_turns(tokenizer):
         spans.append(cur)
     texts = [tokenizer.decode(s) for s in spans]
     assert len(texts) == 2
-    assert texts[0].startswith("Alpha answer.") and texts[0][len("Alpha answer."):].strip() == "<|im_end|>"
-    assert texts[1].startswith("Beta answer.") and texts[1][len("Beta answer."):].strip() == "<|im_end|>"
+    assert texts[0].startswith("Alpha answer.") and texts[0][len("Alpha answer.") :].strip() == "<|im_end|>"
+    assert texts[1].startswith("Beta answer.") and texts[1][len("Beta answer.") :].strip() == "<|im_end|>"
     untrained = tokenizer.decode([t for t, m in zip(ex.input_ids, ex.train_mask) if not m])
     assert "question here" in untrained and "answer." not in untrained
 

@@ -1,4 +1,4 @@
-"""Tests for ntkselect.demo_data: the offline MMLU + reasoning-gym demo data builder."""
+"""Tests for ntkselect.data.demo: the offline MMLU + reasoning-gym demo data builder."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ntkselect import demo_data
-from ntkselect.demo_data import (
+from ntkselect.data import demo as demo_data
+from ntkselect.data.demo import (
     DOMAINS,
     MAX_CHARS,
     build_demo_data,
@@ -197,9 +197,7 @@ def test_default_build_counts_and_domain_separation(default_build, mmlu):
     for r in domain_rows + pool_rows:
         assert len(r["prompt"]) + len(r["response"]) <= MAX_CHARS
         assert r["prompt"] == r["prompt"].strip() and r["response"] == r["response"].strip()
-    too_long = Counter(
-        r["subject"] in medical for r in mmlu if len(r["prompt"]) + len(r["response"]) > MAX_CHARS
-    )
+    too_long = Counter(r["subject"] in medical for r in mmlu if len(r["prompt"]) + len(r["response"]) > MAX_CHARS)
     assert m["skipped_too_long"]["mmlu_domain"] == too_long[True] > 0
     assert m["skipped_too_long"]["mmlu_pool"] == too_long[False] > 0
 
@@ -210,11 +208,7 @@ def test_default_build_counts_and_domain_separation(default_build, mmlu):
 def test_domain_sample_is_proportional_to_subject_size(default_build, mmlu):
     _, m = default_build
     medical = DOMAINS["medical"]
-    avail = Counter(
-        r["subject"]
-        for r in mmlu
-        if r["subject"] in medical and len(r["prompt"]) + len(r["response"]) <= MAX_CHARS
-    )
+    avail = Counter(r["subject"] for r in mmlu if r["subject"] in medical and len(r["prompt"]) + len(r["response"]) <= MAX_CHARS)
     total = sum(avail.values())
     for subject in medical:
         assert abs(m["domain_per_subject"][subject] - 200 * avail[subject] / total) < 1
@@ -237,12 +231,16 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(small_builds):
         assert (a / name).read_bytes() == (b / name).read_bytes()
         assert (a / name).read_bytes() != (c / name).read_bytes()
     assert ma["sha256"] == mb["sha256"] != mc["sha256"]
-    assert ma["counts"] == mc["counts"] == {
-        "domain": 60,
-        "pool": 174,
-        "pool_mmlu": 150,
-        "pool_reasoning": 24,
-    }
+    assert (
+        ma["counts"]
+        == mc["counts"]
+        == {
+            "domain": 60,
+            "pool": 174,
+            "pool_mmlu": 150,
+            "pool_reasoning": 24,
+        }
+    )
     legal = set(DOMAINS["legal"])
     assert {r["subject"] for r in read_jsonl(c / "domain.jsonl")} == legal
     assert not legal & {r["subject"] for r in read_jsonl(c / "pool.jsonl")}
@@ -251,9 +249,7 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(small_builds):
 def test_asking_for_more_than_exists_takes_all(tmp_path, mmlu):
     m = build_demo_data(tmp_path, domain="psychology", n_domain=10**6, n_pool_mmlu=0, n_pool_reasoning=0)
     psych = set(DOMAINS["psychology"])
-    available = [
-        r for r in mmlu if r["subject"] in psych and len(r["prompt"]) + len(r["response"]) <= MAX_CHARS
-    ]
+    available = [r for r in mmlu if r["subject"] in psych and len(r["prompt"]) + len(r["response"]) <= MAX_CHARS]
     rows = read_jsonl(tmp_path / "domain.jsonl")
     assert m["requested"]["domain"] == 10**6
     assert m["counts"]["domain"] == len(rows) == len(available)

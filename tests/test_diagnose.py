@@ -13,19 +13,29 @@ import numpy as np
 import pytest
 import torch
 
-from ntkselect.batching import collate
-from ntkselect.cli import main
-from ntkselect.data import Record, TokenizedExample
-from ntkselect.diagnose import (DiagnoseOptions, cos_f, kernel_ridge, kernel_ridge_loo, letter_accuracy, multiple_choice_examples,
-                                output_gradients, output_kernel_check, spearman)
+from ntkselect.cli.main import main
+from ntkselect.data.batching import collate
+from ntkselect.data.records import Record, TokenizedExample
+from ntkselect.diagnostics.diagnose import (
+    DiagnoseOptions,
+    cos_f,
+    kernel_ridge,
+    kernel_ridge_loo,
+    letter_accuracy,
+    multiple_choice_examples,
+    output_gradients,
+    output_kernel_check,
+    spearman,
+)
 from ntkselect.errors import NtkSelectError
-from ntkselect.grads import lora_parameters
-from ntkselect.runtime import Runtime
+from ntkselect.grads.fused import lora_parameters
+from ntkselect.model.runtime import Runtime
 
 V_SMALL = 48
 
 
 # -- numerical pieces -------------------------------------------------------------------------
+
 
 def test_cos_f_is_one_for_a_kernel_with_itself_and_ignores_scale():
     rng = np.random.default_rng(0)
@@ -81,17 +91,27 @@ def test_options_name_the_bad_field():
 
 # -- per-output gradients against autograd ------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small_vocab_model():
     """A 2-layer random Llama with a 48-token vocabulary (so all outputs can be differentiated one
     by one) and LoRA adapters with random B, as after a warm-up."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ntkselect.warmup import WarmupOptions, add_lora
+    from ntkselect.training.warmup import WarmupOptions, add_lora
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V_SMALL, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=V_SMALL,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+    )
     base = LlamaForCausalLM(cfg)
     base.requires_grad_(False)
     with torch.no_grad():  # a shared component in the head rows, as trained LM heads have
@@ -185,18 +205,23 @@ def test_sampled_route_with_every_output_is_exact(small_vocab_model, small_examp
 
 # -- multiple-choice questions on the real tokenizer ---------------------------------------------------
 
-def _mc_records():
-    from ntkselect.demo_data import mmlu_prompt
 
-    qs = [("Which organ pumps blood?", ["Liver", "Heart", "Lung", "Skin"], "B"),
-          ("What is 2 + 2?", ["4", "5", "3", "22"], "A"),
-          ("Which bone is in the thigh?", ["Radius", "Ulna", "Tibia", "Femur"], "D")]
-    return [Record(str(i), {"prompt": mmlu_prompt(q, o), "response": f"{a}. {o['ABCD'.index(a)]}", "answer": a}, "mem.jsonl", i + 1)
-            for i, (q, o, a) in enumerate(qs)]
+def _mc_records():
+    from ntkselect.data.demo import mmlu_prompt
+
+    qs = [
+        ("Which organ pumps blood?", ["Liver", "Heart", "Lung", "Skin"], "B"),
+        ("What is 2 + 2?", ["4", "5", "3", "22"], "A"),
+        ("Which bone is in the thigh?", ["Radius", "Ulna", "Tibia", "Femur"], "D"),
+    ]
+    return [
+        Record(str(i), {"prompt": mmlu_prompt(q, o), "response": f"{a}. {o['ABCD'.index(a)]}", "answer": a}, "mem.jsonl", i + 1)
+        for i, (q, o, a) in enumerate(qs)
+    ]
 
 
 def test_letter_accuracy_reads_the_letter_logits_after_the_prompt(tiny_model_dir, tokenizer):
-    from ntkselect.model import load_model
+    from ntkselect.model.loading import load_model
 
     mc = multiple_choice_examples(_mc_records(), tokenizer, 256, "auto")
     assert len(set(mc.letter_ids)) == 4 and mc.labels.tolist() == [1, 0, 3]
@@ -213,9 +238,10 @@ def test_letter_accuracy_reads_the_letter_logits_after_the_prompt(tiny_model_dir
 
 # -- end to end on the tiny model ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def demo_files(tmp_path_factory):
-    from ntkselect.demo_data import build_demo_data
+    from ntkselect.data.demo import build_demo_data
 
     d = tmp_path_factory.mktemp("diag-data")
     build_demo_data(d, n_domain=26, n_pool_mmlu=16, n_pool_reasoning=0, seed=0)
@@ -224,9 +250,38 @@ def demo_files(tmp_path_factory):
 
 def _args(demo_files, model, out, *extra):
     dom, pool = demo_files
-    return ["diagnose", "--domain", str(dom), "--pool", str(pool), "--model", model, "--out", str(out), "--n-domain", "6", "--n-candidates", "8",
-            "--epochs", "2", "--proj-dim", "256", "--jf-examples", "4", "--jf-outputs", "8", "--n-test", "8", "--krr-train", "12",
-            "--precision", "float32", "--batch-size", "8", *map(str, extra)]
+    return [
+        "diagnose",
+        "--domain",
+        str(dom),
+        "--pool",
+        str(pool),
+        "--model",
+        model,
+        "--out",
+        str(out),
+        "--n-domain",
+        "6",
+        "--n-candidates",
+        "8",
+        "--epochs",
+        "2",
+        "--proj-dim",
+        "256",
+        "--jf-examples",
+        "4",
+        "--jf-outputs",
+        "8",
+        "--n-test",
+        "8",
+        "--krr-train",
+        "12",
+        "--precision",
+        "float32",
+        "--batch-size",
+        "8",
+        *map(str, extra),
+    ]
 
 
 def test_diagnose_writes_every_number_and_plot(demo_files, tiny_model_dir, tmp_path, capsys):
@@ -252,7 +307,7 @@ def test_diagnose_writes_every_number_and_plot(demo_files, tiny_model_dir, tmp_p
     assert jf["method"] == "sampled" and jf["outputs_sampled"] == 8 and jf["d"] == 32 and jf["examples"] == 4
     assert len(jf["pairs"]) == 10  # i <= j over 4 examples
     c = jf["cross_output_cosine"]
-    assert c["pairs"] == 4 * 28 and c["d_inv_sqrt"] == pytest.approx(32 ** -0.5) and c["mean_abs"] >= abs(c["mean"])
+    assert c["pairs"] == 4 * 28 and c["d_inv_sqrt"] == pytest.approx(32**-0.5) and c["mean_abs"] >= abs(c["mean"])
     for p in jf["pairs"]:
         assert p["offdiag"] == pytest.approx(p["theta_tilde"] - p["trace"])
 
@@ -270,14 +325,28 @@ def test_diagnose_writes_every_number_and_plot(demo_files, tiny_model_dir, tmp_p
 
 
 def test_diagnose_without_labels_skips_the_kernel_regression(tiny_model_dir, tmp_path):
-    from ntkselect.diagnose import DiagnoseOptions, diagnose
+    from ntkselect.diagnostics.diagnose import DiagnoseOptions, diagnose
 
     dom = tmp_path / "d.jsonl"
     dom.write_text("".join(json.dumps({"text": f"The patient number {i} has a fever and a cough."}) + "\n" for i in range(6)))
     pool = tmp_path / "p.jsonl"
     pool.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "response": str(2 * i)}) + "\n" for i in range(6)))
-    d = diagnose(DiagnoseOptions(out=str(tmp_path / "o"), domain=str(dom), pool=str(pool), model=tiny_model_dir, n_domain=3, n_candidates=4,
-                                 epochs=1, proj_dim=0, jf_examples=2, jf_outputs=64, precision="float32"), log=lambda *a: None)
+    d = diagnose(
+        DiagnoseOptions(
+            out=str(tmp_path / "o"),
+            domain=str(dom),
+            pool=str(pool),
+            model=tiny_model_dir,
+            n_domain=3,
+            n_candidates=4,
+            epochs=1,
+            proj_dim=0,
+            jf_examples=2,
+            jf_outputs=64,
+            precision="float32",
+        ),
+        log=lambda *a: None,
+    )
     assert "labelled" in d["kernel_regression"]["skipped"]
     assert d["jacobian_free"]["method"] == "exact"  # d = 32 <= 64 outputs: all V outputs through the hidden-state Jacobian
     assert d["jacobian_free"]["cross_output_cosine"]["pairs"] == 2 * 256 * 255 // 2
@@ -302,19 +371,26 @@ def test_options_from_a_run_take_its_data_and_model(tmp_path):
 def test_real_model_summed_head_cotangent_gives_the_jacobian_free_gradient(tokenizer):
     """On SmolLM2 (V = 49152, d = 576): the per-output route with the cotangent Σ_k w_k is the
     stage-2 gradient g(x), and a small sampled check gives finite, sane statistics."""
-    from ntkselect.data import tokenize_records
-    from ntkselect.diagnose import _head_matrix
-    from ntkselect.model import load_model
-    from ntkselect.stage2 import per_example_gradients
-    from ntkselect.warmup import WarmupOptions, add_lora
+    from ntkselect.data.records import tokenize_records
+    from ntkselect.diagnostics.diagnose import _head_matrix
+    from ntkselect.model.loading import load_model
+    from ntkselect.selection.ntk.stage2 import per_example_gradients
+    from ntkselect.training.warmup import WarmupOptions, add_lora
 
     model = add_lora(load_model(None), WarmupOptions(r=2, alpha=4, seed=0))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
-    ex, _ = tokenize_records([Record("0", {"prompt": "Which organ pumps blood?", "response": "The heart."}, "mem.jsonl", 1),
-                              Record("1", {"text": "Insulin lowers blood sugar."}, "mem.jsonl", 2)], tokenizer, 64, "auto")
+    ex, _ = tokenize_records(
+        [
+            Record("0", {"prompt": "Which organ pumps blood?", "response": "The heart."}, "mem.jsonl", 1),
+            Record("1", {"text": "Insulin lowers blood sugar."}, "mem.jsonl", 2),
+        ],
+        tokenizer,
+        64,
+        "auto",
+    )
     W, wbar = _head_matrix(model)
     assert W.shape == (49152, 576)
     rt = _rt()
@@ -323,5 +399,5 @@ def test_real_model_summed_head_cotangent_gives_the_jacobian_free_gradient(token
     assert float((row - g).norm() / g.norm()) < 1e-3
     info = output_kernel_check(model, ex, rt, method="sampled", outputs=4, progress=False)
     c = info["cross_output_cosine"]
-    assert info["d"] == 576 and c["pairs"] == 2 * 6 and -1 <= c["mean"] <= 1 and c["d_inv_sqrt"] == pytest.approx(576 ** -0.5)
+    assert info["d"] == 576 and c["pairs"] == 2 * 6 and -1 <= c["mean"] <= 1 and c["d_inv_sqrt"] == pytest.approx(576**-0.5)
     assert all(math.isfinite(p["trace"]) and p["trace_se"] >= 0 for p in info["pairs"])

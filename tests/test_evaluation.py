@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from ntkselect.data import Record
+from helpers import write_eval_data
+from ntkselect.data.records import Record
 from ntkselect.errors import NtkSelectError
-from ntkselect.evaluation import MCItem, evaluate_mc, mc_items, option_loglikelihoods
-from ntkselect.runtime import Runtime
+from ntkselect.evaluation.metrics import MCItem, evaluate_mc, mc_items, option_loglikelihoods
+from ntkselect.model.runtime import Runtime
 
 
 def _rt(tokenizer, **kw):
@@ -24,7 +25,7 @@ def _bias_model(model_dir, bias: torch.Tensor):
     """The tiny model with an LM head whose weight is 0 and whose bias is ``bias``: every
     position's logits are exactly ``bias``, so log p(token) = bias[token] - logsumexp(bias)
     whatever the prompt — log-likelihoods known by hand."""
-    from ntkselect.model import load_model
+    from ntkselect.model.loading import load_model
 
     model = load_model(model_dir)
     head = torch.nn.Linear(model.config.hidden_size, bias.numel(), bias=True)
@@ -42,8 +43,7 @@ def test_loglikelihoods_match_a_hand_computation(tiny_model_dir, tokenizer):
     bias[tok["A"][0]], bias[tok["B"][0]], bias[tok["C"][0]] = 2.0, 5.0, -1.0
     model = _bias_model(tiny_model_dir, bias)
     lse = torch.logsumexp(bias, 0).item()
-    items = [MCItem("q1", "Which?\nA. x\nB. y\nC. z\nD. w\nAnswer:", ["A", "B", "C", "D"], 1),
-             MCItem("q2", "Long options", ["A", " maybe not"], 0)]
+    items = [MCItem("q1", "Which?\nA. x\nB. y\nC. z\nD. w\nAnswer:", ["A", "B", "C", "D"], 1), MCItem("q2", "Long options", ["A", " maybe not"], 0)]
     ll, _ = option_loglikelihoods(model, tokenizer, items, _rt(tokenizer))
     assert ll[0] == pytest.approx([2 - lse, 5 - lse, -1 - lse, 0 - lse], abs=1e-4)
     multi = sum(bias[t].item() - lse for t in tok[" maybe not"])  # every token of a multi-token option counts
@@ -55,14 +55,14 @@ def test_loglikelihoods_match_a_hand_computation(tiny_model_dir, tokenizer):
 def test_fast_path_equals_per_option_scoring_and_full_logits(tiny_model_dir, tokenizer):
     """One forward for single-token options == one continuation per option == log_softmax of the
     model's own full logits; independent of batch size and padding."""
-    from ntkselect.model import load_model
+    from ntkselect.model.loading import load_model
 
     model = load_model(tiny_model_dir).eval()
     items = [MCItem(str(i), f"Question {i}: " + "word " * (3 * i) + "\nA. a\nB. b\nAnswer:", ["A", "B", "C", "D"], i % 4) for i in range(6)]
     fast, _ = option_loglikelihoods(model, tokenizer, items, _rt(tokenizer, batch_size=4))
     slow, _ = option_loglikelihoods(model, tokenizer, items, _rt(tokenizer, batch_size=1), single_token_fast_path=False)
     assert np.allclose(np.stack(fast), np.stack(slow), atol=1e-4)
-    from ntkselect.evaluation import _context_ids
+    from ntkselect.evaluation.metrics import _context_ids
 
     for it, got in zip(items, fast):
         ctx = _context_ids(tokenizer, it.prompt, "chat")
@@ -88,7 +88,7 @@ def test_mc_items_reads_every_supported_shape():
 
 
 def test_paired_sign_flip_test():
-    from ntkselect.evaluate import paired_sign_flip_test
+    from ntkselect.evaluation.harness import paired_sign_flip_test
 
     assert paired_sign_flip_test(np.zeros(10)) == 1.0
     # exact case: 4 non-zero differences all +1: only 2 of the 16 sign patterns reach |sum| = 4
@@ -99,15 +99,17 @@ def test_paired_sign_flip_test():
 
 
 def test_eval_split_is_stratified_disjoint_and_seeded(tmp_path):
-    from ntkselect.demo_data import build_eval_data
+    from ntkselect.data.demo import build_eval_data
 
     a = build_eval_data(tmp_path / "a", "medical", n_train=40, n_test=60, n_pool_mmlu=50, n_pool_reasoning=0, seed=1)
     b = build_eval_data(tmp_path / "b", "medical", n_train=40, n_test=60, n_pool_mmlu=50, n_pool_reasoning=0, seed=1)
     c = build_eval_data(tmp_path / "c", "medical", n_train=40, n_test=60, n_pool_mmlu=50, n_pool_reasoning=0, seed=2)
     assert a["sha256"] == b["sha256"] and a["ids"] != c["ids"]
     assert not set(a["ids"]["train"]) & set(a["ids"]["test"])
-    rows = {k: [json.loads(x) for x in (tmp_path / "a" / f).read_text().splitlines()]
-            for k, f in (("train", "domain_train.jsonl"), ("test", "domain_test.jsonl"), ("pool", "pool.jsonl"))}
+    rows = {
+        k: [json.loads(x) for x in (tmp_path / "a" / f).read_text().splitlines()]
+        for k, f in (("train", "domain_train.jsonl"), ("test", "domain_test.jsonl"), ("pool", "pool.jsonl"))
+    }
     norm = lambda r: " ".join(r["prompt"].lower().split())  # noqa: E731
     assert not {norm(r) for r in rows["test"]} & ({norm(r) for r in rows["train"]} | {norm(r) for r in rows["pool"]})
     assert all(r["options"] == ["A", "B", "C", "D"] for r in rows["test"])
@@ -121,38 +123,48 @@ def test_eval_split_is_stratified_disjoint_and_seeded(tmp_path):
     assert all(abs(a["test_per_subject"][s] / total - a["train_per_subject"][s] / 40) < 0.06 for s in a["domain_subjects"])
 
 
-def _eval_data(tmp_path):
-    """A tiny domain of lettered questions, its test split, and a pool with one test question planted in it."""
-    def q(i, topic):
-        return {"id": f"{topic}{i}", "prompt": f"About {topic} {i}?\nA. yes\nB. no\nC. maybe\nD. never\nAnswer:", "response": "A. yes",
-                "answer": "A", "subject": topic}
-    train = [q(i, "heart") for i in range(6)]
-    test = [{**q(i, "heart"), "options": ["A", "B", "C", "D"]} for i in range(6, 10)]
-    pool = [{"id": f"p{i}", "prompt": f"Tell me about {w} {i}.", "response": f"{w} fact {i}.", "source": w,
-             "relation": "related" if w in ("heart", "kidney") else "unrelated"} for i, w in
-            enumerate(["law", "math", "heart", "kidney"] * 3)]
-    pool.append({**test[0], "id": "leak"})  # a test question in the pool: must never be selected
-    extra = [q(i, "heart") for i in range(10, 15)]  # the oracle's in-domain records
-    paths = {}
-    for name, rows in (("train", train), ("test", test), ("pool", pool), ("extra", extra)):
-        paths[name] = tmp_path / f"{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return paths
-
-
 def man_summary(out):
     return json.loads((out / "manifest.json").read_text())["summary"]
 
 
 def test_evaluate_end_to_end_resumes_and_refuses_a_changed_config(tiny_model_dir, tmp_path, capsys):
-    from ntkselect.cli import main
+    from ntkselect.cli.main import main
 
-    p = _eval_data(tmp_path)
+    p = write_eval_data(tmp_path)
     out = tmp_path / "ev"
-    args = ["evaluate", "--domain-train", p["train"], "--domain-test", p["test"], "--pool", p["pool"], "--n", 3, "--out", out,
-            "--model", tiny_model_dir, "--seeds", 2, "--methods", "domain-only,oracle,random,bm25,embedding,less,ntk", "--knn-k", 2,
-            "--domain-extra", p["extra"],
-            "--less-proj-dim", 64, "--ft-epochs", 1, "--ft-batch-size", 4, "--batch-size", 4, "--max-batch-tokens", 512]
+    args = [
+        "evaluate",
+        "--domain-train",
+        p["train"],
+        "--domain-test",
+        p["test"],
+        "--pool",
+        p["pool"],
+        "--n",
+        3,
+        "--out",
+        out,
+        "--model",
+        tiny_model_dir,
+        "--seeds",
+        2,
+        "--methods",
+        "domain-only,oracle,random,bm25,embedding,less,ntk",
+        "--knn-k",
+        2,
+        "--domain-extra",
+        p["extra"],
+        "--less-proj-dim",
+        64,
+        "--ft-epochs",
+        1,
+        "--ft-batch-size",
+        4,
+        "--batch-size",
+        4,
+        "--max-batch-tokens",
+        512,
+    ]
     assert main([str(a) for a in args]) == 0
     md = (out / "results.md").read_text()
     assert "| base (no fine-tuning) |" in md and "| ntk |" in md and "paired p" in md.lower()
@@ -201,17 +213,18 @@ def test_evaluate_end_to_end_resumes_and_refuses_a_changed_config(tiny_model_dir
 
 
 def test_evaluate_config_file_and_errors(tmp_path, capsys):
-    from ntkselect.cli import main
-    from ntkselect.evaluate import EvalConfig
+    from ntkselect.cli.main import main
+    from ntkselect.evaluation.harness import EvalConfig
 
     toml = tmp_path / "c.toml"
     toml.write_text('[evaluate]\ndomain_train = "a"\ndomain_test = "b"\npool = "c"\nn = 7\nout = "o"\nseeds = "0,4"\n')
     cfg = EvalConfig.from_toml(str(toml), {"n": 9})
     assert cfg.n == 9 and cfg.seed_list() == [0, 4] and cfg.domain_test == "b"
-    toml.write_text('n = 7\nbogus = 1\n')
+    toml.write_text("n = 7\nbogus = 1\n")
     assert main(["evaluate", "--config", str(toml)]) == 2
     assert "unknown key(s) bogus" in capsys.readouterr().err
-    assert main(["evaluate", "--domain-train", "a", "--domain-test", "b", "--pool", "c", "--n", "3", "--out", str(tmp_path / "o"),
-                 "--methods", "ntk,magic"]) == 2
+    assert (
+        main(["evaluate", "--domain-train", "a", "--domain-test", "b", "--pool", "c", "--n", "3", "--out", str(tmp_path / "o"), "--methods", "ntk,magic"]) == 2
+    )
     assert "unknown magic" in capsys.readouterr().err
     assert math.isfinite(EvalConfig(domain_train="a", domain_test="b", pool="c", n=1, out="o").recipe().lr)

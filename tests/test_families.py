@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 import torch
 
-from families import FAMILIES, synthetic_examples, tiny_lora_model
-from ntkselect.batching import collate
-from ntkselect.grads import lora_parameters
-from ntkselect.heads import lm_head
-from ntkselect.lm import decoder_of, summed_logits
-from ntkselect.projection import RademacherProjector
-from ntkselect.runtime import Runtime
-from ntkselect.stage1 import embed
-from ntkselect.stage2 import per_example_gradients, projected_features, run_stage2
-from ntkselect.warmup import loss_and_grads, per_example_loss, trained_token_loss
+from helpers import FAMILIES, synthetic_examples, tiny_lora_model
+from ntkselect.data.batching import collate
+from ntkselect.grads.fused import lora_parameters
+from ntkselect.grads.projection import RademacherProjector
+from ntkselect.model.heads import lm_head
+from ntkselect.model.lm import decoder_of, summed_logits
+from ntkselect.model.runtime import Runtime
+from ntkselect.selection.ntk.stage1 import embed
+from ntkselect.selection.ntk.stage2 import per_example_gradients, projected_features, run_stage2
+from ntkselect.training.warmup import loss_and_grads, per_example_loss, trained_token_loss
 
 TOL = 3e-5  # relative; the float32 naive loop itself is off by up to ~1e-5 from a float64 one (Gemma 3)
 
@@ -171,7 +171,7 @@ def test_soft_capping_is_not_the_linear_shortcut():
 def test_diagnose_output_gradients_are_the_models_own_outputs(name):
     """diagnose's ∇F_k(x), F_k = (1/T) Σ_t logit[t, k], for sampled outputs k: through the soft cap
     (or the logit scale) exactly as the model computes its logits."""
-    from ntkselect.diagnose import _head_matrix, output_gradients
+    from ntkselect.diagnostics.diagnose import _head_matrix, output_gradients
 
     model = tiny_lora_model(name)
     e = synthetic_examples()[1]

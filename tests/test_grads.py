@@ -5,26 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_lora_model
-from ntkselect.batching import collate
-from ntkselect.grads import flatten_grads, gradient_hooks, lora_parameters
-from ntkselect.lm import summed_logits
-from ntkselect.runtime import Runtime
-from ntkselect.stage2 import per_example_gradients
-
-
-def naive_gradients(model, examples, pad_id):
-    """One example at a time, plain autograd on the full (B, T, V) logits:
-    g(x) = ∇ (1/T) Σ_t Σ_k logit[t, k] over the positions that predict trained tokens."""
-    params = [p for _, p in lora_parameters(model)]
-    out = []
-    for i, e in enumerate(examples):
-        b = collate([e], [i], pad_id)
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits  # (1, T, V)
-        f = (logits.sum(-1) * b.target_mask).sum() / b.target_mask.sum()
-        g = torch.autograd.grad(f, params)
-        out.append(torch.cat([x.reshape(-1) for x in g]))
-    return torch.stack(out)  # (n, D)
+from helpers import make_lora_model, naive_gradients
+from ntkselect.data.batching import collate
+from ntkselect.grads.fused import flatten_grads, gradient_hooks, lora_parameters
+from ntkselect.model.lm import summed_logits
+from ntkselect.model.runtime import Runtime
+from ntkselect.selection.ntk.stage2 import per_example_gradients
 
 
 def rel_err(a, b):
@@ -68,7 +54,8 @@ def test_summed_logits_never_builds_vocabulary_tensor(model, examples, tokenizer
     V = model.get_base_model().config.vocab_size
     big = []
     hook = torch.nn.modules.module.register_module_forward_hook(
-        lambda m, i, o: big.append(type(m).__name__) if isinstance(o, torch.Tensor) and o.shape[-1] == V else None)
+        lambda m, i, o: big.append(type(m).__name__) if isinstance(o, torch.Tensor) and o.shape[-1] == V else None
+    )
     try:
         with torch.no_grad():
             f = summed_logits(model, b)

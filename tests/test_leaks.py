@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from ntkselect.cli import main
-from ntkselect.data import Record
-from ntkselect.leak import MIN_WORDS, TestQuestions, normalise
+from ntkselect.cli.main import main
+from ntkselect.data.leak import MIN_WORDS, TestQuestions, normalise
+from ntkselect.data.records import Record
 
 Q = "Which vessel carries oxygenated blood from the lungs to the heart?\nA. aorta\nB. pulmonary vein\nC. vena cava\nD. carotid\nAnswer:"
 # the same question as a person might paste it elsewhere: other case, spacing, option markers
@@ -20,9 +20,13 @@ Q_REFORMATTED = "which  vessel carries OXYGENATED blood from the lungs to the he
 
 def hidden(q: str) -> dict[str, dict]:
     """A test question hidden in each record shape and each field a record trains on."""
-    m = lambda role: {"messages": [{"role": "system", "content": "Be brief."} if role != "system" else {"role": "system", "content": f"Context: {q}"},  # noqa: E731
-                                   {"role": "user", "content": f"Please answer: {q}" if role == "user" else "Hello"},
-                                   {"role": "assistant", "content": f"Sure. {q} It is B." if role == "assistant" else "Hi."}]}
+    m = lambda role: {
+        "messages": [
+            {"role": "system", "content": "Be brief."} if role != "system" else {"role": "system", "content": f"Context: {q}"},  # noqa: E731
+            {"role": "user", "content": f"Please answer: {q}" if role == "user" else "Hello"},
+            {"role": "assistant", "content": f"Sure. {q} It is B." if role == "assistant" else "Hi."},
+        ]
+    }
     return {
         "text": {"text": f"Exam notes. {q} The answer is B."},
         "prompt": {"prompt": f"Quiz: {q}", "response": "B"},
@@ -45,8 +49,13 @@ def rec(raw, i="t0"):
 
 @pytest.fixture(scope="module")
 def tq():
-    return TestQuestions([rec({"prompt": Q, "answer": "B"}), rec({"prompt": "Is it raining?", "answer": "yes"}, "short"),
-                          rec({"question": "Which of the following is true?", "options": ["The liver makes bile", "Bones are hollow"], "answer": 0}, "stem")])
+    return TestQuestions(
+        [
+            rec({"prompt": Q, "answer": "B"}),
+            rec({"prompt": "Is it raining?", "answer": "yes"}, "short"),
+            rec({"question": "Which of the following is true?", "options": ["The liver makes bile", "Bones are hollow"], "answer": 0}, "stem"),
+        ]
+    )
 
 
 @pytest.mark.parametrize("shape", list(hidden(Q)))
@@ -94,8 +103,13 @@ def test_containment_is_fast_on_10k_records_and_1k_questions():
 
 
 def _mc(i, topic):
-    return {"id": f"{topic}{i}", "prompt": f"Question {i} about the {topic}: what does it do in the body?\nA. pumps\nB. filters\nC. stores\nD. none\nAnswer:",
-            "response": "A. pumps", "answer": "A", "subject": topic}
+    return {
+        "id": f"{topic}{i}",
+        "prompt": f"Question {i} about the {topic}: what does it do in the body?\nA. pumps\nB. filters\nC. stores\nD. none\nAnswer:",
+        "response": "A. pumps",
+        "answer": "A",
+        "subject": topic,
+    }
 
 
 def _write(path, rows):
@@ -111,9 +125,35 @@ def test_evaluate_drops_every_pool_record_that_hides_a_test_question(tiny_model_
     pool += [{"id": k, **v} for k, v in planted.items()]
     p = {n: _write(tmp_path / f"{n}.jsonl", rows) for n, rows in (("train", train), ("test", test), ("pool", pool))}
     out = tmp_path / "ev"
-    args = ["evaluate", "--domain-train", p["train"], "--domain-test", p["test"], "--pool", p["pool"], "--n", 6, "--out", out,
-            "--model", tiny_model_dir, "--seeds", 1, "--methods", "random,bm25", "--ft-epochs", 1, "--ft-batch-size", 4, "--batch-size", 4,
-            "--max-batch-tokens", 512, "--warmup-epochs", 0]
+    args = [
+        "evaluate",
+        "--domain-train",
+        p["train"],
+        "--domain-test",
+        p["test"],
+        "--pool",
+        p["pool"],
+        "--n",
+        6,
+        "--out",
+        out,
+        "--model",
+        tiny_model_dir,
+        "--seeds",
+        1,
+        "--methods",
+        "random,bm25",
+        "--ft-epochs",
+        1,
+        "--ft-batch-size",
+        4,
+        "--batch-size",
+        4,
+        "--max-batch-tokens",
+        512,
+        "--warmup-epochs",
+        0,
+    ]
     assert main([str(a) for a in args]) == 0, capsys.readouterr().err
     man = json.loads((out / "manifest.json").read_text())
     assert man["excluded_pool_records"]["test_questions"] == len(planted)
@@ -130,8 +170,30 @@ def test_evaluate_refuses_a_domain_record_that_hides_a_test_question(shape, tiny
     pool = [{"id": f"p{i}", "prompt": f"Tell me about {w} {i}.", "response": f"{w} fact {i}."} for i, w in enumerate(["law", "math", "art"])]
     p = {n: _write(tmp_path / f"{n}.jsonl", rows) for n, rows in (("train", train), ("test", test), ("pool", pool))}
     out = tmp_path / "ev"
-    rc = main([str(a) for a in ["evaluate", "--domain-train", p["train"], "--domain-test", p["test"], "--pool", p["pool"], "--n", 1,
-                                "--out", out, "--model", tiny_model_dir, "--seeds", 1, "--methods", "random"]])
+    rc = main(
+        [
+            str(a)
+            for a in [
+                "evaluate",
+                "--domain-train",
+                p["train"],
+                "--domain-test",
+                p["test"],
+                "--pool",
+                p["pool"],
+                "--n",
+                1,
+                "--out",
+                out,
+                "--model",
+                tiny_model_dir,
+                "--seeds",
+                1,
+                "--methods",
+                "random",
+            ]
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert "1 training question(s) also appear in" in err and "'sneaky'" in err

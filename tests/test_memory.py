@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_lora_model
-from ntkselect.batching import collate, make_batches
-from ntkselect.grads import FusedLoraGradients, lora_parameters
-from ntkselect.lm import summed_head, summed_logits
-from ntkselect.memory import LiveBytes, MemoryCosts, PassCost, measure_costs
-from ntkselect.runtime import Runtime
-from ntkselect.stage2 import run_stage2
-from ntkselect.warmup import batch_loss_and_grads, micro_batches
+from helpers import make_lora_model
+from ntkselect.data.batching import collate, make_batches
+from ntkselect.grads.fused import FusedLoraGradients, lora_parameters
+from ntkselect.model.lm import summed_head, summed_logits
+from ntkselect.model.memory import LiveBytes, MemoryCosts, PassCost, measure_costs
+from ntkselect.model.runtime import Runtime
+from ntkselect.selection.ntk.stage2 import run_stage2
+from ntkselect.training.warmup import batch_loss_and_grads, micro_batches
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_dry_run_reports_memory_by_stage_within_the_budget(tiny_model_dir, tmp_p
     import json
 
     from ntkselect.config import SelectConfig
-    from ntkselect.plan import estimate
+    from ntkselect.runs.plan import estimate
 
     dom, pool = tmp_path / "d.jsonl", tmp_path / "p.jsonl"
     dom.write_text("".join(json.dumps({"prompt": f"question {i} " * (1 + i), "response": f"answer {i}"}) + "\n" for i in range(6)))

@@ -1,41 +1,20 @@
-"""``ntkselect select --dry-run`` (ntkselect.plan) on the tiny model: it writes nothing, and its
+"""``ntkselect select --dry-run`` (ntkselect.runs.plan) on the tiny model: it writes nothing, and its
 counts are the real ones (tokens, LoRA gradient dimension, embedding array size)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from ntkselect.cli import main
+from helpers import PLAN_POOL, plan_config
+from ntkselect.cli.main import main
 from ntkselect.config import SelectConfig
-from ntkselect.plan import estimate, format_plan
-
-DOMAIN = [{"question": f"What should a doctor know about {t}?", "answer": f"Facts about {t} matter in the clinic."}
-          for t in ["blood pressure", "the kidney", "a fracture", "insulin", "fever"]]
-POOL = [{"id": f"p{i}", "prompt": f"Question {i}: tell me about {w}.", "response": f"{w.capitalize()} is topic {i}, " + "and more " * i}
-        for i, w in enumerate(["algebra", "a contract", "primes", "torts", "integrals", "vectors", "asthma", "a treaty", "the liver"])]
-POOL.append({"text": "A plain text record about the heart and its valves."})
-POOL.append(dict(DOMAIN[2]))  # an exact copy of a domain record: excluded, as in a real run
+from ntkselect.runs.plan import estimate, format_plan
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("plan")
-    for name, rows in (("domain", DOMAIN), ("pool", POOL)):
-        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d / "domain.jsonl", d / "pool.jsonl"
-
-
-def config(files, model, out, **kw) -> SelectConfig:
-    dom, pool = files
-    base = dict(domain=str(dom), pool=str(pool), n=3, out=str(out), model=model, threads=1, max_length=24, max_batch_tokens=64, batch_size=4)
-    return SelectConfig(**{**base, **kw})
-
-
-def test_dry_run_prints_the_plan_and_writes_nothing(files, tiny_model_dir, tmp_path, capsys):
-    dom, pool = files
+def test_dry_run_prints_the_plan_and_writes_nothing(plan_files, tiny_model_dir, tmp_path, capsys):
+    dom, pool = plan_files
     out = tmp_path / "never" / "run"
     argv = ["select", "--domain", dom, "--pool", pool, "--n", 3, "--out", out, "--model", tiny_model_dir, "--threads", 1, "--dry-run"]
     assert main([str(a) for a in argv]) == 0
@@ -49,23 +28,23 @@ def test_dry_run_prints_the_plan_and_writes_nothing(files, tiny_model_dir, tmp_p
     assert list(out.iterdir()) == []
 
 
-def test_token_counts_equal_a_direct_tokenization(files, tiny_model_dir, tmp_path):
-    from ntkselect.data import load_records, record_text, tokenize_records
-    from ntkselect.model import load_tokenizer
+def test_token_counts_equal_a_direct_tokenization(plan_files, tiny_model_dir, tmp_path):
+    from ntkselect.data.records import load_records, record_text, tokenize_records
+    from ntkselect.model.loading import load_tokenizer
 
-    cfg = config(files, tiny_model_dir, tmp_path / "run", warmup_epochs=2.0)
+    cfg = plan_config(plan_files, tiny_model_dir, tmp_path / "run", warmup_epochs=2.0)
     plan = estimate(cfg)
     tok = load_tokenizer(tiny_model_dir)
-    domain = load_records(files[0])
+    domain = load_records(plan_files[0])
     dom_texts = {record_text(r.raw) for r in domain}
-    pool = [r for r in load_records(files[1]) if record_text(r.raw) not in dom_texts]
+    pool = [r for r in load_records(plan_files[1]) if record_text(r.raw) not in dom_texts]
     _, ds = tokenize_records(domain, tok, cfg.max_length, cfg.template)
     pex, ps = tokenize_records(pool, tok, cfg.max_length, cfg.template)
     d, p = plan["data"]["domain"], plan["data"]["pool"]
     assert (d["tokens"], d["trained_tokens"], d["truncated"]) == (ds.tokens, ds.trained_tokens, ds.truncated)
     assert (p["tokens"], p["trained_tokens"], p["truncated"]) == (ps.tokens, ps.trained_tokens, ps.truncated)
     assert ps.truncated > 0  # --max-length 24 cuts the long pool records: counted, not fatal
-    assert p["records"] == len(POOL) - 1 and p["excluded_duplicates_of_domain"] == 1
+    assert p["records"] == len(PLAN_POOL) - 1 and p["excluded_duplicates_of_domain"] == 1
     stages = {s["stage"]: s for s in plan["stages"]}
     assert stages["warm-up"]["tokens"] == 2 * ds.tokens
     assert stages["stage 1"]["tokens"] == ds.tokens + ps.tokens
@@ -82,12 +61,12 @@ def test_token_counts_equal_a_direct_tokenization(files, tiny_model_dir, tmp_pat
 
 
 @pytest.mark.parametrize("r,target", [(8, "all-linear"), (4, "q_proj,v_proj")])
-def test_grad_dim_equals_the_real_lora_parameter_count(files, tiny_model_dir, tmp_path, r, target):
-    from ntkselect.grads import lora_parameters
-    from ntkselect.model import load_model
-    from ntkselect.warmup import WarmupOptions, add_lora
+def test_grad_dim_equals_the_real_lora_parameter_count(plan_files, tiny_model_dir, tmp_path, r, target):
+    from ntkselect.grads.fused import lora_parameters
+    from ntkselect.model.loading import load_model
+    from ntkselect.training.warmup import WarmupOptions, add_lora
 
-    plan = estimate(config(files, tiny_model_dir, tmp_path / "run", lora_r=r, lora_target_modules=target))
+    plan = estimate(plan_config(plan_files, tiny_model_dir, tmp_path / "run", lora_r=r, lora_target_modules=target))
     base = load_model(tiny_model_dir)
     assert plan["model"]["params"] == sum(p.numel() for p in base.parameters())
     model = add_lora(base, WarmupOptions(r=r, alpha=2.0 * r, target_modules=SelectConfig(lora_target_modules=target).target_modules()))
@@ -95,33 +74,36 @@ def test_grad_dim_equals_the_real_lora_parameter_count(files, tiny_model_dir, tm
     assert plan["disk"]["adapter"] == 4 * plan["lora"]["grad_dim"]
 
 
-def test_embedding_disk_is_pool_times_hidden_times_4(files, tiny_model_dir, tmp_path):
+def test_embedding_disk_is_pool_times_hidden_times_4(plan_files, tiny_model_dir, tmp_path):
     from transformers import AutoConfig
 
-    plan = estimate(config(files, tiny_model_dir, tmp_path / "run"))
+    plan = estimate(plan_config(plan_files, tiny_model_dir, tmp_path / "run"))
     hidden = AutoConfig.from_pretrained(tiny_model_dir).hidden_size
-    n_pool = len(POOL) - 1  # the domain duplicate is not embedded
+    n_pool = len(PLAN_POOL) - 1  # the domain duplicate is not embedded
     assert plan["model"]["hidden_size"] == hidden
     assert plan["disk"]["embeddings"] == n_pool * hidden * 4
     assert plan["disk"]["temporary"] == n_pool * hidden * 4
 
 
-def test_methods_without_a_model_and_less(files, tiny_model_dir, tmp_path):
-    rnd = estimate(config(files, tiny_model_dir, tmp_path / "run", method="random"))
+def test_methods_without_a_model_and_less(plan_files, tiny_model_dir, tmp_path):
+    rnd = estimate(plan_config(plan_files, tiny_model_dir, tmp_path / "run", method="random"))
     assert [s["stage"] for s in rnd["stages"]] == ["load"] and rnd["model"] is None and rnd["disk"]["adapter"] == 0
-    less = estimate(config(files, tiny_model_dir, tmp_path / "run", method="less", less_proj_dim=64))
+    less = estimate(plan_config(plan_files, tiny_model_dir, tmp_path / "run", method="less", less_proj_dim=64))
     assert [s["stage"] for s in less["stages"]] == ["load", "warm-up", "less"]
-    assert less["disk"]["less_features"] == (len(POOL) - 1) * 64 * 4 and less["disk"]["embeddings"] == 0
+    assert less["disk"]["less_features"] == (len(PLAN_POOL) - 1) * 64 * 4 and less["disk"]["embeddings"] == 0
 
 
-@pytest.mark.parametrize("problem,expect", [
-    ("n-too-large", "larger than the pool"),
-    ("finished-run", "--overwrite"),
-    ("out-under-a-file", "cannot write to --out"),
-    ("less-without-warmup", "--warmup-epochs"),
-])
-def test_dry_run_stops_where_the_real_run_would(files, tiny_model_dir, tmp_path, capsys, problem, expect):
-    dom, pool = files
+@pytest.mark.parametrize(
+    "problem,expect",
+    [
+        ("n-too-large", "larger than the pool"),
+        ("finished-run", "--overwrite"),
+        ("out-under-a-file", "cannot write to --out"),
+        ("less-without-warmup", "--warmup-epochs"),
+    ],
+)
+def test_dry_run_stops_where_the_real_run_would(plan_files, tiny_model_dir, tmp_path, capsys, problem, expect):
+    dom, pool = plan_files
     out = tmp_path / "run"
     extra: list = []
     n = 3

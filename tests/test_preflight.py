@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ntkselect.cli import main
+from ntkselect.cli.main import main
 
 TOPICS = ["blood pressure", "the kidney", "a fracture", "insulin", "fever", "the liver"]
 
@@ -43,8 +43,17 @@ def unknown_head_dir(tmp_path_factory, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     cfg.final_logit_softcapping = 0.5
     return _save(LlamaForCausalLM(cfg), tokenizer, tmp_path_factory.mktemp("unknown-head"))
 
@@ -52,17 +61,13 @@ def unknown_head_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def family_dir(tmp_path_factory, tokenizer):
     """Tiny models of other families with the test tokenizer's vocabulary, saved as HF folders."""
-    import families
+    from helpers import tiny_model
 
     made = {}
 
     def get(name):
         if name not in made:
-            families.V = len(tokenizer)
-            try:
-                model = families.tiny_model(name)
-            finally:
-                families.V = 96
+            model = tiny_model(name, vocab=len(tokenizer))
             made[name] = _save(model, tokenizer, tmp_path_factory.mktemp(name))
         return made[name]
 
@@ -81,13 +86,16 @@ def _select(files, model, out, *extra):
     return ["select", "--domain", dom, "--pool", pool, "--n", 3, "--out", str(out), "--model", model, "--threads", 1, "--knn-k", 2, *extra]
 
 
-@pytest.mark.parametrize("case,expect", [
-    ("unknown-head", "post-processing ntkselect knows"),
-    # caught by the option check (model.check_model_options) before select's preflight, by the preflight in the dry run
-    ("embedding-lora", "'embed_tokens' is not a linear layer|LoRA on Embedding layers is not supported"),
-    ("no-such-module", "--lora-target-modules"),
-    ("moe-router", "peft target_parameters|'gate' is not a linear layer"),
-])
+@pytest.mark.parametrize(
+    "case,expect",
+    [
+        ("unknown-head", "post-processing ntkselect knows"),
+        # caught by the option check (model.check_model_options) before select's preflight, by the preflight in the dry run
+        ("embedding-lora", "'embed_tokens' is not a linear layer|LoRA on Embedding layers is not supported"),
+        ("no-such-module", "--lora-target-modules"),
+        ("moe-router", "peft target_parameters|'gate' is not a linear layer"),
+    ],
+)
 @pytest.mark.parametrize("dry_run", [False, True], ids=["select", "dry-run"])
 def test_unsupported_model_stops_select_at_once(files, tiny_model_dir, unknown_head_dir, family_dir, tmp_path, capsys, case, expect, dry_run):
     model, extra = tiny_model_dir, []
@@ -111,20 +119,63 @@ def test_unsupported_model_stops_select_at_once(files, tiny_model_dir, unknown_h
 def test_unsupported_model_stops_evaluate_and_diagnose(files, unknown_head_dir, tmp_path, capsys):
     dom, pool, test = files
     out = tmp_path / "eval"
-    assert main(["evaluate", "--domain-train", dom, "--domain-test", test, "--pool", pool, "--n", "2", "--out", str(out),
-                 "--model", unknown_head_dir, "--methods", "random", "--seeds", "1", "--threads", "1"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--domain-train",
+                dom,
+                "--domain-test",
+                test,
+                "--pool",
+                pool,
+                "--n",
+                "2",
+                "--out",
+                str(out),
+                "--model",
+                unknown_head_dir,
+                "--methods",
+                "random",
+                "--seeds",
+                "1",
+                "--threads",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert "post-processing ntkselect knows" in _error(capsys) and not out.exists()
     out = tmp_path / "diag"
-    assert main(["diagnose", "--domain", dom, "--pool", pool, "--out", str(out), "--model", unknown_head_dir, "--n-test", "0",
-                 "--threads", "1"]) == 2
+    assert main(["diagnose", "--domain", dom, "--pool", pool, "--out", str(out), "--model", unknown_head_dir, "--n-test", "0", "--threads", "1"]) == 2
     assert "post-processing ntkselect knows" in _error(capsys) and not out.exists()
 
 
 def test_diagnose_exact_route_needs_a_linear_head(files, family_dir, tmp_path, capsys):
     dom, pool, _ = files
     out = tmp_path / "diag"
-    assert main(["diagnose", "--domain", dom, "--pool", pool, "--out", str(out), "--model", family_dir("gemma2"), "--n-test", "0",
-                 "--jf-method", "exact", "--threads", "1"]) == 2
+    assert (
+        main(
+            [
+                "diagnose",
+                "--domain",
+                dom,
+                "--pool",
+                pool,
+                "--out",
+                str(out),
+                "--model",
+                family_dir("gemma2"),
+                "--n-test",
+                "0",
+                "--jf-method",
+                "exact",
+                "--threads",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert "--jf-method sampled" in _error(capsys) and not out.exists()
 
 
@@ -139,10 +190,10 @@ def test_soft_capped_model_selects_with_a_one_line_notice(files, family_dir, tmp
 
 
 def test_the_checked_model_comes_back_unchanged(tiny_model_dir, examples, tokenizer):
-    from conftest import make_lora_model
-    from ntkselect.grads import lora_parameters
-    from ntkselect.preflight import check_model
-    from ntkselect.runtime import Runtime
+    from helpers import make_lora_model
+    from ntkselect.grads.fused import lora_parameters
+    from ntkselect.model.preflight import check_model
+    from ntkselect.model.runtime import Runtime
 
     model = make_lora_model(tiny_model_dir, seed=3)
     model.train()
@@ -150,8 +201,14 @@ def test_the_checked_model_comes_back_unchanged(tiny_model_dir, examples, tokeni
     flags = [m.training for m in model.modules()]
     torch.manual_seed(123)
     rng = torch.random.get_rng_state()
-    res = check_model(model, Runtime(pad_id=tokenizer.pad_token_id, progress=False), examples, ("warmup", "embed", "ntk", "less", "loss", "diagnose"),
-                      proj_dim=8, log=lambda m: None)
+    res = check_model(
+        model,
+        Runtime(pad_id=tokenizer.pad_token_id, progress=False),
+        examples,
+        ("warmup", "embed", "ntk", "less", "loss", "diagnose"),
+        proj_dim=8,
+        log=lambda m: None,
+    )
     assert set(res.paths) == {"warmup", "embed", "ntk", "less", "loss", "diagnose"} and res.notice is None
     assert torch.equal(torch.random.get_rng_state(), rng)
     assert [m.training for m in model.modules()] == flags

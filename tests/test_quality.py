@@ -10,7 +10,7 @@ import torch
 
 
 def _records(texts):
-    from ntkselect.data import Record
+    from ntkselect.data.records import Record
 
     return [Record(id=str(i), raw=t, path="mem.jsonl", line=i + 1) for i, t in enumerate(texts)]
 
@@ -27,10 +27,10 @@ def _naive_nll(model, ex) -> float:
 
 @pytest.mark.parametrize("batch_size,padding_side", [(1, "right"), (3, "right"), (8, "left")])
 def test_heldout_loss_equals_a_hand_computed_nll(tiny_model_dir, texts, tokenizer, batch_size, padding_side):
-    from ntkselect.data import tokenize_records
-    from ntkselect.evaluation import heldout_loss
-    from ntkselect.model import load_model
-    from ntkselect.runtime import Runtime
+    from ntkselect.data.records import tokenize_records
+    from ntkselect.evaluation.metrics import heldout_loss
+    from ntkselect.model.loading import load_model
+    from ntkselect.model.runtime import Runtime
 
     model = load_model(tiny_model_dir).eval()
     ex, _ = tokenize_records(_records(texts), tokenizer, max_length=64, template="auto")
@@ -47,14 +47,16 @@ def test_heldout_loss_equals_a_hand_computed_nll(tiny_model_dir, texts, tokenize
 
 def test_is_mc_record_separates_loss_only_records():
     from ntkselect.errors import NtkSelectError
-    from ntkselect.evaluation import is_mc_record, mc_items
+    from ntkselect.evaluation.metrics import is_mc_record, mc_items
 
-    recs = _records([
-        {"prompt": "Q?\nA. x\nB. y\nAnswer:", "response": "A. x", "answer": "A"},  # lettered lines + answer: MC
-        {"prompt": "How many apples?", "response": "Three apples, so 3.\n#### 3"},  # a worked solution: loss only
-        {"prompt": "Pick", "options": ["a", "b"], "answer": "b", "response": "b"},  # explicit options: MC
-        {"text": "plain text"},  # loss only
-    ])
+    recs = _records(
+        [
+            {"prompt": "Q?\nA. x\nB. y\nAnswer:", "response": "A. x", "answer": "A"},  # lettered lines + answer: MC
+            {"prompt": "How many apples?", "response": "Three apples, so 3.\n#### 3"},  # a worked solution: loss only
+            {"prompt": "Pick", "options": ["a", "b"], "answer": "b", "response": "b"},  # explicit options: MC
+            {"text": "plain text"},  # loss only
+        ]
+    )
     assert [is_mc_record(r) for r in recs] == [True, False, True, False]
     bad = _records([{"prompt": "Pick", "options": ["a", "b"], "answer": 7, "response": "b"}])
     assert is_mc_record(bad[0])  # names options, so it must parse: mc_items says what is wrong
@@ -63,7 +65,7 @@ def test_is_mc_record_separates_loss_only_records():
 
 
 def test_gap_closed_on_a_synthetic_case():
-    from ntkselect.stats import bootstrap_indices, gap_closed
+    from ntkselect.evaluation.stats import bootstrap_indices, gap_closed
 
     rng = np.random.default_rng(0)
     random = 2.0 + rng.normal(0, 0.3, size=(3, 400))  # (seeds, examples)
@@ -84,7 +86,7 @@ def test_gap_closed_on_a_synthetic_case():
 
 
 def test_paired_bootstrap_interval():
-    from ntkselect.stats import paired_bootstrap
+    from ntkselect.evaluation.stats import paired_bootstrap
 
     rng = np.random.default_rng(1)
     b = rng.normal(1.0, 0.5, size=(3, 300))
@@ -102,7 +104,7 @@ def _cells(losses: dict) -> dict:
 
 
 def test_calibration_says_whether_the_oracle_beats_random():
-    from ntkselect.evaluate import calibration, summarise_loss
+    from ntkselect.evaluation.harness import calibration, summarise_loss
 
     rng = np.random.default_rng(2)
     r = 2.0 + rng.normal(0, 0.3, size=(3, 200))
@@ -127,7 +129,7 @@ def _write(path, rows):
 def test_oracle_records_never_repeat_a_test_or_domain_question(tiny_model_dir, tmp_path, capsys):
     """--domain-extra must be unseen data: a record that repeats a D or test question is
     refused before anything is written; the oracle's N come only from that file."""
-    from ntkselect.cli import main
+    from ntkselect.cli.main import main
 
     def q(i):
         return {"id": f"q{i}", "prompt": f"Question {i} about the heart?", "response": f"Answer {i}."}
@@ -135,8 +137,27 @@ def test_oracle_records_never_repeat_a_test_or_domain_question(tiny_model_dir, t
     train, test, extra = [q(i) for i in range(4)], [q(i) for i in range(4, 8)], [q(i) for i in range(8, 12)]
     pool = [{"id": f"p{i}", "prompt": f"General {i}?", "response": f"Reply {i}."} for i in range(6)]
     p = {k: _write(tmp_path / f"{k}.jsonl", v) for k, v in (("train", train), ("test", test), ("pool", pool))}
-    base = ["evaluate", "--domain-train", p["train"], "--domain-test", p["test"], "--pool", p["pool"], "--n", "2", "--model", tiny_model_dir,
-            "--methods", "domain-only,oracle", "--seeds", "1", "--ft-epochs", "1", "--ft-batch-size", "4"]
+    base = [
+        "evaluate",
+        "--domain-train",
+        p["train"],
+        "--domain-test",
+        p["test"],
+        "--pool",
+        p["pool"],
+        "--n",
+        "2",
+        "--model",
+        tiny_model_dir,
+        "--methods",
+        "domain-only,oracle",
+        "--seeds",
+        "1",
+        "--ft-epochs",
+        "1",
+        "--ft-batch-size",
+        "4",
+    ]
     for leaked, side in ((test[1], "test set"), (train[2], "training set D")):
         bad = _write(tmp_path / "extra_bad.jsonl", extra + [{**leaked, "id": "sneaky"}])
         out = tmp_path / f"out-{side[:4]}"
@@ -176,10 +197,23 @@ def test_benchmark_domains_are_disjoint_labelled_and_reproducible(tmp_path, doma
     same arguments give the same bytes."""
     build = _build_module()
     gsm = tmp_path / "gsm8k.jsonl"  # a stand-in for ../shared/data/gsm8k: the builder only reads question/answer
-    gsm.write_text("".join(json.dumps({"question": f"Tom has {i} apples and buys {i + 3} more. How many now?",
-                                       "answer": f"{i} + {i + 3} = {2 * i + 3}\n#### {2 * i + 3}"}) + "\n" for i in range(60)))
-    sizes = {"n_train": 6, "n_extra": 5, "n_test": 8, "pool_mmlu_related": 6, "pool_mmlu_unrelated": 8, "pool_rg_related": 8,
-             "pool_rg_unrelated": 8, "pool_gsm8k": 4}
+    gsm.write_text(
+        "".join(
+            json.dumps({"question": f"Tom has {i} apples and buys {i + 3} more. How many now?", "answer": f"{i} + {i + 3} = {2 * i + 3}\n#### {2 * i + 3}"})
+            + "\n"
+            for i in range(60)
+        )
+    )
+    sizes = {
+        "n_train": 6,
+        "n_extra": 5,
+        "n_test": 8,
+        "pool_mmlu_related": 6,
+        "pool_mmlu_unrelated": 8,
+        "pool_rg_related": 8,
+        "pool_rg_unrelated": 8,
+        "pool_gsm8k": 4,
+    }
     sizes = {k: v for k, v in sizes.items() if k in build.DEFAULTS[domain] or k.startswith("n_")}
     a = build.build(domain, tmp_path / "a", str(gsm), 0, sizes)
     b = build.build(domain, tmp_path / "b", str(gsm), 0, sizes)

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from ntkselect.cli import main
+from helpers import run_outputs, sharded_args
+from ntkselect.cli.main import main
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs the 'ray' extra (pip install 'ntkselect[ray]')")
-
-from test_resume import big, cmd, outputs  # noqa: E402,F401  (the module fixture and helpers)
 
 
 def _free_port() -> int:
@@ -38,22 +37,39 @@ def cluster(tmp_path_factory):
     os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     tmp = tmp_path_factory.mktemp("ray")
-    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                    "--object-store-memory=200000000", "--disable-usage-stats", f"--temp-dir={tmp}"],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--object-store-memory=200000000",
+            "--disable-usage-stats",
+            f"--temp-dir={tmp}",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     yield f"127.0.0.1:{port}"
     subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
 
 
 def _ray_args(big, model, out, address):
-    return [sys.executable, "-m", "ntkselect", *map(str, cmd(big, model, out, "--shard-size", 2, "--executor", "ray",
-                                                             "--ray-address", address, "--ray-workers", 2))]
+    return [
+        sys.executable,
+        "-m",
+        "ntkselect",
+        *map(str, sharded_args(big, model, out, "--shard-size", 2, "--executor", "ray", "--ray-address", address, "--ray-workers", 2)),
+    ]
 
 
 @pytest.fixture(scope="module")
 def reference(big, tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("local") / "run"
-    assert main([str(a) for a in cmd(big, tiny_model_dir, out, "--shard-size", 2)]) == 0
+    assert main([str(a) for a in sharded_args(big, tiny_model_dir, out, "--shard-size", 2)]) == 0
     return out
 
 
@@ -66,7 +82,7 @@ def test_ray_executor_gives_the_local_result(big, tiny_model_dir, tmp_path, clus
     assert m["execution"]["executor"] == "ray"
     log = [json.loads(x) for x in (out / "shards.jsonl").read_text().splitlines()]
     assert {r["executor"] for r in log if r["event"] == "shard_done"} == {"ray"}
-    assert outputs(out) == outputs(reference)
+    assert run_outputs(out) == run_outputs(reference)
 
 
 def test_a_worker_killed_mid_run_is_restarted_and_the_result_is_unchanged(big, tiny_model_dir, tmp_path, cluster, reference):
@@ -92,4 +108,4 @@ def test_a_worker_killed_mid_run_is_restarted_and_the_result_is_unchanged(big, t
     t.join()
     assert killed, "no worker was running to be killed"
     assert proc.returncode == 0, stderr[-2000:]
-    assert outputs(out) == outputs(reference)
+    assert run_outputs(out) == run_outputs(reference)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ntkselect.cli import main
-from ntkselect.report import build_report, nearest_domain, rank_of, score_of
+from ntkselect.cli.main import main
+from ntkselect.report.html import build_report, nearest_domain, rank_of, score_of
 
 SECTIONS = ("summary", "scores", "votes", "composition", "examples", "timings", "configuration")
 
@@ -21,8 +21,32 @@ SECTIONS = ("summary", "scores", "votes", "composition", "examples", "timings", 
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "run"
-    assert main(["demo", "--model", tiny_model_dir, "--domain-size", "8", "--pool-mmlu", "24", "--pool-reasoning", "4", "--n", "6",
-                 "--out", str(out), "--warmup-epochs", "0", "--knn-k", "4", "--precision", "float32"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--model",
+                tiny_model_dir,
+                "--domain-size",
+                "8",
+                "--pool-mmlu",
+                "24",
+                "--pool-reasoning",
+                "4",
+                "--n",
+                "6",
+                "--out",
+                str(out),
+                "--warmup-epochs",
+                "0",
+                "--knn-k",
+                "4",
+                "--precision",
+                "float32",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -79,8 +103,14 @@ def test_report_reads_renamed_fields_and_other_methods(run_dir, tmp_path):
     # the older field names (ntk_score, ntk_rank), no votes
     (run / "scores.jsonl").write_text("".join(json.dumps({"id": r["id"], "ntk_score": score_of(r), "selected": r["selected"]}) + "\n" for r in rows))
     sel = [json.loads(line) for line in (run / "selected.jsonl").read_text().splitlines()]
-    renamed = [{**{k: v for k, v in r.items() if k not in ("score", "rank", "selection_score", "selection_rank", "selection_method")}, "ntk_score": score_of(r), "ntk_rank": rank_of(r, 0)}
-               for r in sel]
+    renamed = [
+        {
+            **{k: v for k, v in r.items() if k not in ("score", "rank", "selection_score", "selection_rank", "selection_method")},
+            "ntk_score": score_of(r),
+            "ntk_rank": rank_of(r, 0),
+        }
+        for r in sel
+    ]
     (run / "selected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in renamed))
     page = build_report(run).read_text()
     for sid in SECTIONS:
@@ -136,8 +166,16 @@ def _chromium() -> str | None:
 @pytest.mark.skipif(_chromium() is None, reason="no chromium binary (install Debian's `chromium` package to render the report)")
 def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     path = build_report(run_dir, out=tmp_path / "report.html")
-    base = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-            f"--user-data-dir={tmp_path / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND"]
+    base = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+    ]
     dom = subprocess.run([*base, "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     html = dom.stdout

@@ -13,38 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from ntkselect.cli import main
-
-WORDS = ["heart", "kidney", "liver", "lung", "contract", "court", "prime", "vector", "river", "poem", "engine", "virus"]
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def big(tmp_path_factory):
-    d = tmp_path_factory.mktemp("big")
-    domain = [{"question": f"What does a doctor check in the {w}?", "answer": f"The {w} has to be examined with care."} for w in WORDS[:4]]
-    pool = [{"id": f"p{i}", "prompt": f"Item {i}: explain the {WORDS[i % len(WORDS)]} in {1 + i % 5} sentences.",
-             "response": f"The {WORDS[(i * 7) % len(WORDS)]} is item {i}." + " More." * (i % 4)} for i in range(96)]
-    return write_jsonl(d / "domain.jsonl", domain), write_jsonl(d / "pool.jsonl", pool)
-
-
-def cmd(big, model, out, *extra):
-    dom, pool = big
-    return ["select", "--domain", dom, "--pool", pool, "--n", 6, "--out", out, "--model", model, "--warmup-epochs", 1,
-            "--knn-k", 8, "--precision", "float32", "--threads", 1, "--batch-size", 4, *extra]
-
-
-def outputs(out: Path) -> dict:
-    return {f: (out / f).read_text() for f in ("selected.jsonl", "scores.jsonl", "train.jsonl")}
+from helpers import run_outputs, sharded_args
+from ntkselect.cli.main import main
 
 
 def test_shard_size_does_not_change_the_selection(big, tiny_model_dir, tmp_path):
     for name, size in (("one", 4096), ("many", 5)):
-        assert main([str(a) for a in cmd(big, tiny_model_dir, tmp_path / name, "--shard-size", size)]) == 0
+        assert main([str(a) for a in sharded_args(big, tiny_model_dir, tmp_path / name, "--shard-size", size)]) == 0
     ids = {n: [json.loads(x)["id"] for x in (tmp_path / n / "selected.jsonl").read_text().splitlines()] for n in ("one", "many")}
     assert ids["one"] == ids["many"]
     s = {n: [json.loads(x)["score"] for x in (tmp_path / n / "scores.jsonl").read_text().splitlines()] for n in ("one", "many")}
@@ -59,9 +34,9 @@ def test_shard_size_does_not_change_the_selection(big, tiny_model_dir, tmp_path)
 
 def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_result(big, tiny_model_dir, tmp_path):
     ref = tmp_path / "ref"
-    assert main([str(a) for a in cmd(big, tiny_model_dir, ref, "--shard-size", 2)]) == 0
+    assert main([str(a) for a in sharded_args(big, tiny_model_dir, ref, "--shard-size", 2)]) == 0
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "ntkselect", *map(str, cmd(big, tiny_model_dir, out, "--shard-size", 2))]
+    args = [sys.executable, "-m", "ntkselect", *map(str, sharded_args(big, tiny_model_dir, out, "--shard-size", 2))]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = out / "shards.jsonl"
     deadline = time.time() + 300
@@ -73,20 +48,21 @@ def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_result(big, tiny_mode
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (out / "manifest.json").exists()
     before = log.read_text().count('"shard_done"')
-    assert main([str(a) for a in cmd(big, tiny_model_dir, out, "--shard-size", 2)]) == 0
+    assert main([str(a) for a in sharded_args(big, tiny_model_dir, out, "--shard-size", 2)]) == 0
     events = [json.loads(x) for x in log.read_text().splitlines()]
     resumed = [e for e in events if e["event"] == "resume"]
     assert resumed and resumed[0]["shards_done"] >= 5
     assert sum(e["event"] == "shard_done" for e in events) - before == 48 + 12 - resumed[0]["shards_done"] - sum(
-        e["shards_done"] for e in resumed[1:])  # only the missing shards were computed again
+        e["shards_done"] for e in resumed[1:]
+    )  # only the missing shards were computed again
     m = json.loads((out / "manifest.json").read_text())
     assert m["execution"]["resumed"]["warmup"] is True
-    assert outputs(out) == outputs(ref)  # byte for byte
+    assert run_outputs(out) == run_outputs(ref)  # byte for byte
 
 
 def test_a_run_folder_never_mixes_setups(big, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    args = [str(a) for a in cmd(big, tiny_model_dir, out, "--shard-size", 8)]
+    args = [str(a) for a in sharded_args(big, tiny_model_dir, out, "--shard-size", 8)]
     assert main(args) == 0
     (out / "manifest.json").unlink()  # as if it had died just before the end: an unfinished run
     capsys.readouterr()

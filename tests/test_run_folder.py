@@ -23,13 +23,17 @@ from pathlib import Path
 
 import pytest
 
-from ntkselect import runfolder
-from ntkselect.cli import main
+from ntkselect.cli.main import main
+from ntkselect.runs import folder as runfolder
 
-DOMAIN = [{"id": f"d{i}", "question": f"What should a doctor know about {t}?", "answer": f"Facts about {t} matter in the clinic."}
-          for i, t in enumerate(["blood pressure", "the kidney", "a fracture", "insulin"])]
-POOL = [{"id": f"p{i}", "prompt": f"Question {i}: tell me about {w}.", "response": f"{w.capitalize()} is topic {i}."}
-        for i, w in enumerate(["algebra", "a contract", "primes", "torts", "integrals", "fever", "vectors", "asthma"])]
+DOMAIN = [
+    {"id": f"d{i}", "question": f"What should a doctor know about {t}?", "answer": f"Facts about {t} matter in the clinic."}
+    for i, t in enumerate(["blood pressure", "the kidney", "a fracture", "insulin"])
+]
+POOL = [
+    {"id": f"p{i}", "prompt": f"Question {i}: tell me about {w}.", "response": f"{w.capitalize()} is topic {i}."}
+    for i, w in enumerate(["algebra", "a contract", "primes", "torts", "integrals", "fever", "vectors", "asthma"])
+]
 WORDS = ["heart", "kidney", "liver", "lung", "contract", "court", "prime", "vector", "river", "poem", "engine", "virus"]
 RESULTS = ("selected.jsonl", "scores.jsonl", "train.jsonl")
 
@@ -43,14 +47,40 @@ def write_jsonl(path: Path, rows) -> Path:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("rf")
-    big = [{"id": f"p{i}", "prompt": f"Item {i}: explain the {WORDS[i % len(WORDS)]} in {1 + i % 5} sentences.",
-            "response": f"The {WORDS[(i * 7) % len(WORDS)]} is item {i}." + " More." * (i % 4)} for i in range(96)]
+    big = [
+        {
+            "id": f"p{i}",
+            "prompt": f"Item {i}: explain the {WORDS[i % len(WORDS)]} in {1 + i % 5} sentences.",
+            "response": f"The {WORDS[(i * 7) % len(WORDS)]} is item {i}." + " More." * (i % 4),
+        }
+        for i in range(96)
+    ]
     return {"domain": write_jsonl(d / "domain.jsonl", DOMAIN), "pool": write_jsonl(d / "pool.jsonl", POOL), "big": write_jsonl(d / "big.jsonl", big)}
 
 
 def sel(files, model, out, *extra, domain=None, pool=None, n=2):
-    return ["select", "--domain", str(domain or files["domain"]), "--pool", str(pool or files["pool"]), "--n", str(n), "--out", str(out),
-            "--model", str(model), "--warmup-epochs", "0", "--precision", "float32", "--knn-k", "2", "--threads", "1", *map(str, extra)]
+    return [
+        "select",
+        "--domain",
+        str(domain or files["domain"]),
+        "--pool",
+        str(pool or files["pool"]),
+        "--n",
+        str(n),
+        "--out",
+        str(out),
+        "--model",
+        str(model),
+        "--warmup-epochs",
+        "0",
+        "--precision",
+        "float32",
+        "--knn-k",
+        "2",
+        "--threads",
+        "1",
+        *map(str, extra),
+    ]
 
 
 def snapshot(folder: Path) -> dict[str, bytes | None]:
@@ -76,8 +106,9 @@ def one_line_error(rc: int, err: str, *expect: str) -> str:
 # --------------------------------------------------------------------------- what is not ours
 
 
-@pytest.mark.parametrize("theirs, them", [(("work/keep.txt", "adapter/a.bin"), "them"), (("selected.jsonl",), "it"), (("run.json",), "it"),
-                                         (("manifest.json", "notes.md"), "it")])
+@pytest.mark.parametrize(
+    "theirs, them", [(("work/keep.txt", "adapter/a.bin"), "them"), (("selected.jsonl",), "it"), (("run.json",), "it"), (("manifest.json", "notes.md"), "it")]
+)
 def test_select_refuses_a_folder_holding_files_it_did_not_create(theirs, them, files, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "mine"
     for rel in theirs:
@@ -173,8 +204,9 @@ def finished(files, tiny_model_dir, tmp_path, capsys):
     return out, snapshot(out)
 
 
-@pytest.mark.parametrize("bad", [("--lora-target-modules", "q_prj"), ("--lora-r", "100000"), ("--warmup-lr", "nan"), ("--device", "cuda:7"),
-                                 ("--preselect-factor", "inf")])
+@pytest.mark.parametrize(
+    "bad", [("--lora-target-modules", "q_prj"), ("--lora-r", "100000"), ("--warmup-lr", "nan"), ("--device", "cuda:7"), ("--preselect-factor", "inf")]
+)
 def test_overwrite_with_a_bad_flag_keeps_the_finished_run(bad, finished, files, tiny_model_dir, capsys):
     out, before = finished
     rc = main(sel(files, tiny_model_dir, out, "--overwrite", *bad))
@@ -184,17 +216,17 @@ def test_overwrite_with_a_bad_flag_keeps_the_finished_run(bad, finished, files, 
 
 @pytest.mark.parametrize("how", ["error", "interrupt"])
 def test_a_failed_or_interrupted_replacement_keeps_the_old_run_and_resumes(how, finished, files, tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from ntkselect import selectors
     from ntkselect.errors import NtkSelectError
+    from ntkselect.selection.ntk.selector import NtkSelector
 
     out, before = finished
-    real = selectors.NtkSelector.rank
+    real = NtkSelector.rank
 
     def boom(self, ctx, n):
         real(self, ctx, n)  # all the work is done, then the run fails
         raise NtkSelectError("planted failure") if how == "error" else KeyboardInterrupt()
 
-    monkeypatch.setattr(selectors.NtkSelector, "rank", boom)
+    monkeypatch.setattr(NtkSelector, "rank", boom)
     rc = main(sel(files, tiny_model_dir, out, "--overwrite", "--seed", 7))
     assert rc == (2 if how == "error" else 130)
     err = capsys.readouterr().err
@@ -233,7 +265,7 @@ def test_a_crash_at_any_point_of_the_swap_is_completed_by_the_next_run(files, ti
         shutil.copytree(base, out)
         calls = {"n": 0}
 
-        def flaky(a, b, *rest, k=k):
+        def flaky(a, b, *rest, k=k, calls=calls):
             if os.path.dirname(a) != os.path.dirname(b) and ".ntkselect-" in str(a) + str(b):  # a move of the swap
                 calls["n"] += 1
                 if calls["n"] > k:
@@ -263,8 +295,10 @@ def test_a_crash_at_any_point_of_the_swap_is_completed_by_the_next_run(files, ti
 
 
 def _holder(out: Path) -> subprocess.Popen:
-    code = ("import sys, time\nfrom ntkselect.runfolder import SELECT, open_run\n"
-            "with open_run(sys.argv[1], SELECT, log=lambda _: None):\n    print('locked', flush=True)\n    time.sleep(120)\n")
+    code = (
+        "import sys, time\nfrom ntkselect.runs.folder import SELECT, open_run\n"
+        "with open_run(sys.argv[1], SELECT, log=lambda _: None):\n    print('locked', flush=True)\n    time.sleep(120)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     return proc
@@ -275,8 +309,14 @@ def test_a_second_live_run_is_refused_in_one_line(files, tiny_model_dir, tmp_pat
     holder = _holder(out)
     try:
         before = snapshot(out)
-        line = one_line_error(main(sel(files, tiny_model_dir, out)), capsys.readouterr().err, "is in use by another ntkselect run",
-                              f"pid {holder.pid} on {socket.gethostname()}", "`ntkselect select`", "wait for it")
+        line = one_line_error(
+            main(sel(files, tiny_model_dir, out)),
+            capsys.readouterr().err,
+            "is in use by another ntkselect run",
+            f"pid {holder.pid} on {socket.gethostname()}",
+            "`ntkselect select`",
+            "wait for it",
+        )
         assert "choose another --out" in line
         assert snapshot(out) == before
     finally:
@@ -351,8 +391,14 @@ def test_temporary_files_of_an_interrupted_run_are_swept_and_nothing_else(files,
     out = tmp_path / "run"
     assert main(sel(files, tiny_model_dir, out)) == 0
     (out / "manifest.json").unlink()  # an unfinished run, with the litter of a crash
-    ours = [".selected.jsonl.a1b2c3d4.tmp", ".manifest.json.zz_9y8x7.tmp", ".adapter-k3j4h5g6/adapter_model.safetensors", ".adapter.old/x",
-            "adapter/.adapter_config.json.abcdefgh.tmp", "..ntkselect.json.12345678.tmp"]
+    ours = [
+        ".selected.jsonl.a1b2c3d4.tmp",
+        ".manifest.json.zz_9y8x7.tmp",
+        ".adapter-k3j4h5g6/adapter_model.safetensors",
+        ".adapter.old/x",
+        "adapter/.adapter_config.json.abcdefgh.tmp",
+        "..ntkselect.json.12345678.tmp",
+    ]
     theirs = [".notes.tmp", ".selected.jsonl.tmp", ".my-data.abcdefgh.tmp", ".adapter-mine/x", "tmp/.selected.jsonl.a1b2c3d4.tmp"]
     for rel in ours + theirs:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -370,16 +416,48 @@ def test_temporary_files_of_an_interrupted_run_are_swept_and_nothing_else(files,
 
 def _eval_files(tmp_path):
     q = lambda i, t: {"id": f"{t}{i}", "prompt": f"About {t} {i}?\nA. yes\nB. no\nC. maybe\nD. never\nAnswer:", "response": "A. yes", "answer": "A"}  # noqa: E731
-    p = {"train": write_jsonl(tmp_path / "in" / "train.jsonl", [q(i, "heart") for i in range(4)]),
-         "test": write_jsonl(tmp_path / "in" / "test.jsonl", [{**q(i, "heart"), "options": ["A", "B", "C", "D"]} for i in range(4, 7)]),
-         "pool": write_jsonl(tmp_path / "in" / "pool.jsonl", [{"prompt": f"Tell me about {w}.", "response": f"{w} fact."} for w in WORDS])}
+    p = {
+        "train": write_jsonl(tmp_path / "in" / "train.jsonl", [q(i, "heart") for i in range(4)]),
+        "test": write_jsonl(tmp_path / "in" / "test.jsonl", [{**q(i, "heart"), "options": ["A", "B", "C", "D"]} for i in range(4, 7)]),
+        "pool": write_jsonl(tmp_path / "in" / "pool.jsonl", [{"prompt": f"Tell me about {w}.", "response": f"{w} fact."} for w in WORDS]),
+    }
     return p
 
 
 def ev(p, model, out, *extra):
-    return [str(a) for a in ["evaluate", "--domain-train", p["train"], "--domain-test", p["test"], "--pool", p["pool"], "--n", 2, "--out", out,
-                             "--model", model, "--seeds", 1, "--methods", "domain-only,random", "--ft-epochs", 1, "--ft-batch-size", 4,
-                             "--batch-size", 4, "--max-batch-tokens", 512, "--warmup-epochs", 0, *extra]]
+    return [
+        str(a)
+        for a in [
+            "evaluate",
+            "--domain-train",
+            p["train"],
+            "--domain-test",
+            p["test"],
+            "--pool",
+            p["pool"],
+            "--n",
+            2,
+            "--out",
+            out,
+            "--model",
+            model,
+            "--seeds",
+            1,
+            "--methods",
+            "domain-only,random",
+            "--ft-epochs",
+            1,
+            "--ft-batch-size",
+            4,
+            "--batch-size",
+            4,
+            "--max-batch-tokens",
+            512,
+            "--warmup-epochs",
+            0,
+            *extra,
+        ]
+    ]
 
 
 def test_evaluate_keeps_the_users_files_and_swaps_on_overwrite(tiny_model_dir, tmp_path, capsys):
@@ -409,8 +487,23 @@ def test_diagnose_refuses_a_users_checkpoints_folder(tiny_model_dir, files, tmp_
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "my-model.bin").write_bytes(b"weights")
     before = snapshot(out)
-    rc = main(["diagnose", "--domain", str(files["domain"]), "--pool", str(files["pool"]), "--out", str(out), "--model", tiny_model_dir,
-               "--n-test", "0", "--epochs", "1"])
+    rc = main(
+        [
+            "diagnose",
+            "--domain",
+            str(files["domain"]),
+            "--pool",
+            str(files["pool"]),
+            "--out",
+            str(out),
+            "--model",
+            tiny_model_dir,
+            "--n-test",
+            "0",
+            "--epochs",
+            "1",
+        ]
+    )
     one_line_error(rc, capsys.readouterr().err, "checkpoints/", "not by ntkselect")
     assert snapshot(out) == before
 
@@ -431,15 +524,45 @@ def test_eval_data_and_demo_refuse_the_users_files(tiny_model_dir, tmp_path, cap
     out = tmp_path / "split"
     write_jsonl(out / "pool.jsonl", POOL)
     before = snapshot(out)
-    one_line_error(main(["eval-data", "--out", str(out), "--n-train", "5", "--n-test", "5", "--pool-mmlu", "5", "--pool-reasoning", "0"]),
-                   capsys.readouterr().err, "pool.jsonl", "not by ntkselect")
+    one_line_error(
+        main(["eval-data", "--out", str(out), "--n-train", "5", "--n-test", "5", "--pool-mmlu", "5", "--pool-reasoning", "0"]),
+        capsys.readouterr().err,
+        "pool.jsonl",
+        "not by ntkselect",
+    )
     assert snapshot(out) == before
     gsm = write_jsonl(tmp_path / "g" / "pool.jsonl", [{"question": "1+1?", "answer": "2"}])
-    one_line_error(main(["eval-data", "--out", str(gsm.parent), "--gsm8k", str(gsm), "--pool-gsm8k", "1", "--n-train", "5", "--n-test", "5"]),
-                   capsys.readouterr().err, "--gsm8k", "where this run writes pool.jsonl")
+    one_line_error(
+        main(["eval-data", "--out", str(gsm.parent), "--gsm8k", str(gsm), "--pool-gsm8k", "1", "--n-train", "5", "--n-test", "5"]),
+        capsys.readouterr().err,
+        "--gsm8k",
+        "where this run writes pool.jsonl",
+    )
     demo = tmp_path / "demo"
     write_jsonl(demo / "data" / "domain.jsonl", DOMAIN)
     before = snapshot(demo)
-    one_line_error(main(["demo", "--model", tiny_model_dir, "--out", str(demo), "--domain-size", "4", "--pool-mmlu", "8", "--pool-reasoning", "0",
-                         "--n", "2", "--warmup-epochs", "0"]), capsys.readouterr().err, "domain.jsonl", "not by ntkselect")
+    one_line_error(
+        main(
+            [
+                "demo",
+                "--model",
+                tiny_model_dir,
+                "--out",
+                str(demo),
+                "--domain-size",
+                "4",
+                "--pool-mmlu",
+                "8",
+                "--pool-reasoning",
+                "0",
+                "--n",
+                "2",
+                "--warmup-epochs",
+                "0",
+            ]
+        ),
+        capsys.readouterr().err,
+        "domain.jsonl",
+        "not by ntkselect",
+    )
     assert snapshot(demo) == before

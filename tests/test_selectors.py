@@ -9,24 +9,48 @@ import numpy as np
 import pytest
 import torch
 
-from ntkselect.cli import main
-from ntkselect.selectors import METHODS
-
-from conftest import make_lora_model
-from test_cli import data  # noqa: F401  (the shared module fixture)
+from helpers import make_lora_model
+from ntkselect.cli.main import main
+from ntkselect.selection import selector_names
 
 
-def _run(data, model, out, method, seed=0, *extra):  # noqa: F811
+def _run(data, model, out, method, seed=0, *extra):
     dom, pool, _ = data
-    args = ["select", "--domain", dom, "--pool", pool, "--n", 5, "--out", out, "--model", model, "--method", method,
-            "--seed", seed, "--warmup-epochs", 1, "--knn-k", 2, "--less-proj-dim", 64, "--batch-size", 4, "--max-batch-tokens", 512, *extra]
+    args = [
+        "select",
+        "--domain",
+        dom,
+        "--pool",
+        pool,
+        "--n",
+        5,
+        "--out",
+        out,
+        "--model",
+        model,
+        "--method",
+        method,
+        "--seed",
+        seed,
+        "--warmup-epochs",
+        1,
+        "--knn-k",
+        2,
+        "--less-proj-dim",
+        64,
+        "--batch-size",
+        4,
+        "--max-batch-tokens",
+        512,
+        *extra,
+    ]
     assert main([str(a) for a in args]) == 0
     sel = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
     return sel, json.loads((out / "manifest.json").read_text())
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_each_selector_returns_n_distinct_pool_ids_deterministically(data, tiny_model_dir, tmp_path, method):  # noqa: F811
+@pytest.mark.parametrize("method", selector_names())
+def test_each_selector_returns_n_distinct_pool_ids_deterministically(data, tiny_model_dir, tmp_path, method):
     _, _, pool = data
     a, man = _run(data, tiny_model_dir, tmp_path / "a", method)
     b, _ = _run(data, tiny_model_dir, tmp_path / "b", method)
@@ -45,13 +69,13 @@ def test_each_selector_returns_n_distinct_pool_ids_deterministically(data, tiny_
     assert len((tmp_path / "a" / "train.jsonl").read_text().splitlines()) == 8 + 5
 
 
-def test_random_depends_on_seed(data, tiny_model_dir, tmp_path):  # noqa: F811
+def test_random_depends_on_seed(data, tiny_model_dir, tmp_path):
     a, _ = _run(data, tiny_model_dir, tmp_path / "a", "random", 0)
     b, _ = _run(data, tiny_model_dir, tmp_path / "b", "random", 1)
     assert [r.get("id") for r in a] != [r.get("id") for r in b]
 
 
-def test_bm25_prefers_lexical_matches(data, tiny_model_dir, tmp_path):  # noqa: F811
+def test_bm25_prefers_lexical_matches(data, tiny_model_dir, tmp_path):
     # the domain asks about the eight medical topics; the pool's medicine records name them
     sel, _ = _run(data, tiny_model_dir, tmp_path / "a", "bm25")
     assert all(r.get("source") == "medicine" for r in sel)
@@ -59,9 +83,9 @@ def test_bm25_prefers_lexical_matches(data, tiny_model_dir, tmp_path):  # noqa: 
 
 def test_embedding_score_is_mean_cosine(tiny_model_dir, tokenizer):
     from ntkselect.config import SelectConfig
-    from ntkselect.data import Record, tokenize_records
-    from ntkselect.runtime import Runtime
-    from ntkselect.selectors import SelectionContext, get_selector
+    from ntkselect.data.records import Record, tokenize_records
+    from ntkselect.model.runtime import Runtime
+    from ntkselect.selection import SelectionContext, get_selector
 
     texts = [{"text": f"sample number {i} about {w}"} for i, w in enumerate(["hearts", "lungs", "laws", "sums", "cells", "bones", "maps"])]
     recs = [Record(id=str(i), raw=t, path="m.jsonl", line=i + 1) for i, t in enumerate(texts)]
@@ -80,12 +104,12 @@ def test_embedding_score_is_mean_cosine(tiny_model_dir, tokenizer):
 def test_less_features_equal_naive_adam_preconditioned_loss_gradients(tiny_model_dir, examples, tokenizer):
     """LESS's candidate features: the per-example loss gradient from the hooks, Adam-transformed,
     projected, equal the same computed one example at a time with autograd."""
-    from ntkselect.grads import flatten_grads, lora_parameters
-    from ntkselect.projection import RademacherProjector
-    from ntkselect.runtime import Runtime
-    from ntkselect.stage2 import projected_features
-    from ntkselect.warmup import per_example_loss, trained_token_loss
-    from ntkselect.batching import collate
+    from ntkselect.data.batching import collate
+    from ntkselect.grads.fused import flatten_grads, lora_parameters
+    from ntkselect.grads.projection import RademacherProjector
+    from ntkselect.model.runtime import Runtime
+    from ntkselect.selection.ntk.stage2 import projected_features
+    from ntkselect.training.warmup import per_example_loss, trained_token_loss
 
     model = make_lora_model(tiny_model_dir)
     names = [n for n, _ in lora_parameters(model)]

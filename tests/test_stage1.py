@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from conftest import make_lora_model
-from ntkselect.runtime import Runtime
-from ntkselect.stage1 import embed, knn_votes, preselect
+from helpers import make_lora_model
+from ntkselect.model.runtime import Runtime
+from ntkselect.selection.ntk.stage1 import embed, knn_votes, preselect
 
 
 def brute_votes(d, p, k):
@@ -65,8 +65,7 @@ def test_m_larger_than_pool_keeps_everything():
 def test_embeddings_are_masked_means_and_batch_invariant(tiny_model_dir, examples, tokenizer, tmp_path):
     model = make_lora_model(tiny_model_dir)
     a = embed(model, examples, Runtime(batch_size=8, pad_id=tokenizer.pad_token_id, progress=False))
-    b = embed(model, examples, Runtime(batch_size=3, padding_side="left", pad_id=tokenizer.pad_token_id, progress=False),
-              out_path=tmp_path / "e.npy")
+    b = embed(model, examples, Runtime(batch_size=3, padding_side="left", pad_id=tokenizer.pad_token_id, progress=False), out_path=tmp_path / "e.npy")
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.load(tmp_path / "e.npy"), b)  # disk-backed copy is complete
     e = examples[0]

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_lora_model
-from ntkselect.projection import BLOCK_ROWS, PAPER_PROJ_DIM, RademacherProjector
-from ntkselect.runtime import Runtime
-from ntkselect.stage2 import domain_mean_gradient, per_example_gradients, projected_features, run_stage2
-from test_grads import naive_gradients
+from helpers import make_lora_model, naive_gradients
+from ntkselect.grads.projection import BLOCK_ROWS, PAPER_PROJ_DIM, RademacherProjector
+from ntkselect.model.runtime import Runtime
+from ntkselect.selection.ntk.stage2 import domain_mean_gradient, per_example_gradients, projected_features, run_stage2
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +71,7 @@ def test_max_batch_tokens_does_not_change_scores(model, examples, tokenizer):
 
 # -- the projector ------------------------------------------------------------------------
 
+
 def test_projection_preserves_inner_products_at_default_size():
     """Johnson–Lindenstrauss at p = 8192: the error of ⟨φa, φb⟩ has standard deviation
     sqrt((|a|²|b|² + ⟨a,b⟩²)/p); every pair must be within 5 of them."""
@@ -112,7 +112,7 @@ def test_gram_equals_projected_inner_products():
 
 
 def test_out_of_memory_halves_the_batch_and_keeps_scores(model, examples, tokenizer, monkeypatch):
-    import ntkselect.stage2 as s2
+    import ntkselect.selection.ntk.stage2 as s2
 
     dom, cand = examples[:3], examples[3:]
     ref = run_stage2(model, dom, cand, rt_(tokenizer, batch_size=8), proj_dim=0).scores
@@ -131,7 +131,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_scores(model, examples, tokeni
 
 
 def test_non_finite_gradient_names_the_example(model, examples, tokenizer, monkeypatch):
-    import ntkselect.stage2 as s2
+    import ntkselect.selection.ntk.stage2 as s2
     from ntkselect.errors import NtkSelectError
 
     real = s2.summed_logits
@@ -142,8 +142,7 @@ def test_non_finite_gradient_names_the_example(model, examples, tokenizer, monke
 
     monkeypatch.setattr(s2, "summed_logits", poisoned)
     with pytest.raises(NtkSelectError, match="'cand-2'"):
-        run_stage2(model, examples[:2], examples[2:6], rt_(tokenizer, batch_size=4), proj_dim=0,
-                   candidate_ids=[f"cand-{i}" for i in range(4)])
+        run_stage2(model, examples[:2], examples[2:6], rt_(tokenizer, batch_size=4), proj_dim=0, candidate_ids=[f"cand-{i}" for i in range(4)])
 
 
 def test_features_streamed_to_disk_equal_in_memory(model, examples, tokenizer, tmp_path):
@@ -169,13 +168,15 @@ def test_projected_scores_approach_exact_as_p_grows(model, examples, tokenizer):
 
 
 def test_bfloat16_scores_rank_like_float32(tiny_model_dir, tokenizer):
-    from ntkselect.data import Record, tokenize_records
-    from conftest import make_lora_model as mk
+    from helpers import make_lora_model as mk
+    from ntkselect.data.records import Record, tokenize_records
 
     model = mk(tiny_model_dir, seed=9)
     words = ["heart", "kidney", "liver", "bone", "blood", "lung", "skin", "brain", "nerve", "muscle"]
-    recs = [Record(str(i), {"prompt": f"Tell me about the {w} number {i}.", "response": f"The {w} is an organ, fact {i * 7 % 13}."}, "m", i + 1)
-            for i, w in enumerate(words * 4)]
+    recs = [
+        Record(str(i), {"prompt": f"Tell me about the {w} number {i}.", "response": f"The {w} is an organ, fact {i * 7 % 13}."}, "m", i + 1)
+        for i, w in enumerate(words * 4)
+    ]
     ex, _ = tokenize_records(recs, tokenizer, 64)
     f32 = run_stage2(model, ex[:8], ex[8:], rt_(tokenizer, batch_size=8, dtype=torch.float32), proj_dim=0).scores
     bf16 = run_stage2(model, ex[:8], ex[8:], rt_(tokenizer, batch_size=8, dtype=torch.bfloat16), proj_dim=0).scores

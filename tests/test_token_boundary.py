@@ -15,9 +15,9 @@ import random
 
 import pytest
 
-from ntkselect import data
-from ntkselect.cli import main
-from ntkselect.data import Record, tokenize_record
+from ntkselect.cli.main import main
+from ntkselect.data import records as data
+from ntkselect.data.records import Record, tokenize_record
 
 LEADING_WS = ["    return x", "  - item\n  - other", "\n\nSecond paragraph.", "\t tab then text", " single space"]
 
@@ -74,8 +74,31 @@ def test_leading_whitespace_responses_select_through_the_cli(template, tiny_mode
         paths[name] = tmp_path / f"{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
-    rc = main(["select", "--domain", str(paths["domain"]), "--pool", str(paths["pool"]), "--n", "3", "--out", str(out), "--model", tiny_model_dir,
-               "--warmup-epochs", "0", "--precision", "float32", "--knn-k", "2", "--threads", "1", "--template", template])
+    rc = main(
+        [
+            "select",
+            "--domain",
+            str(paths["domain"]),
+            "--pool",
+            str(paths["pool"]),
+            "--n",
+            "3",
+            "--out",
+            str(out),
+            "--model",
+            tiny_model_dir,
+            "--warmup-epochs",
+            "0",
+            "--precision",
+            "float32",
+            "--knn-k",
+            "2",
+            "--threads",
+            "1",
+            "--template",
+            template,
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert len((out / "selected.jsonl").read_text().splitlines()) == 3
 
@@ -83,17 +106,26 @@ def test_leading_whitespace_responses_select_through_the_cli(template, tiny_mode
 def _ordinary_records():
     """The demo pool and domain (MMLU with lettered options, reasoning-gym with chains of
     thought), the shared fixtures' shapes, and seeded multi-turn conversations."""
-    from ntkselect.demo_data import build_demo_data
+    from ntkselect.data.demo import build_demo_data
 
     rows = []
     rng = random.Random(0)
     words = ["the", "heart", "\n", "é", "日本", "🙂", "x", ".", "42", " - ", "Answer:", "(B)"]
-    for i in range(60):
+    for _ in range(60):
         p = "".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
         r = rng.choice(["A", "b", "Hello", "1.", "B. yes"]) + "".join(rng.choice(words) for _ in range(rng.randint(0, 12)))
         rows.append({"prompt": p or "p", "response": r})
-        rows.append({"messages": [{"role": "system", "content": p or "s"}, {"role": "user", "content": p or "u"}, {"role": "assistant", "content": r},
-                                  {"role": "user", "content": r}, {"role": "assistant", "content": "ok " + p}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": p or "s"},
+                    {"role": "user", "content": p or "u"},
+                    {"role": "assistant", "content": r},
+                    {"role": "user", "content": r},
+                    {"role": "assistant", "content": "ok " + p},
+                ]
+            }
+        )
     return rows, build_demo_data
 
 
@@ -107,8 +139,11 @@ def test_ordinary_records_get_the_same_tokens_and_mask_as_the_token_prefix_metho
         kind = data.record_kind(raw)
         if kind == "text":
             continue
-        msgs = raw["messages"] if kind == "messages" else [{"role": "user", "content": data.prompt_response(raw)[0]},
-                                                             {"role": "assistant", "content": data.prompt_response(raw)[1]}]
+        msgs = (
+            raw["messages"]
+            if kind == "messages"
+            else [{"role": "user", "content": data.prompt_response(raw)[0]}, {"role": "assistant", "content": data.prompt_response(raw)[1]}]
+        )
         ids, mask = data._chat_example(tokenizer, msgs, "x")
         assert (ids, mask) == by_tokens(tokenizer, msgs), raw
         checked += 1

@@ -9,11 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from ntkselect.cli import main
-from ntkselect.tsds import draw_order, tsds
-
-from test_cli import data  # noqa: F401  (the shared module fixture)
-from test_plan import POOL, config, files  # noqa: F401
+from helpers import PLAN_POOL, plan_config, write_eval_data
+from ntkselect.cli.main import main
+from ntkselect.selection.tsds import draw_order, tsds
 
 
 def brute_tsds(dom, pool, alpha, c, sigma, max_k, kde_k):
@@ -150,8 +148,8 @@ def test_n_distinct_even_when_few_have_probability():
     assert 1 <= len(nonzero) <= 3
     order = draw_order(r.probs, r.nearest, 0)
     assert len(set(order[:50].tolist())) == 50 and sorted(order.tolist()) == list(range(len(pool)))
-    assert set(order[:len(nonzero)].tolist()) == set(nonzero.tolist())
-    rest = r.nearest[order[len(nonzero):]]
+    assert set(order[: len(nonzero)].tolist()) == set(nonzero.tolist())
+    rest = r.nearest[order[len(nonzero) :]]
     assert (np.diff(rest) <= 0).all()  # then by best cosine to the domain
 
 
@@ -171,16 +169,34 @@ def test_duplicates_share_the_mass_of_one_candidate():
         assert r.probs[1] == pytest.approx(r.probs[2]) == pytest.approx(r.probs[3])
 
 
-def _select(data, model, out, *extra):  # noqa: F811
+def _select(data, model, out, *extra):
     dom, pool, _ = data
-    args = ["select", "--domain", dom, "--pool", pool, "--out", out, "--model", model, "--method", "tsds",
-            "--warmup-epochs", 1, "--batch-size", 4, "--max-batch-tokens", 512, *extra]
+    args = [
+        "select",
+        "--domain",
+        dom,
+        "--pool",
+        pool,
+        "--out",
+        out,
+        "--model",
+        model,
+        "--method",
+        "tsds",
+        "--warmup-epochs",
+        1,
+        "--batch-size",
+        4,
+        "--max-batch-tokens",
+        512,
+        *extra,
+    ]
     assert main([str(a) for a in args]) == 0
     rows = lambda f: [json.loads(line) for line in (out / f).read_text().splitlines()]  # noqa: E731
     return rows("selected.jsonl"), rows("scores.jsonl"), json.loads((out / "manifest.json").read_text())
 
 
-def test_cli_select_method_tsds(data, tiny_model_dir, tmp_path, capsys):  # noqa: F811
+def test_cli_select_method_tsds(data, tiny_model_dir, tmp_path, capsys):
     sel, scores, man = _select(data, tiny_model_dir, tmp_path / "a", "--n", 5)
     info = man["selector"]
     assert (info["alpha"], info["C"], info["sigma"], info["max_k"], info["kde_k"]) == (0.5, 5.0, 0.75, 5000, 1000)
@@ -198,7 +214,7 @@ def test_cli_select_method_tsds(data, tiny_model_dir, tmp_path, capsys):  # noqa
     assert all(r["score"] > 0 for r in scores[:nz]) and all(r["score"] == 0 for r in scores[nz:])
 
 
-def test_bad_tsds_option_names_the_flag(data, tiny_model_dir, tmp_path, capsys):  # noqa: F811
+def test_bad_tsds_option_names_the_flag(data, tiny_model_dir, tmp_path, capsys):
     dom, pool, _ = data
     for flag, value in (("--tsds-alpha", 1.5), ("--tsds-c", 0), ("--tsds-sigma", -1), ("--tsds-max-k", 1), ("--tsds-kde-k", 0)):
         argv = ["select", "--domain", dom, "--pool", pool, "--n", 3, "--out", tmp_path / "x", "--method", "tsds", flag, value]
@@ -206,26 +222,47 @@ def test_bad_tsds_option_names_the_flag(data, tiny_model_dir, tmp_path, capsys):
         assert flag in capsys.readouterr().err
 
 
-def test_dry_run_prices_tsds(files, tiny_model_dir, tmp_path):  # noqa: F811
-    from ntkselect.plan import estimate
+def test_dry_run_prices_tsds(plan_files, tiny_model_dir, tmp_path):
+    from ntkselect.runs.plan import estimate
 
-    plan = estimate(config(files, tiny_model_dir, tmp_path / "run", method="tsds"))
+    plan = estimate(plan_config(plan_files, tiny_model_dir, tmp_path / "run", method="tsds"))
     assert [s["stage"] for s in plan["stages"]] == ["load", "warm-up", "stage 1"]
     assert plan["model"] is not None and plan["disk"]["adapter"] > 0
-    assert plan["disk"]["embeddings"] == (len(POOL) - 1) * plan["model"]["hidden_size"] * 4
+    assert plan["disk"]["embeddings"] == (len(PLAN_POOL) - 1) * plan["model"]["hidden_size"] * 4
 
 
 def test_evaluate_adds_tsds_to_a_finished_evaluation(tiny_model_dir, tmp_path, capsys):
     """`evaluate --methods tsds` runs, passes the --tsds-* options on, and joins an evaluation
     that was run without it (at the defaults the tsds options are not part of its fingerprint)."""
-    from test_evaluation import _eval_data
+    from ntkselect.evaluation.harness import EvalConfig
 
-    from ntkselect.evaluate import EvalConfig
-
-    p = _eval_data(tmp_path)
+    p = write_eval_data(tmp_path)
     out = tmp_path / "ev"
-    args = ["evaluate", "--domain-train", p["train"], "--domain-test", p["test"], "--pool", p["pool"], "--n", 3, "--out", out,
-            "--model", tiny_model_dir, "--seeds", 1, "--ft-epochs", 1, "--ft-batch-size", 4, "--batch-size", 4, "--max-batch-tokens", 512]
+    args = [
+        "evaluate",
+        "--domain-train",
+        p["train"],
+        "--domain-test",
+        p["test"],
+        "--pool",
+        p["pool"],
+        "--n",
+        3,
+        "--out",
+        out,
+        "--model",
+        tiny_model_dir,
+        "--seeds",
+        1,
+        "--ft-epochs",
+        1,
+        "--ft-batch-size",
+        4,
+        "--batch-size",
+        4,
+        "--max-batch-tokens",
+        512,
+    ]
     assert main([str(a) for a in [*args, "--methods", "domain-only"]]) == 0
     before = (out / "cells" / "domain-only-seed0.json").stat().st_mtime_ns
     assert main([str(a) for a in [*args, "--methods", "domain-only,tsds"]]) == 0

@@ -14,20 +14,26 @@ from pathlib import Path
 
 import pytest
 
-from ntkselect.cli import main
+from ntkselect.cli.main import main
 
-DOMAIN = [{"id": f"d{i}", "question": f"What should a doctor know about {t}?", "answer": f"Facts about {t} matter in the clinic."}
-          for i, t in enumerate(["blood pressure", "the kidney", "a fracture", "insulin"])]
-POOL = [{"id": f"p{i}", "prompt": f"Question {i}: tell me about {w}.", "response": f"{w.capitalize()} is topic {i}."}
-        for i, w in enumerate(["algebra", "a contract", "primes", "torts", "integrals", "fever", "vectors", "asthma"])]
+DOMAIN = [
+    {"id": f"d{i}", "question": f"What should a doctor know about {t}?", "answer": f"Facts about {t} matter in the clinic."}
+    for i, t in enumerate(["blood pressure", "the kidney", "a fracture", "insulin"])
+]
+POOL = [
+    {"id": f"p{i}", "prompt": f"Question {i}: tell me about {w}.", "response": f"{w.capitalize()} is topic {i}."}
+    for i, w in enumerate(["algebra", "a contract", "primes", "torts", "integrals", "fever", "vectors", "asthma"])
+]
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("val")
     out = {}
-    test = [{"id": f"t{i}", "question": f"Is {w} a topic of medicine and of the clinic today?", "options": ["yes", "no"], "answer": "yes"}
-            for i, w in enumerate(["fever", "asthma", "gout"])]
+    test = [
+        {"id": f"t{i}", "question": f"Is {w} a topic of medicine and of the clinic today?", "options": ["yes", "no"], "answer": "yes"}
+        for i, w in enumerate(["fever", "asthma", "gout"])
+    ]
     for name, rows in (("domain", DOMAIN), ("pool", POOL), ("test", test)):
         out[name] = d / f"{name}.jsonl"
         out[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -35,8 +41,28 @@ def files(tmp_path_factory):
 
 
 def sel(files, model, out, *extra, pool=None):
-    return ["select", "--domain", str(files["domain"]), "--pool", str(pool or files["pool"]), "--n", "2", "--out", str(out),
-            "--model", str(model), "--warmup-epochs", "0", "--precision", "float32", "--knn-k", "2", "--threads", "1", *map(str, extra)]
+    return [
+        "select",
+        "--domain",
+        str(files["domain"]),
+        "--pool",
+        str(pool or files["pool"]),
+        "--n",
+        "2",
+        "--out",
+        str(out),
+        "--model",
+        str(model),
+        "--warmup-epochs",
+        "0",
+        "--precision",
+        "float32",
+        "--knn-k",
+        "2",
+        "--threads",
+        "1",
+        *map(str, extra),
+    ]
 
 
 def refused(rc: int, err: str, out: Path | None, *expect: str) -> str:
@@ -102,9 +128,14 @@ def test_the_python_api_checks_types_too():
     from ntkselect.errors import NtkSelectError
 
     base = dict(domain="d.jsonl", pool="p.jsonl", n=2, out="o")
-    for bad, expect in ((dict(n=True), "--n: must be an integer"), (dict(n=2.0), "--n: must be an integer"),
-                        (dict(overwrite="false"), "--overwrite: must be true or false"), (dict(lora_alpha="16"), "--lora-alpha: must be a number"),
-                        (dict(warmup_lr=float("nan")), "finite"), (dict(model=3), "--model: must be a string")):
+    for bad, expect in (
+        (dict(n=True), "--n: must be an integer"),
+        (dict(n=2.0), "--n: must be an integer"),
+        (dict(overwrite="false"), "--overwrite: must be true or false"),
+        (dict(lora_alpha="16"), "--lora-alpha: must be a number"),
+        (dict(warmup_lr=float("nan")), "finite"),
+        (dict(model=3), "--model: must be a string"),
+    ):
         with pytest.raises(NtkSelectError, match=expect):
             SelectConfig(**{**base, **bad}).validate()
 
@@ -145,9 +176,13 @@ def test_a_lone_surrogate_in_a_json_array_file_is_refused_too(files, tiny_model_
 
 def test_valid_unusual_records_still_select(files, tiny_model_dir, tmp_path, capsys):
     """What is valid stays valid: numbers as text, a surrogate pair (an emoji), NUL bytes, special-token text, odd ids."""
-    rows = POOL + [{"id": 1.5, "text": 12345678901234567890}, {"id": "e", "prompt": "p", "response": "😀 pair"},
-                   {"id": "nul", "text": "a\u0000b text"}, {"id": "tok", "prompt": "<|im_end|>", "response": "<|im_start|>assistant"},
-                   {"id": -0.0, "text": "minus zero id"}]
+    rows = POOL + [
+        {"id": 1.5, "text": 12345678901234567890},
+        {"id": "e", "prompt": "p", "response": "😀 pair"},
+        {"id": "nul", "text": "a\u0000b text"},
+        {"id": "tok", "prompt": "<|im_end|>", "response": "<|im_start|>assistant"},
+        {"id": -0.0, "text": "minus zero id"},
+    ]
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) + '{"id": "pair", "text": "an escaped pair \\ud83d\\ude00"}\n')
     rows.append("pair")
@@ -160,8 +195,16 @@ def test_valid_unusual_records_still_select(files, tiny_model_dir, tmp_path, cap
 
 
 def _toml(tmp_path, files, model, line: str) -> Path:
-    keys = {"domain_train": f'"{files["domain"]}"', "domain_test": f'"{files["test"]}"', "pool": f'"{files["pool"]}"', "n": "2",
-            "out": f'"{tmp_path / "ev"}"', "model": f'"{model}"', "methods": '"random"', "seeds": "1"}
+    keys = {
+        "domain_train": f'"{files["domain"]}"',
+        "domain_test": f'"{files["test"]}"',
+        "pool": f'"{files["pool"]}"',
+        "n": "2",
+        "out": f'"{tmp_path / "ev"}"',
+        "model": f'"{model}"',
+        "methods": '"random"',
+        "seeds": "1",
+    }
     k = line.split("=")[0].strip()
     keys.pop(k, None)
     path = tmp_path / "c.toml"
@@ -202,38 +245,115 @@ def test_a_bad_evaluate_config_file_is_one_line(tmp_path, capsys):
     refused(main(["evaluate", "--config", str(tmp_path)]), capsys.readouterr().err, None, f"--config {tmp_path}: cannot read it")
 
 
-@pytest.mark.parametrize("flag, expect", [(("--ft-lr", "nan"), "--ft-lr: must be a finite number"), (("--lora-r", "100000"), "--lora-r: must be at most"),
-                                          (("--device", "cuda:7"), "--device cuda:7"), (("--methods", "less"), "--method less needs --warmup-epochs")])
+@pytest.mark.parametrize(
+    "flag, expect",
+    [
+        (("--ft-lr", "nan"), "--ft-lr: must be a finite number"),
+        (("--lora-r", "100000"), "--lora-r: must be at most"),
+        (("--device", "cuda:7"), "--device cuda:7"),
+        (("--methods", "less"), "--method less needs --warmup-epochs"),
+    ],
+)
 def test_a_bad_evaluate_flag_is_one_line(flag, expect, files, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ev"
-    rc = main(["evaluate", "--domain-train", str(files["domain"]), "--domain-test", str(files["test"]), "--pool", str(files["pool"]), "--n", "2",
-               "--out", str(out), "--model", tiny_model_dir, "--seeds", "1", "--methods", "random", "--warmup-epochs", "0", *flag])
+    rc = main(
+        [
+            "evaluate",
+            "--domain-train",
+            str(files["domain"]),
+            "--domain-test",
+            str(files["test"]),
+            "--pool",
+            str(files["pool"]),
+            "--n",
+            "2",
+            "--out",
+            str(out),
+            "--model",
+            tiny_model_dir,
+            "--seeds",
+            "1",
+            "--methods",
+            "random",
+            "--warmup-epochs",
+            "0",
+            *flag,
+        ]
+    )
     refused(rc, capsys.readouterr().err, out, expect)
 
 
 # --------------------------------------------------------------------------- diagnose, demo, report
 
 
-@pytest.mark.parametrize("flag, expect", [(("--epochs", "inf"), "--epochs: must be a finite number"), (("--lr", "nan"), "--lr: must be a finite number"),
-                                          (("--jf-outputs", "100000000"), "--jf-outputs: must be at most 4096"),
-                                          (("--device", "foo"), "--device 'foo'"), (("--seed", str(10**20)), "--seed: must be at most"),
-                                          (("--lora-target-modules", "q_prj"), "'q_prj' names no module"),
-                                          (("--lora-target-modules", ","), "--lora-target-modules: must name modules")])
+@pytest.mark.parametrize(
+    "flag, expect",
+    [
+        (("--epochs", "inf"), "--epochs: must be a finite number"),
+        (("--lr", "nan"), "--lr: must be a finite number"),
+        (("--jf-outputs", "100000000"), "--jf-outputs: must be at most 4096"),
+        (("--device", "foo"), "--device 'foo'"),
+        (("--seed", str(10**20)), "--seed: must be at most"),
+        (("--lora-target-modules", "q_prj"), "'q_prj' names no module"),
+        (("--lora-target-modules", ","), "--lora-target-modules: must name modules"),
+    ],
+)
 def test_a_bad_diagnose_flag_is_one_line(flag, expect, files, tiny_model_dir, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "diag"
-    rc = main(["diagnose", "--domain", str(files["domain"]), "--pool", str(files["pool"]), "--out", str(out), "--model", tiny_model_dir,
-               "--n-test", "0", "--epochs", "1", *flag])
+    rc = main(
+        [
+            "diagnose",
+            "--domain",
+            str(files["domain"]),
+            "--pool",
+            str(files["pool"]),
+            "--out",
+            str(out),
+            "--model",
+            tiny_model_dir,
+            "--n-test",
+            "0",
+            "--epochs",
+            "1",
+            *flag,
+        ]
+    )
     refused(rc, capsys.readouterr().err, out, expect)
 
 
-@pytest.mark.parametrize("flag, expect", [(("--domain-size", "0"), "--domain-size and --pool-mmlu"), (("--pool-mmlu", "0", "--pool-reasoning", "0"), "must be positive"),
-                                          (("--domain-size", "-1"), "--domain-size: must be a non-negative integer"), (("--warmup-lr", "nan"), "--warmup-lr"),
-                                          (("--lora-target-modules", "q_prj"), "'q_prj' names no module")])
+@pytest.mark.parametrize(
+    "flag, expect",
+    [
+        (("--domain-size", "0"), "--domain-size and --pool-mmlu"),
+        (("--pool-mmlu", "0", "--pool-reasoning", "0"), "must be positive"),
+        (("--domain-size", "-1"), "--domain-size: must be a non-negative integer"),
+        (("--warmup-lr", "nan"), "--warmup-lr"),
+        (("--lora-target-modules", "q_prj"), "'q_prj' names no module"),
+    ],
+)
 def test_a_bad_demo_flag_writes_no_data(flag, expect, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = main(["demo", "--model", tiny_model_dir, "--out", str(out), "--domain-size", "4", "--pool-mmlu", "8", "--pool-reasoning", "0", "--n", "2",
-               "--warmup-epochs", "0", *flag])
+    rc = main(
+        [
+            "demo",
+            "--model",
+            tiny_model_dir,
+            "--out",
+            str(out),
+            "--domain-size",
+            "4",
+            "--pool-mmlu",
+            "8",
+            "--pool-reasoning",
+            "0",
+            "--n",
+            "2",
+            "--warmup-epochs",
+            "0",
+            *flag,
+        ]
+    )
     refused(rc, capsys.readouterr().err, out, expect)
 
 

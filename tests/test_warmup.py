@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ntkselect.batching import collate
-from ntkselect.model import load_model
-from ntkselect.runtime import Runtime
-from ntkselect.warmup import WarmupOptions, add_lora, trained_token_loss, warmup
+from ntkselect.data.batching import collate
+from ntkselect.model.loading import load_model
+from ntkselect.model.runtime import Runtime
+from ntkselect.training.warmup import WarmupOptions, add_lora, trained_token_loss, warmup
 
 
 def test_trained_token_loss_equals_hf_loss(tiny_model_dir, examples, tokenizer):
@@ -42,9 +42,9 @@ def test_zero_epochs_leaves_the_fresh_adapter(tiny_model_dir, examples, tokenize
 
 
 def test_fused_training_gradients_equal_autograd_through_peft(tiny_model_dir, examples, tokenizer):
-    from conftest import make_lora_model
-    from ntkselect.grads import lora_parameters
-    from ntkselect.warmup import loss_and_grads
+    from helpers import make_lora_model
+    from ntkselect.grads.fused import lora_parameters
+    from ntkselect.training.warmup import loss_and_grads
 
     model = make_lora_model(tiny_model_dir, seed=2)
     rt = Runtime(pad_id=tokenizer.pad_token_id, progress=False)

@@ -42,8 +42,10 @@ def main(folder: str) -> None:
     answers = [json.loads(x).get("answer") for x in Path(cfg["domain_test"]).read_text().splitlines()]
     kc = collections.Counter(answers)
     k_letter, k_n = kc.most_common(1)[0]
-    print(f"\n## Answer skew: share of each model's most frequent predicted letter (always answering {k_letter}, the test key's "
-          f"most frequent, scores {k_n / len(answers):.2f})")
+    print(
+        f"\n## Answer skew: share of each model's most frequent predicted letter (always answering {k_letter}, the test key's "
+        f"most frequent, scores {k_n / len(answers):.2f})"
+    )
     for name, c in cells.items():
         cnt = collections.Counter(c["pred"])
         letter, n = cnt.most_common(1)[0]

@@ -30,26 +30,47 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ntkselect.demo_data import DOMAINS, LETTERS, load_gsm8k, load_mmlu, reasoning_gym_records
+from ntkselect.data.demo import DOMAINS, LETTERS, load_gsm8k, load_mmlu, reasoning_gym_records
 from ntkselect.errors import NtkSelectError
-from ntkselect.io import atomic_write_json, atomic_write_jsonl, sha256_path
+from ntkselect.files import atomic_write_json, atomic_write_jsonl, sha256_path
 
 MATH_MMLU = ("elementary_mathematics", "high_school_mathematics", "high_school_statistics", "college_mathematics")
 MED_RELATED_MMLU = ("college_biology", "high_school_biology", "nutrition", "virology", "human_aging")
 ARITH_RELATED = ("chain_sum", "products", "decimal_arithmetic", "decimal_chain_sum")
 MATH_RELATED_RG = ("gsm_symbolic", "basic_arithmetic", "chain_sum", "time_intervals")
-UNRELATED_RG = ("family_relationships", "syllogism", "spell_backward", "word_sorting", "letter_counting", "caesar_cipher",
-                "word_sequence_reversal", "sentence_reordering")
+UNRELATED_RG = (
+    "family_relationships",
+    "syllogism",
+    "spell_backward",
+    "word_sorting",
+    "letter_counting",
+    "caesar_cipher",
+    "word_sequence_reversal",
+    "sentence_reordering",
+)
 MAX_CHARS = 1200
 
 #: per domain: |D|, extra (oracle source), test, and the pool's parts
 DEFAULTS = {
-    "math": {"n_train": 50, "n_extra": 100, "n_test": 200, "pool_mmlu_related": 150, "pool_mmlu_unrelated": 450,
-             "pool_rg_related": 240, "pool_rg_unrelated": 360},
-    "medical": {"n_train": 50, "n_extra": 100, "n_test": 200, "pool_mmlu_related": 200, "pool_mmlu_unrelated": 600,
-                "pool_rg_unrelated": 240, "pool_gsm8k": 160},
-    "arithmetic": {"n_train": 50, "n_extra": 100, "n_test": 200, "pool_rg_related": 320, "pool_rg_unrelated": 480,
-                   "pool_mmlu_unrelated": 200},
+    "math": {
+        "n_train": 50,
+        "n_extra": 100,
+        "n_test": 200,
+        "pool_mmlu_related": 150,
+        "pool_mmlu_unrelated": 450,
+        "pool_rg_related": 240,
+        "pool_rg_unrelated": 360,
+    },
+    "medical": {
+        "n_train": 50,
+        "n_extra": 100,
+        "n_test": 200,
+        "pool_mmlu_related": 200,
+        "pool_mmlu_unrelated": 600,
+        "pool_rg_unrelated": 240,
+        "pool_gsm8k": 160,
+    },
+    "arithmetic": {"n_train": 50, "n_extra": 100, "n_test": 200, "pool_rg_related": 320, "pool_rg_unrelated": 480, "pool_mmlu_unrelated": 200},
 }
 
 
@@ -138,20 +159,29 @@ def build(domain: str, out: Path, gsm8k: str | None, seed: int, sizes: dict) -> 
         raise NtkSelectError(f"unknown --domain {domain!r}; use math, medical or arithmetic")
 
     q = {k: {_norm(r["prompt"]) for r in v} for k, v in (("train", train), ("extra", extra), ("test", test), ("pool", pool))}
-    checks = {f"{a}_{b}_overlap": len(q[a] & q[b]) for a, b in
-              (("train", "extra"), ("train", "test"), ("extra", "test"), ("train", "pool"), ("extra", "pool"), ("test", "pool"))}
+    checks = {
+        f"{a}_{b}_overlap": len(q[a] & q[b])
+        for a, b in (("train", "extra"), ("train", "test"), ("extra", "test"), ("train", "pool"), ("extra", "pool"), ("test", "pool"))
+    }
     if any(checks.values()):  # cannot happen by construction (one shared `taken` set); refuse rather than leak
         raise NtkSelectError(f"the split leaks: {checks}")
     paths = {"train": out / "domain_train.jsonl", "extra": out / "domain_extra.jsonl", "test": out / "domain_test.jsonl", "pool": out / "pool.jsonl"}
     for k, rows in (("train", train), ("extra", extra), ("test", test), ("pool", pool)):
         atomic_write_jsonl(paths[k], rows)
-    info = {"domain": domain, "seed": seed, "sizes": sizes, "max_chars": MAX_CHARS, "checks": checks,
-            "counts": {k: len(v) for k, v in (("train", train), ("extra", extra), ("test", test), ("pool", pool))},
-            "pool_by_relation": dict(sorted(Counter(r["relation"] for r in pool).items())),
-            "pool_by_source": dict(sorted(Counter(r["source"] for r in pool).items())),
-            "pool_by_subject": dict(sorted(Counter(r["subject"] for r in pool).items())),
-            "paths": {k: str(v) for k, v in paths.items()}, "sha256": {k: sha256_path(v) for k, v in paths.items()},
-            "command": " ".join(sys.argv)}
+    info = {
+        "domain": domain,
+        "seed": seed,
+        "sizes": sizes,
+        "max_chars": MAX_CHARS,
+        "checks": checks,
+        "counts": {k: len(v) for k, v in (("train", train), ("extra", extra), ("test", test), ("pool", pool))},
+        "pool_by_relation": dict(sorted(Counter(r["relation"] for r in pool).items())),
+        "pool_by_source": dict(sorted(Counter(r["source"] for r in pool).items())),
+        "pool_by_subject": dict(sorted(Counter(r["subject"] for r in pool).items())),
+        "paths": {k: str(v) for k, v in paths.items()},
+        "sha256": {k: sha256_path(v) for k, v in paths.items()},
+        "command": " ".join(sys.argv),
+    }
     atomic_write_json(out / "split.json", info)
     return info
 

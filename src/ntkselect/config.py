@@ -3,20 +3,24 @@
 The CLI builds its flags from these fields (name, type, default and help), so the Python API
 and the command line cannot drift apart. :meth:`SelectConfig.validate` names the bad field
 and the fix in a one-line :class:`~ntkselect.errors.NtkSelectError`.
+
+``--method``'s choices and help come from the selector registry
+(:mod:`ntkselect.selection.registry`), looked up when they are used: the selectors register
+when :mod:`ntkselect.selection` is imported, and that package imports this module.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import NtkSelectError
+from ntkselect.errors import NtkSelectError
 
-__all__ = ["SelectConfig", "check_types", "value_problem", "MAX_INT", "MAX_PROJ_DIM", "check_limits"]
+__all__ = ["SelectConfig", "check_types", "value_problem", "MAX_INT", "MAX_PROJ_DIM", "check_limits", "field_help"]
 
 #: the largest integer any option takes (torch and numpy seeds and sizes are 64-bit)
 MAX_INT = 2**63 - 1
@@ -26,6 +30,43 @@ MAX_PROJ_DIM = 2**24
 
 def _opt(default: Any, help: str, **kw) -> Any:
     return field(default=default, metadata={"help": help, **kw})
+
+
+class _Selectors(Sequence):
+    """The registered selector names, read from the registry each time (a selector registered
+    after this module was imported is a choice too)."""
+
+    @staticmethod
+    def _names() -> tuple[str, ...]:
+        from ntkselect.selection.registry import selector_names
+
+        return selector_names()
+
+    def __getitem__(self, i):
+        return self._names()[i]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __contains__(self, value) -> bool:
+        return value in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+def _method_help() -> str:
+    from ntkselect.selection.registry import describe_methods
+
+    return describe_methods()
+
+
+def field_help(f) -> str:
+    """A field's help text (``help_fn`` computes it where it depends on the registry)."""
+    return f.metadata["help_fn"]() if "help_fn" in f.metadata else f.metadata.get("help", "")
 
 
 def value_problem(kind: str, value: Any) -> str | None:
@@ -69,7 +110,7 @@ def check_types(obj, flag=lambda name: "--" + name.replace("_", "-")) -> None:
 
 def check_limits(obj, names_proj=("proj_dim",), flag=lambda name: "--" + name.replace("_", "-")) -> None:
     """Upper limits shared by the commands: threads (the CPUs), projection dimensions, the device."""
-    from .runtime import check_device
+    from ntkselect.model.runtime import check_device
 
     cpus = os.cpu_count() or 1
     if getattr(obj, "threads", 0) > cpus:
@@ -88,16 +129,20 @@ class SelectConfig:
     pool: str = _opt("", "candidate pool C, same formats", required=True)
     n: int = _opt(0, "how many pool examples to select (N)", required=True)
     out: str = _opt("", "run folder for selected.jsonl, scores.jsonl, adapter/, train.jsonl, manifest.json", required=True)
-    method: str = _opt("ntk", "selector: ntk (NTK-Selector), random, embedding (mean cosine of stage-1 embeddings), bm25, less (LESS, Xia et al. 2024) "
-                              "or tsds (TSDS, Liu et al. 2024, on stage-1 embeddings)",
-                       choices=("ntk", "random", "embedding", "bm25", "less", "tsds"))
+    method: str = _opt("ntk", "selector: one of the registered selectors (ntkselect.selection.registry)", help_fn=_method_help, choices=_Selectors())
     model: str = _opt("default", "Hugging Face causal-LM folder or cached name; 'default' = embedded SmolLM2-135M-Instruct")
-    template: str = _opt("auto", "how prompt/response records are rendered: auto (chat if the tokenizer has a chat template), chat or plain", choices=("auto", "chat", "plain"))
+    template: str = _opt(
+        "auto", "how prompt/response records are rendered: auto (chat if the tokenizer has a chat template), chat or plain", choices=("auto", "chat", "plain")
+    )
     max_length: int = _opt(512, "maximum tokens per example; longer ones are truncated and counted")
     seed: int = _opt(0, "seed for LoRA initialisation, warm-up order and the projection")
     overwrite: bool = _opt(False, "replace the results of an earlier run in --out")
-    keep_domain_duplicates: bool = _opt(False, "keep pool records that exactly duplicate a domain record (by default they are reported and excluded: selecting D again adds nothing)")
-    dry_run: bool = _opt(False, "read and tokenize the inputs, print the estimated tokens, time, peak memory and disk per stage, and stop without writing anything")
+    keep_domain_duplicates: bool = _opt(
+        False, "keep pool records that exactly duplicate a domain record (by default they are reported and excluded: selecting D again adds nothing)"
+    )
+    dry_run: bool = _opt(
+        False, "read and tokenize the inputs, print the estimated tokens, time, peak memory and disk per stage, and stop without writing anything"
+    )
     # -- warm-up ----------------------------------------------------------------------
     lora_r: int = _opt(8, "LoRA rank")
     lora_alpha: float = _opt(16.0, "LoRA alpha (scaling = alpha / r)")
@@ -110,8 +155,11 @@ class SelectConfig:
     knn_k: int = _opt(32, "each domain example votes for its K nearest candidates (raised automatically if too few get votes)")
     preselect_factor: float = _opt(4.0, "stage 1 keeps M = factor x N candidates for stage 2")
     # -- stage 2 ----------------------------------------------------------------------
-    proj_dim: int = _opt(0, "0 (default) scores with the exact, unprojected kernel, which the mean over D makes as cheap as a projection; "
-                            "p > 0 uses the paper's seeded Rademacher projection to p dimensions (the paper: 8192)")
+    proj_dim: int = _opt(
+        0,
+        "0 (default) scores with the exact, unprojected kernel, which the mean over D makes as cheap as a projection; "
+        "p > 0 uses the paper's seeded Rademacher projection to p dimensions (the paper: 8192)",
+    )
     less_proj_dim: int = _opt(8192, "--method less: projection dimension of its gradient features (LESS uses 8192)")
     # -- TSDS (--method tsds; defaults: the authors' config.yaml) ----------------------------
     tsds_alpha: float = _opt(0.5, "--method tsds: weight of distribution alignment (optimal transport to D) against diversity, in [0, 1]")
@@ -122,7 +170,11 @@ class SelectConfig:
     # -- execution --------------------------------------------------------------------
     batch_size: int = _opt(16, "examples per batch in stages 1 and 2")
     max_batch_tokens: int = _opt(8192, "padded tokens per batch in stages 1 and 2 (batches are length-sorted)")
-    precision: str = _opt("auto", "matmul precision: auto (bfloat16 where the hardware has it), float32 or bfloat16; reductions stay float32", choices=("auto", "float32", "bfloat16"))
+    precision: str = _opt(
+        "auto",
+        "matmul precision: auto (bfloat16 where the hardware has it), float32 or bfloat16; reductions stay float32",
+        choices=("auto", "float32", "bfloat16"),
+    )
     padding_side: str = _opt("right", "pad batches on the right or left (scores do not depend on it)", choices=("right", "left"))
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     threads: int = _opt(0, "CPU threads for torch (0 = torch's default)")
@@ -131,7 +183,7 @@ class SelectConfig:
     ray_address: str = _opt("", "--executor ray: address of a running cluster (e.g. ray://head:10001 or auto); empty starts a local one")
     ray_workers: int = _opt(0, "--executor ray: number of actors (0 = one per GPU, or one per 2 CPUs without GPUs)")
 
-    def validate(self) -> "SelectConfig":
+    def validate(self) -> SelectConfig:
         def bad(name: str, why: str) -> NtkSelectError:
             flag = "--" + name.replace("_", "-")
             return NtkSelectError(f"{flag}: {why} (got {getattr(self, name)!r})")
@@ -178,10 +230,11 @@ class SelectConfig:
             raise bad("threads", "must be >= 0")
         if not self.lora_target_modules.strip() or not self.target_modules():
             raise bad("lora_target_modules", "must name modules or be all-linear")
-        if self.method == "less" and self.warmup_epochs <= 0:
-            raise NtkSelectError("--method less needs --warmup-epochs > 0: its candidate gradients are preconditioned by the warm-up's Adam state")
-        if self.method == "bm25" and importlib.util.find_spec("bm25s") is None:
-            raise NtkSelectError("--method bm25 needs the bm25s package: pip install 'ntkselect[baselines]'")
+        from ntkselect.selection.registry import selector_spec
+
+        check = selector_spec(self.method).check  # what the method itself needs (e.g. less: a warm-up; bm25: bm25s)
+        if check is not None:
+            check(self)
         check_limits(self, ("proj_dim", "less_proj_dim"))
         return self
 
@@ -194,4 +247,4 @@ class SelectConfig:
 
     @classmethod
     def help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+        return {f.name: field_help(f) for f in fields(cls)}

@@ -8,30 +8,35 @@ from __future__ import annotations
 
 import collections
 import importlib.metadata
+import logging
 import os
 import platform
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from .config import SelectConfig
-from .data import Record, load_records, record_text, token_convention, tokenize_records
-from .errors import NtkSelectError
-from .io import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, sha256_path
-from .model import check_model_options, load_tokenizer, resolve_model
-from .runfolder import SELECT, Run, check_paths, open_run
-from .preflight import preflight_select
-from .runtime import Runtime, resolve_device, resolve_precision
-from .selectors import Ranking, SelectionContext, get_selector
-from .shards import digest
+from ntkselect.config import SelectConfig
+from ntkselect.data.records import Record, TokenizeStats, load_records, record_text, token_convention, tokenize_records
+from ntkselect.errors import NtkSelectError
+from ntkselect.files import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, sha256_path
+from ntkselect.model.loading import check_model_options, load_tokenizer, resolve_model
+from ntkselect.model.preflight import preflight_select
+from ntkselect.model.runtime import Runtime, resolve_device, resolve_precision
+from ntkselect.runs.folder import SELECT, Run, check_paths, open_run
+from ntkselect.runs.shards import digest
+from ntkselect.selection import Ranking, SelectionContext, get_selector, selector_spec
 
 __all__ = ["SelectionResult", "Inputs", "select", "load_inputs", "make_runtime", "write_selection", "package_versions", "summarise"]
+
+logger = logging.getLogger(__name__)
 
 OUTPUTS = ("selected.jsonl", "scores.jsonl", "train.jsonl", "manifest.json", "adapter")  # also work/, shards.jsonl, run.json: runfolder.SELECT
 
@@ -55,15 +60,29 @@ def package_versions() -> dict[str, str]:
 
 
 #: options that change how the work runs, not what it computes: a run may resume with other values
-EXECUTION_ONLY = ("out", "overwrite", "threads", "device", "executor", "ray_address", "ray_workers", "batch_size",
-                  "max_batch_tokens", "padding_side", "shard_size", "dry_run")
+EXECUTION_ONLY = (
+    "out",
+    "overwrite",
+    "threads",
+    "device",
+    "executor",
+    "ray_address",
+    "ray_workers",
+    "batch_size",
+    "max_batch_tokens",
+    "padding_side",
+    "shard_size",
+    "dry_run",
+)
 
 
 def run_fingerprint(cfg: SelectConfig) -> dict:
     """What a run's results depend on: the options, the inputs' contents and the model."""
-    return {"config": {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_ONLY},
-            "inputs": {"domain": sha256_path(cfg.domain), "pool": sha256_path(cfg.pool)},
-            "model": _model_fingerprint(resolve_model(cfg.model))}
+    return {
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_ONLY},
+        "inputs": {"domain": sha256_path(cfg.domain), "pool": sha256_path(cfg.pool)},
+        "model": _model_fingerprint(resolve_model(cfg.model)),
+    }
 
 
 def _diff(old: dict, new: dict) -> list[str]:
@@ -74,7 +93,7 @@ def _diff(old: dict, new: dict) -> list[str]:
     return out or ["format"]
 
 
-def _prepare_out(cfg: SelectConfig, run: Run, fp: dict, log=print, before_write=None) -> Path:
+def _prepare_out(cfg: SelectConfig, run: Run, fp: dict, log: Callable[[str], None], before_write=None) -> Path:
     """Decide where this run writes, in the run folder ``run`` (locked, see runfolder.py).
 
     ``run.json`` (written first) records what the run is computed from; ``manifest.json``
@@ -90,8 +109,10 @@ def _prepare_out(cfg: SelectConfig, run: Run, fp: dict, log=print, before_write=
     if state == "unfinished" and not cfg.overwrite:
         old = run.setup()
         if old.get("fingerprint") != fp:
-            raise NtkSelectError(f"{out} holds an unfinished run with a different setup (changed: {', '.join(_diff(old.get('fingerprint', {}), fp))}); "
-                                 "rerun with the same options to resume it, or pass --overwrite to start over")
+            raise NtkSelectError(
+                f"{out} holds an unfinished run with a different setup (changed: {', '.join(_diff(old.get('fingerprint', {}), fp))}); "
+                "rerun with the same options to resume it, or pass --overwrite to start over"
+            )
     if before_write is not None:
         before_write()  # the preflight: after every refusal of --out, before anything is written to it
     if state == "unfinished" and not cfg.overwrite:
@@ -137,7 +158,10 @@ def summarise(manifest: dict) -> str:
     if len(s["composition"]) > 12:
         lines.append(f"    ... {len(s['composition']) - 12} more in manifest.json")
     lo, hi = s["score_range_selected"]
-    lines.append(f"  {manifest.get('method', 'ntk')} scores: selected {lo:.4g} .. {hi:.4g}; all ranked candidates {s['score_range_all'][0]:.4g} .. {s['score_range_all'][1]:.4g}")
+    lines.append(
+        f"  {manifest.get('method', 'ntk')} scores: selected {lo:.4g} .. {hi:.4g}; "
+        f"all ranked candidates {s['score_range_all'][0]:.4g} .. {s['score_range_all'][1]:.4g}"
+    )
     lines.append("  time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in manifest["timings"].items()))
     return "\n".join(lines)
 
@@ -150,17 +174,18 @@ class Inputs:
     pool: list[Record]  # usable pool: exact duplicates of domain records removed
     pool_records_in_file: int
     excluded: dict  # {reason: count}
-    tokenizer: object
+    tokenizer: Any  # a Hugging Face tokenizer
     dom_ex: list
     pool_ex: list
-    dom_stats: object
-    pool_stats: object
+    dom_stats: TokenizeStats
+    pool_stats: TokenizeStats
     seconds: float
 
 
-def load_inputs(cfg: SelectConfig, log=print, exclude_texts: set[str] | None = None, exclude_reason: str = "") -> Inputs:
+def load_inputs(cfg: SelectConfig, log: Callable[[str], None] | None = None, exclude_texts: set[str] | None = None, exclude_reason: str = "") -> Inputs:
     """Read, de-duplicate and tokenize D and C. ``exclude_texts`` drops further pool records
     (``ntkselect evaluate`` passes the test set's texts, so no method can select a test question)."""
+    log = log or logger.info
     t = time.perf_counter()
     domain = load_records(cfg.domain)
     pool_all = load_records(cfg.pool)
@@ -190,37 +215,48 @@ def load_inputs(cfg: SelectConfig, log=print, exclude_texts: set[str] | None = N
 
 def make_runtime(cfg: SelectConfig, tokenizer) -> Runtime:
     device = resolve_device(cfg.device)
-    return Runtime(device=device, dtype=resolve_precision(cfg.precision, device), batch_size=cfg.batch_size,
-                   max_batch_tokens=cfg.max_batch_tokens, padding_side=cfg.padding_side, pad_id=tokenizer.pad_token_id)
+    return Runtime(
+        device=device,
+        dtype=resolve_precision(cfg.precision, device),
+        batch_size=cfg.batch_size,
+        max_batch_tokens=cfg.max_batch_tokens,
+        padding_side=cfg.padding_side,
+        pad_id=tokenizer.pad_token_id,
+    )
 
 
 def _run_inputs(cfg: SelectConfig, model_path: str | None = None) -> dict:
     return {"--domain": cfg.domain, "--pool": cfg.pool, "--model": model_path if model_path and Path(model_path).is_dir() else None}
 
 
-def select(cfg: SelectConfig, log=print) -> SelectionResult:
-    """Run ``cfg.method`` on ``cfg.domain`` and ``cfg.pool`` and write the run folder ``cfg.out``."""
+def select(cfg: SelectConfig, log: Callable[[str], None] | None = None) -> SelectionResult:
+    """Run ``cfg.method`` on ``cfg.domain`` and ``cfg.pool`` and write the run folder ``cfg.out``.
+    Progress messages go to ``log`` (default: this module's logger, at INFO)."""
+    log = log or logger.info
     cfg.validate()
     t_start = time.perf_counter()
     check_paths(cfg.out, SELECT, _run_inputs(cfg))  # before the inputs are read: fail in a second
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     inp = load_inputs(cfg, log)  # bad input fails before --out is touched
-    if get_selector(cfg.method).uses_model:
+    if selector_spec(cfg.method).uses_model:
         check_model_options(cfg.model, cfg.target_modules(), cfg.lora_r, "--lora-target-modules", "--lora-r", tokenizer=inp.tokenizer)
     fp = run_fingerprint(cfg)
     with open_run(cfg.out, SELECT, _run_inputs(cfg, resolve_model(cfg.model)), log=log) as run:
         # an unsupported model fails in the preflight, in seconds, after --out's refusals and before it is written
         preflight = []
-        wdir = _prepare_out(cfg, run, fp, log, before_write=lambda: preflight.append(
-            preflight_select(cfg, inp.dom_ex, inp.tokenizer.pad_token_id, keep=True, log=log)))
+        wdir = _prepare_out(
+            cfg, run, fp, log, before_write=lambda: preflight.append(preflight_select(cfg, inp.dom_ex, inp.tokenizer.pad_token_id, keep=True, log=log))
+        )
         checked = preflight[0]
         rt = make_runtime(cfg, inp.tokenizer)
-        ctx = SelectionContext(cfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=str(wdir / "work"), key=digest(fp),
-                               log_path=str(wdir / "shards.jsonl"))
+        ctx = SelectionContext(
+            cfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=str(wdir / "work"), key=digest(fp), log_path=str(wdir / "shards.jsonl")
+        )
         ctx.adopt(checked)
-        ctx.store.log({"event": "start", "method": cfg.method, "executor": cfg.executor, "shard_size": cfg.shard_size,
-                       "pool": len(inp.pool), "domain": len(inp.domain)})
+        ctx.store.log(
+            {"event": "start", "method": cfg.method, "executor": cfg.executor, "shard_size": cfg.shard_size, "pool": len(inp.pool), "domain": len(inp.domain)}
+        )
         try:
             ranking = get_selector(cfg.method).rank(ctx, cfg.n)
             result = write_selection(wdir, cfg, inp, ctx, ranking, rt, t_start, input_hashes=fp["inputs"])
@@ -232,16 +268,17 @@ def select(cfg: SelectConfig, log=print) -> SelectionResult:
     return result
 
 
-def write_selection(out: Path, cfg: SelectConfig, inp: Inputs, ctx: SelectionContext, ranking: Ranking, rt: Runtime, t_start: float,
-                    input_hashes: dict | None = None) -> SelectionResult:
-    """Write selected.jsonl, scores.jsonl, train.jsonl, adapter/ (when the method warmed up a
-    model) and, last, manifest.json: the same files for every method. ``out`` is where they are
-    written; ``cfg.out`` where the run lives (they differ while a replacement is written aside).
+def write_selection(
+    out: Path, cfg: SelectConfig, inp: Inputs, ctx: SelectionContext, ranking: Ranking, rt: Runtime, t_start: float, input_hashes: dict | None = None
+) -> SelectionResult:
+    """Write selected.jsonl, scores.jsonl, train.jsonl, adapter/ (when the method uses the
+    warmed-up model: its registration's ``uses_model``) and, last, manifest.json: the same files
+    for every method. ``out`` is where they are written; ``cfg.out`` where the run lives (they differ while a replacement is written aside).
     ``input_hashes`` are the inputs' sha256 taken when the run started (else hashed now)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    if ctx.has_model:
+    if selector_spec(cfg.method).uses_model and ctx.has_model:
         tmp_adapter = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out))
         ctx.model().save_pretrained(tmp_adapter)
         atomic_replace_dir(tmp_adapter, out / "adapter")
@@ -251,8 +288,10 @@ def write_selection(out: Path, cfg: SelectConfig, inp: Inputs, ctx: SelectionCon
     chosen = ranking.order[: cfg.n]
     selected = [pool[int(i)] for i in chosen]
     sel_scores = ranking.scores[: cfg.n]
-    atomic_write_jsonl(out / "selected.jsonl", ({**r.raw, "selection_score": float(s), "selection_rank": k + 1, "selection_method": method}
-                                                 for k, (r, s) in enumerate(zip(selected, sel_scores))))
+    atomic_write_jsonl(
+        out / "selected.jsonl",
+        ({**r.raw, "selection_score": float(s), "selection_rank": k + 1, "selection_method": method} for k, (r, s) in enumerate(zip(selected, sel_scores))),
+    )
     cols = ranking.columns
 
     def score_rows():
@@ -288,8 +327,13 @@ def write_selection(out: Path, cfg: SelectConfig, inp: Inputs, ctx: SelectionCon
         "versions": package_versions(),
         "inputs": {
             "domain": {"path": os.path.abspath(cfg.domain), "sha256": hashes["domain"], "records": len(domain)},
-            "pool": {"path": os.path.abspath(cfg.pool), "sha256": hashes["pool"], "records": inp.pool_records_in_file,
-                     "excluded_duplicates_of_domain": inp.excluded.get("duplicates_of_domain", 0), "excluded": inp.excluded},
+            "pool": {
+                "path": os.path.abspath(cfg.pool),
+                "sha256": hashes["pool"],
+                "records": inp.pool_records_in_file,
+                "excluded_duplicates_of_domain": inp.excluded.get("duplicates_of_domain", 0),
+                "excluded": inp.excluded,
+            },
             "model": _model_fingerprint(resolve_model(cfg.model)),
         },
         "token_convention": token_convention(inp.dom_stats.template, inp.tokenizer),
@@ -298,13 +342,23 @@ def write_selection(out: Path, cfg: SelectConfig, inp: Inputs, ctx: SelectionCon
         "warmup": ctx.warmup_summary if "warmup" in ranking.shared else None,
         "selector": ranking.info,
         **{k: v for k, v in ranking.info.items() if k in ("stage1", "stage2")},
-        "execution": {"executor": cfg.executor, "shard_size": cfg.shard_size, "pool_shards": -(-len(pool) // cfg.shard_size),
-                      "resumed": {**ctx.resumed, "shards_found_done": ctx.store.skipped}, "shard_log": "shards.jsonl"},
-        "cost": {"seconds": round(sel_seconds, 3), "tokens": int(sel_tokens),
-                 "note": "the selection's own work plus the shared warm-up / embeddings it used, as if run alone"},
+        "execution": {
+            "executor": cfg.executor,
+            "shard_size": cfg.shard_size,
+            "pool_shards": -(-len(pool) // cfg.shard_size),
+            "resumed": {**ctx.resumed, "shards_found_done": ctx.store.skipped},
+            "shard_log": "shards.jsonl",
+        },
+        "cost": {
+            "seconds": round(sel_seconds, 3),
+            "tokens": int(sel_tokens),
+            "note": "the selection's own work plus the shared warm-up / embeddings it used, as if run alone",
+        },
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "summary": {
-            "n_domain": len(domain), "n_pool": len(pool), "n_selected": len(selected),
+            "n_domain": len(domain),
+            "n_pool": len(pool),
+            "n_selected": len(selected),
             "composition": {k: [sel_groups[k], pool_groups[k]] for k, _ in sorted(pool_groups.items(), key=lambda kv: (-sel_groups[kv[0]], kv[0]))},
             "by_source": {k: [src_sel[k], n] for k, n in sorted(src_pool.items(), key=lambda kv: (-src_sel[kv[0]], kv[0]))},
             "score_range_selected": [float(sel_scores.min()), float(sel_scores.max())],

@@ -1,0 +1,1 @@
+"""ntkselect.cli.main: the command line."""

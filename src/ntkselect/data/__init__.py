@@ -1,0 +1,1 @@
+"""ntkselect.data.records: reading, tokenising and batching records, the demo data, the leak check."""

@@ -1,0 +1,1 @@
+"""ntkselect.diagnostics: `ntkselect diagnose`."""

@@ -1,0 +1,1 @@
+"""ntkselect.evaluation.metrics: the evaluation harness, its metrics and statistics."""

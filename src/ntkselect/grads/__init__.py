@@ -1,0 +1,1 @@
+"""ntkselect.grads.fused: per-example LoRA gradients and their projections."""

@@ -1,0 +1,96 @@
+"""Execution settings shared by every stage: device, precision, batching, progress."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ntkselect.errors import NtkSelectError
+
+if TYPE_CHECKING:
+    from ntkselect.model.memory import MemoryCosts
+
+__all__ = ["Runtime", "check_device", "resolve_device", "resolve_precision", "cpu_has_bf16"]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """True when the CPU multiplies bfloat16 natively (AMX or AVX512-BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def check_device(name: str, flag: str = "--device") -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` for a device this machine has; one line otherwise."""
+    if name in ("auto", "cpu"):
+        return
+    m = re.fullmatch(r"cuda(?::(\d+))?", str(name))
+    if not m:
+        raise NtkSelectError(f"{flag} {name!r}: not a device ntkselect runs on; use cpu, cuda, cuda:N or auto")
+    if not torch.cuda.is_available():
+        raise NtkSelectError(f"{flag} {name}: no CUDA device is available here; use --device cpu")
+    count = torch.cuda.device_count()
+    if m.group(1) is not None and int(m.group(1)) >= count:
+        raise NtkSelectError(f"{flag} {name}: this machine has {count} CUDA device(s) (cuda:0 .. cuda:{count - 1}); choose one of them")
+
+
+def resolve_device(name: str) -> torch.device:
+    check_device(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+@dataclass
+class Runtime:
+    """How to run: the same object is handed to every stage."""
+
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32  # autocast dtype for matmuls; float32 = no autocast
+    batch_size: int = 16
+    max_batch_tokens: int = 8192
+    padding_side: str = "right"
+    pad_id: int = 0
+    progress: bool = True
+    last_batch_cap: int | None = None  # examples per batch after any out-of-memory halving
+    memory: MemoryCosts | None = None  # measured per-pass costs and the budget batches keep to (None: no cap)
+
+    def fits(self, kind: str):
+        """fits(B, L, N) for batches of this kind of pass, or None (no memory cap)."""
+        return self.memory.fits(kind) if self.memory is not None else None
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def describe(self) -> dict:
+        out = {
+            "device": str(self.device),
+            "precision": str(self.dtype).replace("torch.", ""),
+            "batch_size": self.batch_size,
+            "max_batch_tokens": self.max_batch_tokens,
+            "padding_side": self.padding_side,
+        }
+        if self.memory is not None:
+            out["memory_budget_bytes"] = int(self.memory.budget) if self.memory.budget != float("inf") else None
+        return out

@@ -1,0 +1,1 @@
+"""ntkselect.report.html: `ntkselect report`."""

@@ -1,0 +1,1 @@
+"""ntkselect.runs: run folders, dry-run plans, sharded resumable work and its executors."""

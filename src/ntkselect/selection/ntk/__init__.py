@@ -1,0 +1,1 @@
+"""ntkselect.selection.ntk: NTK-Selector's two stages."""

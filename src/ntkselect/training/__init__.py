@@ -1,0 +1,1 @@
+"""ntkselect.training: the warm-up and the evaluation fine-tune."""
