@@ -38,7 +38,7 @@ STAGES = ("load", "warm-up", "stage 1", "stage 2", "write")
 _CHILD = r"""
 import json, os, sys, threading, time
 import ntkselect.selection.base as B, ntkselect.selection.less as L, ntkselect.selection.ntk.selector as N, ntkselect.runs.shards as H
-from ntkselect.cli.main import build_parser, _config
+from ntkselect.cli.main import build_parser, config_from_args
 from ntkselect.pipeline import select
 
 def status(key):
@@ -99,7 +99,7 @@ import ntkselect.pipeline as P
 P.write_selection = wrap(P.write_selection, "write")
 
 argv = json.loads(sys.argv[1])
-cfg = _config(build_parser().parse_args(argv))
+cfg = config_from_args(build_parser().parse_args(argv))
 select(cfg, log=lambda *a: None)
 mark("done")
 print("MEMORY-JSON " + json.dumps({"peaks": peaks, "seconds": seconds, "hwm_reset": RESET, "peak": status("VmHWM")}))
@@ -107,9 +107,9 @@ print("MEMORY-JSON " + json.dumps({"peaks": peaks, "seconds": seconds, "hwm_rese
 
 _ESTIMATE = r"""
 import json, sys
-from ntkselect.cli.main import build_parser, _config
+from ntkselect.cli.main import build_parser, config_from_args
 from ntkselect.runs.plan import estimate
-cfg = _config(build_parser().parse_args(json.loads(sys.argv[1])))
+cfg = config_from_args(build_parser().parse_args(json.loads(sys.argv[1])))
 plan = estimate(cfg)
 m = plan["memory"]
 print("PLAN-JSON " + json.dumps({"peak": m["peak"], "by_stage": m.get("by_stage", {}), "process": m["process"], "weights": m["weights"],

@@ -57,11 +57,11 @@ def test_a_registered_selector_is_a_method_choice_with_its_help(toy, capsys):
 
 
 def test_the_dry_run_prices_a_registered_selector_with_its_cost_model(toy, data, tiny_model_dir, tmp_path, capsys):
-    from ntkselect.cli.main import _config
+    from ntkselect.cli.main import config_from_args
     from ntkselect.runs.plan import estimate
 
     args = _select(data, tiny_model_dir, tmp_path / "run", "--method", "longest", "--dry-run")
-    plan = estimate(_config(build_parser().parse_args(args)))
+    plan = estimate(config_from_args(build_parser().parse_args(args)))
     assert [s["stage"] for s in plan["stages"]] == ["load", "longest"]
     own = plan["stages"][1]
     assert own["pass"] == "count tokens" and own["tokens"] == plan["data"]["pool"]["tokens"] and own["seconds"] > 0

@@ -141,7 +141,7 @@ def _model_fingerprint(path: str) -> dict:
     return {"path": str(p), "config_sha256": sha256_path(cfg) if cfg.exists() else None, "file_sizes": files}
 
 
-def _group(rec: Record) -> str:
+def record_group(rec: Record) -> str:
     raw = rec.raw
     return str(raw.get("subject") or raw.get("source") or raw.get("category") or Path(rec.path).name)
 
@@ -311,8 +311,8 @@ def write_selection(
     timings["write"] = write_s
     timings["total"] = time.perf_counter() - t_start
 
-    pool_groups = collections.Counter(_group(r) for r in pool)
-    sel_groups = collections.Counter(_group(r) for r in selected)
+    pool_groups = collections.Counter(record_group(r) for r in pool)
+    sel_groups = collections.Counter(record_group(r) for r in selected)
     src_pool = collections.Counter(str(r.raw.get("source", Path(r.path).name)) for r in pool)
     src_sel = collections.Counter(str(r.raw.get("source", Path(r.path).name)) for r in selected)
     hashes = input_hashes or {"domain": sha256_path(cfg.domain), "pool": sha256_path(cfg.pool)}

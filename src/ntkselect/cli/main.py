@@ -114,7 +114,7 @@ def _eval_config(args: argparse.Namespace):
     return EvalConfig(**given)
 
 
-def _config(args: argparse.Namespace) -> SelectConfig:
+def config_from_args(args: argparse.Namespace) -> SelectConfig:
     names = {f.name for f in fields(SelectConfig)}
     kw = {k: v for k, v in vars(args).items() if k in names and v is not None}
     return SelectConfig(**kw)
@@ -204,7 +204,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "select":
             from ntkselect.pipeline import select
 
-            cfg = _config(args)
+            cfg = config_from_args(args)
             if cfg.dry_run:
                 from ntkselect.runs.plan import estimate, format_plan
 
@@ -231,7 +231,7 @@ def _run(args: argparse.Namespace) -> int:
         else:
             from ntkselect.cli.demo import run_demo
 
-            cfg = _config(argparse.Namespace(**{**vars(args), "domain": "-", "pool": "-"}))
+            cfg = config_from_args(argparse.Namespace(**{**vars(args), "domain": "-", "pool": "-"}))
             result = run_demo(
                 args.out,
                 domain=args.domain_name,

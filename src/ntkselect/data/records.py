@@ -74,7 +74,7 @@ def _word(path: str) -> str:
     return "line" if Path(path).suffix.lower() in _LINE_FORMATS else "row"
 
 
-def _where(path: str, line: int) -> str:
+def location(path: str, line: int) -> str:
     return f"{path} {_word(path)} {line}"
 
 
@@ -355,7 +355,7 @@ def _unencodable(raw: dict) -> str | None:
 
 def _checked_record(name: str, row: int, line: int, raw: Any, seen: dict[str, tuple[int, bool]]) -> Record:
     """One validated :class:`Record`; ``seen`` collects the ids of the file so far."""
-    where = _where(name, line)
+    where = location(name, line)
     try:
         _classify(raw)
     except _Bad as err:
@@ -448,7 +448,7 @@ def resolve_template(tokenizer, template: str) -> str:
     return template
 
 
-def _ids(tokenizer, text: str, special: bool) -> list[int]:
+def token_ids(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
@@ -465,8 +465,8 @@ def _render_text(tokenizer, messages: Sequence[dict], generation_prompt: bool, w
     return text
 
 
-def _render(tokenizer, messages: Sequence[dict], generation_prompt: bool, where: str) -> list[int]:
-    return _ids(tokenizer, _render_text(tokenizer, messages, generation_prompt, where), special=False)
+def render_ids(tokenizer, messages: Sequence[dict], generation_prompt: bool, where: str) -> list[int]:
+    return token_ids(tokenizer, _render_text(tokenizer, messages, generation_prompt, where), special=False)
 
 
 def _not_prefix_stable(where: str, i: int) -> NtkSelectError:
@@ -536,11 +536,11 @@ def _chat_example(tokenizer, messages: Sequence[dict], where: str) -> tuple[list
 
 def _chat_example_by_tokens(tokenizer, messages: Sequence[dict], text: str, turns, where: str) -> tuple[list[int], list[bool]]:
     # A tokenizer without character offsets: the rendered prefixes must also be token prefixes.
-    full = _ids(tokenizer, text, special=False)
+    full = token_ids(tokenizer, text, special=False)
     mask = [False] * len(full)
     for i, _, _ in turns:
-        before = _render(tokenizer, messages[:i], True, where)
-        upto = _render(tokenizer, messages[: i + 1], False, where)
+        before = render_ids(tokenizer, messages[:i], True, where)
+        upto = render_ids(tokenizer, messages[: i + 1], False, where)
         for prefix in (before, upto):
             if full[: len(prefix)] != prefix:
                 raise _not_prefix_stable(where, i)
@@ -557,7 +557,7 @@ def _plain_messages(tokenizer, messages: Sequence[dict]) -> tuple[list[int], lis
     eos = tokenizer.eos_token_id
 
     def flush(text: str, trained: bool) -> None:
-        toks = _ids(tokenizer, text, special=not ids)  # default special tokens (BOS) only at the start
+        toks = token_ids(tokenizer, text, special=not ids)  # default special tokens (BOS) only at the start
         ids.extend(toks)
         mask.extend([trained] * len(toks))
 
@@ -588,7 +588,7 @@ def _truncate(ids: list[int], mask: list[bool], max_length: int) -> tuple[list[i
 
 def tokenize_record(record: Record, tokenizer, max_length: int, template: str) -> TokenizedExample:
     """Token ids and the trained-token mask of one record (``template``: "chat" or "plain")."""
-    where = _where(record.path, record.line)
+    where = location(record.path, record.line)
     if max_length < 2:
         raise NtkSelectError(f"--max-length must be at least 2 tokens, got {max_length}")
     try:
@@ -613,15 +613,15 @@ def tokenize_record(record: Record, tokenizer, max_length: int, template: str) -
         )
 
     if kind == "text":
-        ids = _ids(tokenizer, _as_str(record.raw, "text"), special=True)
+        ids = token_ids(tokenizer, _as_str(record.raw, "text"), special=True)
         mask = [True] * len(ids)
     elif kind == "prompt_response":
         prompt, response = prompt_response(record.raw)
         if template == "chat":
             ids, mask = _chat_example(tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], where)
         else:
-            p_ids = _ids(tokenizer, prompt + "\n", special=True)
-            r_ids = _ids(tokenizer, response, special=False)
+            p_ids = token_ids(tokenizer, prompt + "\n", special=True)
+            r_ids = token_ids(tokenizer, response, special=False)
             if tokenizer.eos_token_id is not None:
                 r_ids.append(tokenizer.eos_token_id)
             ids, mask = p_ids + r_ids, [False] * len(p_ids) + [True] * len(r_ids)

@@ -54,7 +54,7 @@ from ntkselect.files import atomic_replace_dir, atomic_write_json
 from ntkselect.grads.fused import flatten_grads, gradient_hooks, lora_parameters
 from ntkselect.grads.projection import make_projector
 from ntkselect.model.heads import lm_head
-from ntkselect.model.lm import _causal_lm, final_hidden
+from ntkselect.model.lm import causal_lm, final_hidden
 from ntkselect.model.preflight import check_model
 from ntkselect.model.runtime import Runtime, resolve_device, resolve_precision
 from ntkselect.progress import Progress
@@ -365,7 +365,7 @@ def output_gradients(model, example: TokenizedExample, cotangents: torch.Tensor,
     the raw rows w_k and their ``bias`` b_k: row s is then ∇ (1/T) Σ_t post(h_t · w_k + b_k),
     the model's own output k. The example is repeated once per cotangent in a batch, and the
     per-example gradient factors of the LoRA hooks give every row from one backward pass."""
-    from ntkselect.selection.ntk.stage2 import _backward_attention
+    from ntkselect.selection.ntk.stage2 import backward_attention
 
     names = [n for n, _ in lora_parameters(model)]
     dim = sum(p.numel() for _, p in lora_parameters(model))
@@ -373,7 +373,7 @@ def output_gradients(model, example: TokenizedExample, cotangents: torch.Tensor,
     out = torch.zeros(S, dim, dtype=torch.float32)
     bs = max(1, min(rt.batch_size, rt.max_batch_tokens // max(1, len(example.input_ids))))
     model.eval()
-    with _backward_attention(model, rt), gradient_hooks(model, fused=True) as hooks:
+    with backward_attention(model, rt), gradient_hooks(model, fused=True) as hooks:
         for start in range(0, S, bs):
             C = cotangents[start : start + bs].to(rt.device, torch.float32)  # (B, d)
             batch = collate([example] * len(C), list(range(len(C))), rt.pad_id, rt.padding_side).to(rt.device)
@@ -564,13 +564,13 @@ def _diagnose_inputs(opts: DiagnoseOptions) -> dict:
 def _check_memory(opts: DiagnoseOptions, n_lora: int, tokenizer) -> None:
     """Refuse, before any work, a Jacobian-free check whose gradients cannot fit in memory: the
     exact route keeps a d x P Jacobian per example, the sampled route S x P gradients."""
-    from ntkselect.model.loading import _meta_model
+    from ntkselect.model.loading import meta_model
 
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return
-    d = int(getattr(_meta_model(opts.model).config, "hidden_size", 0) or 0)
+    d = int(getattr(meta_model(opts.model).config, "hidden_size", 0) or 0)
     n = min(opts.jf_examples, opts.n_domain + opts.n_candidates)
     method = ("exact" if d <= opts.jf_outputs else "sampled") if opts.jf_method == "auto" else opts.jf_method
     rows = d if method == "exact" else min(opts.jf_outputs, len(tokenizer))
@@ -725,7 +725,7 @@ def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
     model, out = loaded[0], run.dir
     assert out is not None  # _prepare_out chose the folder
     params = lora_parameters(model)
-    lm: Any = _causal_lm(model)  # a transformers PreTrainedModel
+    lm: Any = causal_lm(model)  # a transformers PreTrainedModel
     d = int(lm.config.hidden_size)
 
     # -- fine-tuning with checkpoints --------------------------------------------------------

@@ -47,7 +47,7 @@ from ntkselect.evaluation.stats import bootstrap_indices, gap_closed, paired_boo
 from ntkselect.files import atomic_open, atomic_write_json, sha256_path
 from ntkselect.model.loading import check_model_options, load_model, load_tokenizer
 from ntkselect.model.preflight import preflight_select
-from ntkselect.pipeline import _group, load_inputs, make_runtime, package_versions, write_selection
+from ntkselect.pipeline import load_inputs, make_runtime, package_versions, record_group, write_selection
 from ntkselect.runs.folder import EVALUATE, Run, check_paths, open_run
 from ntkselect.selection import SelectionContext, get_selector, selector_names
 from ntkselect.training.finetune import FinetuneRecipe, finetune
@@ -300,7 +300,7 @@ def _composition(records: list[Record], top: int = 6) -> dict:
     whose records carry a ``relation`` field) how many are related to the domain."""
     import collections
 
-    groups = collections.Counter(_group(r) for r in records)
+    groups = collections.Counter(record_group(r) for r in records)
     src = collections.Counter(str(r.raw.get("source", Path(r.path).name)) for r in records)
     rel = collections.Counter(str(r.raw["relation"]) for r in records if "relation" in r.raw)
     return {

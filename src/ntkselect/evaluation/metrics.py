@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ntkselect.data.batching import iter_batches, make_batches
-from ntkselect.data.records import Record, _ids, _render, _where, prompt_response, resolve_template
+from ntkselect.data.records import Record, location, prompt_response, render_ids, resolve_template, token_ids
 from ntkselect.errors import NtkSelectError
 from ntkselect.model.lm import decoder_of, trained_logits
 from ntkselect.model.runtime import Runtime
@@ -62,7 +62,7 @@ class MCResult:
 
 
 def _item(rec: Record) -> MCItem:
-    raw, where = rec.raw, _where(rec.path, rec.line)
+    raw, where = rec.raw, location(rec.path, rec.line)
     prompt = raw.get("prompt") or raw.get("question")
     if prompt is None and "instruction" in raw and "output" in raw:
         prompt = prompt_response(raw)[0]
@@ -123,8 +123,8 @@ def mc_items(records: Sequence[Record]) -> list[MCItem]:
 def _context_ids(tokenizer, prompt: str, template: str) -> list[int]:
     # the same tokens tokenize_record puts before a response (data.py)
     if template == "chat":
-        return _render(tokenizer, [{"role": "user", "content": prompt}], True, "test item")
-    return _ids(tokenizer, prompt + "\n", special=True)
+        return render_ids(tokenizer, [{"role": "user", "content": prompt}], True, "test item")
+    return token_ids(tokenizer, prompt + "\n", special=True)
 
 
 def _forward_positions(model, seqs: list[list[int]], positions: list[list[int]], rt: Runtime, pad_id: int) -> list[torch.Tensor]:
@@ -168,7 +168,7 @@ def option_loglikelihoods(
     jobs = []  # (item index, option indices, token sequence, positions, target ids per position)
     for i, it in enumerate(items):
         ctx = _context_ids(tokenizer, it.prompt, template)
-        opts = [_ids(tokenizer, o, special=False) for o in it.options]
+        opts = [token_ids(tokenizer, o, special=False) for o in it.options]
         if any(not o for o in opts):
             raise NtkSelectError(f"test item {it.id!r}: an option tokenizes to nothing")
         if single_token_fast_path and all(len(o) == 1 for o in opts):

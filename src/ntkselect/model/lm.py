@@ -17,14 +17,14 @@ from ntkselect.model.heads import Head, capped_sums, lm_head
 __all__ = ["decoder_of", "summed_head", "final_hidden", "summed_logits", "trained_logits"]
 
 
-def _causal_lm(model: nn.Module) -> nn.Module:
+def causal_lm(model: nn.Module) -> nn.Module:
     base = getattr(model, "get_base_model", None)  # a peft model
     return base() if base is not None else model
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
     """The transformer body (embeddings, blocks, final norm) without the LM head."""
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     get = getattr(lm, "get_decoder", None)
     dec = get() if get is not None else None
     if dec is None or dec is lm:

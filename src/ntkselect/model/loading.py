@@ -37,7 +37,7 @@ def cache_dir() -> Path:
     return Path(base) / "ntkselect"
 
 
-def _gguf_path() -> Path:
+def gguf_path() -> Path:
     try:
         dist = importlib.metadata.distribution(_GGUF_DIST)
     except importlib.metadata.PackageNotFoundError:
@@ -66,7 +66,7 @@ def _require_gguf() -> None:
 
 def default_tokenizer_dir() -> Path:
     """A cached Hugging Face tokenizer folder for the default model (converted once)."""
-    gguf = _gguf_path()
+    gguf = gguf_path()
     out = cache_dir() / (_gguf_tag(gguf) + "-tokenizer")
     if (out / "tokenizer_config.json").exists():
         return out
@@ -83,7 +83,7 @@ def default_tokenizer_dir() -> Path:
 
 def default_model_dir() -> Path:
     """A cached float32 Hugging Face folder (model + tokenizer) for the default model."""
-    gguf = _gguf_path()
+    gguf = gguf_path()
     out = cache_dir() / _gguf_tag(gguf)
     if (out / "config.json").exists() and (out / "tokenizer_config.json").exists():
         return out
@@ -161,7 +161,7 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32):
     return m
 
 
-def _meta_model(model: str | None, flag: str = "--model"):
+def meta_model(model: str | None, flag: str = "--model"):
     """The model's modules on the meta device: its structure without reading or allocating weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -185,7 +185,7 @@ def check_model_options(
     peft does: the module's full name or its last dotted parts; ntkselect's gradients support
     plain LoRA on linear layers), and the rank must not exceed the model's hidden size.
     Returns the number of LoRA parameters these options give (the gradient dimension)."""
-    m = _meta_model(model)
+    m = meta_model(model)
     emb = m.get_input_embeddings()
     if tokenizer is not None and emb is not None and len(tokenizer) > emb.num_embeddings:
         raise NtkSelectError(

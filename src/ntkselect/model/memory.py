@@ -280,8 +280,8 @@ def measure_costs(model, rt, kinds=tuple(KINDS), vocab: int = 0, lengths: tuple[
     from ntkselect.grads.fused import FusedLoraGradients, lora_parameters
     from ntkselect.model.heads import Head
     from ntkselect.model.lm import summed_head, summed_logits
-    from ntkselect.selection.ntk.stage1 import _embed_batch, _fused
-    from ntkselect.selection.ntk.stage2 import _backward_attention
+    from ntkselect.selection.ntk.stage1 import embed_batch, fused_forward
+    from ntkselect.selection.ntk.stage2 import backward_attention
     from ntkselect.training.warmup import trained_token_loss
 
     g = torch.Generator().manual_seed(0)
@@ -304,8 +304,8 @@ def measure_costs(model, rt, kinds=tuple(KINDS), vocab: int = 0, lengths: tuple[
     def peak(kind: str, batch) -> float:
         tracker = LiveBytes()
         if kind == "forward":
-            with torch.no_grad(), _fused(model), tracker:
-                _embed_batch(model, batch, rt, None, len(batch.index), None)
+            with torch.no_grad(), fused_forward(model), tracker:
+                embed_batch(model, batch, rt, None, len(batch.index), None)
             return float(tracker.peak)
         mode = {"warmup": "sum", "sum": "sum", "dot": "dot"}[kind]
         if kind == "warmup":
@@ -314,8 +314,8 @@ def measure_costs(model, rt, kinds=tuple(KINDS), vocab: int = 0, lengths: tuple[
                 return trained_token_loss(m, b).reshape(1)
         else:
             objective = summed_logits
-        # stage 2 and LESS take gradients under _backward_attention; the warm-up does not
-        attention = contextlib.nullcontext() if kind == "warmup" else _backward_attention(model, rt)
+        # stage 2 and LESS take gradients under backward_attention; the warm-up does not
+        attention = contextlib.nullcontext() if kind == "warmup" else backward_attention(model, rt)
         with attention, FusedLoraGradients(model) as hooks, tracker:
             hooks.set_mask(batch.attention_mask)
             hooks.stream(mode, vec if mode == "dot" else None)

@@ -58,12 +58,12 @@ def _model_config(model: str):
     from transformers import AutoConfig
 
     if model in (None, "", "default", DEFAULT_MODEL):
-        from ntkselect.model.loading import _gguf_path, cache_dir
+        from ntkselect.model.loading import cache_dir, gguf_path
 
         cached = sorted(p for p in cache_dir().glob(f"{DEFAULT_MODEL}-*") if (p / "config.json").exists())
         if cached:
             return AutoConfig.from_pretrained(str(cached[-1])), str(cached[-1])
-        gguf = _gguf_path()  # not converted yet: the GGUF header holds the configuration
+        gguf = gguf_path()  # not converted yet: the GGUF header holds the configuration
         return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name), str(gguf)
     kw = {} if Path(model).exists() else {"local_files_only": True}
     try:

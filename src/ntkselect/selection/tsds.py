@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ntkselect.selection.base import Ranking, SelectionContext, Selector
-from ntkselect.selection.ntk.stage1 import _as_shards, _normalise, knn_search
+from ntkselect.selection.ntk.stage1 import as_shards, knn_search, normalise_rows
 from ntkselect.selection.registry import register_selector
 
 __all__ = ["TsdsResult", "neighbour_caps", "neighbours", "kde", "transport", "tsds", "best_cosine", "draw_order", "TsdsSelector"]
@@ -99,7 +99,7 @@ def _distance(cos: np.ndarray) -> np.ndarray:
 
 def neighbours(domain_emb: np.ndarray, pool_emb, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each domain example's k nearest candidates: distances (M, k) ascending and pool indices (M, k)."""
-    shards = _as_shards(pool_emb)
+    shards = as_shards(pool_emb)
     cos, idx = _chunked_search(np.asarray(domain_emb), lambda: shards, k, k + max(len(s) for s in shards))  # (M, k) each
     return np.sqrt(_distance(cos)), idx
 
@@ -121,19 +121,19 @@ def kde(pool_emb, members: np.ndarray, sigma: float, k: int) -> tuple[np.ndarray
     The kernel falls with the distance, so that sum is the sum of x's k largest kernel values
     among the members: exact, found with partial sorts in chunks of members, streamed over the
     shards, reading only the members' rows. Pairs beyond σ contribute 0 and are never kept."""
-    shards = _as_shards(pool_emb)
+    shards = as_shards(pool_emb)
     bounds = np.cumsum([0] + [len(s) for s in shards])  # (n_shards + 1,)
     local = [members[(members >= lo) & (members < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
     rows = max(1, _BUDGET // max(len(loc) for loc in local))
     rho, within = np.empty(len(members)), np.empty(len(members), dtype=np.int64)
     for a in range(0, len(members), rows):
-        xq = _normalise(_rows(shards, bounds, members[a : a + rows]))  # (r, d)
+        xq = normalise_rows(_rows(shards, bounds, members[a : a + rows]))  # (r, d)
         top = np.zeros((len(xq), 0))  # (r, <=k) the largest positive kernel values so far
         count = np.zeros(len(xq), dtype=np.int64)  # (r,) members within σ so far
         for shard, loc in zip(shards, local):
             if not len(loc):
                 continue
-            kern = np.maximum(1.0 - _distance(xq @ _normalise(np.asarray(shard[loc])).T) / sigma**2, 0.0)  # (r, s)
+            kern = np.maximum(1.0 - _distance(xq @ normalise_rows(np.asarray(shard[loc])).T) / sigma**2, 0.0)  # (r, s)
             pos = (kern > 0).sum(1)  # (r,)
             count += pos
             width = min(k, int(pos.max()))
@@ -175,15 +175,15 @@ def transport(dist: np.ndarray, rho: np.ndarray, alpha: float, c: float) -> tupl
 
 def best_cosine(domain_emb: np.ndarray, pool_emb) -> np.ndarray:
     """(n_pool,) float64: each candidate's best cosine to a domain example, streamed over the shards."""
-    q = _normalise(domain_emb)  # (M, d)
-    return np.concatenate([(_normalise(np.asarray(s)) @ q.T).max(1) for s in _as_shards(pool_emb)])
+    q = normalise_rows(domain_emb)  # (M, d)
+    return np.concatenate([(normalise_rows(np.asarray(s)) @ q.T).max(1) for s in as_shards(pool_emb)])
 
 
 def tsds(domain_emb: np.ndarray, pool_emb, alpha: float = 0.5, c: float = 5.0, sigma: float = 0.75, max_k: int = 5000, kde_k: int = 1000) -> TsdsResult:
     """TSDS probabilities over the pool (steps 1-6 above). ``pool_emb``: one (n_pool, d) array or
     a list of shards in pool order; the result does not depend on the sharding. The defaults are
     the authors' ``config.yaml`` (alpha 0.5, C 5.0, sigma 0.75, max_K 5000, kde_K 1000)."""
-    shards = _as_shards(pool_emb)
+    shards = as_shards(pool_emb)
     n_pool = sum(len(s) for s in shards)
     k, k_kde = neighbour_caps(n_pool, max_k, kde_k)
     t0 = time.perf_counter()

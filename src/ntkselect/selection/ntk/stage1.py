@@ -43,7 +43,7 @@ class Stage1Result:
 
 
 @contextlib.contextmanager
-def _fused(model):
+def fused_forward(model):
     """Run each LoRA layer as one matmul with W + sBA while only forward passes run: the
     hidden states of the adapted model at the frozen model's speed (peft's separate rank-r
     branches cost about 3x the forward time on a CPU), without touching the stored weights."""
@@ -66,9 +66,9 @@ def embed(
     batches = make_batches([len(e.input_ids) for e in examples], rt.batch_size, rt.max_batch_tokens, fits=rt.fits("forward"))
     out = None
     prog = Progress(desc, len(examples), enabled=rt.progress)
-    with _fused(model):
+    with fused_forward(model):
         for batch in iter_batches(examples, batches, rt.pad_id, rt.padding_side):
-            out = _embed_batch(model, batch, rt, out, len(examples), out_path, desc, ids)
+            out = embed_batch(model, batch, rt, out, len(examples), out_path, desc, ids)
             prog.update(len(batch.index), batch.n_tokens)
     prog.close()
     if out is None:  # no batch ran: d (the hidden size) is only known from the first one
@@ -78,7 +78,7 @@ def embed(
     return out
 
 
-def _embed_batch(model, batch, rt: Runtime, out, n: int, out_path, desc: str = "stage 1: embeddings", ids: Sequence[str] | None = None):
+def embed_batch(model, batch, rt: Runtime, out, n: int, out_path, desc: str = "stage 1: embeddings", ids: Sequence[str] | None = None):
     """Embed one batch into ``out`` (created on the first batch, once d is known)."""
     batch = batch.to(rt.device)
     with rt.autocast():
@@ -120,12 +120,12 @@ def embed_sets(
     return dom, pool_emb
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
+def normalise_rows(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _as_shards(pool_emb) -> list[np.ndarray]:
+def as_shards(pool_emb) -> list[np.ndarray]:
     return list(pool_emb) if isinstance(pool_emb, (list, tuple)) else [pool_emb]
 
 
@@ -137,12 +137,12 @@ def knn_search(queries: np.ndarray, pool_emb, k: int) -> tuple[np.ndarray, np.nd
     once; the search is exact (float64 cosines of L2-normalised rows) and streams one shard at a
     time, keeping a running top-k per query, so the pool never has to fit in memory and the
     result does not depend on how the pool is sharded. Equal cosines go to the earlier pool position."""
-    q = _normalise(queries)  # (n_q, d)
+    q = normalise_rows(queries)  # (n_q, d)
     top_s = np.full((len(q), 0), -np.inf)  # (n_q, <=k) running best cosines
     top_i = np.zeros((len(q), 0), dtype=np.int64)  # (n_q, <=k) their pool indices
     start = 0
     for shard in [pool_emb] if isinstance(pool_emb, np.ndarray) else pool_emb:
-        x = _normalise(np.asarray(shard))  # (s, d)
+        x = normalise_rows(np.asarray(shard))  # (s, d)
         sims = q @ x.T  # (n_q, s) float64
         ids = np.broadcast_to(np.arange(start, start + len(x), dtype=np.int64), sims.shape)
         cat_s, cat_i = np.concatenate([top_s, sims], 1), np.concatenate([top_i, ids], 1)
@@ -157,7 +157,7 @@ def knn_votes(domain_emb: np.ndarray, pool_emb, k: int) -> tuple[np.ndarray, np.
 
     ``pool_emb`` is one (n_pool, d) array or a list of shards (memmaps) in pool order; the
     search is :func:`knn_search` (exact, streamed, independent of the sharding)."""
-    shards = _as_shards(pool_emb)
+    shards = as_shards(pool_emb)
     n_pool = sum(len(s) for s in shards)
     top_s, top_i = knn_search(domain_emb, shards, min(k, n_pool))
     votes = np.bincount(top_i.ravel(), minlength=n_pool).astype(np.int64)
@@ -170,7 +170,7 @@ def preselect(domain_emb: np.ndarray, pool_emb, m: int, k: int) -> Stage1Result:
     """Keep the m pool candidates with the most votes (all of them when m >= pool size).
     ``pool_emb``: one array or a list of shards, as for :func:`knn_votes`."""
     t = time.perf_counter()
-    n_pool = sum(len(s) for s in _as_shards(pool_emb))
+    n_pool = sum(len(s) for s in as_shards(pool_emb))
     m = min(m, n_pool)
     k = min(k, n_pool)
     while True:

@@ -100,12 +100,12 @@ def _backward_batches(model, examples, rt: Runtime, desc: str, fused: bool = Tru
     head = summed_head(model)
     prog = Progress(desc, len(examples), enabled=rt.progress)
     cap = rt.batch_size
-    with _backward_attention(model, rt):
+    with backward_attention(model, rt):
         yield from _backward_loop(model, examples, rt, desc, fused, ids, stream, head, prog, cap, objective or summed_logits)
 
 
 @contextlib.contextmanager
-def _backward_attention(model, rt: Runtime):
+def backward_attention(model, rt: Runtime):
     """On a CPU in bfloat16, PyTorch's fused attention backward is the slowest op of stage 2
     (a quarter of its time for SmolLM2); plain matmul attention gives the same gradients ~20%
     faster, so use it while gradients are taken. Elsewhere nothing changes."""
