@@ -5,6 +5,7 @@ Test modules import from here (``from helpers import ...``), never from each oth
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -302,3 +303,42 @@ def write_eval_data(tmp_path: Path) -> dict:
         paths[name] = tmp_path / f"{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
     return paths
+
+
+# --- the data-file formats ntkselect reads
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def write_any(tmp_path, fmt, rows, name="data"):
+    if fmt == "jsonl":
+        return write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    if fmt == "json":
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps(rows), encoding="utf-8")
+        return p
+    if fmt == "csv":
+        return write_csv(tmp_path / f"{name}.csv", rows)
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        p = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), p)
+        return p
+    if fmt == "hf":
+        import datasets
+
+        p = tmp_path / name
+        datasets.Dataset.from_list(rows).save_to_disk(str(p))
+        return p
+    raise AssertionError(fmt)
+
+
+FORMATS = ["jsonl", "json", "csv", "parquet", "hf"]

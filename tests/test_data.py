@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
 
+from helpers import FORMATS, write_any
 from ntkselect.data.records import (
     Record,
     load_records,
@@ -34,42 +34,6 @@ def write_jsonl(path, rows, blank_after_first=False):
         lines = lines[:1] + ["", "   "] + lines[1:]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-def write_csv(path, rows):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
-
-
-def write_any(tmp_path, fmt, rows, name="data"):
-    if fmt == "jsonl":
-        return write_jsonl(tmp_path / f"{name}.jsonl", rows)
-    if fmt == "json":
-        p = tmp_path / f"{name}.json"
-        p.write_text(json.dumps(rows), encoding="utf-8")
-        return p
-    if fmt == "csv":
-        return write_csv(tmp_path / f"{name}.csv", rows)
-    if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        p = tmp_path / f"{name}.parquet"
-        pq.write_table(pa.Table.from_pylist(rows), p)
-        return p
-    if fmt == "hf":
-        import datasets
-
-        p = tmp_path / name
-        datasets.Dataset.from_list(rows).save_to_disk(str(p))
-        return p
-    raise AssertionError(fmt)
-
-
-FORMATS = ["jsonl", "json", "csv", "parquet", "hf"]
 
 
 # --------------------------------------------------------------------------- loading

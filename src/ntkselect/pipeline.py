@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from ntkselect.config import SelectConfig
-from ntkselect.data.records import Record, TokenizeStats, load_records, record_text, token_convention, tokenize_records
+from ntkselect.data.pool import PoolExamples, PoolRecords, TokenStore, build_store, find_store, group_of, ids_of, source_of
+from ntkselect.data.records import Record, RecordStream, TokenizeStats, record_text, token_convention, tokenize_records
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, sha256_path
 from ntkselect.model.loading import check_model_options, load_tokenizer, resolve_model
@@ -76,11 +77,12 @@ EXECUTION_ONLY = (
 )
 
 
-def run_fingerprint(cfg: SelectConfig) -> dict:
-    """What a run's results depend on: the options, the inputs' contents and the model."""
+def run_fingerprint(cfg: SelectConfig, hashes: dict | None = None) -> dict:
+    """What a run's results depend on: the options, the inputs' contents (``hashes``: their
+    sha256 as read, else hashed now) and the model."""
     return {
         "config": {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_ONLY},
-        "inputs": {"domain": sha256_path(cfg.domain), "pool": sha256_path(cfg.pool)},
+        "inputs": hashes or {"domain": sha256_path(cfg.domain), "pool": sha256_path(cfg.pool)},
         "model": _model_fingerprint(resolve_model(cfg.model)),
     }
 
@@ -142,8 +144,7 @@ def _model_fingerprint(path: str) -> dict:
 
 
 def record_group(rec: Record) -> str:
-    raw = rec.raw
-    return str(raw.get("subject") or raw.get("source") or raw.get("category") or Path(rec.path).name)
+    return group_of(rec.raw, rec.path)
 
 
 def summarise(manifest: dict) -> str:
@@ -168,49 +169,153 @@ def summarise(manifest: dict) -> str:
 
 @dataclass
 class Inputs:
-    """Loaded and tokenized inputs of a selection (shared by every method)."""
+    """Loaded and tokenized inputs of a selection (shared by every method). D is held in
+    memory; the pool lives in a token store on disk (:mod:`ntkselect.data.pool`) and
+    ``pool`` / ``pool_ex`` read a record or an example back when indexed."""
 
     domain: list[Record]
-    pool: list[Record]  # usable pool: exact duplicates of domain records removed
+    pool: Sequence[Record]  # usable pool (a PoolRecords): exact duplicates of domain records removed
     pool_records_in_file: int
     excluded: dict  # {reason: count}
     tokenizer: Any  # a Hugging Face tokenizer
     dom_ex: list
-    pool_ex: list
+    pool_ex: Sequence  # a PoolExamples
     dom_stats: TokenizeStats
     pool_stats: TokenizeStats
     seconds: float
+    hashes: dict = field(default_factory=dict)  # {"domain": sha256, "pool": sha256} of the bytes read
+    store: TokenStore | None = None
+    owned: bool = False  # whether the store is a temporary one that close() removes
+
+    def close(self) -> None:
+        """Remove a temporary token store (one not moved into a run folder) and its temporary folder."""
+        if self.owned and self.store is not None:
+            tmp = self.store.folder.parent
+            shutil.rmtree(tmp if tmp.name.startswith(".ntkpool-") else self.store.folder, ignore_errors=True)
+            self.owned = False
+
+    def move_store(self, folder: Path) -> None:
+        """Keep the token store at ``folder`` (a run's work folder) from now on, for resumes."""
+        if self.store is None or self.store.folder == Path(folder):
+            return
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(self.store.folder, folder)
+        self.store.folder = folder
+        self.store.reopen()
+        self.owned = False
 
 
-def load_inputs(cfg: SelectConfig, log: Callable[[str], None] | None = None, exclude_texts: set[str] | None = None, exclude_reason: str = "") -> Inputs:
-    """Read, de-duplicate and tokenize D and C. ``exclude_texts`` drops further pool records
-    (``ntkselect evaluate`` passes the test set's texts, so no method can select a test question)."""
+def _pool_tests(cfg: SelectConfig, domain: list[Record], exclude_texts: set[str] | None, exclude_reason: str, drop) -> tuple[list, str]:
+    """The (reason, predicate) tests that leave pool records out, and a key naming them."""
+    tests: list = []
+    dom_texts = {record_text(r.raw) for r in domain}
+    key_parts: list[Any] = [sorted(dom_texts) if not cfg.keep_domain_duplicates else None]
+    if not cfg.keep_domain_duplicates:
+        tests.append(("duplicates_of_domain", lambda r: record_text(r.raw) in dom_texts))
+    if exclude_texts:
+        reason = exclude_reason or "excluded"
+        tests.append((reason, lambda r: record_text(r.raw) in exclude_texts))
+        key_parts.append([reason, sorted(exclude_texts)])
+    for reason, test, part in drop:
+        tests.append((reason, test))
+        key_parts.append([reason, part])
+    return tests, digest(key_parts)
+
+
+def _temp_store(out: str | os.PathLike) -> Path:
+    """A new temporary folder beside ``out`` (same file system, so moving it into the run is a rename)."""
+    parent = Path(out).absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".ntkpool-", dir=parent))
+    except OSError as err:
+        raise NtkSelectError(f"cannot write to --out {out}: {err.strerror or err}; choose a writable folder") from None
+
+
+def load_inputs(
+    cfg: SelectConfig,
+    log: Callable[[str], None] | None = None,
+    exclude_texts: set[str] | None = None,
+    exclude_reason: str = "",
+    drop: Sequence[tuple[str, Callable[[Record], bool], Any]] = (),
+    store_dir: str | os.PathLike | None = None,
+    reuse: Sequence[str | os.PathLike] = (),
+) -> Inputs:
+    """Read, de-duplicate and tokenize D (into memory) and C (streamed once into a token store).
+    ``exclude_texts`` drops further pool records (``ntkselect evaluate`` passes the test set's
+    texts, so no method can select a test question); ``drop`` are further (reason, predicate,
+    key) tests. The store is made in ``store_dir`` (default: a temporary folder beside
+    ``cfg.out``, which :meth:`Inputs.close` removes), or a finished one in ``reuse`` made from
+    the same file, tokenizer and options is used."""
     log = log or logger.info
     t = time.perf_counter()
-    domain = load_records(cfg.domain)
-    pool_all = load_records(cfg.pool)
-    dom_texts = {record_text(r.raw) for r in domain}
-    pool = list(pool_all) if cfg.keep_domain_duplicates else [r for r in pool_all if record_text(r.raw) not in dom_texts]
-    excluded = {"duplicates_of_domain": len(pool_all) - len(pool)}
-    if excluded["duplicates_of_domain"]:
-        log(f"ntkselect: excluded {excluded['duplicates_of_domain']} pool records that duplicate a domain record exactly")
-    if exclude_texts:
-        before = len(pool)
-        pool = [r for r in pool if record_text(r.raw) not in exclude_texts]
-        excluded[exclude_reason or "excluded"] = before - len(pool)
-        if before - len(pool):
-            log(f"ntkselect: excluded {before - len(pool)} pool records ({exclude_reason or 'excluded'})")
-    if cfg.n > len(pool):
-        dropped = len(pool_all) - len(pool)
-        why = f", after excluding {dropped} duplicates of domain (or test) records" if dropped else ""
-        raise NtkSelectError(f"--n {cfg.n} is larger than the pool ({len(pool)} usable records in {cfg.pool}{why}); lower --n or add candidates")
+    dstream = RecordStream(cfg.domain)
+    domain = list(dstream)
     tokenizer = load_tokenizer(cfg.model)
     dom_ex, dom_stats = tokenize_records(domain, tokenizer, cfg.max_length, cfg.template)
-    pool_ex, pool_stats = tokenize_records(pool, tokenizer, cfg.max_length, cfg.template)
-    for name, st in (("domain", dom_stats), ("pool", pool_stats)):
-        if st.truncated:
-            log(f"ntkselect: truncated {st.truncated} of {st.examples} {name} examples to --max-length {cfg.max_length}")
-    return Inputs(domain, pool, len(pool_all), excluded, tokenizer, dom_ex, pool_ex, dom_stats, pool_stats, time.perf_counter() - t)
+    tests, key = _pool_tests(cfg, domain, exclude_texts, exclude_reason, drop)
+    store = find_store(reuse, cfg.pool, tokenizer, cfg.max_length, cfg.template, key, log=log)
+    owned = False
+    if store is not None:
+        log(f"ntkselect: reusing the tokenised pool in {store.folder} ({store.n} records)")
+    else:
+        if store_dir is None:
+            store_dir, owned = _temp_store(cfg.out) / "pool", True
+
+        def check(rows: int, records: int) -> None:
+            if cfg.n > rows:
+                dropped = records - rows
+                why = f", after excluding {dropped} duplicates of domain (or test) records" if dropped else ""
+                raise NtkSelectError(f"--n {cfg.n} is larger than the pool ({rows} usable records in {cfg.pool}{why}); lower --n or add candidates")
+
+        try:
+            store = build_store(cfg.pool, tokenizer, cfg.max_length, cfg.template, store_dir, tests, key, progress=True, check=check)
+        except BaseException:
+            if owned:
+                shutil.rmtree(Path(store_dir).parent, ignore_errors=True)
+            raise
+    inp = Inputs(
+        domain,
+        PoolRecords(store),
+        int(store.meta["source"]["records"]),
+        {},
+        tokenizer,
+        dom_ex,
+        PoolExamples(store),
+        dom_stats,
+        TokenizeStats(**store.meta["stats"]),
+        time.perf_counter() - t,
+        hashes={"domain": dstream.sha256, "pool": store.sha256},
+        store=store,
+        owned=owned,
+    )
+    try:
+        ex = store.meta["excluded"]
+        inp.excluded = {"duplicates_of_domain": int(ex.get("duplicates_of_domain", 0))}
+        if inp.excluded["duplicates_of_domain"]:
+            log(f"ntkselect: excluded {inp.excluded['duplicates_of_domain']} pool records that duplicate a domain record exactly")
+        if exclude_texts:
+            reason = exclude_reason or "excluded"
+            inp.excluded[reason] = int(ex.get(reason, 0))
+            if inp.excluded[reason]:
+                log(f"ntkselect: excluded {inp.excluded[reason]} pool records ({reason})")
+        for reason, _, _ in drop:
+            if ex.get(reason):
+                inp.excluded[reason] = int(ex[reason])
+        if cfg.n > len(inp.pool):
+            dropped = inp.pool_records_in_file - len(inp.pool)
+            why = f", after excluding {dropped} duplicates of domain (or test) records" if dropped else ""
+            raise NtkSelectError(f"--n {cfg.n} is larger than the pool ({len(inp.pool)} usable records in {cfg.pool}{why}); lower --n or add candidates")
+        for name, st in (("domain", dom_stats), ("pool", inp.pool_stats)):
+            if st.truncated:
+                log(f"ntkselect: truncated {st.truncated} of {st.examples} {name} examples to --max-length {cfg.max_length}")
+    except BaseException:
+        inp.close()
+        raise
+    return inp
 
 
 def make_runtime(cfg: SelectConfig, tokenizer) -> Runtime:
@@ -238,17 +343,50 @@ def select(cfg: SelectConfig, log: Callable[[str], None] | None = None) -> Selec
     check_paths(cfg.out, SELECT, _run_inputs(cfg))  # before the inputs are read: fail in a second
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    inp = load_inputs(cfg, log)  # bad input fails before --out is touched
+    # bad input fails before --out is touched; a tokenised pool left by an unfinished run of
+    # the same pool file, tokenizer and options is reused (the store is moved into the run below)
+    inp = load_inputs(cfg, log, reuse=_stores_in(cfg.out))
+    try:
+        return _select(cfg, inp, log, t_start)
+    finally:
+        inp.close()
+
+
+def _stores_in(out: str | os.PathLike) -> list[Path]:
+    """Where an earlier run in ``out`` keeps its tokenised pool: in place, or written aside."""
+    out = Path(out)
+    return [out / "work" / "pool", out / SELECT.staging / "work" / "pool"]
+
+
+def _select(cfg: SelectConfig, inp: Inputs, log: Callable[[str], None], t_start: float) -> SelectionResult:
     if selector_spec(cfg.method).uses_model:
         check_model_options(cfg.model, cfg.target_modules(), cfg.lora_r, "--lora-target-modules", "--lora-r", tokenizer=inp.tokenizer)
-    fp = run_fingerprint(cfg)
+    fp = run_fingerprint(cfg, inp.hashes)
+    origin = None
+    if inp.store is not None and not inp.owned:
+        # a reused store sits inside --out, which preparing the run may clear: hold it aside meanwhile
+        origin = inp.store.folder
+        inp.move_store(_temp_store(cfg.out) / "pool")
+        inp.owned = True
     with open_run(cfg.out, SELECT, _run_inputs(cfg, resolve_model(cfg.model)), log=log) as run:
         # an unsupported model fails in the preflight, in seconds, after --out's refusals and before it is written
         preflight = []
-        wdir = _prepare_out(
-            cfg, run, fp, log, before_write=lambda: preflight.append(preflight_select(cfg, inp.dom_ex, inp.tokenizer.pad_token_id, keep=True, log=log))
-        )
+        try:
+            wdir = _prepare_out(
+                cfg, run, fp, log, before_write=lambda: preflight.append(preflight_select(cfg, inp.dom_ex, inp.tokenizer.pad_token_id, keep=True, log=log))
+            )
+        except BaseException:
+            if origin is not None and inp.store is not None:  # refused: put the reused store back where the earlier run keeps it
+                aside = inp.store.folder.parent
+                inp.move_store(origin)
+                shutil.rmtree(aside, ignore_errors=True)
+            raise
         checked = preflight[0]
+        if inp.store is not None:
+            tmp = inp.store.folder.parent if inp.owned else None
+            inp.move_store(wdir / "work" / "pool")  # kept until the run has finished: a rerun after a crash reuses it
+            if tmp is not None and tmp.name.startswith(".ntkpool-"):
+                shutil.rmtree(tmp, ignore_errors=True)
         rt = make_runtime(cfg, inp.tokenizer)
         ctx = SelectionContext(
             cfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=str(wdir / "work"), key=digest(fp), log_path=str(wdir / "shards.jsonl")
@@ -286,17 +424,18 @@ def write_selection(
     if len(ranking.order) < cfg.n or len(set(ranking.order[: cfg.n].tolist())) != cfg.n:
         raise NtkSelectError(f"{method}: the selector returned fewer than --n {cfg.n} distinct candidates")
     chosen = ranking.order[: cfg.n]
-    selected = [pool[int(i)] for i in chosen]
+    selected = [pool[int(i)] for i in chosen]  # N records read back from the token store
     sel_scores = ranking.scores[: cfg.n]
     atomic_write_jsonl(
         out / "selected.jsonl",
         ({**r.raw, "selection_score": float(s), "selection_rank": k + 1, "selection_method": method} for k, (r, s) in enumerate(zip(selected, sel_scores))),
     )
     cols = ranking.columns
+    ids = ids_of(pool)
 
     def score_rows():
         for j, i in enumerate(ranking.order):
-            row = {"id": pool[int(i)].id, "score": float(ranking.scores[j]), "rank": j + 1, "selected": j < cfg.n}
+            row = {"id": ids[int(i)], "score": float(ranking.scores[j]), "rank": j + 1, "selected": j < cfg.n}
             row.update({k: (v[j].item() if hasattr(v[j], "item") else v[j]) for k, v in cols.items()})
             yield row
 
@@ -311,11 +450,11 @@ def write_selection(
     timings["write"] = write_s
     timings["total"] = time.perf_counter() - t_start
 
-    pool_groups = collections.Counter(record_group(r) for r in pool)
+    pool_groups = pool.counts("group") if isinstance(pool, PoolRecords) else collections.Counter(record_group(r) for r in pool)
     sel_groups = collections.Counter(record_group(r) for r in selected)
-    src_pool = collections.Counter(str(r.raw.get("source", Path(r.path).name)) for r in pool)
-    src_sel = collections.Counter(str(r.raw.get("source", Path(r.path).name)) for r in selected)
-    hashes = input_hashes or {"domain": sha256_path(cfg.domain), "pool": sha256_path(cfg.pool)}
+    src_pool = pool.counts("source") if isinstance(pool, PoolRecords) else collections.Counter(source_of(r.raw, r.path) for r in pool)
+    src_sel = collections.Counter(source_of(r.raw, r.path) for r in selected)
+    hashes = input_hashes or inp.hashes or {"domain": sha256_path(cfg.domain), "pool": sha256_path(cfg.pool)}
     manifest = {
         "tool": "ntkselect",
         "method": method,

@@ -50,12 +50,13 @@ class _Lines:
 class Progress:
     """``update(examples, tokens)`` after each batch, ``close()`` at the end (returns the seconds)."""
 
-    def __init__(self, desc: str, total: int, stream=None, interval: float = 10.0, enabled: bool = True):
-        self.desc, self.total = desc, max(int(total), 0)
+    def __init__(self, desc: str, total: int | None, stream=None, interval: float = 10.0, enabled: bool = True, show_end: bool = True):
+        self.desc, self.total = desc, (None if total is None else max(int(total), 0))
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval = 0.2 if self.tty else interval
         self.enabled = enabled
+        self.show_end = show_end  # False: a pass shorter than the interval leaves no line (reading a small file)
         self.done = self.tokens = 0
         self.start = time.perf_counter()
         # miniters=1: redraw whenever `interval` has passed (tqdm's adaptive skipping is for tight loops)
@@ -74,6 +75,12 @@ class Progress:
             self._bar.set_postfix_str(self._tok_rate(), refresh=False)
             self._bar.update(examples)
 
+    def set_total(self, total: int) -> None:
+        """A new (estimated) total, e.g. from the share of a file read so far; gives the ETA."""
+        self.total = max(int(total), self.done)
+        if self.enabled:
+            self._bar.total = self.total
+
     def _tok_rate(self) -> str:
         return f"{self.tokens / max(time.perf_counter() - self.start, 1e-9):.0f} tok/s"
 
@@ -88,7 +95,8 @@ class Progress:
             bar.set_postfix_str(self._tok_rate(), refresh=False)
             if not self.tty:
                 if bar.last_print_t < bar.start_t + bar.delay:  # never shown (a short stage): show the end once
-                    bar.refresh()
+                    if self.show_end:
+                        bar.refresh()
                 elif bar.last_print_n == bar.n:  # the last line shown is already the end
                     bar.leave = False
             bar.close()

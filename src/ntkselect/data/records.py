@@ -17,15 +17,20 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import decimal
+import functools
 import hashlib
+import io
 import json
 import math
-from collections.abc import Iterable, Sequence
+import os
+import stat
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ntkselect.errors import NtkSelectError
+from ntkselect.files import sha256_path
 
 __all__ = [
     "Record",
@@ -39,7 +44,10 @@ __all__ = [
     "record_text",
     "resolve_template",
     "tokenize_record",
+    "tokenize_batch",
     "tokenize_records",
+    "RecordStream",
+    "is_pipe",
     "token_convention",
 ]
 
@@ -70,6 +78,7 @@ class _Bad(Exception):
     """A problem with one record; the caller adds the file and line."""
 
 
+@functools.lru_cache(maxsize=256)
 def _word(path: str) -> str:
     return "line" if Path(path).suffix.lower() in _LINE_FORMATS else "row"
 
@@ -183,6 +192,11 @@ def prompt_response(raw: dict) -> tuple[str, str]:
     kind = record_kind(raw)
     if kind != "prompt_response":
         raise NtkSelectError(f"prompt_response() needs a prompt/response record, got a {kind} record")
+    return _prompt_response(raw)
+
+
+def _prompt_response(raw: dict) -> tuple[str, str]:
+    # raw is a checked prompt/response record
     if _present(raw, "prompt") and _present(raw, "response"):
         return _as_str(raw, "prompt"), _as_str(raw, "response")
     if _present(raw, "instruction") and _present(raw, "output"):
@@ -218,30 +232,69 @@ def _short(err: BaseException) -> str:
     return msg if len(msg) < 160 else msg[:157] + "..."
 
 
-def _read_jsonl(path: Path, name: str) -> Iterable[tuple[int, Any]]:
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    # Split on bytes ourselves so line numbers are physical lines and a bad byte names its line.
-    for lineno, chunk in enumerate(data.split(b"\n"), 1):
-        try:
-            line = chunk.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise NtkSelectError(f"{name} line {lineno}: not UTF-8 text ({err.reason} at byte {err.start}); save the file as UTF-8") from None
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise NtkSelectError(f"{name} line {lineno}: not valid JSON ({err.msg} at column {err.colno}); fix or remove the line") from None
-        except (ValueError, RecursionError) as err:  # an integer of thousands of digits, nesting too deep
-            raise NtkSelectError(f"{name} line {lineno}: cannot read this JSON ({_short(err)}); fix or remove the line") from None
-        yield lineno, value
+def _read_jsonl(path: Path, name: str, h: Any = None) -> Iterable[tuple]:  # (line, record[, its bytes])
+    # Streamed line by line (a pipe works; the file is never held whole); ``h`` (a hashlib
+    # object) sees every byte read. Split on b"\n" ourselves so line numbers are physical
+    # lines and a bad byte names its line.
+    with open(path, "rb") as f:
+        for lineno, chunk in enumerate(_hashed_lines(f, h), 1):
+            if lineno == 1 and chunk.startswith(b"\xef\xbb\xbf"):
+                chunk = chunk[3:]
+            try:
+                line = chunk.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise NtkSelectError(f"{name} line {lineno}: not UTF-8 text ({err.reason} at byte {err.start}); save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise NtkSelectError(f"{name} line {lineno}: not valid JSON ({err.msg} at column {err.colno}); fix or remove the line") from None
+            except (ValueError, RecursionError) as err:  # an integer of thousands of digits, nesting too deep
+                raise NtkSelectError(f"{name} line {lineno}: cannot read this JSON ({_short(err)}); fix or remove the line") from None
+            yield lineno, value, chunk
 
 
-def _read_json(path: Path, name: str) -> Iterable[tuple[int, Any]]:
+def _hashed_lines(f, h: Any = None, block: int = 1 << 20) -> Iterable[bytes]:
+    """The b"\n"-separated lines of a binary stream (without the b"\n"; a last line without
+    one included), read in blocks that ``h`` also sees: bytes.split(b"\n") of the whole stream."""
+    rest = b""
+    while data := f.read(block):
+        if h is not None:
+            h.update(data)
+        parts = (rest + data).split(b"\n")
+        rest = parts.pop()
+        yield from parts
+    yield rest
+
+
+class _HashingRaw(io.RawIOBase):
+    """A readable raw stream that passes every byte read from ``f`` to ``h``."""
+
+    def __init__(self, f, h: Any):
+        self.f, self.h = f, h
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.f.read(len(b))
+        n = len(data)
+        b[:n] = data
+        if self.h is not None and n:
+            self.h.update(data)
+        return n
+
+
+def _read_json(path: Path, name: str, h: Any = None) -> Iterable[tuple]:
+    # A JSON array is parsed whole (its format has no record boundaries to stream on); use
+    # JSON Lines for pools too large to hold in memory.
+    with open(path, "rb") as f:
+        data = f.read()
+    if h is not None:
+        h.update(data)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise NtkSelectError(f"{name}: not UTF-8 text ({err.reason} at byte {err.start}); save the file as UTF-8") from None
     if not text.strip():
@@ -266,11 +319,11 @@ def _read_json(path: Path, name: str) -> Iterable[tuple[int, Any]]:
     return list(enumerate(data, 1))
 
 
-def _read_csv(path: Path, name: str) -> Iterable[tuple[int, Any]]:
-    rows: list[tuple[int, Any]] = []
+def _read_csv(path: Path, name: str, h: Any = None) -> Iterable[tuple]:
     try:
-        # csv module, not pandas: every cell stays a string and empty cells stay "".
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        # csv module, not pandas: every cell stays a string and empty cells stay "". Streamed
+        # (a pipe works), every byte read passing through ``h``.
+        with open(path, "rb") as raw, io.TextIOWrapper(io.BufferedReader(_HashingRaw(raw, h)), newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header: list[str] | None = None
             prev = 0  # reader.line_num after the previous row: the next row starts on prev + 1
@@ -288,25 +341,32 @@ def _read_csv(path: Path, name: str) -> Iterable[tuple[int, Any]]:
                     raise NtkSelectError(
                         f"{name} line {start}: {len(row)} fields but the header has {len(header)} columns; quote fields that contain commas or line breaks"
                     )
-                rows.append((start, dict(zip(header, row))))
+                yield start, dict(zip(header, row))
     except UnicodeDecodeError as err:
         raise NtkSelectError(f"{name}: not UTF-8 text ({err.reason}); save the file as UTF-8") from None
     except csv.Error as err:
         raise NtkSelectError(f"{name}: not valid CSV ({err}); fix the file") from None
-    return rows
 
 
-def _read_parquet(path: Path, name: str) -> Iterable[tuple[int, Any]]:
+def _read_parquet(path: Path, name: str, h: Any = None) -> Iterable[tuple]:
     import pyarrow.parquet as pq
 
+    # Parquet needs random access (its footer comes last), so it is hashed by its own pass
     try:
-        table = pq.read_table(path)
+        pf = pq.ParquetFile(path)
+        batches = pf.iter_batches(batch_size=4096)  # streamed: one row batch in memory at a time
+        row = 0
+        for batch in batches:
+            for r in batch.to_pylist():
+                row += 1
+                yield row, _jsonable(r)
+    except NtkSelectError:
+        raise
     except Exception as err:  # pyarrow raises several types for corrupt files
         raise NtkSelectError(f"{name}: cannot read as Parquet ({str(err).splitlines()[0]}); check the file") from None
-    return [(i, _jsonable(r)) for i, r in enumerate(table.to_pylist(), 1)]
 
 
-def _read_hf(path: Path, name: str) -> Iterable[tuple[int, Any]]:
+def _read_hf(path: Path, name: str, h: Any = None) -> Iterable[tuple]:
     import datasets
 
     try:
@@ -325,7 +385,15 @@ def _read_hf(path: Path, name: str) -> Iterable[tuple[int, Any]]:
                 else f"{name}: has no records; add at least one record"
             )
         ds = ds[splits[0]]
-    return [(i, _jsonable(r)) for i, r in enumerate(ds.to_list(), 1)]
+    return _iter_dataset(ds)
+
+
+def _iter_dataset(ds) -> Iterable[tuple]:
+    row = 0
+    for batch in ds.with_format("arrow").iter(batch_size=4096):  # memory-mapped Arrow, a batch at a time
+        for r in batch.to_pylist():
+            row += 1
+            yield row, _jsonable(r)
 
 
 def _unencodable(raw: dict) -> str | None:
@@ -384,34 +452,114 @@ def _checked_record(name: str, row: int, line: int, raw: Any, seen: dict[str, tu
     return Record(id=rid, raw=raw, path=name, line=line)
 
 
-def load_records(path: str | Path) -> list[Record]:
-    """Read and check every record of a data file (format from the extension)."""
-    p = Path(path)
-    name = str(path)
-    if not p.exists():
-        raise NtkSelectError(f"{name}: no such file or folder; check the path")
-    if p.is_dir():
-        reader = _read_hf
-    else:
+def is_pipe(path: str | Path) -> bool:
+    """True for a FIFO, ``/dev/stdin`` or another stream that can be read only once."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+_READERS: dict[str, Callable[..., Iterable[tuple]]] = {
+    ".jsonl": _read_jsonl,
+    ".ndjson": _read_jsonl,
+    ".json": _read_json,
+    ".csv": _read_csv,
+    ".parquet": _read_parquet,
+}
+_STREAMED = (_read_jsonl, _read_json, _read_csv)  # the readers that hash what they read (one pass)
+
+
+class _Counted:
+    """A hashlib object that also counts the bytes it has seen."""
+
+    def __init__(self, h: Any):
+        self.h, self.n = h, 0
+
+    def update(self, data: bytes) -> None:
+        self.n += len(data)
+        self.h.update(data)
+
+
+class RecordStream:
+    """The checked records of a data file, read once, in file order (format from the extension;
+    a pipe without a recognised extension is read as JSON Lines). After the iteration ends,
+    :attr:`sha256` is the file's SHA-256: computed from the same bytes as they were read for
+    JSON Lines, JSON and CSV (so a pipe works), by a pass of its own for Parquet and dataset
+    folders (which need random access and so cannot be pipes)."""
+
+    def __init__(self, path: str | Path):
+        p = Path(path)
+        self.path, self.name = p, str(path)
+        name = self.name
+        if not p.exists():
+            raise NtkSelectError(f"{name}: no such file or folder; check the path")
+        self.pipe = is_pipe(p)
         ext = p.suffix.lower()
-        readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-        if ext not in readers:
+        if p.is_dir():
+            self.reader = _read_hf
+        elif ext in _READERS:
+            self.reader = _READERS[ext]
+        elif self.pipe:
+            self.reader = _read_jsonl
+        else:
             raise NtkSelectError(
                 f"{name}: unsupported file type {ext or '(no extension)'!r}; use {', '.join(SUPPORTED_EXTENSIONS)} "
                 "or a folder saved with datasets' save_to_disk"
             )
-        reader = readers[ext]
+        if self.pipe and self.reader not in _STREAMED:
+            raise NtkSelectError(f"{name}: is a pipe, and Parquet needs a file it can seek in; write it to a file first, or pipe JSON Lines")
+        self._h = _Counted(hashlib.sha256()) if self.reader in _STREAMED else None
+        try:
+            self.size = None if (self.pipe or p.is_dir()) else p.stat().st_size  # bytes, for the progress line's ETA
+        except OSError:
+            self.size = None
+        self._sha: str | None = None
+        self.records = 0
+        self._used = False
 
-    records: list[Record] = []
-    seen: dict[str, tuple[int, bool]] = {}  # id -> (line, whether the id is the row number)
-    try:
-        for row, (line, raw) in enumerate(reader(p, name)):
-            records.append(_checked_record(name, row, line, raw, seen))
-    except OSError as err:  # unreadable file (permissions, I/O error); a bad record is an NtkSelectError
-        raise NtkSelectError(f"{name}: cannot read it ({err.strerror or err}); check that the file exists and is readable") from None
-    if not records:
-        raise NtkSelectError(f"{name}: has no records; add at least one record")
-    return records
+    def __iter__(self):
+        for rec, _ in self.with_source():
+            yield rec
+
+    def with_source(self):
+        """(record, the bytes of its line) pairs: the line for JSON Lines (json.loads of it is
+        the record's fields), None for the other formats."""
+        if self._used:
+            raise RuntimeError("a RecordStream is read once")
+        self._used = True
+        seen: dict[str, tuple[int, bool]] = {}  # id -> (line, whether the id is the row number)
+        name = self.name
+        try:
+            for row, item in enumerate(self.reader(self.path, name, self._h)):
+                rec = _checked_record(name, row, item[0], item[1], seen)
+                self.records += 1
+                yield rec, (item[2] if len(item) > 2 else None)
+        except OSError as err:  # unreadable file (permissions, I/O error); a bad record is an NtkSelectError
+            raise NtkSelectError(f"{name}: cannot read it ({err.strerror or err}); check that the file exists and is readable") from None
+        if not self.records:
+            raise NtkSelectError(f"{name}: has no records; add at least one record")
+        self._sha = self._h.h.hexdigest() if self._h is not None else None
+
+    @property
+    def bytes_read(self) -> int | None:
+        return self._h.n if self._h is not None else None
+
+    @property
+    def sha256(self) -> str:
+        """The input's SHA-256 (the same as ``files.sha256_path``); only after a full iteration."""
+        if self._sha is None:
+            if self._h is not None:
+                raise RuntimeError("RecordStream.sha256 is known only once every record has been read")
+            self._sha = sha256_path(self.path)
+        return self._sha
+
+
+def load_records(path: str | Path) -> list[Record]:
+    """Read and check every record of a data file (format from the extension), into memory.
+    Pools that may not fit use :mod:`ntkselect.data.pool` instead, which streams."""
+    return list(RecordStream(path))
 
 
 # --------------------------------------------------------------------------- tokenization
@@ -432,8 +580,18 @@ class TokenizeStats:
     truncated: int = 0
     template: str = ""
 
+    def add(self, ex: TokenizedExample) -> None:
+        self.examples += 1
+        self.tokens += len(ex.input_ids)
+        self.trained_tokens += sum(ex.train_mask)
+        self.truncated += int(ex.truncated)
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+#: records per call of the tokenizer's batch API
+TOKENIZE_BATCH = 1024
 
 
 def resolve_template(tokenizer, template: str) -> str:
@@ -505,6 +663,16 @@ def _chat_example(tokenizer, messages: Sequence[dict], where: str) -> tuple[list
     token boundary (ordinary text) this is exactly the tokens after the generation prompt's
     tokens. Whatever the response starts with, the boundary is found: tokens are never
     compared, so whitespace that the tokenizer merges across the boundary is not an error."""
+    text, turns = _chat_turns(tokenizer, messages, where)
+    enc = _offsets(tokenizer, text)
+    if enc is None:
+        return _chat_example_by_tokens(tokenizer, messages, text, turns, where)
+    ids, spans = enc
+    return ids, _chat_mask(spans, turns)
+
+
+def _chat_turns(tokenizer, messages: Sequence[dict], where: str) -> tuple[str, list[tuple[int, int, int]]]:
+    """The rendered conversation and each assistant turn's (message index, first char, end char)."""
     if messages[0]["role"] == "assistant":
         # Its start would be the render of an empty conversation, which transformers refuses
         # (and templates that insert a default system prompt would not be prefix-stable).
@@ -522,16 +690,16 @@ def _chat_example(tokenizer, messages: Sequence[dict], where: str) -> tuple[list
         if not (text.startswith(before) and text.startswith(upto) and len(before) <= len(upto)):
             raise _not_prefix_stable(where, i)
         turns.append((i, len(before), len(upto)))
-    enc = _offsets(tokenizer, text)
-    if enc is None:
-        return _chat_example_by_tokens(tokenizer, messages, text, turns, where)
-    ids, spans = enc
-    mask = [False] * len(ids)
+    return text, turns
+
+
+def _chat_mask(spans: Sequence[tuple[int, int]], turns: Sequence[tuple[int, int, int]]) -> list[bool]:
+    mask = [False] * len(spans)
     for _, lo, hi in turns:
         for t, (a, b) in enumerate(spans):
             if (a < hi and b > lo) or (a == b and lo <= a < hi):
                 mask[t] = True
-    return ids, mask
+    return mask
 
 
 def _chat_example_by_tokens(tokenizer, messages: Sequence[dict], text: str, turns, where: str) -> tuple[list[int], list[bool]]:
@@ -586,8 +754,8 @@ def _truncate(ids: list[int], mask: list[bool], max_length: int) -> tuple[list[i
     return ids[start : start + max_length], mask[start : start + max_length]
 
 
-def tokenize_record(record: Record, tokenizer, max_length: int, template: str) -> TokenizedExample:
-    """Token ids and the trained-token mask of one record (``template``: "chat" or "plain")."""
+def _kind_and_template(record: Record, tokenizer, max_length: int, template: str) -> tuple[str, str, str]:
+    """(where, kind, resolved template) of a record, or the one-line error that stops it."""
     where = location(record.path, record.line)
     if max_length < 2:
         raise NtkSelectError(f"--max-length must be at least 2 tokens, got {max_length}")
@@ -611,7 +779,31 @@ def tokenize_record(record: Record, tokenizer, max_length: int, template: str) -
         raise NtkSelectError(
             f"{where}: a {kind} record needs a chat template and this tokenizer has none; use --template plain or a tokenizer with a chat template"
         )
+    return where, kind, template
 
+
+def _finish(ids: list[int], mask: list[bool], kind: str, where: str, max_length: int, clean: bool = False) -> TokenizedExample:
+    # Nothing predicts token 0, so it is never a trained token; the mask then counts exactly
+    # the tokens that contribute a loss term (logit t-1 predicts token t).
+    if mask:
+        mask[0] = False
+    if not any(mask):
+        raise NtkSelectError(
+            f"{where}: nothing to train on: the {kind} record gives {len(ids)} token(s) and none after the first is trained; "
+            "give it a longer text or response, or remove the record"
+        )
+    truncated = len(ids) > max_length
+    if truncated:
+        ids, mask = _truncate(ids, mask, max_length)
+        mask[0] = False
+    if not clean:  # ``clean``: already lists of Python ints and bools (the batch path's)
+        ids, mask = [int(i) for i in ids], [bool(m) for m in mask]
+    return TokenizedExample(input_ids=ids, train_mask=mask, truncated=truncated)
+
+
+def tokenize_record(record: Record, tokenizer, max_length: int, template: str) -> TokenizedExample:
+    """Token ids and the trained-token mask of one record (``template``: "chat" or "plain")."""
+    where, kind, template = _kind_and_template(record, tokenizer, max_length, template)
     if kind == "text":
         ids = token_ids(tokenizer, _as_str(record.raw, "text"), special=True)
         mask = [True] * len(ids)
@@ -631,21 +823,80 @@ def tokenize_record(record: Record, tokenizer, max_length: int, template: str) -
             ids, mask = _chat_example(tokenizer, messages, where)
         else:
             ids, mask = _plain_messages(tokenizer, messages)
+    return _finish(ids, mask, kind, where, max_length)
 
-    # Nothing predicts token 0, so it is never a trained token; the mask then counts exactly
-    # the tokens that contribute a loss term (logit t-1 predicts token t).
-    if mask:
-        mask[0] = False
-    if not any(mask):
-        raise NtkSelectError(
-            f"{where}: nothing to train on: the {kind} record gives {len(ids)} token(s) and none after the first is trained; "
-            "give it a longer text or response, or remove the record"
-        )
-    truncated = len(ids) > max_length
-    if truncated:
-        ids, mask = _truncate(ids, mask, max_length)
-        mask[0] = False
-    return TokenizedExample(input_ids=[int(i) for i in ids], train_mask=[bool(m) for m in mask], truncated=truncated)
+
+def tokenize_batch(records: Sequence[Record], tokenizer, max_length: int, template: str) -> list[TokenizedExample]:
+    """:func:`tokenize_record` of each record, the same ids and masks, with the tokenizer's batch
+    API: one call per kind of text for the whole batch (a fast tokenizer encodes a batch in
+    parallel, about 3x faster per record than one call each even on one core). Records the
+    batch path does not cover (plain-rendered conversations; chat records with a tokenizer
+    that gives no character offsets) go through :func:`tokenize_record`."""
+    if not getattr(tokenizer, "is_fast", False):
+        return [tokenize_record(r, tokenizer, max_length, template) for r in records]
+    out: list[TokenizedExample | None] = [None] * len(records)
+    plans: list[tuple[int, str, str, str, Any]] = []  # (index, where, kind, how, payload)
+    special: list[str] = []  # texts tokenized with the default special tokens
+    plain: list[str] = []  # texts tokenized without
+    chat: list[str] = []  # rendered conversations, tokenized with character offsets
+    first_error: NtkSelectError | None = None  # the first bad record's error, raised after the records before it are checked
+    for i, rec in enumerate(records):
+        try:
+            where, kind, tmpl = _kind_and_template(rec, tokenizer, max_length, template)
+            if kind == "text":
+                plans.append((i, where, kind, "text", len(special)))
+                special.append(_as_str(rec.raw, "text"))
+                continue
+            if kind == "prompt_response" and tmpl == "plain":
+                prompt, response = _prompt_response(rec.raw)
+                plans.append((i, where, kind, "pr", (len(special), len(plain))))
+                special.append(prompt + "\n")
+                plain.append(response)
+                continue
+            if tmpl != "chat":
+                out[i] = tokenize_record(rec, tokenizer, max_length, template)
+                continue
+            if kind == "prompt_response":
+                prompt, response = _prompt_response(rec.raw)
+                messages: Sequence[dict] = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            else:
+                messages = rec.raw["messages"]
+            text, turns = _chat_turns(tokenizer, messages, where)
+            plans.append((i, where, kind, "chat", (len(chat), turns)))
+            chat.append(text)
+        except NtkSelectError as err:
+            first_error = err
+            break
+    enc_special = tokenizer(special, add_special_tokens=True)["input_ids"] if special else []
+    enc_plain = tokenizer(plain, add_special_tokens=False)["input_ids"] if plain else []
+    chat_ids: list = []
+    chat_spans: list = []
+    if chat:
+        try:
+            enc = tokenizer(chat, add_special_tokens=False, return_offsets_mapping=True)
+            chat_ids, chat_spans = enc["input_ids"], enc["offset_mapping"]
+        except (NotImplementedError, ValueError, TypeError):
+            chat_ids = []
+    eos = tokenizer.eos_token_id
+    for i, where, kind, how, at in plans:
+        if how == "text":
+            ids = list(enc_special[at])
+            mask = [True] * len(ids)
+        elif how == "pr":
+            p_ids, r_ids = list(enc_special[at[0]]), list(enc_plain[at[1]])
+            if eos is not None:
+                r_ids.append(eos)
+            ids, mask = p_ids + r_ids, [False] * len(p_ids) + [True] * len(r_ids)
+        else:
+            if not chat_ids or len(chat_spans[at[0]]) != len(chat_ids[at[0]]):
+                out[i] = tokenize_record(records[i], tokenizer, max_length, template)
+                continue
+            ids = list(chat_ids[at[0]])
+            mask = _chat_mask([(int(a), int(b)) for a, b in chat_spans[at[0]]], at[1])
+        out[i] = _finish(ids, mask, kind, where, max_length, clean=True)
+    if first_error is not None:
+        raise first_error
+    return [e for e in out if e is not None]
 
 
 def tokenize_records(records: Iterable[Record], tokenizer, max_length: int, template: str = "auto") -> tuple[list[TokenizedExample], TokenizeStats]:
@@ -653,14 +904,12 @@ def tokenize_records(records: Iterable[Record], tokenizer, max_length: int, temp
     resolved = resolve_template(tokenizer, template)
     stats = TokenizeStats(template=resolved)
     out: list[TokenizedExample] = []
-    for rec in records:
+    records = list(records)
+    for a in range(0, len(records), TOKENIZE_BATCH):
         # "auto" goes through unresolved so that messages records without a chat template stop
-        ex = tokenize_record(rec, tokenizer, max_length, "auto" if template == "auto" else resolved)
-        out.append(ex)
-        stats.examples += 1
-        stats.tokens += len(ex.input_ids)
-        stats.trained_tokens += sum(ex.train_mask)
-        stats.truncated += int(ex.truncated)
+        for ex in tokenize_batch(records[a : a + TOKENIZE_BATCH], tokenizer, max_length, "auto" if template == "auto" else resolved):
+            out.append(ex)
+            stats.add(ex)
     return out, stats
 
 

@@ -392,7 +392,12 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
     items = mc_items([r for r in test_records if is_mc_record(r)])
     test_q = TestQuestions(test_records)  # leak.py: containment in every field a record trains on
     base_cfg = cfg.select_config("ntk", seeds[0], cfg.out)
-    inp = load_inputs(base_cfg, log, exclude_texts=None)
+    # no method may select a test question: such pool records are left out as the pool is read, for every method alike
+    leaks = ("test_questions", lambda r: test_q.leaks(r.raw), sha256_path(cfg.domain_test))
+    inp = load_inputs(base_cfg, log, exclude_texts=None, drop=[leaks])
+    stack.callback(inp.close)  # the temporary token store goes with the run
+    if inp.excluded.get("test_questions"):
+        log(f"ntkselect evaluate: excluded {inp.excluded['test_questions']} pool records whose question is in the test set")
     tokenizer = inp.tokenizer
     test_ex = tokenize_records(test_records, tokenizer, cfg.eval_max_length, cfg.template)[0]
     test = _TestSet(test_records, test_ex, items, test_q)
@@ -405,14 +410,6 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
             f"{cfg.domain_train}: {len(leak)} training question(s) also appear in {cfg.domain_test} (e.g. id {leak[0]!r}); "
             "remove them, the test set must be unseen"
         )
-    # no method may select a test question: drop such pool records up front, for every method alike
-    pool_keep = [i for i, r in enumerate(inp.pool) if not test_q.leaks(r.raw)]
-    dropped = len(inp.pool) - len(pool_keep)
-    if dropped:
-        log(f"ntkselect evaluate: excluded {dropped} pool records whose question is in the test set")
-        inp.pool = [inp.pool[i] for i in pool_keep]
-        inp.pool_ex = [inp.pool_ex[i] for i in pool_keep]
-        inp.excluded["test_questions"] = dropped
     if cfg.n > len(inp.pool):
         raise NtkSelectError(f"--n {cfg.n} is larger than the usable pool ({len(inp.pool)} records); lower --n")
     # the model through every path the methods and the fine-tune use, on a tiny batch: an unsupported one fails now

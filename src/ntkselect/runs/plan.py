@@ -30,10 +30,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ntkselect.config import SelectConfig
 from ntkselect.data.batching import make_batches
+from ntkselect.data.pool import lengths_of, scan_pool, trained_of
 from ntkselect.data.records import load_records, record_text, tokenize_records
 from ntkselect.errors import NtkSelectError
 from ntkselect.model.loading import DEFAULT_MODEL, load_tokenizer
@@ -203,10 +205,12 @@ class PlanBuilder:
         self.cfg, self.dom_stats, self.pool_stats, self.stages, self.facts, self.cal = cfg, dom_stats, pool_stats, stages, facts, cal
         self.device = device
         self.dom_len = [len(e.input_ids) for e in dom_ex]
-        self.pool_len = [len(e.input_ids) for e in pool_ex]
         self.dom_tr = [sum(e.train_mask[1:]) for e in dom_ex]
-        self.pool_tr = [sum(e.train_mask[1:]) for e in pool_ex]
-        self.n_pool = len(pool_ex)
+        # the pool as (lengths, trained-token counts): the dry run's scan keeps nothing else
+        pool_len, pool_tr = pool_ex if isinstance(pool_ex, tuple) else (lengths_of(pool_ex), trained_of(pool_ex))
+        self.pool_len = np.asarray(pool_len).tolist()
+        self.pool_tr = np.asarray(pool_tr).tolist()
+        self.n_pool = len(self.pool_len)
         self.shards = [range(s0, min(self.n_pool, s0 + cfg.shard_size)) for s0 in range(0, self.n_pool, cfg.shard_size)]
         self.params = facts["params"] if facts else None
         self.grad_dim = facts["grad_dim"] if facts else None
@@ -284,30 +288,33 @@ def estimate(cfg: SelectConfig) -> dict:
     # -- inputs, exactly as a run reads them ---------------------------------------------
     t = time.perf_counter()
     domain = load_records(cfg.domain)
-    pool_all = load_records(cfg.pool)
     dom_texts = {record_text(r.raw) for r in domain}
-    keep = getattr(cfg, "keep_domain_duplicates", False)  # the opt-out proposed for pipeline.load_inputs
-    pool = list(pool_all) if keep else [r for r in pool_all if record_text(r.raw) not in dom_texts]
-    if cfg.n > len(pool):
-        dropped = len(pool_all) - len(pool)
-        why = f", after excluding {dropped} duplicates of domain records" if dropped else ""
-        raise NtkSelectError(f"--n {cfg.n} is larger than the pool ({len(pool)} usable records in {cfg.pool}{why}); lower --n or add candidates")
+    keep = getattr(cfg, "keep_domain_duplicates", False)
     tokenizer = load_tokenizer(cfg.model)
     dom_ex, dom_stats = tokenize_records(domain, tokenizer, cfg.max_length, cfg.template)
-    pool_ex, pool_stats = tokenize_records(pool, tokenizer, cfg.max_length, cfg.template)
+    # the pool in one streamed pass, as a run reads it, keeping only its per-record numbers
+    drop = [] if keep else [("duplicates_of_domain", lambda r: record_text(r.raw) in dom_texts)]
+
+    def check(rows: int, records: int) -> None:
+        if cfg.n > rows:
+            dropped = records - rows
+            why = f", after excluding {dropped} duplicates of domain records" if dropped else ""
+            raise NtkSelectError(f"--n {cfg.n} is larger than the pool ({rows} usable records in {cfg.pool}{why}); lower --n or add candidates")
+
+    scan = scan_pool(cfg.pool, tokenizer, cfg.max_length, cfg.template, drop, progress=True, check=check)
+    pool_stats = scan.stats
+    n_pool = int(len(scan.lengths))
     load_seconds = time.perf_counter() - t
-    rec_bytes = lambda recs: sum(len(json.dumps(r.raw, ensure_ascii=False, default=str)) + 1 for r in recs)  # noqa: E731
-    dom_bytes, pool_bytes = rec_bytes(domain), rec_bytes(pool)
-    n_pool = len(pool)
+    dom_bytes = sum(len(json.dumps(r.raw, ensure_ascii=False, default=str)) + 1 for r in domain)
     data = {
         "domain": {"path": cfg.domain, "records": len(domain), **dom_stats.to_dict(), "bytes": dom_bytes},
         "pool": {
             "path": cfg.pool,
-            "records_in_file": len(pool_all),
+            "records_in_file": scan.records_in_file,
             "records": n_pool,
-            "excluded_duplicates_of_domain": len(pool_all) - n_pool,
+            "excluded_duplicates_of_domain": scan.records_in_file - n_pool,
             **pool_stats.to_dict(),
-            "bytes": pool_bytes,
+            "bytes": scan.bytes,
         },
         "n": cfg.n,
         "m": None,
@@ -335,7 +342,7 @@ def estimate(cfg: SelectConfig) -> dict:
             "measured": True,
         }
     ]
-    plan = PlanBuilder(cfg, dom_ex, pool_ex, dom_stats, pool_stats, stages, facts, cal, pre.memory if pre else None, device, dtype)
+    plan = PlanBuilder(cfg, dom_ex, (scan.lengths, scan.trained), dom_stats, pool_stats, stages, facts, cal, pre.memory if pre else None, device, dtype)
     act = plan.activations
     if uses_model:  # the shared work: the warm-up, and stage 1's embeddings for the methods that use them
         from ntkselect.model.memory import overhead
@@ -386,7 +393,7 @@ def estimate(cfg: SelectConfig) -> dict:
     memory["budget"] = int(pre.memory.budget * factor) if pre and pre.memory and pre.memory.budget != float("inf") else None
 
     # -- disk ---------------------------------------------------------------------------
-    sel_bytes = int(round(cfg.n * pool_bytes / max(1, n_pool))) + cfg.n * _SELECTION_FIELDS_BYTES
+    sel_bytes = int(round(cfg.n * scan.bytes / max(1, n_pool))) + cfg.n * _SELECTION_FIELDS_BYTES
     hidden = facts["hidden_size"] if facts else 0
     # temporary arrays a run writes into --out (memory-mapped, removed at the end): stage 1's (n_pool, hidden) float32
     # embeddings, and what the method's cost model adds (every plan lists _TEMPORARY, 0 where unused)

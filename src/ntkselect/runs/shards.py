@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ntkselect.data.pool import lengths_of
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_open, atomic_write_json
 from ntkselect.progress import Progress
@@ -201,11 +202,13 @@ def run_sharded(
         logger.info(f"{desc}: {len(specs) - len(todo)} of {len(specs)} shards already done, resuming")
     if todo:
         prog = Progress(f"{desc} ({len(todo)} shards, {executor.name})", sum(s.size for s in todo), enabled=progress, interval=10.0)
-        jobs = [(s, list(examples[s.start : s.stop]), list(ids[s.start : s.stop]) if ids is not None else None) for s in todo]
+        # one shard's examples at a time (read back from the token store when the pool is one), never the whole pool
+        jobs = ((s, list(examples[s.start : s.stop]), list(ids[s.start : s.stop]) if ids is not None else None) for s in todo)
+        lengths = lengths_of(examples)
         for spec, arr, secs in executor.map(task, jobs, payload, desc):
             if arr.shape[0] != spec.size:
                 raise NtkSelectError(f"{desc}: shard {spec.index} returned {arr.shape[0]} rows for {spec.size} examples")
-            toks = sum(len(e.input_ids) for e in examples[spec.start : spec.stop])
+            toks = int(lengths[spec.start : spec.stop].sum())
             store.save(stage, spec, key, arr, {"seconds": round(secs, 4), "examples": spec.size, "tokens": toks, "executor": executor.name})
             prog.update(spec.size, toks)
         prog.close()

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ntkselect.config import SelectConfig
+from ntkselect.data.pool import ids_of, lengths_of
 from ntkselect.data.records import Record
 from ntkselect.model.loading import load_model
 from ntkselect.model.runtime import Runtime
@@ -199,9 +200,9 @@ class SelectionContext:
         if self._emb is None:
             model = self.model()
             t = time.perf_counter()
-            self._emb = embed_sets(model, self.dom_ex, self.pool_ex, self.rt, self.sharding(), [r.id for r in self.domain], [r.id for r in self.pool])
+            self._emb = embed_sets(model, self.dom_ex, self.pool_ex, self.rt, self.sharding(), [r.id for r in self.domain], ids_of(self.pool))
             self.shared_seconds["embeddings"] = time.perf_counter() - t
-            self.shared_tokens["embeddings"] = sum(len(e.input_ids) for e in self.dom_ex) + sum(len(e.input_ids) for e in self.pool_ex)
+            self.shared_tokens["embeddings"] = int(lengths_of(self.dom_ex).sum() + lengths_of(self.pool_ex).sum())
         return self._emb
 
     def cost(self, ranking: Ranking) -> tuple[float, int]:

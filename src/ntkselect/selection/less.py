@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ntkselect.config import SelectConfig
+from ntkselect.data.pool import ids_of, lengths_of
 from ntkselect.errors import NtkSelectError
 from ntkselect.grads.fused import flatten_grads, lora_parameters
 from ntkselect.grads.projection import BLOCK_ROWS, make_projector
@@ -116,7 +117,7 @@ class LessSelector(Selector):
             model, ctx.dom_ex, projector, rt, objective=per_example_loss, chunk_bytes=CHUNK_BYTES, desc="less: domain gradients", ids=[r.id for r in ctx.domain]
         )  # (n_dom, p)
         payload = LessPayload(m.cpu(), v.cpu(), b1, b2, eps, dim, p, cfg.seed, CHUNK_BYTES)
-        shards = ctx.run_sharded("less", LESS, ctx.pool_ex, payload, "less: pool gradients", [r.id for r in ctx.pool], "less", p)
+        shards = ctx.run_sharded("less", LESS, ctx.pool_ex, payload, "less: pool gradients", ids_of(ctx.pool), "less", p)
         d = torch.from_numpy(dom).double()
         d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-30)  # (n_dom, p)
         parts = []
@@ -126,7 +127,7 @@ class LessSelector(Selector):
             parts.append((x @ d.T).max(dim=1).values.numpy())  # max over D of the cosine
         scores = np.concatenate(parts)
         order, sc = ordered(np.arange(len(ctx.pool)), scores)
-        toks = 2 * (sum(len(e.input_ids) for e in ctx.dom_ex) + sum(len(e.input_ids) for e in ctx.pool_ex))  # forward + backward
+        toks = 2 * (int(lengths_of(ctx.dom_ex).sum() + lengths_of(ctx.pool_ex).sum()))  # forward + backward
         return Ranking(
             order,
             sc,

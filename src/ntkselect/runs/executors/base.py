@@ -9,7 +9,7 @@ Implementations: :class:`~ntkselect.runs.executors.local.LocalExecutor` (this pr
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -27,7 +27,7 @@ class Executor(ABC):
     name: str = ""
 
     @abstractmethod
-    def map(self, task: ShardTask, jobs: Sequence[Job], payload, desc: str = "") -> Iterator[tuple[ShardSpec, np.ndarray, float]]:
+    def map(self, task: ShardTask, jobs: Iterable[Job], payload, desc: str = "") -> Iterator[tuple[ShardSpec, np.ndarray, float]]:
         """Run ``task`` with ``payload`` on every job; yield (shard, result, seconds) in any order."""
 
     def close(self) -> None:  # noqa: B027 - a default, not abstract: an executor that holds nothing (LocalExecutor) need not override it

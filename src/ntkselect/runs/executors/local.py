@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ class LocalExecutor(Executor):
     def __init__(self, model_fn: Callable[[], Any], rt):
         self.model_fn, self.rt = model_fn, rt
 
-    def map(self, task: ShardTask, jobs: Sequence[Job], payload, desc: str = "") -> Iterator[tuple[ShardSpec, np.ndarray, float]]:
+    def map(self, task: ShardTask, jobs: Iterable[Job], payload, desc: str = "") -> Iterator[tuple[ShardSpec, np.ndarray, float]]:
         model = self.model_fn()
         for spec, examples, ids in jobs:
             t = time.perf_counter()

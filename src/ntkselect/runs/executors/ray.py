@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -136,18 +136,21 @@ class RayExecutor(Executor):
     def worker_pids(self) -> list[int]:
         return self.ray.get([a.pid.remote() for a in self.actors])
 
-    def map(self, task: ShardTask, jobs: Sequence[Job], payload, desc: str = "") -> Iterator[tuple[ShardSpec, np.ndarray, float]]:
+    def map(self, task: ShardTask, jobs: Iterable[Job], payload, desc: str = "") -> Iterator[tuple[ShardSpec, np.ndarray, float]]:
         ray = self.ray
         pref = ray.put(payload)
-        specs = {spec.index: spec for spec, _, _ in jobs}
-        queue = list(jobs)
+        specs: dict = {}
+        queue = iter(jobs)  # consumed as actors free up: one shard's examples built at a time, never the whole pool
+        pending = next(queue, None)
         inflight: dict = {}
         free = list(self.actors) * 2  # two tasks queued per actor keeps each busy
-        while queue or inflight:
-            while queue and free:
+        while pending is not None or inflight:
+            while pending is not None and free:
                 actor = free.pop(0)
-                spec, examples, ids = queue.pop(0)
+                spec, examples, ids = pending
+                specs[spec.index] = spec
                 inflight[actor.run.remote(task, spec.index, examples, pref, ids)] = actor
+                pending = next(queue, None)
             done, _ = ray.wait(list(inflight), num_returns=1)
             actor = inflight.pop(done[0])
             free.append(actor)

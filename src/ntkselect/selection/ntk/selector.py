@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import time
 
+from ntkselect.data.pool import ids_of
 from ntkselect.grads.projection import BLOCK_ROWS
 from ntkselect.selection.base import Ranking, SelectionContext, Selector, ordered
 from ntkselect.selection.ntk.stage1 import preselect
@@ -55,7 +56,8 @@ class NtkSelector(Selector):
         s1 = preselect(dom_emb, pool_emb, int(round(cfg.preselect_factor * n)), cfg.knn_k)
         cand = s1.selected
         t2 = time.perf_counter()
-        ids = [ctx.pool[int(i)].id for i in cand]
+        pool_ids = ids_of(ctx.pool)
+        ids = [pool_ids[int(i)] for i in cand]
         s2 = run_stage2(
             ctx.model(),
             ctx.dom_ex,
