@@ -301,3 +301,48 @@ def test_pool_views_cost_a_few_bytes_per_record(tmp_path, tokenizer):
     tokens = int(store.lengths.sum())
     ids_bytes = sum((d / "ids.bin").stat().st_size for d in store.folder.glob("shard-*"))
     assert ids_bytes == 4 * tokens and np.array_equal(np.diff(np.load(store.folder / "shard-00000" / "tok_off.npy")), store.lengths)
+
+
+def test_worker_processes_write_the_same_store_and_the_same_first_error(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr(poolmod, "TOKENIZE_BATCH", 6)  # many chunks, so that two processes share them
+    monkeypatch.setattr(poolmod, "SHARD_ROWS", 16)
+    rows = pool_rows(100)
+    path = write_any(tmp_path, "jsonl", rows, "pool")
+    texts = {record_text(r) for r in rows[10:14]}
+    drop = [("dupes", lambda r: record_text(r.raw) in texts)]
+    one = build_store(path, tokenizer, 24, "chat", tmp_path / "one", drop=drop, progress=False, workers=1)
+    two = build_store(path, tokenizer, 24, "chat", tmp_path / "two", drop=drop, progress=False, workers=2)
+    for f in sorted(p.relative_to(one.folder) for p in one.folder.rglob("*") if p.is_file() and p.name != "store.json"):
+        assert (one.folder / f).read_bytes() == (two.folder / f).read_bytes(), f
+    strip = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "workers")}  # noqa: E731
+    assert strip(one.meta) == strip(two.meta) and one.meta["excluded"] == {"dupes": 4}
+    # a bad line deep in the file, and a duplicate id after it: the line is reported, by both
+    lines = path.read_text().splitlines()
+    lines[57] = '{"text": broken'
+    lines[80] = lines[3]
+    path.write_text("\n".join(lines) + "\n")
+    errors = []
+    for w in (1, 2):
+        with pytest.raises(NtkSelectError) as err:
+            build_store(path, tokenizer, 24, "chat", tmp_path / f"bad{w}", progress=False, workers=w)
+        errors.append(str(err.value))
+        assert not (tmp_path / f"bad{w}").exists()
+    assert errors[0] == errors[1] and "line 58: not valid JSON" in errors[0]
+    lines[57] = json.dumps(rows[57])
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(NtkSelectError, match="duplicate id 'io3' at line 4 and line 81"):
+        build_store(path, tokenizer, 24, "chat", tmp_path / "dup", progress=False, workers=2)
+
+
+def test_the_dry_run_prices_the_token_store(tmp_path, tiny_model_dir):
+    from ntkselect.model.loading import load_tokenizer
+    from ntkselect.runs.plan import estimate, format_plan
+
+    dom, _, _ = write_cli_data(tmp_path)
+    pool = write_any(tmp_path, "jsonl", pool_rows(300), "pool")
+    cfg = _cfg(dom, pool, tiny_model_dir, tmp_path / "run", "ntk", max_length=48)
+    plan = estimate(cfg)
+    store = build_store(pool, load_tokenizer(tiny_model_dir), 48, "auto", tmp_path / "s", progress=False)
+    assert plan["disk"]["tokenised_pool"] == pytest.approx(store.bytes_on_disk(), rel=0.15)
+    text = format_plan(plan)
+    assert "tokenised pool" in text and "load: measured, not estimated" in text

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ntkselect.config import SelectConfig
-from ntkselect.data.pool import PoolExamples, PoolRecords, TokenStore, build_store, find_store, group_of, ids_of, source_of
+from ntkselect.data.pool import PoolExamples, PoolRecords, TokenStore, build_store, default_workers, find_store, group_of, ids_of, source_of
 from ntkselect.data.records import Record, RecordStream, TokenizeStats, record_text, token_convention, tokenize_records
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, sha256_path
@@ -272,7 +272,8 @@ def load_inputs(
                 raise NtkSelectError(f"--n {cfg.n} is larger than the pool ({rows} usable records in {cfg.pool}{why}); lower --n or add candidates")
 
         try:
-            store = build_store(cfg.pool, tokenizer, cfg.max_length, cfg.template, store_dir, tests, key, progress=True, check=check)
+            workers = cfg.threads or default_workers()  # processes that parse and tokenise the pool
+            store = build_store(cfg.pool, tokenizer, cfg.max_length, cfg.template, store_dir, tests, key, progress=True, check=check, workers=workers)
         except BaseException:
             if owned:
                 shutil.rmtree(Path(store_dir).parent, ignore_errors=True)

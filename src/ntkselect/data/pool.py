@@ -29,21 +29,37 @@ N selected records), and behave as the lists of :class:`~ntkselect.data.records.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
 
-from ntkselect.data.records import TOKENIZE_BATCH, Record, RecordStream, TokenizedExample, TokenizeStats, resolve_template, tokenize_batch
+from ntkselect.data.records import (
+    TOKENIZE_BATCH,
+    Record,
+    RecordStream,
+    TokenizedExample,
+    TokenizeStats,
+    check_id,
+    check_record,
+    parse_json_line,
+    resolve_template,
+    tokenize_batch,
+)
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_write_json
 from ntkselect.progress import Progress
@@ -63,6 +79,7 @@ __all__ = [
     "lengths_of",
     "trained_of",
     "ids_of",
+    "default_workers",
     "group_of",
     "source_of",
 ]
@@ -145,39 +162,35 @@ class _ShardWriter:
         self.mask = open(folder / "mask.bin", "wb")
         self.rec = open(folder / "rec.bin", "wb")
         self.idf = open(folder / "id.bin", "wb")
-        self.tok_off, self.rec_off, self.id_off = [0], [0], [0]
+        self.tok_off, self.rec_off, self.id_off = [np.zeros(1, np.int64)], [0], [0]
         self.lines: list[int] = []
-        self.meta: list[tuple[int, int, int, int]] = []
+        self.meta: list[np.ndarray] = []
+        self.rows = 0
 
-    def add(self, recs: Sequence[Record], blobs: Sequence[bytes | None], exs: Sequence[TokenizedExample], groups: list[int], sources: list[int]) -> None:
-        ids = np.concatenate([np.asarray(e.input_ids, dtype=np.int32) for e in exs])  # (tokens,)
-        mask = np.concatenate([np.asarray(e.train_mask, dtype=np.uint8) for e in exs])  # (tokens,)
-        self.ids.write(ids.tobytes())
-        self.mask.write(mask.tobytes())
-        for r, blob, e, g, s in zip(recs, blobs, exs, groups, sources):
-            self.tok_off.append(self.tok_off[-1] + len(e.input_ids))
-            if blob is None:  # not read from a JSON line: the fields as compact JSON
-                blob = json.dumps(r.raw, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    def add(self, part: _Chunk, a: int, b: int, groups: list[int], sources: list[int]) -> None:
+        """Rows [a, b) of a tokenised chunk."""
+        t0, t1 = int(part.tok_off[a]), int(part.tok_off[b])
+        self.ids.write(part.ids[t0:t1].tobytes())
+        self.mask.write(part.mask[t0:t1].tobytes())
+        self.tok_off.append(self.tok_off[-1][-1] + part.tok_off[a + 1 : b + 1] - t0)
+        for k in range(a, b):
+            blob, rid = part.blobs[k], part.rids[k].encode("utf-8")
             self.rec.write(blob)
             self.rec_off.append(self.rec_off[-1] + len(blob))
-            rid = r.id.encode("utf-8")
             self.idf.write(rid)
             self.id_off.append(self.id_off[-1] + len(rid))
-            self.lines.append(r.line)
-            self.meta.append((sum(e.train_mask), int(e.truncated), g, s))
-
-    @property
-    def rows(self) -> int:
-        return len(self.lines)
+        self.lines.extend(part.lines[a:b])
+        self.meta.append(np.stack([part.trained[a:b], part.truncated[a:b], np.asarray(groups, np.int32), np.asarray(sources, np.int32)], 1).astype(np.int32))
+        self.rows += b - a
 
     def close(self) -> None:
         for f in (self.ids, self.mask, self.rec, self.idf):
             f.close()
-        np.save(self.folder / "tok_off.npy", np.asarray(self.tok_off, dtype=np.int64))
+        np.save(self.folder / "tok_off.npy", np.concatenate(self.tok_off).astype(np.int64))
         np.save(self.folder / "rec_off.npy", np.asarray(self.rec_off, dtype=np.int64))
         np.save(self.folder / "id_off.npy", np.asarray(self.id_off, dtype=np.int64))
         np.save(self.folder / "line.npy", np.asarray(self.lines, dtype=np.int64))
-        np.save(self.folder / "meta.npy", np.asarray(self.meta, dtype=np.int32).reshape(-1, 4))
+        np.save(self.folder / "meta.npy", np.concatenate(self.meta) if self.meta else np.zeros((0, 4), np.int32))
 
 
 def _batches(stream: Iterable, size: int) -> Iterable[list]:
@@ -219,6 +232,128 @@ def _drop_reason(rec: Record, drop: Sequence[tuple[str, Callable[[Record], bool]
     return None
 
 
+@dataclass
+class _Chunk:
+    """What a worker returns for one chunk of the pool, in file order: every checked record's
+    id and line (for the file-wide unique-id check), the first error, and the kept records'
+    tokens as flat arrays."""
+
+    checked: list[tuple[str, int, bool]]  # (id, line, id is the row number) of every checked record
+    error: NtkSelectError | None  # the first bad record's error (checks before tokenising)
+    excluded: Counter
+    rids: list[str]  # the kept records'
+    lines: list[int]
+    blobs: list[bytes]  # each kept record's JSON
+    groups: list[str]
+    sources: list[str]
+    ids: np.ndarray  # (tokens,) int32
+    mask: np.ndarray  # (tokens,) uint8
+    tok_off: np.ndarray  # (kept + 1,) int64
+    trained: np.ndarray  # (kept,) int64
+    truncated: np.ndarray  # (kept,) int64 0/1
+    stats: dict
+
+
+_W: dict[str, Any] = {}  # the running pass's settings: read by _work, here or in a forked worker
+
+
+def _work(chunk: list) -> _Chunk:
+    w = _W
+    name, tok = w["name"], w["tokenizer"]
+    checked: list[tuple[str, int, bool]] = []
+    kept: list[Record] = []
+    blobs: list[bytes] = []
+    excluded: Counter = Counter()
+    error: NtkSelectError | None = None
+    for row, line, payload, blob in chunk:
+        try:
+            raw = parse_json_line(name, line, payload) if w["parse"] else payload
+            rec, implicit = check_record(name, row, line, raw)
+        except NtkSelectError as err:
+            error = err
+            break
+        checked.append((rec.id, rec.line, implicit))
+        reason = _drop_reason(rec, w["drop"])
+        if reason is not None:
+            excluded[reason] += 1
+            continue
+        kept.append(rec)
+        blobs.append(blob if blob is not None else json.dumps(raw, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+    exs: list[TokenizedExample] = []
+    if error is None and kept:
+        try:
+            exs = tokenize_batch(kept, tok, w["max_length"], w["template"])
+        except NtkSelectError as err:
+            error, kept = err, []
+    stats = TokenizeStats()
+    for e in exs:
+        stats.add(e)
+    lens = np.asarray([len(e.input_ids) for e in exs], dtype=np.int64)
+    return _Chunk(
+        checked=checked,
+        error=error,
+        excluded=excluded,
+        rids=[r.id for r in kept],
+        lines=[r.line for r in kept],
+        blobs=blobs if exs else [],
+        groups=[group_of(r.raw, r.path) for r in kept],
+        sources=[source_of(r.raw, r.path) for r in kept],
+        ids=np.fromiter((i for e in exs for i in e.input_ids), dtype=np.int32, count=int(lens.sum())),
+        mask=np.fromiter((m for e in exs for m in e.train_mask), dtype=np.uint8, count=int(lens.sum())),
+        tok_off=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+        trained=np.asarray([sum(e.train_mask) for e in exs], dtype=np.int64),
+        truncated=np.asarray([e.truncated for e in exs], dtype=np.int64),
+        stats=stats.to_dict(),
+    )
+
+
+def default_workers() -> int:
+    """Worker processes for the pool pass: the CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _chunk_results(chunks: Iterable[list], workers: int) -> Iterator[Iterator[_Chunk]]:
+    """:func:`_work` of each chunk, in order: here (``workers`` <= 1), or in that many forked
+    processes with at most two chunks each in flight, so the pool is never read ahead."""
+    it = iter(chunks)
+    first = next(it, None)
+    second = next(it, None) if first is not None else None
+    if second is None or workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        # one chunk (a small pool: not worth starting processes), one worker, or no fork
+        yield map(_work, itertools.chain([c for c in (first, second) if c is not None], it))
+        return
+    # the workers tokenise one text at a time each; the setting keeps the fast tokenizer from
+    # warning (on stderr) that it was forked after using its thread pool
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = multiprocessing.get_context("fork").Pool(workers)
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+
+    def ordered() -> Iterator[_Chunk]:
+        pending: collections.deque = collections.deque()
+        for chunk in itertools.chain([first, second], it):
+            pending.append(pool.apply_async(_work, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+    try:
+        yield ordered()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
 def build_store(
     path: str | os.PathLike,
     tokenizer,
@@ -229,62 +364,89 @@ def build_store(
     exclusion_key: str = "",
     progress: bool = True,
     check: Callable[[int, int], None] | None = None,
+    workers: int = 1,
 ) -> TokenStore:
     """Read ``path`` once into a new token store at ``folder`` (which must not exist): every
     record checked, the ones a ``drop`` test (reason, predicate) matches counted and left out,
-    the rest tokenised in batches; ``store.json`` last. A bad record stops the pass with its
-    one-line error and the half-written folder removed. ``check(rows kept, records in the
-    file)`` runs at the end of the pass, before anything more is shown (e.g. --n against the pool)."""
+    the rest tokenised in batches, by ``workers`` processes (the same bytes for any number);
+    ``store.json`` last. A bad record stops the pass with its one-line error and the
+    half-written folder removed: the first error in file order, where within each chunk of
+    TOKENIZE_BATCH records the checks of every record come before tokenising. ``check(rows
+    kept, records in the file)`` runs at the end of the pass, before anything more is shown
+    (e.g. --n against the pool)."""
     folder = Path(folder)
     folder.mkdir(parents=True)
     try:
-        return _build(path, tokenizer, max_length, template, folder, drop, exclusion_key, progress, check)
+        return _build(path, tokenizer, max_length, template, folder, drop, exclusion_key, progress, check, workers)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
 
 
-def _build(path, tokenizer, max_length, template, folder: Path, drop, exclusion_key: str, progress: bool, check) -> TokenStore:
-    t0 = time.perf_counter()
-    stat_before = source_stat(path)
+def _pass(path, tokenizer, max_length: int, template: str, drop, workers: int, progress: bool):
+    """The one pass over the pool: (stream, progress, chunk results context)."""
     stream = RecordStream(path)
     resolved = resolve_template(tokenizer, template)
-    asked = "auto" if template == "auto" else resolved  # "auto" stays unresolved so that messages records without a chat template stop
+    _W.clear()
+    _W.update(
+        name=stream.name,
+        parse=stream.parses_lines,
+        tokenizer=tokenizer,
+        max_length=max_length,
+        template="auto" if template == "auto" else resolved,  # "auto" stays unresolved so that messages records without a chat template stop
+        drop=list(drop),
+    )
+    prog = Progress(f"reading and tokenising {path}", None, enabled=progress, interval=10.0, show_end=False)
+
+    def chunks():
+        for chunk in _batches(stream.items(), TOKENIZE_BATCH):
+            _estimate_total(prog, stream, len(chunk))
+            yield chunk
+
+    return stream, resolved, prog, _chunk_results(chunks(), workers)
+
+
+def _accept(stream: RecordStream, part: _Chunk, seen: dict, stats: TokenizeStats, excluded: Counter) -> None:
+    """The driver's share of a chunk, in file order: the unique-id check, then its error."""
+    for rid, line, implicit in part.checked:
+        check_id(stream.name, Record(id=rid, raw={}, path=stream.name, line=line), implicit, seen)
+    if part.error is not None:
+        raise part.error
+    stream.records += len(part.checked)
+    excluded.update(part.excluded)
+    for k in ("examples", "tokens", "trained_tokens", "truncated"):
+        setattr(stats, k, getattr(stats, k) + part.stats[k])
+
+
+def _build(path, tokenizer, max_length, template, folder: Path, drop, exclusion_key: str, progress: bool, check, workers: int) -> TokenStore:
+    t0 = time.perf_counter()
+    stat_before = source_stat(path)
+    stream, resolved, prog, results = _pass(path, tokenizer, max_length, template, drop, workers, progress)
     stats = TokenizeStats(template=resolved)
     excluded: Counter[str] = Counter()
+    seen: dict[str, tuple[int, bool]] = {}  # id -> (line, whether it is the row number): ids are unique in a file
     groups, sources = _Codes(), _Codes()
     shards = 0
     shard_rows = SHARD_ROWS  # read at call time (tests make it small)
     writer: _ShardWriter | None = None
-    prog = Progress(f"reading and tokenising {path}", None, enabled=progress, interval=10.0, show_end=False)
-    for batch in _batches(stream.with_source(), TOKENIZE_BATCH):
-        _estimate_total(prog, stream, len(batch))
-        keep, blobs = [], []
-        for rec, blob in batch:
-            reason = _drop_reason(rec, drop)
-            if reason is None:
-                keep.append(rec)
-                blobs.append(blob)
-            else:
-                excluded[reason] += 1
-        exs = tokenize_batch(keep, tokenizer, max_length, asked) if keep else []
-        at = 0
-        while at < len(keep):
-            if writer is None:
-                writer = _ShardWriter(folder / f"shard-{shards:05d}")
-            take = min(shard_rows - writer.rows, len(keep) - at)
-            recs, chunk = keep[at : at + take], exs[at : at + take]
-            writer.add(recs, blobs[at : at + take], chunk, [groups(group_of(r.raw, r.path)) for r in recs], [sources(source_of(r.raw, r.path)) for r in recs])
-            for e in chunk:
-                stats.add(e)
-            at += take
-            if writer.rows == shard_rows:
-                writer.close()
-                writer, shards = None, shards + 1
-        prog.update(len(batch), sum(len(e.input_ids) for e in exs))
+    with results as parts:
+        for part in parts:
+            _accept(stream, part, seen, stats, excluded)
+            at, n = 0, len(part.rids)
+            while at < n:
+                if writer is None:
+                    writer = _ShardWriter(folder / f"shard-{shards:05d}")
+                take = min(shard_rows - writer.rows, n - at)
+                writer.add(part, at, at + take, [groups(g) for g in part.groups[at : at + take]], [sources(s) for s in part.sources[at : at + take]])
+                at += take
+                if writer.rows == shard_rows:
+                    writer.close()
+                    writer, shards = None, shards + 1
+            prog.update(len(part.checked), int(part.tok_off[-1]))
     if writer is not None:
         writer.close()
         shards += 1
+    stream.finish()
     if check is not None:
         check(stats.examples, stream.records)
     prog.close()
@@ -305,6 +467,7 @@ def _build(path, tokenizer, max_length, template, folder: Path, drop, exclusion_
         "stats": stats.to_dict(),
         "groups": groups.names,
         "sources": sources.names,
+        "workers": workers,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     atomic_write_json(folder / "store.json", meta)
@@ -528,39 +691,40 @@ class PoolScan:
     def __init__(self, lengths, trained, stats: TokenizeStats, records_in_file: int, excluded: dict, sha256: str, seconds: float, nbytes: int):
         self.lengths, self.trained, self.stats, self.bytes = lengths, trained, stats, nbytes
         self.records_in_file, self.excluded, self.sha256, self.seconds = records_in_file, excluded, sha256, seconds
+        self.workers = 1
 
 
 def scan_pool(
-    path, tokenizer, max_length: int, template: str, drop: Sequence[tuple[str, Callable[[Record], bool]]] = (), progress: bool = True, check=None
+    path,
+    tokenizer,
+    max_length: int,
+    template: str,
+    drop: Sequence[tuple[str, Callable[[Record], bool]]] = (),
+    progress: bool = True,
+    check=None,
+    workers: int = 1,
 ) -> PoolScan:
+    """The same pass as :func:`build_store`, keeping only per-record numbers (nothing written)."""
     t0 = time.perf_counter()
-    stream = RecordStream(path)
-    resolved = resolve_template(tokenizer, template)
-    asked = "auto" if template == "auto" else resolved
+    stream, resolved, prog, results = _pass(path, tokenizer, max_length, template, drop, workers, progress)
     stats = TokenizeStats(template=resolved)
     excluded: Counter[str] = Counter()
+    seen: dict[str, tuple[int, bool]] = {}
     lengths: list[np.ndarray] = []
     trained: list[np.ndarray] = []
     nbytes = 0
-    prog = Progress(f"reading and tokenising {path}", None, enabled=progress, interval=10.0, show_end=False)
-    for batch in _batches(stream, TOKENIZE_BATCH):
-        _estimate_total(prog, stream, len(batch))
-        keep = []
-        for rec in batch:
-            reason = _drop_reason(rec, drop)
-            if reason is None:
-                keep.append(rec)
-            else:
-                excluded[reason] += 1
-        exs = tokenize_batch(keep, tokenizer, max_length, asked) if keep else []
-        for e in exs:
-            stats.add(e)
-        nbytes += sum(len(json.dumps(r.raw, ensure_ascii=False, default=str)) + 1 for r in keep)  # the records' JSON, for the disk estimate
-        lengths.append(np.asarray([len(e.input_ids) for e in exs], dtype=np.int64))
-        trained.append(np.asarray([sum(e.train_mask[1:]) for e in exs], dtype=np.int64))
-        prog.update(len(batch), sum(len(e.input_ids) for e in exs))
+    with results as parts:
+        for part in parts:
+            _accept(stream, part, seen, stats, excluded)
+            lengths.append(np.diff(part.tok_off))
+            trained.append(part.trained)
+            nbytes += sum(len(b) + 1 for b in part.blobs)  # the records' JSON, for the disk estimate
+            prog.update(len(part.checked), int(part.tok_off[-1]))
+    stream.finish()
     if check is not None:
         check(stats.examples, stream.records)
     prog.close()
-    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
-    return PoolScan(cat(lengths), cat(trained), stats, stream.records, dict(excluded), stream.sha256, time.perf_counter() - t0, nbytes)
+    cat = lambda xs: np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, np.int64)  # noqa: E731
+    scan = PoolScan(cat(lengths), cat(trained), stats, stream.records, dict(excluded), stream.sha256, time.perf_counter() - t0, nbytes)
+    scan.workers = workers
+    return scan

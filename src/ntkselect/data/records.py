@@ -48,6 +48,9 @@ __all__ = [
     "tokenize_records",
     "RecordStream",
     "is_pipe",
+    "check_record",
+    "check_id",
+    "parse_json_line",
     "token_convention",
 ]
 
@@ -232,10 +235,25 @@ def _short(err: BaseException) -> str:
     return msg if len(msg) < 160 else msg[:157] + "..."
 
 
-def _read_jsonl(path: Path, name: str, h: Any = None) -> Iterable[tuple]:  # (line, record[, its bytes])
-    # Streamed line by line (a pipe works; the file is never held whole); ``h`` (a hashlib
-    # object) sees every byte read. Split on b"\n" ourselves so line numbers are physical
-    # lines and a bad byte names its line.
+def _read_jsonl(path: Path, name: str, h: Any = None) -> Iterable[tuple]:  # (line, record, its bytes)
+    for lineno, line, chunk in _jsonl_lines(path, name, h):
+        yield lineno, parse_json_line(name, lineno, line), chunk
+
+
+def parse_json_line(name: str, lineno: int, line: str) -> Any:
+    """The value of one JSON line, or the one-line error naming it."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise NtkSelectError(f"{name} line {lineno}: not valid JSON ({err.msg} at column {err.colno}); fix or remove the line") from None
+    except (ValueError, RecursionError) as err:  # an integer of thousands of digits, nesting too deep
+        raise NtkSelectError(f"{name} line {lineno}: cannot read this JSON ({_short(err)}); fix or remove the line") from None
+
+
+def _jsonl_lines(path: Path, name: str, h: Any = None) -> Iterable[tuple[int, str, bytes]]:
+    """(line number, text, bytes) of each non-blank line, unparsed. Streamed line by line (a pipe
+    works; the file is never held whole); ``h`` (a hashlib object) sees every byte read. Split on
+    b"\n" ourselves so line numbers are physical lines and a bad byte names its line."""
     with open(path, "rb") as f:
         for lineno, chunk in enumerate(_hashed_lines(f, h), 1):
             if lineno == 1 and chunk.startswith(b"\xef\xbb\xbf"):
@@ -246,13 +264,7 @@ def _read_jsonl(path: Path, name: str, h: Any = None) -> Iterable[tuple]:  # (li
                 raise NtkSelectError(f"{name} line {lineno}: not UTF-8 text ({err.reason} at byte {err.start}); save the file as UTF-8") from None
             if not line.strip():
                 continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise NtkSelectError(f"{name} line {lineno}: not valid JSON ({err.msg} at column {err.colno}); fix or remove the line") from None
-            except (ValueError, RecursionError) as err:  # an integer of thousands of digits, nesting too deep
-                raise NtkSelectError(f"{name} line {lineno}: cannot read this JSON ({_short(err)}); fix or remove the line") from None
-            yield lineno, value, chunk
+            yield lineno, line, chunk
 
 
 def _hashed_lines(f, h: Any = None, block: int = 1 << 20) -> Iterable[bytes]:
@@ -423,6 +435,27 @@ def _unencodable(raw: dict) -> str | None:
 
 def _checked_record(name: str, row: int, line: int, raw: Any, seen: dict[str, tuple[int, bool]]) -> Record:
     """One validated :class:`Record`; ``seen`` collects the ids of the file so far."""
+    rec, implicit = check_record(name, row, line, raw)
+    check_id(name, rec, implicit, seen)
+    return rec
+
+
+def check_id(name: str, rec: Record, implicit: bool, seen: dict[str, tuple[int, bool]]) -> None:
+    """Refuse an id seen before in the file; ``seen``: id -> (line, whether it was the row number)."""
+    rid, line = rec.id, rec.line
+    if rid in seen:
+        word, (first, first_implicit) = _word(name), seen[rid]
+        note = " (a record without an 'id' field gets its 0-based row number as id)" if implicit or first_implicit else ""
+        raise NtkSelectError(
+            f"{name}: duplicate id {rid!r} at {word} {first} and {word} {line}{note}; ids must be unique within each file "
+            "(the domain and the pool may share ids): give every record of this file a unique id"
+        )
+    seen[rid] = (line, implicit)
+
+
+def check_record(name: str, row: int, line: int, raw: Any) -> tuple[Record, bool]:
+    """One validated :class:`Record` (all but the file-wide unique-id check, :func:`check_id`)
+    and whether its id is its row number."""
     where = location(name, line)
     try:
         _classify(raw)
@@ -440,16 +473,7 @@ def _checked_record(name: str, row: int, line: int, raw: Any, seen: dict[str, tu
         rid = row
     elif isinstance(rid, bool) or not isinstance(rid, (str, int, float)):
         raise NtkSelectError(f"{where}: field 'id' must be a string or a number, found {type(rid).__name__}; fix the id")
-    rid = str(rid)
-    if rid in seen:
-        word, (first, first_implicit) = _word(name), seen[rid]
-        note = " (a record without an 'id' field gets its 0-based row number as id)" if implicit or first_implicit else ""
-        raise NtkSelectError(
-            f"{name}: duplicate id {rid!r} at {word} {first} and {word} {line}{note}; ids must be unique within each file "
-            "(the domain and the pool may share ids): give every record of this file a unique id"
-        )
-    seen[rid] = (line, implicit)
-    return Record(id=rid, raw=raw, path=name, line=line)
+    return Record(id=str(rid), raw=raw, path=name, line=line), implicit
 
 
 def is_pipe(path: str | Path) -> bool:
@@ -541,6 +565,34 @@ class RecordStream:
         if not self.records:
             raise NtkSelectError(f"{name}: has no records; add at least one record")
         self._sha = self._h.h.hexdigest() if self._h is not None else None
+
+    def items(self):
+        """(row, line, payload, bytes) of each record in file order, not yet checked: for JSON
+        Lines the line's text (parse it with :func:`parse_json_line`) and its bytes, else the
+        parsed value and None. For a pass that checks records elsewhere (in worker processes);
+        the caller counts them into :attr:`records` and calls :meth:`finish`."""
+        if self._used:
+            raise RuntimeError("a RecordStream is read once")
+        self._used = True
+        try:
+            if self.reader is _read_jsonl:
+                for row, (lineno, text, chunk) in enumerate(_jsonl_lines(self.path, self.name, self._h)):
+                    yield row, lineno, text, chunk
+            else:
+                for row, item in enumerate(self.reader(self.path, self.name, self._h)):
+                    yield row, item[0], item[1], None
+        except OSError as err:
+            raise NtkSelectError(f"{self.name}: cannot read it ({err.strerror or err}); check that the file exists and is readable") from None
+
+    def finish(self) -> None:
+        if not self.records:
+            raise NtkSelectError(f"{self.name}: has no records; add at least one record")
+        self._sha = self._h.h.hexdigest() if self._h is not None else None
+
+    @property
+    def parses_lines(self) -> bool:
+        """Whether :meth:`items` gives JSON lines to parse (else parsed values)."""
+        return self.reader is _read_jsonl
 
     @property
     def bytes_read(self) -> int | None:

@@ -35,7 +35,7 @@ import torch
 
 from ntkselect.config import SelectConfig
 from ntkselect.data.batching import make_batches
-from ntkselect.data.pool import lengths_of, scan_pool, trained_of
+from ntkselect.data.pool import default_workers, lengths_of, scan_pool, trained_of
 from ntkselect.data.records import load_records, record_text, tokenize_records
 from ntkselect.errors import NtkSelectError
 from ntkselect.model.loading import DEFAULT_MODEL, load_tokenizer
@@ -45,6 +45,7 @@ from ntkselect.runs.folder import SELECT, check_paths
 
 __all__ = ["estimate", "format_plan", "model_facts", "calibrate", "PlanBuilder"]
 
+_ID_BYTES = 12  # a record id, as stored (a guess: ids are not kept by the scan)
 _TEMPORARY = ("embeddings", "less_features")  # temporary disk entries every plan lists (0 where unused)
 _DISK_LISTED = ("adapter", *_TEMPORARY, "scores", "selected", "train", "manifest", "outputs", "temporary", "peak")  # format_plan names these itself
 _SCORE_ROW_BYTES = 90  # one scores.jsonl line: id, score, rank, selected (+ votes)
@@ -301,7 +302,7 @@ def estimate(cfg: SelectConfig) -> dict:
             why = f", after excluding {dropped} duplicates of domain records" if dropped else ""
             raise NtkSelectError(f"--n {cfg.n} is larger than the pool ({rows} usable records in {cfg.pool}{why}); lower --n or add candidates")
 
-    scan = scan_pool(cfg.pool, tokenizer, cfg.max_length, cfg.template, drop, progress=True, check=check)
+    scan = scan_pool(cfg.pool, tokenizer, cfg.max_length, cfg.template, drop, progress=True, check=check, workers=cfg.threads or default_workers())
     pool_stats = scan.stats
     n_pool = int(len(scan.lengths))
     load_seconds = time.perf_counter() - t
@@ -398,6 +399,9 @@ def estimate(cfg: SelectConfig) -> dict:
     # temporary arrays a run writes into --out (memory-mapped, removed at the end): stage 1's (n_pool, hidden) float32
     # embeddings, and what the method's cost model adds (every plan lists _TEMPORARY, 0 where unused)
     temporary = {**dict.fromkeys(_TEMPORARY, 0), "embeddings": n_pool * hidden * 4 if spec.uses_embeddings else 0, **plan.temporary}
+    # the tokenised pool (ntkselect.data.pool): int32 ids + uint8 masks per token, each record's JSON and id,
+    # and 64 bytes of offsets, line and counts per record; kept in --out until the run has finished
+    temporary["tokenised_pool"] = 5 * pool_stats.tokens + scan.bytes + n_pool * (64 + _ID_BYTES)
     disk = {
         "adapter": 4 * facts["grad_dim"] if facts is not None else 0,  # facts: only for a method that uses the model
         **temporary,
@@ -439,6 +443,8 @@ def estimate(cfg: SelectConfig) -> dict:
         "warnings": warnings_,
         "preflight": {"seconds": pre.seconds, "paths": list(pre.paths), "notes": notes} if pre else None,
         "assumptions": [
+            f"load: measured, not estimated: the whole pool was read and tokenised, as the run will ({n_pool / max(load_seconds, 1e-9):,.0f} records/s, "
+            f"{scan.workers} process{'es' if scan.workers > 1 else ''}); every other stage is extrapolated from the pool's exact token counts",
             "time: FLOPs ~ 2 x parameters x padded tokens forward, x 3 for forward + backward, at the rate of one timed matmul; "
             "a rough lower bound: a small model runs well below the matmul rate (on a CPU, expect 2-4 times longer)",
             "stage 2 scores M candidates of the pool's mean length (which M is known only after stage 1)",
