@@ -1,0 +1,236 @@
+"""``--method ntk-plus`` and its one-change presets: NTK-Selector with another kernel,
+normalised scores, or a diversity-aware selection rule.
+
+Stage 1 is NTK-Selector's (:func:`~ntkselect.selection.ntk.stage1.preselect`: M = factor x N
+candidates by kNN votes), so every variant scores the same candidates as ``--method ntk``
+(which stays the paper's method, unchanged). Stage 2:
+
+1. the kernel (``--kernel``, :mod:`~ntkselect.selection.ntk_variants.kernels`): ``sum`` (the
+   paper's summed logits), ``trace`` (a Hutchinson estimate of the multi-output trace kernel
+   with ``--probes`` R sign vectors) or ``loss`` (gradients of the example's mean NLL);
+   s_j = (1/G) Σ_g ⟨φ*(φ(ḡ_g)), ∇f_g(c_j)⟩, with ``--proj-dim`` as for ntk;
+2. ``--normalise``: s_j / √Θ(c_j, c_j), the unprojected gradient norm ‖∇f(c_j)‖ (for ``trace``
+   the root of its diagonal estimate), from the same pass;
+3. ``--diverse``: the greedy score-minus-redundancy rule of
+   :mod:`~ntkselect.selection.ntk_variants.diversity` with weight ``--diversity-lambda`` on
+   the candidates' projected kernel features (:data:`DIVERSITY_DIM` dimensions); without it,
+   top N by score.
+
+The presets fix one change each and read only its own knob, so ``ntkselect evaluate`` can put
+each next to ``ntk``: ``ntk-norm`` (2), ``ntk-trace`` (1 with ``trace``, ``--probes``),
+``ntk-loss`` (1 with ``loss``), ``ntk-diverse`` (3, ``--diversity-lambda``). ``ntk-plus`` takes
+every option, so it is any combination (with the defaults, ntk's scores).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ntkselect.config import SelectConfig
+from ntkselect.grads.projection import BLOCK_ROWS, make_projector
+from ntkselect.selection.base import Ranking, SelectionContext, Selector, ordered
+from ntkselect.selection.ntk.stage1 import preselect
+from ntkselect.selection.ntk_variants.diversity import diverse_order, unit_features
+from ntkselect.selection.ntk_variants.kernels import VARIANT_SCORE, Kernel, VariantPayload, domain_vectors, kernel_features
+from ntkselect.selection.registry import register_selector
+
+__all__ = ["Variant", "PRESETS", "variant_of", "NtkPlusSelector", "variant_cost", "DIVERSITY_DIM", "SELECTORS"]
+
+#: dimensions of the projected kernel features the diversity rule compares (cosines to about ±1/√p = ±0.03)
+DIVERSITY_DIM = 1024
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What a variant changes: the kernel (and its probes), normalisation, the diversity weight (0: top N)."""
+
+    kernel: str = "sum"
+    probes: int = 1
+    normalise: bool = False
+    diversity: float = 0.0
+
+    def describe(self) -> dict:
+        return {"kernel": self.kernel, "probes": self.probes, "normalise": self.normalise, "diversity_lambda": self.diversity}
+
+
+#: --method name -> the variant it runs for a configuration
+PRESETS: dict[str, Callable[[SelectConfig], Variant]] = {
+    "ntk-plus": lambda c: Variant(c.kernel, c.probes if c.kernel == "trace" else 1, c.normalise, c.diversity_lambda if c.diverse else 0.0),
+    "ntk-norm": lambda c: Variant(normalise=True),
+    "ntk-trace": lambda c: Variant("trace", c.probes),
+    "ntk-loss": lambda c: Variant("loss"),
+    "ntk-diverse": lambda c: Variant(diversity=c.diversity_lambda),
+}
+
+
+def variant_of(cfg: SelectConfig) -> Variant:
+    return PRESETS[cfg.method](cfg)
+
+
+def variant_cost(plan) -> None:
+    """Dry run: as ntk's stage 2 (forward + backward of D and of M candidates of the pool's mean
+    length), times the G objectives per example (R probes for ``trace``), with the loss kernel's
+    logits in its batches; G projections of ḡ (two passes over the blocks each) for ``--proj-dim``;
+    for the diversity rule one more per-example pass over the candidates and their projection to
+    :data:`DIVERSITY_DIM` dimensions."""
+    cfg, D = plan.cfg, plan.grad_dim
+    var = variant_of(cfg)
+    G = var.probes if var.kernel == "trace" else 1
+    kind_dom, kind_pool = ("less", "less") if var.kernel == "loss" else ("sum", "dot")
+    m = min(int(round(cfg.preselect_factor * cfg.n)), plan.n_pool)
+    plan.candidates = plan.score_rows = m
+    plan.proj_dim = proj = cfg.proj_dim
+    dom_b, pool_b = plan.batches(kind_dom, plan.dom_len, plan.dom_tr), plan.batches(kind_pool, plan.pool_len, plan.pool_tr, plan.shards)
+    mean_pool = plan.pool_stats.tokens / max(1, plan.n_pool)
+    mean_pad = plan.padded(pool_b) / max(1, plan.n_pool)
+    extra_s = 0.0
+    if proj:
+        block_s, block_rows = plan.block_seconds()
+        extra_s = 2 * G * math.ceil(D / block_rows) * block_s
+    tokens = G * (plan.dom_stats.tokens + m * mean_pool)
+    plan.stage("stage 2", "forward+backward", tokens, G * (plan.padded(dom_b) + m * mean_pad), extra_seconds=extra_s)
+    plan.activations["stage 2"] = max(plan.worst(kind_dom, dom_b), plan.worst(kind_pool, pool_b))
+    plan.projection_bytes = 4 * 2 * G * D + (4 * BLOCK_ROWS * proj if proj else 0)
+    if var.diversity > 0:
+        plan.proj_dim = DIVERSITY_DIM
+        block_s, block_rows = plan.block_seconds()
+        chunk = max(1, min(m * G, (1 << 30) // (4 * D)))
+        passes = math.ceil(m * G / chunk) * math.ceil(D / block_rows)
+        plan.stage(
+            "diversity",
+            "forward+backward",
+            G * m * mean_pool,
+            G * m * mean_pad,
+            extra_flops=2 * G * m * D * DIVERSITY_DIM + 2 * m * m * G * DIVERSITY_DIM,
+            extra_seconds=passes * block_s,
+        )
+        plan.activations["diversity"] = plan.worst(kind_pool, pool_b)
+        plan.projection_bytes = max(plan.projection_bytes, 4 * chunk * D + 4 * BLOCK_ROWS * DIVERSITY_DIM)
+        plan.proj_dim = proj
+
+
+_NORM_RULE = " / sqrt((1/G) sum_g |grad f_g(c_j)|^2)"
+_FEATURES = f"Rademacher-projected kernel features, p = {DIVERSITY_DIM} per objective, centred, unit length"
+
+
+class NtkPlusSelector(Selector):
+    """Stage 1 as ntk, then the variant's stage 2 (:data:`PRESETS`)."""
+
+    def rank(self, ctx: SelectionContext, n: int) -> Ranking:
+        cfg, rt = ctx.cfg, ctx.rt
+        var = PRESETS[self.name](cfg)
+        dom_emb, pool_emb = ctx.embeddings()
+        t = time.perf_counter()
+        s1 = preselect(dom_emb, pool_emb, int(round(cfg.preselect_factor * n)), cfg.knn_k)
+        cand = s1.selected
+        t2 = time.perf_counter()
+        model = ctx.model()
+        kernel = Kernel(var.kernel, var.probes if var.kernel == "trace" else 1, cfg.seed)
+        vecs, info = domain_vectors(model, ctx.dom_ex, rt, kernel, cfg.proj_dim, cfg.seed, ids=[r.id for r in ctx.domain])
+        cand_ex = [ctx.pool_ex[int(i)] for i in cand]
+        ids = [ctx.pool[int(i)].id for i in cand]
+        payload = VariantPayload({k: v.detach().cpu() for k, v in vecs.items()}, kernel)
+        parts = ctx.run_sharded(self.name, VARIANT_SCORE, cand_ex, payload, f"{self.name}: candidates", ids, self.name, kernel.describe(), cfg.proj_dim, ids)
+        arr = np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in parts])  # (M, 2) [score, Θ(c, c)]
+        raw, diag = arr[:, 0], arr[:, 1]
+        norm = np.sqrt(np.maximum(diag, 0.0))
+        score = raw / np.maximum(norm, 1e-30) if var.normalise else raw
+        columns: dict = {"kernel_score": raw, "grad_norm": norm}
+        t3 = time.perf_counter()
+        toks = 2 * info["tokens"] + 2 * kernel.groups * sum(len(e.input_ids) for e in cand_ex)
+        if var.diversity > 0:
+            projector = make_projector(info["grad_dim"], DIVERSITY_DIM, cfg.seed, device=rt.device)
+            feats = kernel_features(model, cand_ex, rt, kernel, projector, desc=f"{self.name}: candidate features", ids=ids)
+            order, gains, sims = diverse_order(cand, score, unit_features(feats), var.diversity)
+            pos = {int(c): j for j, c in enumerate(cand)}
+            perm = np.array([pos[int(i)] for i in order], dtype=np.int64)
+            sc = gains
+            columns = {k: v[perm] for k, v in columns.items()}
+            columns["max_similarity"] = sims
+            if var.normalise:
+                columns["normalised_score"] = score[perm]
+            toks += 2 * kernel.groups * sum(len(e.input_ids) for e in cand_ex)
+            rule = "greedy: argmax_j score_j - lambda * sd(score) * max(0, max_{k selected} cos(F_j, F_k)); ties: score desc, pool position asc"
+        else:
+            order, sc = ordered(cand, score)
+            perm = np.lexsort((cand, -score))
+            columns = {k: v[perm] for k, v in columns.items()}
+            rule = "score desc, pool position asc"
+        columns["votes"] = s1.votes[order]
+        ctx.log(f"ntkselect: stage 1 kept {len(cand)} candidates (K = {s1.k_used}, {int((s1.votes > 0).sum())} got a vote)")
+        end = time.perf_counter()
+        timings = {"stage1": ctx.shared_seconds.get("embeddings", 0.0) + (t2 - t), "stage2": t3 - t2}
+        if var.diversity > 0:
+            timings["diversity"] = end - t3
+        return Ranking(
+            order,
+            sc,
+            columns=columns,
+            seconds=end - t,
+            tokens=toks,
+            shared=("warmup", "embeddings"),
+            timings=timings,
+            info={
+                "variant": var.describe(),
+                "stage1": {"m": int(len(cand)), "k_requested": cfg.knn_k, "k_used": s1.k_used, "seconds": s1.seconds},
+                "stage2": {
+                    "kernel": kernel.describe(),
+                    "grad_dim": info["grad_dim"],
+                    "proj_dim": info["proj_dim"],
+                    "projector": info["projector"],
+                    "seconds": info["seconds"],
+                    "score": "(1/G) sum_g <phi*(phi(mean_i grad f_g(x_i))), grad f_g(c_j)>"
+                    + (" / sqrt((1/G) sum_g |grad f_g(c_j)|^2)" if var.normalise else ""),
+                },
+                "selection": {
+                    "rule": rule,
+                    **(
+                        {"lambda": var.diversity, "features": f"Rademacher-projected kernel features, p = {DIVERSITY_DIM} per objective, centred"}
+                        if var.diversity > 0
+                        else {}
+                    ),
+                },
+            },
+        )
+
+
+_COMMON = ("knn_k", "preselect_factor", "proj_dim")
+_OPTIONS = {
+    "ntk-plus": (*_COMMON, "kernel", "probes", "normalise", "diverse", "diversity_lambda"),
+    "ntk-norm": _COMMON,
+    "ntk-trace": (*_COMMON, "probes"),
+    "ntk-loss": _COMMON,
+    "ntk-diverse": (*_COMMON, "diversity_lambda"),
+}
+_SUMMARY = {
+    "ntk-plus": "NTK-Selector with --kernel, --normalise and --diverse",
+    "ntk-norm": "ntk's score divided by the candidate's gradient norm",
+    "ntk-trace": "ntk with the Hutchinson trace kernel over the vocabulary",
+    "ntk-loss": "ntk with loss gradients instead of summed logits",
+    "ntk-diverse": "ntk's score, selected greedily against redundancy",
+}
+_PATHS = {"ntk-plus": ("ntk", "less"), "ntk-loss": ("less",)}
+
+
+def _register(name: str) -> type:
+    cls = type(f"{name.title().replace('-', '')}Selector", (NtkPlusSelector,), {"__module__": __name__, "__doc__": _SUMMARY[name]})
+    return register_selector(
+        name,
+        cls,
+        uses_model=True,
+        uses_embeddings=True,
+        options=_OPTIONS[name],
+        cost=variant_cost,
+        tasks=(VARIANT_SCORE,),
+        paths=_PATHS.get(name, ("ntk",)),
+        summary=_SUMMARY[name],
+    )
+
+
+#: the registered selector classes, by --method name
+SELECTORS = {name: _register(name) for name in PRESETS}
