@@ -16,7 +16,7 @@ from ntkselect.cli.main import build_parser, main
 from ntkselect.selection import registry
 
 #: the built-in selectors, in --method's order
-BUILTINS = ["ntk", "random", "embedding", "bm25", "less", "tsds", "ntk-plus", "ntk-norm", "ntk-trace", "ntk-loss", "ntk-diverse"]
+BUILTINS = ["ntk", "random", "embedding", "bm25", "less", "tsds", "ntk-plus", "ntk-norm", "ntk-trace", "ntk-loss", "ntk-diverse", "ntk-ensemble"]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_an_unknown_method_is_refused_in_one_line_as_before(toy, data, tiny_mode
     err = capsys.readouterr().err
     assert err == (
         "ntkselect: error: argument --method: invalid choice: 'magic' (choose from 'ntk', 'random', 'embedding', 'bm25', 'less', "
-        "'tsds', 'ntk-plus', 'ntk-norm', 'ntk-trace', 'ntk-loss', 'ntk-diverse', 'longest') (see `ntkselect select --help`)\n"
+        "'tsds', 'ntk-plus', 'ntk-norm', 'ntk-trace', 'ntk-loss', 'ntk-diverse', 'ntk-ensemble', 'longest') (see `ntkselect select --help`)\n"
     )
     assert not (tmp_path / "run").exists()
     listed = ", ".join([*BUILTINS, "longest"])

@@ -11,7 +11,7 @@ import pytest
 
 from ntkselect.cli.main import main
 
-PRESETS = ("ntk-plus", "ntk-norm", "ntk-trace", "ntk-loss", "ntk-diverse")
+PRESETS = ("ntk-plus", "ntk-norm", "ntk-trace", "ntk-loss", "ntk-diverse", "ntk-ensemble")
 
 
 def _args(data, model, out, method, *extra):
@@ -48,11 +48,12 @@ def test_each_variant_selects_n_distinct_candidates_of_stage_1(method, data, tin
     assert (
         var
         == {
-            "ntk-plus": {"kernel": "sum", "probes": 1, "normalise": False, "diversity_lambda": 0.0},
-            "ntk-norm": {"kernel": "sum", "probes": 1, "normalise": True, "diversity_lambda": 0.0},
-            "ntk-trace": {"kernel": "trace", "probes": 3, "normalise": False, "diversity_lambda": 0.0},
-            "ntk-loss": {"kernel": "loss", "probes": 1, "normalise": False, "diversity_lambda": 0.0},
-            "ntk-diverse": {"kernel": "sum", "probes": 1, "normalise": False, "diversity_lambda": 0.5},
+            "ntk-plus": {"kernel": "sum", "probes": 1, "normalise": False, "diversity_lambda": 0.0, "checkpoints": 1},
+            "ntk-norm": {"kernel": "sum", "probes": 1, "normalise": True, "diversity_lambda": 0.0, "checkpoints": 1},
+            "ntk-trace": {"kernel": "trace", "probes": 3, "normalise": False, "diversity_lambda": 0.0, "checkpoints": 1},
+            "ntk-loss": {"kernel": "loss", "probes": 1, "normalise": False, "diversity_lambda": 0.0, "checkpoints": 1},
+            "ntk-diverse": {"kernel": "sum", "probes": 1, "normalise": False, "diversity_lambda": 0.5, "checkpoints": 1},
+            "ntk-ensemble": {"kernel": "sum", "probes": 1, "normalise": False, "diversity_lambda": 0.0, "checkpoints": 3},
         }[method]
     )
     if method == "ntk-norm":
@@ -82,7 +83,7 @@ def test_combinations_through_ntk_plus(data, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     assert main(_args(data, tiny_model_dir, out, "ntk-plus", "--kernel", "trace", "--normalise", "--diverse", "--diversity-lambda", 1)) == 0
     sel, scores, man = _rows(out)
-    assert man["selector"]["variant"] == {"kernel": "trace", "probes": 3, "normalise": True, "diversity_lambda": 1.0}
+    assert man["selector"]["variant"] == {"kernel": "trace", "probes": 3, "normalise": True, "diversity_lambda": 1.0, "checkpoints": 1}
     assert {"normalised_score", "max_similarity"} <= set(scores[0]) and len({r.get("id") for r in sel}) == 4
 
 
@@ -132,5 +133,5 @@ def test_evaluate_takes_the_variants_and_their_options(tmp_path):
     sc = cfg.select_config("ntk-trace", 1, "o")
     assert (sc.method, sc.probes, sc.diversity_lambda, sc.kernel, sc.normalise, sc.diverse) == ("ntk-trace", 8, 0.25, "loss", True, False)
     plain = _fingerprint(EvalConfig(**kw))["config"]
-    assert not {"kernel", "probes", "normalise", "diverse", "diversity_lambda"} & set(plain)  # evaluations run before still resume
+    assert not {"kernel", "probes", "normalise", "diverse", "diversity_lambda", "ensemble", "checkpoints"} & set(plain)  # evaluations run before still resume
     assert _fingerprint(cfg)["config"]["probes"] == 8

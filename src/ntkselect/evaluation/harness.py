@@ -110,6 +110,8 @@ class EvalConfig:
     normalise: bool = _opt(False, "ntk-plus: divide scores by the candidate's gradient norm")
     diverse: bool = _opt(False, "ntk-plus: greedy score-minus-redundancy selection")
     diversity_lambda: float = _opt(0.5, "ntk-diverse (ntk-plus --diverse): redundancy weight, 0 = top N")
+    ensemble: bool = _opt(False, "ntk-plus: average the kernel over warm-up checkpoints")
+    checkpoints: int = _opt(3, "ntk-ensemble (ntk-plus --ensemble): warm-up checkpoints")
     lora_r: int = _opt(8, "LoRA rank for the warm-up and the fine-tune")
     lora_alpha: float = _opt(16.0, "LoRA alpha for the warm-up and the fine-tune")
     # -- fine-tuning recipe (identical for every method) -----------------------------------
@@ -243,7 +245,7 @@ class EvalConfig:
 
 
 #: options added after evaluations were run (besides tsds_*): at their defaults they leave the fingerprint as it was
-_LATER_OPTIONS = ("domain_extra", "kernel", "probes", "normalise", "diverse", "diversity_lambda")
+_LATER_OPTIONS = ("domain_extra", "kernel", "probes", "normalise", "diverse", "diversity_lambda", "ensemble", "checkpoints")
 
 
 def _fingerprint(cfg: EvalConfig) -> dict:

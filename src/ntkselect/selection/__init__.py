@@ -14,8 +14,8 @@ tsds        TSDS (Liu et al. 2024) on stage 1's embeddings: optimal transport to
             near-duplicate penalty gives a probability per candidate; N distinct drawn without
             replacement in proportion to it (:mod:`~ntkselect.selection.tsds`)
 ntk-plus    NTK-Selector variants beyond the paper, same stage 1: --kernel sum / trace / loss,
-            --normalise, --diverse; presets ntk-norm, ntk-trace, ntk-loss, ntk-diverse change
-            one thing each (:mod:`~ntkselect.selection.ntk_variants`)
+            --normalise, --diverse, --ensemble; presets ntk-norm, ntk-trace, ntk-loss,
+            ntk-diverse, ntk-ensemble change one thing each (:mod:`~ntkselect.selection.ntk_variants`)
 ==========  ================================================================================
 
 Each module registers its selector (:func:`~ntkselect.selection.registry.register_selector`)

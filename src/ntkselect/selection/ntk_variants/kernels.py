@@ -351,14 +351,19 @@ def kernel_features(
 
 @dataclass
 class VariantPayload:
-    """The :data:`VARIANT_SCORE` task's input: the domain vectors (CPU) and the kernel."""
+    """The :data:`VARIANT_SCORE` task's input: the domain vectors (CPU), the kernel and, for a
+    checkpoint ensemble, the checkpoint's adapter (swapped in for the shard, then restored)."""
 
     vecs: dict[str, torch.Tensor]  # {name: (G, *shape)}
     kernel: Kernel
+    adapter: dict[str, torch.Tensor] | None = None  # a warm-up checkpoint's adapter to score at (None: the model's own)
 
 
 def _variant_shard(model, examples, rt, payload: VariantPayload, ids=None, desc="ntk variant: candidates") -> np.ndarray:
-    return candidate_scores(model, examples, rt, payload.kernel, payload.vecs, desc=desc, ids=ids)  # (n, 2) float64
+    from ntkselect.selection.ntk_variants.ensemble import swapped_adapter
+
+    with swapped_adapter(model, payload.adapter):
+        return candidate_scores(model, examples, rt, payload.kernel, payload.vecs, desc=desc, ids=ids)  # (n, 2) float64
 
 
 #: the shard task of the variants' candidate scores and kernel diagonals

@@ -1,5 +1,5 @@
 """``--method ntk-plus`` and its one-change presets: NTK-Selector with another kernel,
-normalised scores, or a diversity-aware selection rule.
+normalised scores, a diversity-aware selection rule or a checkpoint ensemble.
 
 Stage 1 is NTK-Selector's (:func:`~ntkselect.selection.ntk.stage1.preselect`: M = factor x N
 candidates by kNN votes), so every variant scores the same candidates as ``--method ntk``
@@ -14,12 +14,15 @@ candidates by kNN votes), so every variant scores the same candidates as ``--met
 3. ``--diverse``: the greedy score-minus-redundancy rule of
    :mod:`~ntkselect.selection.ntk_variants.diversity` with weight ``--diversity-lambda`` on
    the candidates' projected kernel features (:data:`DIVERSITY_DIM` dimensions); without it,
-   top N by score.
+   top N by score;
+4. ``--ensemble``: the kernel (scores and diagonal) averaged over ``--checkpoints`` warm-up
+   checkpoints (:mod:`~ntkselect.selection.ntk_variants.ensemble`).
 
 The presets fix one change each and read only its own knob, so ``ntkselect evaluate`` can put
 each next to ``ntk``: ``ntk-norm`` (2), ``ntk-trace`` (1 with ``trace``, ``--probes``),
-``ntk-loss`` (1 with ``loss``), ``ntk-diverse`` (3, ``--diversity-lambda``). ``ntk-plus`` takes
-every option, so it is any combination (with the defaults, ntk's scores).
+``ntk-loss`` (1 with ``loss``), ``ntk-diverse`` (3, ``--diversity-lambda``), ``ntk-ensemble``
+(4, ``--checkpoints``). ``ntk-plus`` takes every option, so it is any combination (with the
+defaults, ntk's scores).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ntkselect.grads.projection import BLOCK_ROWS, make_projector
 from ntkselect.selection.base import Ranking, SelectionContext, Selector, ordered
 from ntkselect.selection.ntk.stage1 import preselect
 from ntkselect.selection.ntk_variants.diversity import diverse_order, unit_features
+from ntkselect.selection.ntk_variants.ensemble import checkpoint_steps, swapped_adapter, warmup_checkpoints
 from ntkselect.selection.ntk_variants.kernels import VARIANT_SCORE, Kernel, VariantPayload, domain_vectors, kernel_features
 from ntkselect.selection.registry import register_selector
 
@@ -53,18 +57,22 @@ class Variant:
     probes: int = 1
     normalise: bool = False
     diversity: float = 0.0
+    checkpoints: int = 1
 
     def describe(self) -> dict:
-        return {"kernel": self.kernel, "probes": self.probes, "normalise": self.normalise, "diversity_lambda": self.diversity}
+        return {"kernel": self.kernel, "probes": self.probes, "normalise": self.normalise, "diversity_lambda": self.diversity, "checkpoints": self.checkpoints}
 
 
 #: --method name -> the variant it runs for a configuration
 PRESETS: dict[str, Callable[[SelectConfig], Variant]] = {
-    "ntk-plus": lambda c: Variant(c.kernel, c.probes if c.kernel == "trace" else 1, c.normalise, c.diversity_lambda if c.diverse else 0.0),
+    "ntk-plus": lambda c: Variant(
+        c.kernel, c.probes if c.kernel == "trace" else 1, c.normalise, c.diversity_lambda if c.diverse else 0.0, c.checkpoints if c.ensemble else 1
+    ),
     "ntk-norm": lambda c: Variant(normalise=True),
     "ntk-trace": lambda c: Variant("trace", c.probes),
     "ntk-loss": lambda c: Variant("loss"),
     "ntk-diverse": lambda c: Variant(diversity=c.diversity_lambda),
+    "ntk-ensemble": lambda c: Variant(checkpoints=c.checkpoints),
 }
 
 
@@ -74,14 +82,33 @@ def variant_of(cfg: SelectConfig) -> Variant:
 
 def variant_cost(plan) -> None:
     """Dry run: as ntk's stage 2 (forward + backward of D and of M candidates of the pool's mean
-    length), times the G objectives per example (R probes for ``trace``), with the loss kernel's
-    logits in its batches; G projections of ḡ (two passes over the blocks each) for ``--proj-dim``;
-    for the diversity rule one more per-example pass over the candidates and their projection to
+    length), times the G objectives per example (R probes for ``trace``) and the C checkpoints, with
+    the loss kernel's logits in its batches; C·G projections of ḡ (two passes over the blocks each)
+    for ``--proj-dim``; for an ensemble the warm-up replay to its last earlier checkpoint; for the
+    diversity rule one more per-example pass over the candidates and their projection to
     :data:`DIVERSITY_DIM` dimensions."""
+    from ntkselect.training.warmup import WarmupOptions, warmup_steps
+
     cfg, D = plan.cfg, plan.grad_dim
     var = variant_of(cfg)
     G = var.probes if var.kernel == "trace" else 1
-    kind_dom, kind_pool = ("less", "less") if var.kernel == "loss" else ("sum", "dot")
+    C, replay = 1, 0.0
+    if var.checkpoints > 1:
+        total = warmup_steps(len(plan.dom_len), WarmupOptions(epochs=cfg.warmup_epochs, batch_size=cfg.warmup_batch_size))
+        steps = checkpoint_steps(total, var.checkpoints)
+        C = max(1, len(steps))
+        replay = steps[-2] / total if len(steps) > 1 else 0.0
+    warm = next((s for s in plan.stages if s["stage"] == "warm-up"), None)
+    if replay and warm is not None:
+        plan.add_stage(
+            "warm-up replay",
+            warm["pass"],
+            warm["tokens"] * replay,
+            None if warm["padded_tokens"] is None else warm["padded_tokens"] * replay,
+            None if warm["flops"] is None else warm["flops"] * replay,
+            warm["seconds"] * replay,
+        )
+    kind_dom, kind_pool = ("less", "less") if var.kernel == "loss" else ("sum", "sum")
     m = min(int(round(cfg.preselect_factor * cfg.n)), plan.n_pool)
     plan.candidates = plan.score_rows = m
     plan.proj_dim = proj = cfg.proj_dim
@@ -91,22 +118,22 @@ def variant_cost(plan) -> None:
     extra_s = 0.0
     if proj:
         block_s, block_rows = plan.block_seconds()
-        extra_s = 2 * G * math.ceil(D / block_rows) * block_s
-    tokens = G * (plan.dom_stats.tokens + m * mean_pool)
-    plan.stage("stage 2", "forward+backward", tokens, G * (plan.padded(dom_b) + m * mean_pad), extra_seconds=extra_s)
+        extra_s = 2 * C * G * math.ceil(D / block_rows) * block_s
+    tokens = C * G * (plan.dom_stats.tokens + m * mean_pool)
+    plan.stage("stage 2", "forward+backward", tokens, C * G * (plan.padded(dom_b) + m * mean_pad), extra_seconds=extra_s)
     plan.activations["stage 2"] = max(plan.worst(kind_dom, dom_b), plan.worst(kind_pool, pool_b))
     plan.projection_bytes = 4 * 2 * G * D + (4 * BLOCK_ROWS * proj if proj else 0)
     if var.diversity > 0:
         plan.proj_dim = DIVERSITY_DIM
         block_s, block_rows = plan.block_seconds()
         chunk = max(1, min(m * G, (1 << 30) // (4 * D)))
-        passes = math.ceil(m * G / chunk) * math.ceil(D / block_rows)
+        passes = C * math.ceil(m * G / chunk) * math.ceil(D / block_rows)
         plan.stage(
             "diversity",
             "forward+backward",
-            G * m * mean_pool,
-            G * m * mean_pad,
-            extra_flops=2 * G * m * D * DIVERSITY_DIM + 2 * m * m * G * DIVERSITY_DIM,
+            C * G * m * mean_pool,
+            C * G * m * mean_pad,
+            extra_flops=2 * C * G * m * D * DIVERSITY_DIM + 2 * m * m * C * G * DIVERSITY_DIM,
             extra_seconds=passes * block_s,
         )
         plan.activations["diversity"] = plan.worst(kind_pool, pool_b)
@@ -114,7 +141,8 @@ def variant_cost(plan) -> None:
         plan.proj_dim = proj
 
 
-_NORM_RULE = " / sqrt((1/G) sum_g |grad f_g(c_j)|^2)"
+_SCORE_RULE = "(1/C) sum_c (1/G) sum_g <phi*(phi(mean_i grad f_g(x_i))), grad f_g(c_j)> (C checkpoints, G objectives)"
+_NORM_RULE = " / sqrt((1/C) sum_c (1/G) sum_g |grad f_g(c_j)|^2)"
 _FEATURES = f"Rademacher-projected kernel features, p = {DIVERSITY_DIM} per objective, centred, unit length"
 
 
@@ -131,22 +159,37 @@ class NtkPlusSelector(Selector):
         t2 = time.perf_counter()
         model = ctx.model()
         kernel = Kernel(var.kernel, var.probes if var.kernel == "trace" else 1, cfg.seed)
-        vecs, info = domain_vectors(model, ctx.dom_ex, rt, kernel, cfg.proj_dim, cfg.seed, ids=[r.id for r in ctx.domain])
         cand_ex = [ctx.pool_ex[int(i)] for i in cand]
         ids = [ctx.pool[int(i)].id for i in cand]
-        payload = VariantPayload({k: v.detach().cpu() for k, v in vecs.items()}, kernel)
-        parts = ctx.run_sharded(self.name, VARIANT_SCORE, cand_ex, payload, f"{self.name}: candidates", ids, self.name, kernel.describe(), cfg.proj_dim, ids)
-        arr = np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in parts])  # (M, 2) [score, Θ(c, c)]
-        raw, diag = arr[:, 0], arr[:, 1]
+        cand_tokens = kernel.groups * sum(len(e.input_ids) for e in cand_ex)
+        states, steps, replayed = warmup_checkpoints(ctx, var.checkpoints) if var.checkpoints > 1 else ([None], [], 0)
+        C = len(states)
+        total = np.zeros((len(cand), 2))
+        toks = 0
+        for c, state in enumerate(states):  # the kernel at each checkpoint, averaged (one checkpoint: the warmed-up adapter)
+            with swapped_adapter(model, state):
+                vecs, info = domain_vectors(model, ctx.dom_ex, rt, kernel, cfg.proj_dim, cfg.seed, ids=[r.id for r in ctx.domain])
+            payload = VariantPayload({k: v.detach().cpu() for k, v in vecs.items()}, kernel, state)
+            stage, key = (self.name, ()) if C == 1 else (f"{self.name}-checkpoint{c + 1}", (steps[c], len(steps)))
+            desc = f"{self.name}: candidates" + (f" (checkpoint {c + 1} of {C})" if C > 1 else "")
+            parts = ctx.run_sharded(stage, VARIANT_SCORE, cand_ex, payload, desc, ids, self.name, kernel.describe(), cfg.proj_dim, ids, *key)
+            total += np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in parts])  # (M, 2) [score, Θ(c, c)]
+            toks += 2 * (info["tokens"] + cand_tokens)
+        if replayed:
+            toks += int(round(ctx.shared_tokens.get("warmup", 0) * replayed / max(1, steps[-1])))
+        raw, diag = total[:, 0] / C, total[:, 1] / C
         norm = np.sqrt(np.maximum(diag, 0.0))
         score = raw / np.maximum(norm, 1e-30) if var.normalise else raw
         columns: dict = {"kernel_score": raw, "grad_norm": norm}
         t3 = time.perf_counter()
-        toks = 2 * info["tokens"] + 2 * kernel.groups * sum(len(e.input_ids) for e in cand_ex)
         if var.diversity > 0:
             projector = make_projector(info["grad_dim"], DIVERSITY_DIM, cfg.seed, device=rt.device)
-            feats = kernel_features(model, cand_ex, rt, kernel, projector, desc=f"{self.name}: candidate features", ids=ids)
-            order, gains, sims = diverse_order(cand, score, unit_features(feats), var.diversity)
+            feats = []
+            for c, state in enumerate(states):
+                with swapped_adapter(model, state):
+                    desc = f"{self.name}: candidate features" + (f" (checkpoint {c + 1} of {C})" if C > 1 else "")
+                    feats.append(kernel_features(model, cand_ex, rt, kernel, projector, desc=desc, ids=ids))
+            order, gains, sims = diverse_order(cand, score, unit_features(np.concatenate(feats, axis=1)), var.diversity)
             pos = {int(c): j for j, c in enumerate(cand)}
             perm = np.array([pos[int(i)] for i in order], dtype=np.int64)
             sc = gains
@@ -154,7 +197,7 @@ class NtkPlusSelector(Selector):
             columns["max_similarity"] = sims
             if var.normalise:
                 columns["normalised_score"] = score[perm]
-            toks += 2 * kernel.groups * sum(len(e.input_ids) for e in cand_ex)
+            toks += 2 * C * cand_tokens
             rule = "greedy: argmax_j score_j - lambda * sd(score) * max(0, max_{k selected} cos(F_j, F_k)); ties: score desc, pool position asc"
         else:
             order, sc = ordered(cand, score)
@@ -167,6 +210,19 @@ class NtkPlusSelector(Selector):
         timings = {"stage1": ctx.shared_seconds.get("embeddings", 0.0) + (t2 - t), "stage2": t3 - t2}
         if var.diversity > 0:
             timings["diversity"] = end - t3
+        stage2 = {
+            "kernel": kernel.describe(),
+            "grad_dim": info["grad_dim"],
+            "proj_dim": info["proj_dim"],
+            "projector": info["projector"],
+            "seconds": info["seconds"],
+            "score": _SCORE_RULE + (_NORM_RULE if var.normalise else ""),
+        }
+        if var.checkpoints > 1:
+            stage2["checkpoints"] = {"steps": steps, "weights": "equal", "replayed_steps": replayed, "requested": var.checkpoints}
+        selection: dict = {"rule": rule}
+        if var.diversity > 0:
+            selection.update({"lambda": var.diversity, "features": _FEATURES})
         return Ranking(
             order,
             sc,
@@ -178,41 +234,28 @@ class NtkPlusSelector(Selector):
             info={
                 "variant": var.describe(),
                 "stage1": {"m": int(len(cand)), "k_requested": cfg.knn_k, "k_used": s1.k_used, "seconds": s1.seconds},
-                "stage2": {
-                    "kernel": kernel.describe(),
-                    "grad_dim": info["grad_dim"],
-                    "proj_dim": info["proj_dim"],
-                    "projector": info["projector"],
-                    "seconds": info["seconds"],
-                    "score": "(1/G) sum_g <phi*(phi(mean_i grad f_g(x_i))), grad f_g(c_j)>"
-                    + (" / sqrt((1/G) sum_g |grad f_g(c_j)|^2)" if var.normalise else ""),
-                },
-                "selection": {
-                    "rule": rule,
-                    **(
-                        {"lambda": var.diversity, "features": f"Rademacher-projected kernel features, p = {DIVERSITY_DIM} per objective, centred"}
-                        if var.diversity > 0
-                        else {}
-                    ),
-                },
+                "stage2": stage2,
+                "selection": selection,
             },
         )
 
 
 _COMMON = ("knn_k", "preselect_factor", "proj_dim")
 _OPTIONS = {
-    "ntk-plus": (*_COMMON, "kernel", "probes", "normalise", "diverse", "diversity_lambda"),
+    "ntk-plus": (*_COMMON, "kernel", "probes", "normalise", "diverse", "diversity_lambda", "ensemble", "checkpoints"),
     "ntk-norm": _COMMON,
     "ntk-trace": (*_COMMON, "probes"),
     "ntk-loss": _COMMON,
     "ntk-diverse": (*_COMMON, "diversity_lambda"),
+    "ntk-ensemble": (*_COMMON, "checkpoints"),
 }
 _SUMMARY = {
-    "ntk-plus": "NTK-Selector with --kernel, --normalise and --diverse",
+    "ntk-plus": "NTK-Selector with --kernel, --normalise, --diverse and --ensemble",
     "ntk-norm": "ntk's score divided by the candidate's gradient norm",
     "ntk-trace": "ntk with the Hutchinson trace kernel over the vocabulary",
     "ntk-loss": "ntk with loss gradients instead of summed logits",
     "ntk-diverse": "ntk's score, selected greedily against redundancy",
+    "ntk-ensemble": "ntk's kernel averaged over warm-up checkpoints",
 }
 _PATHS = {"ntk-plus": ("ntk", "less"), "ntk-loss": ("less",)}
 
