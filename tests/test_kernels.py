@@ -173,3 +173,19 @@ def test_loss_kernel_equals_autograd_of_the_mean_nll(model, examples, tokenizer)
     close(got[:, 0], s)
     close(got[:, 1], diag)
     assert not np.allclose(got[:, 0], run_stage2(model, dom, cand, rt_(tokenizer.pad_token_id), proj_dim=0).scores, rtol=0.1)  # not the summed logits
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite", "gpt2"])  # soft-capped, logit_scale, logits_scaling, Conv1D
+@pytest.mark.parametrize("kind", ["sum", "trace", "loss"])
+def test_every_kernel_equals_autograd_across_heads(family, kind):
+    model = tiny_lora_model(family, seed=4)
+    ex = synthetic_examples(6, seed=5)
+    dom, cand = ex[:3], ex[3:]
+    k = Kernel(kind, probes=3 if kind == "trace" else 1, seed=2)
+    got = variant_scores(model, dom, cand, rt_(0, batch_size=4), k)
+    V = model.get_output_embeddings().weight.shape[0]
+    f = {"sum": probed(torch.ones(1, V)), "trace": probed(probe_signs(V, 3, 2)), "loss": mean_nll}[kind]
+    gd, gc = (naive_objective_gradients(model, x, 0, f) for x in (dom, cand))
+    s, diag = kernel_reference(gd, gc)
+    close(got[:, 0], s)
+    close(got[:, 1], diag)

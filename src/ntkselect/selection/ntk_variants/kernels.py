@@ -13,7 +13,8 @@ kept. The kernels (:class:`Kernel`):
 * ``trace``: G = R Rademacher sign vectors ε_r ∈ {±1}^V over the vocabulary and
   f_r = (1/T) Σ_t ε_r·logit_t = (1/T) Σ_t h_t·(Wᵀε_r)·c + ε_r·b·c (c the head's logit scale): vocabulary-free,
   and since E[ε_r ε_rᵀ] = I, Θ is an unbiased (Hutchinson) estimate of the trace kernel
-  Σ_k ⟨∇f_k(x), ∇f_k(x')⟩ of the V outputs f_k = (1/T) Σ_t logit[t,k];
+  Σ_k ⟨∇f_k(x), ∇f_k(x')⟩ of the V outputs f_k = (1/T) Σ_t logit[t,k] (a soft-capped head is not
+  linear in h: there ε_r·logits runs through the real head in vocabulary chunks, as stage 2's sum does);
 * ``loss``: G = 1, f = the example's mean negative log-likelihood over its trained tokens
   (:func:`~ntkselect.training.warmup.per_example_loss`: logit t-1 predicts token t); no Adam.
 
@@ -40,7 +41,7 @@ import torch
 from ntkselect.errors import NtkSelectError
 from ntkselect.grads.fused import FusedLoraGradients, lora_parameters
 from ntkselect.grads.projection import AbstractProjector, make_projector
-from ntkselect.model.heads import lm_head
+from ntkselect.model.heads import Head, lm_head
 from ntkselect.model.lm import final_hidden, summed_logits
 from ntkselect.model.runtime import Runtime
 from ntkselect.progress import Progress
@@ -104,8 +105,12 @@ class Kernel:
             return summed_logits
         if self.kind == "loss":
             return per_example_loss
-        W, b = probe_head(model, probe_signs(lm_head(model).module.weight.shape[0], self.probes, self.seed))
+        head = lm_head(model).frozen()
+        signs = probe_signs(head.module.weight.shape[0], self.probes, self.seed)
         G = self.groups
+        if not head.linear:  # soft-capped: ε·logits through the real head, in vocabulary chunks
+            return _capped_objective(head, signs, G)
+        W, b = probe_head(model, signs)
 
         def probed(m, batch, head=None):
             h = final_hidden(m, batch)  # (B, L, d)
@@ -115,6 +120,53 @@ class Kernel:
             return (s * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
         return probed
+
+
+def _capped_objective(head: Head, signs: torch.Tensor, G: int):
+    def probed(m, batch, _head=None):
+        h = final_hidden(m, batch)  # (B, L, d)
+        pos = batch.target_mask.bool()
+        rows = pos.nonzero()[:, 0]  # (N,) the row of each trained position
+        groups = (batch.index.to(h.device) % G)[rows]  # (N,) its probe
+        s = _SignedCappedSums.apply(h[pos], head, signs.to(h.device), groups, _chunk(int(rows.numel())))  # (N,)
+        total = torch.zeros(pos.shape[0], dtype=torch.float32, device=h.device).index_add(0, rows, s)
+        return total / batch.target_mask.sum(1).clamp_min(1.0)
+
+    return probed
+
+
+def _chunk(n: int, chunk_bytes: int = 64 << 20) -> int:
+    return max(256, chunk_bytes // (4 * max(1, n) * 4))
+
+
+class _SignedCappedSums(torch.autograd.Function):
+    """s_n = Σ_k ε_{g(n),k} post(h_n·w_k + b_k) for (N, d) h, in vocabulary chunks (as
+    :func:`~ntkselect.model.heads.capped_sums`, with the probe's signs as weights); the forward
+    pass also accumulates ds_n/dh_n = Σ_k ε_k post'(z_nk) w_k, so the backward pass is a product."""
+
+    @staticmethod
+    def forward(ctx, h, head: Head, signs, groups, chunk: int):
+        W = head.module.weight.detach()
+        b = head.module.bias.detach() if head.module.bias is not None else None
+        hf = h.detach().float()
+        total = torch.zeros(hf.shape[0], dtype=torch.float32, device=h.device)
+        dh = torch.zeros_like(hf)
+        with torch.autocast(h.device.type, enabled=False), torch.enable_grad():
+            for k0 in range(0, W.shape[0], chunk):
+                Wc = W[k0 : k0 + chunk].float()  # (c, d)
+                z = (hf @ Wc.T).requires_grad_(True)  # (N, c)
+                zb = z + b[k0 : k0 + chunk].float() if b is not None else z
+                s = (head.post(zb) * signs[groups, k0 : k0 + chunk]).sum(-1)  # (N,)
+                (dz,) = torch.autograd.grad(s.sum(), z)
+                total += s.detach()
+                dh += dz @ Wc
+        ctx.save_for_backward(dh)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        (dh,) = ctx.saved_tensors
+        return g.unsqueeze(-1) * dh, None, None, None, None
 
 
 def probe_signs(vocab: int, probes: int, seed: int) -> torch.Tensor:
@@ -129,7 +181,7 @@ def probe_head(model, signs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (c the logit scale, :meth:`~ntkselect.model.heads.Head.factor`)."""
     head = lm_head(model).frozen()
     if not head.linear:
-        raise NtkSelectError(f"--kernel trace: {head.model_name} soft-caps its logits, so ε·logits is not linear in the hidden state; use --kernel sum or loss")
+        raise NtkSelectError(f"{head.model_name} soft-caps its logits, so ε·logits is not linear in h (Kernel.objective sums it through the head)")
     c = head.factor()
     W = head.module.weight.detach().float().cpu()  # (V, d)
     Wp = (signs @ W) * c  # (R, d)
