@@ -135,3 +135,22 @@ def test_evaluate_takes_the_variants_and_their_options(tmp_path):
     plain = _fingerprint(EvalConfig(**kw))["config"]
     assert not {"kernel", "probes", "normalise", "diverse", "diversity_lambda", "ensemble", "checkpoints"} & set(plain)  # evaluations run before still resume
     assert _fingerprint(cfg)["config"]["probes"] == 8
+
+
+@pytest.mark.parametrize(
+    "method,extra,note",
+    [
+        ("ntk", ("--kernel", "trace"), "--kernel is not read by --method ntk, so it has no effect"),
+        ("ntk-norm", ("--probes", "8"), "--probes is not read by --method ntk-norm, so it has no effect"),
+        ("ntk-plus", ("--diversity-lambda", "2"), "--diversity-lambda has no effect without --diverse"),
+        ("ntk-plus", ("--probes", "8"), "--probes has no effect without --kernel trace"),
+        ("ntk-trace", ("--probes", "8"), None),
+    ],
+)
+def test_a_variant_option_the_method_does_not_read_is_noted(method, extra, note, data, tiny_model_dir, tmp_path, capsys):
+    args = _args(data, tiny_model_dir, tmp_path / "run", method, "--dry-run")
+    i = args.index("--probes")
+    del args[i : i + 2]  # the shared arguments' --probes 3
+    assert main([*args, *extra]) == 0
+    err = capsys.readouterr().err
+    assert (f"ntkselect: note: {note}\n" in err) if note else "ntkselect: note:" not in err

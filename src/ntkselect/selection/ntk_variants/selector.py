@@ -43,7 +43,7 @@ from ntkselect.selection.ntk_variants.ensemble import checkpoint_steps, swapped_
 from ntkselect.selection.ntk_variants.kernels import VARIANT_SCORE, Kernel, VariantPayload, domain_vectors, kernel_features
 from ntkselect.selection.registry import register_selector
 
-__all__ = ["Variant", "PRESETS", "variant_of", "NtkPlusSelector", "variant_cost", "DIVERSITY_DIM", "SELECTORS"]
+__all__ = ["Variant", "PRESETS", "variant_of", "NtkPlusSelector", "variant_cost", "DIVERSITY_DIM", "SELECTORS", "VARIANT_OPTIONS", "ignored_options"]
 
 #: dimensions of the projected kernel features the diversity rule compares (cosines to about ±1/√p = ±0.03)
 DIVERSITY_DIM = 1024
@@ -273,6 +273,32 @@ def _register(name: str) -> type:
         paths=_PATHS.get(name, ("ntk",)),
         summary=_SUMMARY[name],
     )
+
+
+#: the variants' own options (what ignored_options checks)
+VARIANT_OPTIONS = ("kernel", "probes", "normalise", "diverse", "diversity_lambda", "ensemble", "checkpoints")
+
+
+def ignored_options(cfg: SelectConfig) -> list[str]:
+    """One line per variant option that ``cfg`` sets away from its default but its method does not
+    use (``--method ntk --kernel trace`` runs the paper's kernel: say so rather than ignore it)."""
+    from dataclasses import fields
+
+    from ntkselect.selection.registry import find_selector
+
+    spec = find_selector(cfg.method)
+    defaults = {f.name: f.default for f in fields(SelectConfig)}
+    flag = lambda o: "--" + o.replace("_", "-")  # noqa: E731
+    changed = [o for o in VARIANT_OPTIONS if getattr(cfg, o) != defaults[o]]
+    out = [f"{flag(o)} is not read by --method {cfg.method}, so it has no effect" for o in changed if spec is None or o not in spec.options]
+    if cfg.method == "ntk-plus":
+        needs = {
+            "probes": ("kernel", "trace", "--kernel trace"),
+            "diversity_lambda": ("diverse", True, "--diverse"),
+            "checkpoints": ("ensemble", True, "--ensemble"),
+        }
+        out += [f"{flag(o)} has no effect without {needs[o][2]}" for o in changed if o in needs and getattr(cfg, needs[o][0]) != needs[o][1]]
+    return [f"ntkselect: note: {line}" for line in out]
 
 
 #: the registered selector classes, by --method name
