@@ -105,7 +105,7 @@ def test_the_dry_run_prices_each_variant(method, data, tiny_model_dir, tmp_path)
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (("--probes", "0"), "ntkselect: error: --probes: must be an integer from 1 to 4096 (got 0)\n"),
+        (("--probes", "0"), "ntkselect: error: --probes: must be an integer from 1 to 1024 (got 0)\n"),
         (("--diversity-lambda", "-1"), "ntkselect: error: --diversity-lambda: must be a number >= 0 (0 is top N) (got -1.0)\n"),
         (("--diversity-lambda", "inf"), "ntkselect: error: --diversity-lambda: must be a finite number (got inf)\n"),
     ],

@@ -24,8 +24,8 @@ __all__ = ["SelectConfig", "check_types", "value_problem", "MAX_INT", "MAX_PROJ_
 
 #: the largest integer any option takes (torch and numpy seeds and sizes are 64-bit)
 MAX_INT = 2**63 - 1
-#: the most probes of the trace kernel (each costs a backward pass per example)
-MAX_PROBES = 4096
+#: the most probes of the trace kernel (each costs a forward + backward pass per example; the R x V signs are held as float32)
+MAX_PROBES = 1024
 #: the most warm-up checkpoints of an ensemble (each is a stage 2 of its own)
 MAX_CHECKPOINTS = 64
 #: the largest projection dimension: one projected vector is then 64 MiB of float32 (the paper uses 8192)
