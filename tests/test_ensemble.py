@@ -94,3 +94,26 @@ def test_bad_checkpoints_are_refused_naming_the_flag(data, tiny_model_dir, tmp_p
 
     assert main(_args(data, tiny_model_dir, tmp_path / "run", "--checkpoints", "0")) == 2
     assert capsys.readouterr().err == "ntkselect: error: --checkpoints: must be an integer from 1 to 64 (got 0)\n"
+
+
+def test_evaluate_runs_the_ensemble_on_the_shared_context_and_leaves_its_adapter(tiny_model_dir, tmp_path):
+    """In `evaluate` every method shares one warmed-up model per seed: the ensemble swaps its
+    checkpoints in and out, so ntk after it selects exactly what ntk alone does."""
+    from helpers import write_eval_data
+    from ntkselect.cli.main import main
+
+    p = write_eval_data(tmp_path)
+
+    def evaluate(out, methods):
+        args = ["evaluate", "--domain-train", p["train"], "--domain-test", p["test"], "--pool", p["pool"], "--n", 3, "--out", out]
+        args += ["--model", tiny_model_dir, "--seeds", 1, "--methods", methods, "--knn-k", 2, "--warmup-epochs", 3, "--checkpoints", 3]
+        args += ["--ft-epochs", 1, "--ft-batch-size", 4, "--batch-size", 4, "--max-batch-tokens", 512, "--precision", "float32"]
+        assert main([str(a) for a in args]) == 0
+        return {m: (out / "selections" / f"{m}-seed0" / "selected.jsonl").read_text() for m in methods.split(",")}
+
+    both = evaluate(tmp_path / "both", "ntk-ensemble,ntk")
+    alone = evaluate(tmp_path / "alone", "ntk")
+    assert both["ntk"] == alone["ntk"]
+    man = json.loads((tmp_path / "both" / "selections" / "ntk-ensemble-seed0" / "manifest.json").read_text())
+    assert man["selector"]["stage2"]["checkpoints"]["steps"] == [1, 2, 3]
+    assert "| ntk-ensemble |" in (tmp_path / "both" / "results.md").read_text()
