@@ -15,6 +15,9 @@ import torch
 from ntkselect.cli.main import build_parser, main
 from ntkselect.selection import registry
 
+#: the built-in selectors, in --method's order
+BUILTINS = ["ntk", "random", "embedding", "bm25", "less", "tsds", "ntk-plus", "ntk-norm", "ntk-trace", "ntk-loss", "ntk-diverse", "ntk-ensemble"]
+
 
 @pytest.fixture(scope="module")
 def toy():
@@ -50,7 +53,7 @@ def test_a_registered_selector_runs_end_to_end_through_the_cli(toy, data, tiny_m
 def test_a_registered_selector_is_a_method_choice_with_its_help(toy, capsys):
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["select"]
     method = next(a for a in sub._actions if a.dest == "method")
-    assert list(method.choices) == ["ntk", "random", "embedding", "bm25", "less", "tsds", "longest"]
+    assert list(method.choices) == [*BUILTINS, "longest"]
     with pytest.raises(SystemExit):
         main(["select", "--help"])
     assert "longest (the longest pool examples first)" in " ".join(capsys.readouterr().out.split())
@@ -82,12 +85,13 @@ def test_an_unknown_method_is_refused_in_one_line_as_before(toy, data, tiny_mode
     err = capsys.readouterr().err
     assert err == (
         "ntkselect: error: argument --method: invalid choice: 'magic' (choose from 'ntk', 'random', 'embedding', 'bm25', 'less', "
-        "'tsds', 'longest') (see `ntkselect select --help`)\n"
+        "'tsds', 'ntk-plus', 'ntk-norm', 'ntk-trace', 'ntk-loss', 'ntk-diverse', 'ntk-ensemble', 'longest') (see `ntkselect select --help`)\n"
     )
     assert not (tmp_path / "run").exists()
-    with pytest.raises(NtkSelectError, match=r"^--method: must be one of ntk, random, embedding, bm25, less, tsds, longest \(got 'magic'\)$"):
+    listed = ", ".join([*BUILTINS, "longest"])
+    with pytest.raises(NtkSelectError, match=rf"^--method: must be one of {listed} \(got 'magic'\)$"):
         SelectConfig(domain="d", pool="p", n=1, out="o", method="magic").validate()
-    with pytest.raises(NtkSelectError, match=r"^--method 'magic' is not a selector; use one of ntk, random, embedding, bm25, less, tsds, longest$"):
+    with pytest.raises(NtkSelectError, match=rf"^--method 'magic' is not a selector; use one of {listed}$"):
         registry.get_selector("magic")
 
 
@@ -126,10 +130,10 @@ def test_every_builtin_registration_names_real_options_and_tasks():
     from ntkselect.runs.shards import get_task, task_names
 
     specs = {s.name: s for s in registry.selector_specs()}
-    assert [n for n in specs if n != "longest"] == ["ntk", "random", "embedding", "bm25", "less", "tsds"]
+    assert [n for n in specs if n != "longest"] == BUILTINS
     assert {n for n, s in specs.items() if s.uses_model} >= {"ntk", "embedding", "less", "tsds"}
     assert {n for n, s in specs.items() if s.uses_embeddings} >= {"ntk", "embedding", "tsds"}
-    assert set(task_names()) >= {"embed", "score", "less"}
+    assert set(task_names()) >= {"embed", "score", "less", "ntk-variant-score"}
     for s in specs.values():
         for t in s.tasks:
             assert get_task(t.name) is t

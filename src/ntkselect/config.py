@@ -20,10 +20,14 @@ from typing import Any
 
 from ntkselect.errors import NtkSelectError
 
-__all__ = ["SelectConfig", "check_types", "value_problem", "MAX_INT", "MAX_PROJ_DIM", "check_limits", "field_help"]
+__all__ = ["SelectConfig", "check_types", "value_problem", "MAX_INT", "MAX_PROJ_DIM", "MAX_PROBES", "MAX_CHECKPOINTS", "check_limits", "field_help"]
 
 #: the largest integer any option takes (torch and numpy seeds and sizes are 64-bit)
 MAX_INT = 2**63 - 1
+#: the most probes of the trace kernel (each costs a forward + backward pass per example; the R x V signs are held as float32)
+MAX_PROBES = 1024
+#: the most warm-up checkpoints of an ensemble (each is a stage 2 of its own)
+MAX_CHECKPOINTS = 64
 #: the largest projection dimension: one projected vector is then 64 MiB of float32 (the paper uses 8192)
 MAX_PROJ_DIM = 2**24
 
@@ -161,6 +165,27 @@ class SelectConfig:
         "p > 0 uses the paper's seeded Rademacher projection to p dimensions (the paper: 8192)",
     )
     less_proj_dim: int = _opt(8192, "--method less: projection dimension of its gradient features (LESS uses 8192)")
+    # -- NTK-Selector variants (--method ntk-plus and its presets ntk-norm, ntk-trace, ntk-loss, ntk-diverse, ntk-ensemble) --
+    kernel: str = _opt(
+        "sum",
+        "--method ntk-plus: the kernel's objective: sum (the paper's summed logits), trace (Hutchinson estimate of the multi-output "
+        "trace kernel, --probes sign vectors over the vocabulary) or loss (each example's mean NLL over its trained tokens)",
+        choices=("sum", "trace", "loss"),
+    )
+    probes: int = _opt(16, "--method ntk-trace, or ntk-plus --kernel trace: Rademacher sign vectors R over the vocabulary (R backward passes per example)")
+    normalise: bool = _opt(False, "--method ntk-plus: divide each candidate's score by its unprojected gradient norm (ntk-norm does this alone)")
+    diverse: bool = _opt(False, "--method ntk-plus: select greedily, trading score against redundancy by --diversity-lambda (ntk-diverse does this alone)")
+    ensemble: bool = _opt(False, "--method ntk-plus: average the kernel over --checkpoints warm-up checkpoints (ntk-ensemble does this alone)")
+    checkpoints: int = _opt(
+        3,
+        "--method ntk-ensemble, or ntk-plus --ensemble: warm-up checkpoints C (after steps round(S c / C), c = 1..C, the last the "
+        "finished warm-up); the kernel is their equal-weight mean; the earlier ones replay the warm-up",
+    )
+    diversity_lambda: float = _opt(
+        0.5,
+        "--method ntk-diverse, or ntk-plus --diverse: lambda >= 0; a candidate loses lambda x sd(scores) x its largest cosine "
+        "(centred projected gradient features) to one already selected; 0 is top N",
+    )
     # -- TSDS (--method tsds; defaults: the authors' config.yaml) ----------------------------
     tsds_alpha: float = _opt(0.5, "--method tsds: weight of distribution alignment (optimal transport to D) against diversity, in [0, 1]")
     tsds_c: float = _opt(5.0, "--method tsds: C, the scale dividing the transport cost (the embeddings are unit-normalised)")
@@ -220,6 +245,12 @@ class SelectConfig:
             raise bad("tsds_sigma", "must be >= 0")
         if not isinstance(self.tsds_max_k, int) or self.tsds_max_k < 2:
             raise bad("tsds_max_k", "must be an integer >= 2 (each domain example needs a next neighbour)")
+        if not isinstance(self.probes, int) or not 1 <= self.probes <= MAX_PROBES:
+            raise bad("probes", f"must be an integer from 1 to {MAX_PROBES}")
+        if not isinstance(self.checkpoints, int) or not 1 <= self.checkpoints <= MAX_CHECKPOINTS:
+            raise bad("checkpoints", f"must be an integer from 1 to {MAX_CHECKPOINTS}")
+        if not 0 <= self.diversity_lambda < float("inf"):
+            raise bad("diversity_lambda", "must be a number >= 0 (0 is top N)")
         if self.preselect_factor < 1:
             raise bad("preselect_factor", "must be at least 1")
         if self.max_batch_tokens < self.max_length:

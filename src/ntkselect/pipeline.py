@@ -34,6 +34,7 @@ from ntkselect.model.runtime import Runtime, resolve_device, resolve_precision
 from ntkselect.runs.folder import SELECT, Run, check_paths, open_run
 from ntkselect.runs.shards import digest
 from ntkselect.selection import Ranking, SelectionContext, get_selector, selector_spec
+from ntkselect.selection.ntk_variants.selector import ignored_options
 
 __all__ = ["SelectionResult", "Inputs", "select", "load_inputs", "make_runtime", "write_selection", "package_versions", "summarise"]
 
@@ -340,6 +341,8 @@ def select(cfg: SelectConfig, log: Callable[[str], None] | None = None) -> Selec
     Progress messages go to ``log`` (default: this module's logger, at INFO)."""
     log = log or logger.info
     cfg.validate()
+    for line in ignored_options(cfg):  # e.g. --kernel trace with --method ntk
+        logger.warning(line)
     t_start = time.perf_counter()
     check_paths(cfg.out, SELECT, _run_inputs(cfg))  # before the inputs are read: fail in a second
     if cfg.threads:

@@ -105,6 +105,13 @@ class EvalConfig:
     tsds_sigma: float = _opt(0.75, "tsds: KDE kernel size, 0 = no near-duplicate penalty (TSDS: 0.75)")
     tsds_max_k: int = _opt(5000, "tsds: neighbours per domain example (TSDS max_K: 5000; capped at pool / 10)")
     tsds_kde_k: int = _opt(1000, "tsds: KDE neighbours (TSDS kde_K: 1000; capped at pool / 10)")
+    kernel: str = _opt("sum", "ntk-plus: kernel objective, sum, trace or loss", choices=("sum", "trace", "loss"))
+    probes: int = _opt(16, "ntk-trace (ntk-plus --kernel trace): sign vectors over the vocabulary")
+    normalise: bool = _opt(False, "ntk-plus: divide scores by the candidate's gradient norm")
+    diverse: bool = _opt(False, "ntk-plus: greedy score-minus-redundancy selection")
+    diversity_lambda: float = _opt(0.5, "ntk-diverse (ntk-plus --diverse): redundancy weight, 0 = top N")
+    ensemble: bool = _opt(False, "ntk-plus: average the kernel over warm-up checkpoints")
+    checkpoints: int = _opt(3, "ntk-ensemble (ntk-plus --ensemble): warm-up checkpoints")
     lora_r: int = _opt(8, "LoRA rank for the warm-up and the fine-tune")
     lora_alpha: float = _opt(16.0, "LoRA alpha for the warm-up and the fine-tune")
     # -- fine-tuning recipe (identical for every method) -----------------------------------
@@ -237,11 +244,15 @@ class EvalConfig:
 # -- the run ---------------------------------------------------------------------------------
 
 
+#: options added after evaluations were run (besides tsds_*): at their defaults they leave the fingerprint as it was
+_LATER_OPTIONS = ("domain_extra", "kernel", "probes", "normalise", "diverse", "diversity_lambda", "ensemble", "checkpoints")
+
+
 def _fingerprint(cfg: EvalConfig) -> dict:
     # seeds and methods are left out: cells are per (method, seed), so adding either reuses the rest
     keep = {k: v for k, v in cfg.to_dict().items() if k not in ("overwrite", "out", "threads", "device", "seeds", "methods")}
     # options added after evaluations were run count only when changed, so such an evaluation still resumes (and takes --methods tsds)
-    keep = {k: v for k, v in keep.items() if not ((k.startswith("tsds_") or k == "domain_extra") and v == EvalConfig.__dataclass_fields__[k].default)}
+    keep = {k: v for k, v in keep.items() if not ((k.startswith("tsds_") or k in _LATER_OPTIONS) and v == EvalConfig.__dataclass_fields__[k].default)}
     return {"config": keep, "inputs": {k: sha256_path(getattr(cfg, k)) for k in _input_fields(cfg)}}
 
 

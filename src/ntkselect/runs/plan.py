@@ -23,6 +23,7 @@ run could not handle stops the dry run with the same one-line error. Nothing is 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -277,9 +278,12 @@ class PlanBuilder:
 def estimate(cfg: SelectConfig) -> dict:
     """The plan of a selection with ``cfg``: tokens, time, peak memory and disk per stage."""
     from ntkselect.model.runtime import resolve_device, resolve_precision
+    from ntkselect.selection.ntk_variants.selector import ignored_options
     from ntkselect.selection.registry import selector_spec
 
     cfg.validate()
+    for line in ignored_options(cfg):  # e.g. --kernel trace with --method ntk
+        logging.getLogger(__name__).warning(line)
     spec = selector_spec(cfg.method)
     check_paths(cfg.out, SELECT, {"--domain": cfg.domain, "--pool": cfg.pool})  # what the real run would refuse
     out_state = _out_state(cfg)

@@ -13,6 +13,9 @@ less        LESS (Xia et al. 2024): warm-up LoRA, Adam-preconditioned per-exampl
 tsds        TSDS (Liu et al. 2024) on stage 1's embeddings: optimal transport to D with a KDE
             near-duplicate penalty gives a probability per candidate; N distinct drawn without
             replacement in proportion to it (:mod:`~ntkselect.selection.tsds`)
+ntk-plus    NTK-Selector variants beyond the paper, same stage 1: --kernel sum / trace / loss,
+            --normalise, --diverse, --ensemble; presets ntk-norm, ntk-trace, ntk-loss,
+            ntk-diverse, ntk-ensemble change one thing each (:mod:`~ntkselect.selection.ntk_variants`)
 ==========  ================================================================================
 
 Each module registers its selector (:func:`~ntkselect.selection.registry.register_selector`)
@@ -39,6 +42,7 @@ from ntkselect.selection import embedding as _embedding  # noqa: F401,E402
 from ntkselect.selection import bm25 as _bm25  # noqa: F401,E402
 from ntkselect.selection import less as _less  # noqa: F401,E402
 from ntkselect.selection import tsds as _tsds  # noqa: F401,E402
+from ntkselect.selection.ntk_variants import selector as _ntk_variants  # noqa: F401,E402
 # isort: on
 
 __all__ = [

@@ -49,6 +49,7 @@ from ntkselect.runs.shards import Sharding, ShardTask, digest, register_task
 
 __all__ = [
     "Stage2Result",
+    "backward_batches",
     "per_example_gradients",
     "domain_mean_gradient",
     "domain_vector",
@@ -87,11 +88,26 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def _backward_batches(model, examples, rt: Runtime, desc: str, fused: bool = True, ids: Sequence[str] | None = None, stream: tuple = (None,), objective=None):
+def backward_batches(
+    model,
+    examples,
+    rt: Runtime,
+    desc: str,
+    fused: bool = True,
+    ids: Sequence[str] | None = None,
+    stream: tuple = (None,),
+    objective=None,
+    hooks=None,
+    kind: str | None = None,
+):
     """Yield (batch, hooks) after the backward pass of Σ_b f(x_b) for each batch.
 
     ``objective(model, batch, head) -> (B,)`` replaces f (the summed logits) by another
     per-example scalar, e.g. the loss for LESS; examples must not interact in it.
+    ``hooks(model, fused)``, when given, makes the gradient hooks instead of
+    :func:`~ntkselect.grads.fused.gradient_hooks` (a subclass that reduces differently), and
+    ``kind`` names the measured memory cost of the pass (:mod:`ntkselect.model.memory`) instead
+    of the one ``stream`` and ``objective`` imply.
 
     Batches are length-sorted and capped in examples and padded tokens. When a batch runs out
     of accelerator memory it is split in half and retried, and the smaller cap is kept for the
@@ -101,7 +117,7 @@ def _backward_batches(model, examples, rt: Runtime, desc: str, fused: bool = Tru
     prog = Progress(desc, len(examples), enabled=rt.progress)
     cap = rt.batch_size
     with backward_attention(model, rt):
-        yield from _backward_loop(model, examples, rt, desc, fused, ids, stream, head, prog, cap, objective or summed_logits)
+        yield from _backward_loop(model, examples, rt, desc, fused, ids, stream, head, prog, cap, objective or summed_logits, hooks, kind)
 
 
 @contextlib.contextmanager
@@ -133,16 +149,18 @@ def _pass_kind(stream: tuple, objective) -> str:
     return "less" if objective is per_example_loss else "per_example"
 
 
-def _backward_loop(model, examples, rt: Runtime, desc: str, fused: bool, ids, stream: tuple, head, prog: Progress, cap: int, objective):
+def _backward_loop(
+    model, examples, rt: Runtime, desc: str, fused: bool, ids, stream: tuple, head, prog: Progress, cap: int, objective, make_hooks=None, kind=None
+):
     # capped in examples, padded tokens and, with a measured memory cost, bytes (ntkselect.model.memory)
     pending = make_batches(
         [len(e.input_ids) for e in examples],
         rt.batch_size,
         rt.max_batch_tokens,
-        fits=rt.fits(_pass_kind(stream, objective)),
+        fits=rt.fits(kind or _pass_kind(stream, objective)),
         trained=[sum(e.train_mask[1:]) for e in examples],
     )
-    with gradient_hooks(model, fused) as hooks:
+    with (make_hooks or gradient_hooks)(model, fused) as hooks:
         while pending:
             idx = pending.pop(0)
             if len(idx) > cap:
@@ -191,7 +209,7 @@ def per_example_gradients(model, examples: Sequence, rt: Runtime, fused: bool = 
     """(n, D) float32 per-example gradients in input order (for tests and small sets)."""
     names = [n for n, _ in lora_parameters(model)]
     out: torch.Tensor | None = None
-    for batch, hooks in _backward_batches(model, examples, rt, "gradients", fused, objective=objective, stream=_per_example(fused)):
+    for batch, hooks in backward_batches(model, examples, rt, "gradients", fused, objective=objective, stream=_per_example(fused)):
         g = flatten_grads(hooks.per_example(), names).cpu()  # (B, D)
         if out is None:
             out = torch.zeros(len(examples), g.shape[1])
@@ -205,7 +223,7 @@ def domain_mean_gradient(model, examples: Sequence, rt: Runtime, fused: bool = T
     """ḡ_D = mean_i g(x_i), {name: param-shaped float32 tensor}, summed over each batch from the
     hooks' factors (Σ_b g_b needs no per-example tensor)."""
     total: dict[str, torch.Tensor] = {}
-    for _batch, hooks in _backward_batches(model, examples, rt, "stage 2: domain gradients", fused, ids, stream=("sum",)):
+    for _batch, hooks in backward_batches(model, examples, rt, "stage 2: domain gradients", fused, ids, stream=("sum",)):
         for name, g in hooks.batch_sum().items():
             total[name] = total[name] + g if name in total else g
     out = {n: total[n] / len(examples) for n, _ in lora_parameters(model)}
@@ -227,7 +245,7 @@ def score_against(
     """(n,) float64: ⟨vec, g(x)⟩ for every example, by contraction inside the hooks."""
     vec = {n: v.to(rt.device) for n, v in vec.items()}
     scores = np.full(len(examples), np.nan, dtype=np.float64)
-    for batch, hooks in _backward_batches(model, examples, rt, desc, fused, ids, stream=("dot", vec)):
+    for batch, hooks in backward_batches(model, examples, rt, desc, fused, ids, stream=("dot", vec)):
         s = hooks.dot(vec).double().cpu().numpy()  # (B,)
         if not np.isfinite(s).all():
             bad = int(batch.index[int(np.flatnonzero(~np.isfinite(s))[0])])
@@ -257,7 +275,7 @@ def projected_features(
     blocks are generated) is shared by the whole chunk. With ``out_path`` the features go to a
     disk-backed ``.npy``, so memory does not grow with the number of examples.
 
-    ``objective`` replaces the summed logits (see :func:`_backward_batches`); ``transform``
+    ``objective`` replaces the summed logits (see :func:`backward_batches`); ``transform``
     maps each (B, D) block of flat gradients before projection (LESS's Adam preconditioning)."""
     names = [n for n, _ in lora_parameters(model)]
     dim, n = projector.dim, len(examples)
@@ -272,7 +290,7 @@ def projected_features(
             out[np.asarray(rows)] = projector.project(buf[: len(rows)]).cpu().numpy()
             rows.clear()
 
-    for batch, hooks in _backward_batches(model, examples, rt, desc, fused, ids, objective=objective, stream=_per_example(fused)):
+    for batch, hooks in backward_batches(model, examples, rt, desc, fused, ids, objective=objective, stream=_per_example(fused)):
         g = flatten_grads(hooks.per_example(), names)  # (B, D)
         if transform is not None:
             g = transform(g)
