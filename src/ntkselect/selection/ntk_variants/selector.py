@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ntkselect.config import SelectConfig
+from ntkselect.data.pool import ids_of
 from ntkselect.grads.projection import BLOCK_ROWS, make_projector
 from ntkselect.selection.base import Ranking, SelectionContext, Selector, ordered
 from ntkselect.selection.ntk.stage1 import preselect
@@ -160,7 +161,8 @@ class NtkPlusSelector(Selector):
         model = ctx.model()
         kernel = Kernel(var.kernel, var.probes if var.kernel == "trace" else 1, cfg.seed)
         cand_ex = [ctx.pool_ex[int(i)] for i in cand]
-        ids = [ctx.pool[int(i)].id for i in cand]
+        pool_ids = ids_of(ctx.pool)  # without reading the records back
+        ids = [pool_ids[int(i)] for i in cand]
         cand_tokens = kernel.groups * sum(len(e.input_ids) for e in cand_ex)
         states, steps, replayed = warmup_checkpoints(ctx, var.checkpoints) if var.checkpoints > 1 else ([None], [], 0)
         C = len(states)
