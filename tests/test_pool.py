@@ -5,6 +5,7 @@ The reference everywhere is the in-memory path it replaced: ``load_records`` and
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -152,12 +153,14 @@ def test_find_store_refuses_another_tokenizer_max_length_or_file(tmp_path, token
     assert find_store([tmp_path / "s"], path, tokenizer, 24, "plain", "k", log=notes.append) is not None
     assert find_store([tmp_path / "s"], path, tokenizer, 32, "plain", "k", log=notes.append) is None
     assert "--max-length changed" in notes[-1]
-    other = type(tokenizer).from_pretrained(tokenizer.name_or_path) if tokenizer.name_or_path else None
-    if other is not None:
-        other.add_tokens(["<a-new-token>"])
-        assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer)
-        assert find_store([tmp_path / "s"], path, other, 24, "plain", "k", log=notes.append) is None
-        assert "the tokenizer changed" in notes[-1]
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["<a-new-token>"])
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer)
+    assert find_store([tmp_path / "s"], path, other, 24, "plain", "k", log=notes.append) is None
+    assert "the tokenizer changed" in notes[-1]
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = "{{ messages }}"  # the same vocabulary, another chat template
+    assert find_store([tmp_path / "s"], path, other, 24, "plain", "k", log=notes.append) is None
     time.sleep(0.01)
     path.write_text(path.read_text())  # same bytes, new modification time: not trusted without reading it again
     assert find_store([tmp_path / "s"], path, tokenizer, 24, "plain", "k", log=notes.append) is None

@@ -449,6 +449,7 @@ def _build(path, tokenizer, max_length, template, folder: Path, drop, exclusion_
     stream.finish()
     if check is not None:
         check(stats.examples, stream.records)
+    prog.set_total(prog.done)  # the estimate from the bytes read becomes the count
     prog.close()
     stat_after = source_stat(path)
     if stat_before != stat_after:
@@ -510,13 +511,18 @@ def find_store(folders: Iterable[str | os.PathLike], path, tokenizer, max_length
 
 
 class TokenStore:
-    """A finished token store folder (see the module docstring), memory-mapped."""
+    """A finished token store folder (see the module docstring). Tokens, records and ids are read
+    with ``pread`` when asked for: memory-mapping them would put every page a stage reads into the
+    process's resident memory (about 5 bytes per token of the pool once stage 1 has read it all);
+    ``mmap=True`` maps them instead (measured side by side in ``benchmarks/pool_scale.py``)."""
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, mmap: bool = False):
+        self.mmap = mmap
         self._open(folder)
 
     def reopen(self) -> None:
         """Open the store again at ``self.folder`` (after it was moved)."""
+        self.close()
         self._open(self.folder)
 
     def _open(self, folder: str | os.PathLike) -> None:
@@ -542,6 +548,29 @@ class TokenStore:
         self.truncated = m[:, 1].astype(bool)
         self.group_codes, self.source_codes = m[:, 2], m[:, 3]
         self._maps: dict[tuple[int, str], np.ndarray] = {}
+        self._fds: dict[tuple[int, str], int] = {}
+
+    def _read(self, s: int, name: str, dtype, a: int, b: int) -> np.ndarray:
+        """Items [a, b) of shard ``s``'s file ``name``."""
+        if self.mmap:
+            return self._map(s, name, dtype)[a:b]
+        fd = self._fds.get((s, name))
+        if fd is None:
+            fd = self._fds[(s, name)] = os.open(self._shards[s]["dir"] / name, os.O_RDONLY)
+        size = np.dtype(dtype).itemsize
+        data = os.pread(fd, (b - a) * size, a * size)
+        return np.frombuffer(data, dtype=dtype)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def _map(self, s: int, name: str, dtype) -> np.ndarray:
         key = (s, name)
@@ -561,14 +590,14 @@ class TokenStore:
         s, j = self._where(i)
         off = self._shards[s]["tok_off"]
         a, b = int(off[j]), int(off[j + 1])
-        ids = self._map(s, "ids.bin", np.int32)[a:b]
-        mask = self._map(s, "mask.bin", np.uint8)[a:b]
+        ids = self._read(s, "ids.bin", np.int32, a, b)
+        mask = self._read(s, "mask.bin", np.uint8, a, b)
         return TokenizedExample(input_ids=ids.tolist(), train_mask=mask.astype(bool).tolist(), truncated=bool(self.truncated[i]))
 
     def _bytes(self, i: int, name: str, offsets: str) -> bytes:
         s, j = self._where(i)
         off = self._shards[s][offsets]
-        return self._map(s, name, np.uint8)[int(off[j]) : int(off[j + 1])].tobytes()
+        return self._read(s, name, np.uint8, int(off[j]), int(off[j + 1])).tobytes()
 
     def record_id(self, i: int) -> str:
         return self._bytes(i, "id.bin", "id_off").decode("utf-8")
@@ -723,6 +752,7 @@ def scan_pool(
     stream.finish()
     if check is not None:
         check(stats.examples, stream.records)
+    prog.set_total(prog.done)  # the estimate from the bytes read becomes the count
     prog.close()
     cat = lambda xs: np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, np.int64)  # noqa: E731
     scan = PoolScan(cat(lengths), cat(trained), stats, stream.records, dict(excluded), stream.sha256, time.perf_counter() - t0, nbytes)
