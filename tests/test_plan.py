@@ -82,7 +82,8 @@ def test_embedding_disk_is_pool_times_hidden_times_4(plan_files, tiny_model_dir,
     n_pool = len(PLAN_POOL) - 1  # the domain duplicate is not embedded
     assert plan["model"]["hidden_size"] == hidden
     assert plan["disk"]["embeddings"] == n_pool * hidden * 4
-    assert plan["disk"]["temporary"] == n_pool * hidden * 4
+    assert plan["disk"]["tokenised_pool"] > 0  # the token store (priced against a real store in test_pool.py)
+    assert plan["disk"]["temporary"] == n_pool * hidden * 4 + plan["disk"]["tokenised_pool"]
 
 
 def test_methods_without_a_model_and_less(plan_files, tiny_model_dir, tmp_path):
