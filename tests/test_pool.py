@@ -281,6 +281,10 @@ def test_resume_reuses_the_tokenised_pool_and_refuses_a_changed_one(tmp_path, ti
     monkeypatch.setattr(pipeline, "build_store", lambda *a, **k: pytest.fail("the pool was tokenised again"))
     assert main(args) == 0
     assert run_outputs(tmp_path / "run") == run_outputs(want)
+    # the manifest says the store was reused; the reference run's says how long its pass took
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["load"] == {"pool_pass_seconds": None, "pool_store_reused": True}
+    ref_load = json.loads((want / "manifest.json").read_text())
+    assert not ref_load["load"]["pool_store_reused"] and 0 < ref_load["load"]["pool_pass_seconds"] <= ref_load["timings"]["load"]
 
     # with another --max-length (and --overwrite) the left store is not trusted
     monkeypatch.undo()

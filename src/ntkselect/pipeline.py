@@ -187,6 +187,7 @@ class Inputs:
     hashes: dict = field(default_factory=dict)  # {"domain": sha256, "pool": sha256} of the bytes read
     store: TokenStore | None = None
     owned: bool = False  # whether the store is a temporary one that close() removes
+    pool_pass_seconds: float | None = None  # the pool's one read-and-tokenise pass (None: a finished store was reused)
 
     def close(self) -> None:
         """Remove a temporary token store (one not moved into a run folder) and its temporary folder."""
@@ -260,6 +261,7 @@ def load_inputs(
     tests, key = _pool_tests(cfg, domain, exclude_texts, exclude_reason, drop)
     store = find_store(reuse, cfg.pool, tokenizer, cfg.max_length, cfg.template, key, log=log)
     owned = False
+    pass_s = None
     if store is not None:
         log(f"ntkselect: reusing the tokenised pool in {store.folder} ({store.n} records)")
     else:
@@ -274,11 +276,13 @@ def load_inputs(
 
         try:
             workers = cfg.threads or default_workers()  # processes that parse and tokenise the pool
+            t_pass = time.perf_counter()
             store = build_store(cfg.pool, tokenizer, cfg.max_length, cfg.template, store_dir, tests, key, progress=True, check=check, workers=workers)
         except BaseException:
             if owned:
                 shutil.rmtree(Path(store_dir).parent, ignore_errors=True)
             raise
+        pass_s = time.perf_counter() - t_pass
     inp = Inputs(
         domain,
         PoolRecords(store),
@@ -293,6 +297,7 @@ def load_inputs(
         hashes={"domain": dstream.sha256, "pool": store.sha256},
         store=store,
         owned=owned,
+        pool_pass_seconds=pass_s,
     )
     try:
         ex = store.meta["excluded"]
@@ -498,6 +503,11 @@ def write_selection(
             "note": "the selection's own work plus the shared warm-up / embeddings it used, as if run alone",
         },
         "timings": {k: round(v, 3) for k, v in timings.items()},
+        "load": {
+            # timings.load is all of reading D and C (tokenizer start-up included); this is the pool's pass alone
+            "pool_pass_seconds": None if inp.pool_pass_seconds is None else round(inp.pool_pass_seconds, 3),
+            "pool_store_reused": inp.pool_pass_seconds is None,
+        },
         "summary": {
             "n_domain": len(domain),
             "n_pool": len(pool),
