@@ -384,7 +384,8 @@ def main(argv=None) -> int:
     ref_label = f"{ref['size'] // 1000}K" if ref["size"] % 1000 == 0 else f"{ref['size']:,}"
     print()
     print(
-        "| size | raw tokenizer rec/s | load rec/s | load/raw % | pool pass rec/s | pass/raw % | load s | warmup s | stage1 s | stage2 s | write s | total s | peak RSS MiB "
+        "| size | raw tokenizer rec/s | load rec/s | load/raw % | pool pass rec/s | pass/raw % "
+        "| load s | warmup s | stage1 s | stage2 s | write s | total s | peak RSS MiB "
         f"| RSS / RSS({ref_label}) |"
     )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
