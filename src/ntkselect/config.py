@@ -200,6 +200,12 @@ class SelectConfig:
         "matmul precision: auto (bfloat16 where the hardware has it), float32 or bfloat16; reductions stay float32",
         choices=("auto", "float32", "bfloat16"),
     )
+    model_dtype: str = _opt(
+        "auto",
+        "dtype the model's weights are held in, loaded straight onto --device: auto (the checkpoint's own dtype on CUDA, "
+        "float32 on a CPU), bfloat16, float16 or float32; the LoRA adapter and every reduction stay float32",
+        choices=("auto", "bfloat16", "float16", "float32"),
+    )
     padding_side: str = _opt("right", "pad batches on the right or left (scores do not depend on it)", choices=("right", "left"))
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     threads: int = _opt(0, "CPU threads for torch (0 = torch's default)")

@@ -28,7 +28,7 @@ from ntkselect.data.pool import PoolExamples, PoolRecords, TokenStore, build_sto
 from ntkselect.data.records import Record, RecordStream, TokenizeStats, record_text, token_convention, tokenize_records
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, sha256_path
-from ntkselect.model.loading import check_model_options, load_tokenizer, resolve_model
+from ntkselect.model.loading import check_model_options, load_tokenizer, resolve_model, resolve_model_dtype
 from ntkselect.model.preflight import preflight_select
 from ntkselect.model.runtime import Runtime, resolve_device, resolve_precision
 from ntkselect.runs.folder import SELECT, Run, check_paths, open_run
@@ -327,9 +327,11 @@ def load_inputs(
 
 def make_runtime(cfg: SelectConfig, tokenizer) -> Runtime:
     device = resolve_device(cfg.device)
+    model_dtype = resolve_model_dtype(cfg.model_dtype, device, cfg.model)
     return Runtime(
         device=device,
-        dtype=resolve_precision(cfg.precision, device),
+        dtype=resolve_precision(cfg.precision, device, model_dtype),
+        model_dtype=model_dtype,
         batch_size=cfg.batch_size,
         max_batch_tokens=cfg.max_batch_tokens,
         padding_side=cfg.padding_side,

@@ -45,7 +45,7 @@ from ntkselect.errors import NtkSelectError
 from ntkselect.evaluation.metrics import evaluate_mc, heldout_loss, is_mc_record, mc_items
 from ntkselect.evaluation.stats import bootstrap_indices, gap_closed, paired_bootstrap, paired_sign_flip_test
 from ntkselect.files import atomic_open, atomic_write_json, sha256_path
-from ntkselect.model.loading import check_model_options, load_model, load_tokenizer
+from ntkselect.model.loading import MODEL_DTYPES, check_model_options, load_model, load_tokenizer
 from ntkselect.model.preflight import preflight_select
 from ntkselect.pipeline import load_inputs, make_runtime, package_versions, record_group, write_selection
 from ntkselect.runs.folder import EVALUATE, Run, check_paths, open_run
@@ -124,6 +124,9 @@ class EvalConfig:
     batch_size: int = _opt(16, "examples per batch for selection and testing")
     max_batch_tokens: int = _opt(8192, "padded tokens per batch")
     precision: str = _opt("auto", "auto (bfloat16 where supported), float32 or bfloat16", choices=("auto", "float32", "bfloat16"))
+    model_dtype: str = _opt(
+        "auto", "dtype of the model's weights: auto (the checkpoint's own on CUDA, float32 on a CPU), bfloat16, float16 or float32", choices=MODEL_DTYPES
+    )
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     threads: int = _opt(0, "CPU threads (0 = torch's default)")
     overwrite: bool = _opt(False, "discard finished cells in --out and start over")
@@ -450,7 +453,7 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
     cell = _cell_path(out, "base", None)
     if not cell.exists():
         log("ntkselect evaluate: base model")
-        model = load_model(cfg.model).to(rt.device)
+        model = load_model(cfg.model, rt.model_dtype, rt.device)
         row = {
             "method": "base",
             "seed": None,

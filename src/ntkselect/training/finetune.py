@@ -51,7 +51,7 @@ def finetune(model_name: str, examples: Sequence, recipe: FinetuneRecipe, rt: Ru
     """Train a fresh LoRA adapter on ``examples`` (tokenized D ∪ S); returns (model, summary)."""
     recipe.validate()
     t = time.perf_counter()
-    model = load_model(model_name).to(rt.device)
+    model = load_model(model_name, rt.model_dtype, rt.device)
     t_mod = recipe.lora_target_modules.strip()
     opts = WarmupOptions(
         r=recipe.lora_r,

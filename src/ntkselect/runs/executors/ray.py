@@ -35,6 +35,7 @@ def worker_spec(model, model_name: str, lora: dict, rt) -> dict:
         "lora": lora,
         "adapter_state": {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()},
         "dtype": str(rt.dtype).replace("torch.", ""),
+        "model_dtype": str(rt.model_dtype).replace("torch.", ""),
         "batch_size": rt.batch_size,
         "max_batch_tokens": rt.max_batch_tokens,
         "padding_side": rt.padding_side,
@@ -64,7 +65,9 @@ def _worker_class():
             dtype = getattr(torch, spec["dtype"])
             if device.type == "cpu" and dtype == torch.bfloat16 and not spec.get("cpu_bf16", True):
                 dtype = torch.float32
-            model = add_lora(load_model(spec["model"]), WarmupOptions(**spec["lora"]))
+            model_dtype = getattr(torch, spec.get("model_dtype", "float32"))
+            # straight onto this actor's own device, in the run's weight dtype: no float32 host copy
+            model = add_lora(load_model(spec["model"], model_dtype, device), WarmupOptions(**spec["lora"]))
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(model, spec["adapter_state"])
@@ -72,6 +75,7 @@ def _worker_class():
             self.rt = Runtime(
                 device=device,
                 dtype=dtype,
+                model_dtype=model_dtype,
                 batch_size=spec["batch_size"],
                 max_batch_tokens=spec["max_batch_tokens"],
                 padding_side=spec["padding_side"],
