@@ -12,9 +12,10 @@ LoRA r = 8 on every linear layer, it measures
    the float32 reference (relative error ‖s − s_ref‖ / ‖s_ref‖, Spearman rank correlation,
    top-quarter overlap);
 2. **speed** in the run's precision (bfloat16 weights on CUDA): a plain forward pass of the frozen
-   model, stage 1 (embeddings through the merged LoRA layers), exact stage 2 (domain vector, then
-   candidate scores) and projected stage 2 (p = 8192), each after a one-batch warm-up and with
-   CUDA synchronisation, as tokens/s and as ratios to the plain forward pass;
+   model, stage 1 (embeddings through the merged LoRA layers), exact stage 2 (the domain vector,
+   then the candidates' scores, timed apart) and projected stage 2 (p = 8192), each after a
+   one-batch warm-up and with CUDA synchronisation, as tokens/s and as ratios of time per token
+   to the plain forward pass (``--profile``: the ops of one exact batch by device time);
 3. **peak memory** of each phase (CUDA's max_memory_allocated over what was allocated before it)
    against the prediction from ntkselect's measured per-pass costs (``ntkselect.model.memory``)
    plus the merged weights the phase holds.
@@ -238,12 +239,19 @@ def check_shape(name: str, shape: Shape, device: torch.device, args, deadline: f
     run("stage1", lambda: embed(model, speed, rth), lambda: embed(model, warm, rth), predicted("forward"))
     dom = speed[: max(1, len(speed) // 8)]
 
-    def exact_stage2():
+    def domain_pass():
         nonlocal gbar
         gbar = domain_mean_gradient(model, dom, rth)
-        return score_against(model, speed, gbar, rth)
 
-    run("exact", exact_stage2, lambda: score_against(model, warm, domain_mean_gradient(model, warm[:2], rth), rth), predicted("dot", 4 * dim))
+    # the domain vector (once per run: ~1K domain examples against M = 4N candidates) apart from the
+    # candidates' scores (what grows with the pool); the candidates' row is the one the targets read
+    n_tok_all = n_tok
+    n_tok = len(dom) * shape.length
+    run("domain", domain_pass, lambda: domain_mean_gradient(model, warm[:2], rth), predicted("sum", 4 * dim))
+    n_tok = n_tok_all
+    run("exact", lambda: score_against(model, speed, gbar, rth), lambda: score_against(model, warm, gbar, rth), predicted("dot", 4 * dim))
+    if args.profile and device.type == "cuda" and gbar is not None:
+        res["exact_profile"] = profile_exact(model, warm, gbar, rth)
     # projected (p = 8192): every candidate's gradient gathered into one chunk, projected in one pass over the blocks
     proj = RademacherProjector(dim, args.proj_dim, seed=0, device=device, dtype=half)
     chunk = len(speed) * dim * 4
@@ -266,16 +274,17 @@ def check_shape(name: str, shape: Shape, device: torch.device, args, deadline: f
             lambda: projected_features(model, warm[:2], proj, rth, chunk_bytes=2 * dim * 4),
             pred_proj,
         )
-    f = rows.get("forward", {}).get("seconds")
+    # ratios of time per token (the domain pass has fewer tokens than the others)
+    f = rows.get("forward", {}).get("tokens_per_s")
     ratios = {}
     if f:
-        for k in ("stage1", "exact", "projected"):
-            if "seconds" in rows.get(k, {}):
-                ratios[f"{k}_time_vs_forward"] = rows[k]["seconds"] / f
+        for k in ("stage1", "domain", "exact", "projected"):
+            if "tokens_per_s" in rows.get(k, {}):
+                ratios[f"{k}_time_vs_forward"] = f / rows[k]["tokens_per_s"]
         if "stage1_time_vs_forward" in ratios:
             ratios["stage1_throughput_vs_forward"] = 1 / ratios.pop("stage1_time_vs_forward")
     res.update(
-        speed={"precision": str(half).replace("torch.", ""), "candidates": len(speed), "tokens": n_tok, "batch_size": B, "rows": rows, "ratios": ratios},
+        speed={"precision": str(half).replace("torch.", ""), "candidates": len(speed), "tokens": n_tok_all, "batch_size": B, "rows": rows, "ratios": ratios},
         merged_weights_bytes=merged,
         memory_costs={k: dataclasses.asdict(v) for k, v in costs.items()},
         seconds=time.perf_counter() - t0,
@@ -284,6 +293,27 @@ def check_shape(name: str, shape: Shape, device: torch.device, args, deadline: f
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return res
+
+
+def profile_exact(model, batch_examples, gbar, rt: Runtime, top: int = 15) -> list[dict]:
+    """The ops of one exact stage-2 batch by device time (torch.profiler), after a warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    score_against(model, batch_examples, gbar, rt)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        score_against(model, batch_examples, gbar, rt)
+        sync(rt.device)
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        rows.append({"op": e.key, "device_ms": t / 1e3, "calls": e.count, "cpu_ms": e.cpu_time_total / 1e3})
+    total = sum(r["device_ms"] for r in rows if not r["op"].startswith(("aten::", "autograd::", "ProfilerStep")))
+    rows.sort(key=lambda r: -r["device_ms"])
+    out = rows[:top]
+    out.append({"op": "(all kernels)", "device_ms": total})
+    for r in out[:top]:
+        print(f"  {r['device_ms']:9.2f} ms  {r.get('calls', ''):>6}  {r['op'][:90]}", flush=True)
+    return out
 
 
 def environment(device: torch.device) -> dict:
@@ -312,6 +342,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--proj-dim", type=int, default=8192)
+    ap.add_argument("--profile", action="store_true", help="on CUDA: the ops of one exact stage-2 batch by device time, into the JSON")
     ap.add_argument("--time-budget", type=float, default=420.0, help="seconds; phases that would start later are skipped (and say so)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
