@@ -32,7 +32,7 @@ import torch
 
 from ntkselect.grads.fused import flatten_grads, unflatten_grads
 
-__all__ = ["AbstractProjector", "RademacherProjector", "NoOpProjector", "make_projector", "philox4x64", "BLOCK_ROWS", "PAPER_PROJ_DIM"]
+__all__ = ["AbstractProjector", "RademacherProjector", "NoOpProjector", "make_projector", "philox4x64", "chunk_bytes_for", "BLOCK_ROWS", "PAPER_PROJ_DIM"]
 
 BLOCK_ROWS = 1024
 PAPER_PROJ_DIM = 8192  # the paper's p
@@ -183,6 +183,18 @@ class NoOpProjector(AbstractProjector):
 
     def chunk_rows(self, chunk_bytes: int) -> int:
         return 1  # nothing to share between rows: no gathering buffer
+
+
+def chunk_bytes_for(device: str | torch.device, default: int) -> int:
+    """Bytes of per-example gradients to gather before one pass over R on ``device``: ``default``
+    on the CPU; on CUDA at least a quarter of the memory free now, so that a pass (whose cost
+    does not depend on the number of rows) serves hundreds of rows of an 8B model's LoRA
+    gradients, not the ~25 that ``default`` holds at D ≈ 21M."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return default
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(default, free // 4)
 
 
 def make_projector(dim: int, proj_dim: int = 0, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> AbstractProjector:
