@@ -78,3 +78,45 @@ def test_embeddings_are_masked_means_and_batch_invariant(tiny_model_dir, example
     with torch.no_grad():
         h2 = model.get_base_model().model(input_ids=torch.tensor([e.input_ids])).last_hidden_state[0]
     assert torch.equal(h, h2)
+
+
+class _Counted:
+    """A shard that counts the rows read from it."""
+
+    def __init__(self, a, log):
+        self.a, self.log = a, log
+
+    def __len__(self):
+        return len(self.a)
+
+    def __getitem__(self, key):
+        out = self.a[key]
+        self.log.append(len(out))
+        return out
+
+
+def test_search_is_piece_and_sharding_invariant_and_reads_the_pool_once(monkeypatch):
+    """Pieces of a few rows and chunks of a few queries (a tiny budget) give the same top-k, ties
+    included (duplicated rows: the earlier position first), and every pool row is read once."""
+    from ntkselect.selection.ntk import stage1
+    from ntkselect.selection.tsds import tsds
+
+    rng = np.random.default_rng(3)
+    d, p = rng.normal(size=(9, 6)).astype(np.float32), rng.normal(size=(150, 6)).astype(np.float32)
+    p[100:110] = p[10:20]  # exact duplicates: equal cosines
+    ref_s, ref_i = stage1.knn_search(d, p, 12)
+    monkeypatch.setattr(stage1, "SEARCH_BUDGET", 40)  # pieces of 12 rows, 1-2 queries per sort
+    log: list[int] = []
+    shards = [_Counted(p[a:b], log) for a, b in ((0, 37), (37, 38), (38, 150))]
+    got_s, got_i = stage1.knn_search(d, shards, 12)
+    np.testing.assert_array_equal(got_i, ref_i)
+    np.testing.assert_allclose(got_s, ref_s, rtol=1e-6)  # a matmul's last bit depends on its shape
+    assert sum(log) == len(p)
+    for row_i, row_s in zip(ref_i, ref_s):  # equal cosines: earlier pool position first
+        for j in range(len(row_i) - 1):
+            assert row_s[j] > row_s[j + 1] or row_i[j] < row_i[j + 1]
+    sims = (d / np.linalg.norm(d, axis=1, keepdims=True)).astype(np.float64) @ (p / np.linalg.norm(p, axis=1, keepdims=True)).T
+    np.testing.assert_allclose(ref_s, -np.sort(-sims, axis=1)[:, :12], rtol=1e-6, atol=1e-6)  # float32 cosines, float64 reference
+    log.clear()
+    r = tsds(d, shards, max_k=5, kde_k=3)
+    assert sum(log) == len(p) + r.neighbourhood  # the search's one read, then U's rows for the KDE

@@ -53,7 +53,7 @@ class NtkSelector(Selector):
         cfg = ctx.cfg
         dom_emb, pool_emb = ctx.embeddings()
         t = time.perf_counter()
-        s1 = preselect(dom_emb, pool_emb, int(round(cfg.preselect_factor * n)), cfg.knn_k)
+        s1 = preselect(dom_emb, pool_emb, int(round(cfg.preselect_factor * n)), cfg.knn_k, ctx.rt.device)
         cand = s1.selected
         t2 = time.perf_counter()
         pool_ids = ids_of(ctx.pool)

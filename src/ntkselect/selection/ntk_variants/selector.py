@@ -155,7 +155,7 @@ class NtkPlusSelector(Selector):
         var = PRESETS[self.name](cfg)
         dom_emb, pool_emb = ctx.embeddings()
         t = time.perf_counter()
-        s1 = preselect(dom_emb, pool_emb, int(round(cfg.preselect_factor * n)), cfg.knn_k)
+        s1 = preselect(dom_emb, pool_emb, int(round(cfg.preselect_factor * n)), cfg.knn_k, ctx.rt.device)
         cand = s1.selected
         t2 = time.perf_counter()
         model = ctx.model()
