@@ -256,13 +256,14 @@ def check_shape(name: str, shape: Shape, device: torch.device, args, deadline: f
     proj = RademacherProjector(dim, args.proj_dim, seed=0, device=device, dtype=half)
     chunk = len(speed) * dim * 4
     pred_proj = predicted("per_example", chunk + 4 * len(speed) * args.proj_dim)
-    sample = min(proj.n_blocks, 8)  # time a few blocks, then decide whether a whole pass fits
-    proj.block(0, half)
-    t = time.perf_counter()
-    for i in range(sample):
-        proj.block(i, half)
+    # time one group of blocks as a pass makes them (many per call on a GPU), then decide whether a whole pass fits
+    group = min(proj.n_blocks, proj.group(half))
+    proj.blocks(0, group, half)
     sync(device)
-    pass_s = (time.perf_counter() - t) / sample * proj.n_blocks
+    t = time.perf_counter()
+    proj.blocks(0, group, half)
+    sync(device)
+    pass_s = (time.perf_counter() - t) / group * proj.n_blocks
     res["projection_pass_seconds_estimated"] = pass_s
     res["projection_blocks"] = proj.n_blocks
     if time.perf_counter() + 2 * pass_s + 3 * rows.get("exact", {}).get("seconds", 0) > deadline:
