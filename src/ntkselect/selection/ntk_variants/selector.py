@@ -321,8 +321,23 @@ def _register(name: str) -> type:
     )
 
 
-#: the variants' own options (what ignored_options checks)
-VARIANT_OPTIONS = ("kernel", "probes", "normalise", "diverse", "diversity_lambda", "ensemble", "checkpoints", "cosine", "weighted_vote", "vote_weight")
+#: the variants' own options and the selection rules' (ntkselect.selection.ntk_rules): what ignored_options checks
+VARIANT_OPTIONS = (
+    "kernel",
+    "probes",
+    "normalise",
+    "diverse",
+    "diversity_lambda",
+    "ensemble",
+    "checkpoints",
+    "cosine",
+    "weighted_vote",
+    "vote_weight",
+    "features",
+    "aggregate",
+    "feature_dim",
+    "whiten_shrinkage",
+)
 
 
 def ignored_options(cfg: SelectConfig) -> list[str]:
@@ -337,13 +352,15 @@ def ignored_options(cfg: SelectConfig) -> list[str]:
     flag = lambda o: "--" + o.replace("_", "-")  # noqa: E731
     changed = [o for o in VARIANT_OPTIONS if getattr(cfg, o) != defaults[o]]
     out = [f"{flag(o)} is not read by --method {cfg.method}, so it has no effect" for o in changed if spec is None or o not in spec.options]
+    needs = {
+        "probes": ("kernel", "trace", "--kernel trace"),
+        "vote_weight": ("weighted_vote", True, "--weighted-vote"),
+    }
     if cfg.method == "ntk-plus":
-        needs = {
-            "probes": ("kernel", "trace", "--kernel trace"),
-            "diversity_lambda": ("diverse", True, "--diverse"),
-            "checkpoints": ("ensemble", True, "--ensemble"),
-            "vote_weight": ("weighted_vote", True, "--weighted-vote"),
-        }
+        needs.update(diversity_lambda=("diverse", True, "--diverse"), checkpoints=("ensemble", True, "--ensemble"))
+    if cfg.method == "ntk-rules":
+        needs["whiten_shrinkage"] = ("features", "whiten", "--features whiten")
+    if cfg.method in ("ntk-plus", "ntk-rules"):
         out += [f"{flag(o)} has no effect without {needs[o][2]}" for o in changed if o in needs and getattr(cfg, needs[o][0]) != needs[o][1]]
     return [f"ntkselect: note: {line}" for line in out]
 
