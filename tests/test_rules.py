@@ -253,3 +253,18 @@ def test_evaluate_takes_the_rules_and_their_options(tmp_path):
     sc = cfg.select_config("ntk-rules", 1, "o")
     assert (sc.method, sc.features, sc.aggregate, sc.feature_dim, sc.whiten_shrinkage) == ("ntk-rules", "whiten", "tsds", 256, 0.2)
     cfg.validate()
+
+
+def test_evaluate_runs_the_new_methods_next_to_ntk(tiny_model_dir, tmp_path):
+    from helpers import write_eval_data
+
+    p = write_eval_data(tmp_path)
+    methods = "ntk,ntk-cos,ntk-vote,ntk-rr,ntk-tsds"
+    args = ["evaluate", "--domain-train", p["train"], "--domain-test", p["test"], "--pool", p["pool"], "--n", 3, "--out", tmp_path / "ev"]
+    args += ["--model", tiny_model_dir, "--seeds", 1, "--methods", methods, "--knn-k", 2, "--feature-dim", 64, "--ft-epochs", 1]
+    args += ["--ft-batch-size", 4, "--batch-size", 4, "--max-batch-tokens", 512, "--precision", "float32"]
+    assert main([str(a) for a in args]) == 0
+    table = (tmp_path / "ev" / "results.md").read_text()
+    for m in methods.split(","):
+        assert f"| {m} |" in table
+        assert len((tmp_path / "ev" / "selections" / f"{m}-seed0" / "selected.jsonl").read_text().splitlines()) == 3
