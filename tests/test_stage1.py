@@ -7,7 +7,7 @@ import torch
 
 from helpers import make_lora_model
 from ntkselect.model.runtime import Runtime
-from ntkselect.selection.ntk.stage1 import embed, knn_votes, preselect
+from ntkselect.selection.ntk.stage1 import embed, knn_votes, preselect, vote_degeneracy
 
 
 def brute_votes(d, p, k):
@@ -60,6 +60,44 @@ def test_m_larger_than_pool_keeps_everything():
     rng = np.random.default_rng(2)
     d, p = rng.normal(size=(3, 8)).astype(np.float32), rng.normal(size=(10, 8)).astype(np.float32)
     assert sorted(preselect(d, p, m=50, k=2).selected.tolist()) == list(range(10))
+
+
+def brute_weighted(d, p, k, weight):
+    """Each domain example's k nearest by cosine, weighted naively: (K - r) / K for the r-th, or its cosine."""
+    d, p = d.astype(np.float64), p.astype(np.float64)
+    dn = d / np.linalg.norm(d, axis=1, keepdims=True)
+    pn = p / np.linalg.norm(p, axis=1, keepdims=True)
+    w = np.zeros(len(p))
+    for row in dn @ pn.T:
+        for r, j in enumerate(np.argsort(-row, kind="stable")[:k]):
+            w[j] += (k - r) / k if weight == "rank" else row[j]
+    return w
+
+
+def test_weighted_votes_match_brute_force_and_order_a_homogeneous_domain():
+    rng = np.random.default_rng(3)
+    centre = rng.normal(size=16)
+    d = (centre + 0.01 * rng.normal(size=(10, 16))).astype(np.float32)  # near-copies of one template
+    p = rng.normal(size=(60, 16)).astype(np.float32)
+    count = preselect(d, p, m=8, k=8)
+    deg = vote_degeneracy(count)
+    assert deg["max_votes"] == 10 and deg["kept_at_max_votes"] == 1.0 and deg["distinct_vote_counts_kept"] == 1  # the count orders nothing
+    for weight in ("rank", "similarity"):
+        res = preselect(d, p, m=8, k=8, weight=weight)
+        ref = brute_weighted(d, p, 8, weight)
+        np.testing.assert_allclose(res.weight, ref, rtol=1e-9, atol=1e-12)
+        np.testing.assert_array_equal(res.votes, count.votes)
+        assert res.selected.tolist() == np.lexsort((np.arange(60), -ref))[:8].tolist()
+        deg = vote_degeneracy(res)
+        assert deg["vote"] == weight and deg["distinct_vote_weights_kept"] > 1  # the weights still order it
+    assert preselect(d, p, m=8, k=8, weight="rank").selected.tolist() == preselect(d, p, m=8, k=8, weight="rank").selected.tolist()
+
+
+def test_count_vote_degeneracy_counts_distinct_votes():
+    d = np.array([[1, 0], [0, 1]], np.float32)
+    p = np.array([[1, 0.1], [1, 0.1], [0.1, 1], [0.1, 1], [1, 1], [-1, -1]], np.float32)
+    res = preselect(d, p, m=5, k=3)
+    assert vote_degeneracy(res) == {"vote": "count", "max_votes": 2, "kept_at_max_votes": 0.2, "distinct_vote_counts_kept": 2, "distinct_vote_counts": 2}
 
 
 def test_embeddings_are_masked_means_and_batch_invariant(tiny_model_dir, examples, tokenizer, tmp_path):

@@ -112,6 +112,13 @@ class EvalConfig:
     diversity_lambda: float = _opt(0.5, "ntk-diverse (ntk-plus --diverse): redundancy weight, 0 = top N")
     ensemble: bool = _opt(False, "ntk-plus: average the kernel over warm-up checkpoints")
     checkpoints: int = _opt(3, "ntk-ensemble (ntk-plus --ensemble): warm-up checkpoints")
+    cosine: bool = _opt(False, "ntk-plus: the cosine kernel (ntk-cos alone)")
+    weighted_vote: bool = _opt(False, "ntk-plus, ntk-rules: stage 1 by --vote-weight (ntk-vote alone)")
+    vote_weight: str = _opt("rank", "ntk-vote (ntk-plus / ntk-rules --weighted-vote): rank or similarity", choices=("rank", "similarity"))
+    features: str = _opt("unit", "ntk-rules: gradient features unit, centre or whiten", choices=("unit", "centre", "whiten"))
+    aggregate: str = _opt("mean", "ntk-rules: mean, max, rr (round robin) or tsds", choices=("mean", "max", "rr", "tsds"))
+    feature_dim: int = _opt(8192, "ntk-max, ntk-rr, ntk-whiten, ntk-tsds, ntk-rules: feature projection dimension")
+    whiten_shrinkage: float = _opt(0.5, "ntk-whiten, ntk-tsds (ntk-rules --features whiten): covariance shrinkage rho in (0, 1]")
     lora_r: int = _opt(8, "LoRA rank for the warm-up and the fine-tune")
     lora_alpha: float = _opt(16.0, "LoRA alpha for the warm-up and the fine-tune")
     # -- fine-tuning recipe (identical for every method) -----------------------------------
@@ -248,7 +255,8 @@ class EvalConfig:
 
 
 #: options added after evaluations were run (besides tsds_*): at their defaults they leave the fingerprint as it was
-_LATER_OPTIONS = ("domain_extra", "kernel", "probes", "normalise", "diverse", "diversity_lambda", "ensemble", "checkpoints")
+_LATER_OPTIONS: tuple[str, ...] = ("domain_extra", "kernel", "probes", "normalise", "diverse", "diversity_lambda", "ensemble", "checkpoints")
+_LATER_OPTIONS += ("cosine", "weighted_vote", "vote_weight", "features", "aggregate", "feature_dim", "whiten_shrinkage")  # issue 25
 
 
 def _fingerprint(cfg: EvalConfig) -> dict:

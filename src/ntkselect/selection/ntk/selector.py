@@ -11,7 +11,7 @@ import time
 from ntkselect.data.pool import ids_of
 from ntkselect.grads.projection import BLOCK_ROWS
 from ntkselect.selection.base import Ranking, SelectionContext, Selector, ordered
-from ntkselect.selection.ntk.stage1 import preselect
+from ntkselect.selection.ntk.stage1 import preselect, vote_degeneracy
 from ntkselect.selection.ntk.stage2 import SCORE, run_stage2
 from ntkselect.selection.registry import register_selector
 
@@ -91,6 +91,7 @@ class NtkSelector(Selector):
                     "k_used": s1.k_used,
                     "voted_candidates": int((s1.votes > 0).sum()),
                     "tie_break": "votes desc, best cosine desc, pool position asc",
+                    "vote_degeneracy": vote_degeneracy(s1),
                     "seconds": s1.seconds,
                 },
                 "stage2": {
