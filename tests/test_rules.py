@@ -121,7 +121,7 @@ DOMAIN = [{"prompt": "What is 2 + 2?", "response": "4"}, {"prompt": "What is 5 +
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_each_rule_ranks_like_the_naive_rule_on_autograd_gradients(method, tiny_model_dir, tokenizer):
+def test_each_rule_ranks_like_the_naive_rule_on_autograd_gradients(method, tiny_model_dir, tokenizer, monkeypatch):
     from ntkselect.config import SelectConfig
     from ntkselect.data.records import Record, tokenize_records
     from ntkselect.selection import SelectionContext, get_selector
@@ -130,9 +130,15 @@ def test_each_rule_ranks_like_the_naive_rule_on_autograd_gradients(method, tiny_
     ex, _ = tokenize_records(recs, tokenizer, 64)
     nd = len(DOMAIN)
     extra = {"features": "centre", "aggregate": "rr"} if method == "ntk-rules" else {}
+    shrink = 0.3
+    seen: list = []  # TSDS's inputs, as the selector hands them over
+    import ntkselect.selection.ntk_rules.selector as rules_selector
+
+    real_tsds = rules_selector.tsds
+    monkeypatch.setattr(rules_selector, "tsds", lambda dom, cand, **kw: seen.append((dom, cand, kw)) or real_tsds(dom, cand, **kw))
     cfg = SelectConfig(
         domain="-", pool="-", n=2, out="-", method=method, model=tiny_model_dir, warmup_epochs=1, warmup_lr=5e-3, knn_k=2,
-        preselect_factor=4.0, feature_dim=64, whiten_shrinkage=0.3, tsds_max_k=3, tsds_kde_k=3, precision="float32", **extra,
+        preselect_factor=4.0, feature_dim=64, whiten_shrinkage=shrink, tsds_max_k=3, tsds_kde_k=3, precision="float32", **extra,
     )  # fmt: skip
     rt = rt_(tokenizer.pad_token_id, batch_size=3)
     ctx = SelectionContext(cfg.validate(), recs[:nd], recs[nd:], ex[:nd], ex[nd:], rt, log=lambda *_: None)
@@ -143,7 +149,7 @@ def test_each_rule_ranks_like_the_naive_rule_on_autograd_gradients(method, tiny_
     g = naive_gradients(model, ex, tokenizer.pad_token_id)  # (|D| + |C|, D) plain autograd, full logits
     f = make_projector(g.shape[1], 64, cfg.seed).project(g).double().numpy()
     kind = {"ntk-max": "unit", "ntk-rr": "unit", "ntk-whiten": "whiten", "ntk-tsds": "whiten", "ntk-rules": "centre"}[method]
-    du, cu = naive_transform(f[:nd], f[nd:], kind, 0.3)
+    du, cu = naive_transform(f[:nd], f[nd:], kind, shrink)
     sims = du @ cu.T  # (|D|, |C|)
     pos = np.arange(len(POOL))
     if method in ("ntk-max", "ntk-whiten"):
@@ -156,10 +162,19 @@ def test_each_rule_ranks_like_the_naive_rule_on_autograd_gradients(method, tiny_
         np.testing.assert_allclose(r.scores, [sims[i, j] for j, i in naive], rtol=1e-4, atol=1e-4)
         assert r.columns["taken_by"].tolist() == [f"r{i}" for _, i in naive]
     else:
-        t = tsds(du, cu, max_k=3, kde_k=3)
+        # whitening 10 rows in their span leaves them nearly equidistant, and TSDS's neighbour search runs in
+        # float32: the features it was given equal the naive ones (up to a rotation), and its draw is TSDS on exactly those
+        ((d_in, c_in, kw),) = seen
+        # in the rows' span and in stage 1's candidate order: match each candidate to its pool row by its inner products
+        cross_in, cross = d_in @ c_in.T, du @ cu.T  # (|D|, |C|)
+        perm = np.array([int(np.argmin(np.abs(cross - cross_in[:, [j]]).sum(0))) for j in range(cross_in.shape[1])])
+        assert sorted(perm.tolist()) == list(range(len(POOL)))
+        x_in, x = np.concatenate([d_in, c_in]), np.concatenate([du, cu[perm]])
+        np.testing.assert_allclose(x_in @ x_in.T, x @ x.T, rtol=1e-4, atol=1e-5)
+        t = tsds(d_in, c_in, **kw)
         probs = np.where(t.probs > 1e-12, t.probs, 0.0)  # the transport's clip leaves rounding-sized mass at its boundary
-        assert r.order.tolist() == draw_order(probs, t.nearest, cfg.seed).tolist()
-        np.testing.assert_allclose(r.scores, t.probs[r.order], rtol=1e-4, atol=1e-6)
+        assert r.order.tolist() == perm[draw_order(probs, t.nearest, cfg.seed)].tolist()
+        np.testing.assert_allclose(r.scores, t.probs[draw_order(probs, t.nearest, cfg.seed)], rtol=1e-4, atol=1e-6)
     assert r.info["rule"]["features"] == kind and r.info["stage1"]["vote_degeneracy"]["vote"] == "count"
 
 
