@@ -169,3 +169,30 @@ def test_render_leaves_out_a_method_without_every_seed(first_run, tmp_path):
     assert render.main(["--records", str(part), "--doc", str(doc)]) == 0
     text = doc.read_text()
     assert "| ntk |" not in text and "Incomplete, not in the table: ntk (seeds 0)." in text
+
+
+def test_domain_only_is_the_warm_up_when_they_train_the_same(tiny_model_dir, tmp_path):
+    """With the warm-up's recipe equal to the fine-tune's, domain-only reuses the warm-up instead of
+    training it again, and its test losses are those of a separate fine-tune on D."""
+    from ntkselect.data.records import load_records, tokenize_records
+    from ntkselect.evaluation.metrics import heldout_loss
+    from ntkselect.model.loading import load_tokenizer
+    from ntkselect.model.runtime import Runtime
+    from ntkselect.training.finetune import FinetuneRecipe, finetune
+
+    p = write_eval_data(tmp_path)
+    out = tmp_path / "ev"
+    same = ["--warmup-lr", "5e-4", "--ft-lr", "5e-4", "--warmup-epochs", "1", "--max-length", "64", "--ft-max-length", "64", "--seeds", "0,"]
+    args = _args(p, out, tiny_model_dir, tmp_path / "rec", *same)
+    args[args.index("--methods") + 1] = "domain-only,ntk"
+    args[args.index("--ft-batch-size") + 1] = "8"  # the warm-up's batch size
+    assert main(args) == 0
+    cell = json.loads((out / "cells" / "domain-only-seed0.json").read_text())
+    assert cell["finetune_shared"] == "warmup"
+    tok = load_tokenizer(tiny_model_dir)
+    rt = Runtime(pad_id=tok.pad_token_id, progress=False)
+    train, _ = tokenize_records(load_records(str(p["train"])), tok, 64, "auto")
+    model, _ = finetune(tiny_model_dir, train, FinetuneRecipe(epochs=1, lr=5e-4, batch_size=8, max_length=64), rt, 0)
+    test, _ = tokenize_records(load_records(str(p["test"])), tok, 512, "auto")
+    assert cell["losses"] == pytest.approx(heldout_loss(model, test, rt).loss.tolist(), rel=1e-6, abs=1e-6)
+    assert "finetune_shared" not in json.loads((out / "cells" / "ntk-seed0.json").read_text())

@@ -52,7 +52,7 @@ from ntkselect.pipeline import load_inputs, make_runtime, package_versions, reco
 from ntkselect.runs.folder import EVALUATE, Run, check_paths, open_run
 from ntkselect.runs.shards import digest
 from ntkselect.selection import SelectionContext, get_selector, selector_names
-from ntkselect.training.finetune import FinetuneRecipe, finetune
+from ntkselect.training.finetune import FinetuneRecipe, finetune, finetune_options
 
 __all__ = ["EvalConfig", "run_evaluation", "paired_sign_flip_test"]
 
@@ -411,6 +411,16 @@ def _test_model(model, tokenizer, test: _TestSet, rt, cfg: EvalConfig, desc: str
     return row
 
 
+def _warmup_is_finetune(ctx: SelectionContext, recipe: FinetuneRecipe, examples: list, seed: int) -> bool:
+    """Whether the seed's warm-up on D is exactly the domain-only fine-tune: the same training
+    loop with the same options (learning rate, epochs, batch size, LoRA, seed, no dropout) on the
+    same tokens. The benchmark's configs warm up at another learning rate, so there it is not."""
+    if dataclasses.asdict(ctx.lora_options()) != dataclasses.asdict(finetune_options(recipe, seed)):
+        return False
+    same = lambda a, b: list(a.input_ids) == list(b.input_ids) and list(a.train_mask) == list(b.train_mask)  # noqa: E731
+    return len(ctx.dom_ex) == len(examples) and all(same(a, b) for a, b in zip(ctx.dom_ex, examples))
+
+
 def _load_extra(cfg: EvalConfig, domain: list[Record], test: _TestSet) -> list[Record]:
     """The oracle's source: further in-domain records, refused if any repeats a D or test question."""
     if not cfg.domain_extra:
@@ -573,7 +583,17 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
                 overlap = sum(test_q.leaks(r.raw) for r in train)
                 if overlap:
                     raise NtkSelectError(f"{method}, seed {seed}: {overlap} training examples share a question with the test set; refusing to report")
-                model, ft = finetune(cfg.model, ft_examples(train), recipe, rt, seed, desc=f"fine-tune: {method}, seed {seed}")
+                if method == BASELINE and _warmup_is_finetune(ctx, recipe, ft_examples(train), seed):
+                    # the seed's warm-up is this very fine-tune (same loop, options and tokens): train it once
+                    model = ctx.model()
+                    ft = {
+                        "seconds_total": ctx.shared_seconds.get("warmup", 0.0),
+                        "tokens": int(round(sum(len(e.input_ids) for e in ft_examples(train)) * recipe.epochs)),
+                        "loss_last": (ctx.warmup_summary or {}).get("loss_last"),
+                        "shared": "warmup",
+                    }
+                else:
+                    model, ft = finetune(cfg.model, ft_examples(train), recipe, rt, seed, desc=f"fine-tune: {method}, seed {seed}")
                 row = {
                     "method": method,
                     "seed": seed,
@@ -584,6 +604,7 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
                     "finetune_seconds": round(ft["seconds_total"], 3),
                     "finetune_tokens": ft["tokens"],
                     "finetune_loss_last": ft.get("loss_last"),
+                    **({"finetune_shared": ft["shared"]} if "shared" in ft else {}),
                     "test_overlap": overlap,
                     "selected_ids": [r.id for r in selected],
                     **_composition(selected),
