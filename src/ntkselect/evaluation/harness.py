@@ -586,7 +586,7 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
                 if method == BASELINE and _warmup_is_finetune(ctx, recipe, ft_examples(train), seed):
                     # the seed's warm-up is this very fine-tune (same loop, options and tokens): train it once
                     model = ctx.model()
-                    ft = {
+                    ft: dict[str, Any] = {
                         "seconds_total": ctx.shared_seconds.get("warmup", 0.0),
                         "tokens": int(round(sum(len(e.input_ids) for e in ft_examples(train)) * recipe.epochs)),
                         "loss_last": (ctx.warmup_summary or {}).get("loss_last"),
