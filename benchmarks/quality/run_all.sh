@@ -19,7 +19,7 @@ PY=${PY:-.venv/bin/python}
 THREADS=${THREADS:-1}
 SEEDS=${SEEDS:-"0 1 2"}
 DOMAINS=${DOMAINS:-"arithmetic medical math"}  # cheapest first: short records, then MMLU, then GSM8K
-METHODS=${METHODS:-"domain-only,oracle,random,bm25,embedding,tsds,ntk,ntk-norm,ntk-loss,ntk-diverse,ntk-ensemble,ntk-trace,less"}
+METHODS=${METHODS:-"domain-only,oracle,random,bm25,embedding,tsds,ntk,ntk-vote,ntk-cos,ntk-rr,ntk-max,ntk-whiten,ntk-tsds,ntk-norm,ntk-loss,ntk-diverse,ntk-ensemble,ntk-trace,less"}
 GSM8K=${GSM8K:-../shared/data/gsm8k}
 
 for d in $DOMAINS; do  # the data: seconds, and the same bytes every time (its hashes are in the records' fingerprint)
