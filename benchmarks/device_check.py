@@ -198,10 +198,10 @@ def check_shape(name: str, shape: Shape, device: torch.device, args, deadline: f
     B, L = args.batch_size, shape.length
     costs = measure_costs(model, rth, ("forward", "sum", "dot", "per_example"), vocab=vocab)
     merged = torch.empty((), dtype=half).element_size() * adapted  # W + sBA of every adapted layer, held during a stage
-    n_batch_tok = B * (L - 1)
 
-    def predicted(kind: str, extra: float = 0.0, with_merged: bool = True) -> int:
-        return int(costs[kind].bytes(B, L, n_batch_tok) + (merged if with_merged else 0) + extra)
+    def predicted(kind: str, extra: float = 0.0, with_merged: bool = True, batch: int = B) -> int:
+        """The plan's peak: the largest batch's measured cost, plus the merged weights the phase holds."""
+        return int(costs[kind].bytes(batch, L, batch * (L - 1)) + (merged if with_merged else 0) + extra)
 
     phase = Phase(device)
     rows: dict = {}
@@ -247,7 +247,7 @@ def check_shape(name: str, shape: Shape, device: torch.device, args, deadline: f
     # candidates' scores (what grows with the pool); the candidates' row is the one the targets read
     n_tok_all = n_tok
     n_tok = len(dom) * shape.length
-    run("domain", domain_pass, lambda: domain_mean_gradient(model, warm[:2], rth), predicted("sum", 4 * dim))
+    run("domain", domain_pass, lambda: domain_mean_gradient(model, warm[:2], rth), predicted("sum", 4 * dim, batch=min(B, len(dom))))
     n_tok = n_tok_all
     run("exact", lambda: score_against(model, speed, gbar, rth), lambda: score_against(model, warm, gbar, rth), predicted("dot", 4 * dim))
     if args.profile and device.type == "cuda" and gbar is not None:
