@@ -88,6 +88,9 @@ def peak_rss_mib() -> float:
 
 
 def timed(device, fn):
+    if device.type == "cuda":  # the first CUDA pass compiles kernels and grows the allocator: warm up, then time
+        fn()
+        torch.cuda.synchronize()
     with PeakMemory(device) as mem:
         t = time.perf_counter()
         out = fn()
