@@ -284,9 +284,20 @@ def _stratified_sample(records: Sequence[dict], n: int, rng: random.Random) -> l
     return [records[i] for i in sorted(chosen)]
 
 
+#: the command-line flag of each count argument (`ntkselect demo` and `eval-data`), for the messages
+_FLAGS = {
+    "n_domain": "--domain-size",
+    "n_train": "--n-train",
+    "n_test": "--n-test",
+    "n_pool_mmlu": "--pool-mmlu",
+    "n_pool_reasoning": "--pool-reasoning",
+    "n_pool_gsm8k": "--pool-gsm8k",
+}
+
+
 def _check_count(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise NtkSelectError(f"{name} must be a non-negative integer, got {value!r}")
+        raise NtkSelectError(f"{_FLAGS.get(name, name)} must be a non-negative integer, got {value!r}")
     return value
 
 
@@ -472,7 +483,7 @@ def build_eval_data(
     if n_train == 0 or n_test == 0:
         raise NtkSelectError("--n-train and --n-test must be positive")
     if n_pool_gsm8k and gsm8k is None:
-        raise NtkSelectError("--n-pool-gsm8k needs --gsm8k PATH (a local GSM8K JSONL)")
+        raise NtkSelectError("--pool-gsm8k needs --gsm8k PATH (a local GSM8K JSONL)")
     out_dir = check_paths(out_dir, EVAL_DATA, {"--gsm8k": gsm8k})
     subjects = DOMAINS[domain]
     all_mmlu = load_mmlu()
