@@ -186,8 +186,9 @@ def test_6_a_test_question_split_across_instruction_and_input_is_a_leak():
     assert tq.find({"instruction": "About heart 6?", "input": opts, "output": "A"}) == "t1"
     assert tq.find({"instruction": opts, "input": "About heart 6?", "output": "A"}) == "t1"  # either order
     assert tq.find({"messages": [{"role": "user", "content": "About heart 6?"}, {"role": "assistant", "content": opts}]}) == "t1"
-    split = {"instruction": "Which of these organs filters the blood and makes urine? Think.", "input": "kidney, lung, heart or brain", "output": "kidney"}
+    split = {"instruction": "Question: Which of these organs filters the blood and makes urine?", "input": "kidney, lung, heart or brain", "output": "kidney"}
     assert tq.find(split) == "t2"
+    assert tq.find({**split, "instruction": split["instruction"] + " In a fish?"}) is None  # more words after the stem: another question
     # not leaks: the short stem without its options, or the options of another question
     assert tq.find({"instruction": "About heart 6?", "input": "something else", "output": "A"}) is None
     assert tq.find({"instruction": "About heart 7?", "input": opts, "output": "A"}) is None

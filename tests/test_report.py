@@ -155,8 +155,10 @@ def test_report_with_a_damaged_scores_file_names_the_line(run_dir, tmp_path, cap
     (run / "manifest.json").write_text(json.dumps(m))
     (run / "scores.jsonl").write_text('{"id": "1", "ntk_score": 1.0, "selected": true}\n{broken\n')
     assert main(["report", str(run)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = [x for x in lines if x.startswith("ntkselect: error:")]
     assert len(err) == 1 and "scores.jsonl:2" in err[0]
+    assert len(lines) == 2 and "has no checksums of the run's files (written by an older ntkselect)" in lines[0]
 
 
 def _chromium() -> str | None:

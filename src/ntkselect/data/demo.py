@@ -284,20 +284,9 @@ def _stratified_sample(records: Sequence[dict], n: int, rng: random.Random) -> l
     return [records[i] for i in sorted(chosen)]
 
 
-#: the command-line flag of each count argument (`ntkselect demo` and `eval-data`), for the messages
-_FLAGS = {
-    "n_domain": "--domain-size",
-    "n_train": "--n-train",
-    "n_test": "--n-test",
-    "n_pool_mmlu": "--pool-mmlu",
-    "n_pool_reasoning": "--pool-reasoning",
-    "n_pool_gsm8k": "--pool-gsm8k",
-}
-
-
 def _check_count(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise NtkSelectError(f"{_FLAGS.get(name, name)} must be a non-negative integer, got {value!r}")
+        raise NtkSelectError(f"{name} must be a non-negative integer, got {value!r}")
     return value
 
 
@@ -472,12 +461,12 @@ def build_eval_data(
     """
     if domain not in DOMAINS:
         raise NtkSelectError(f"unknown domain {domain!r}; known domains: {', '.join(sorted(DOMAINS))}")
-    for name, value in (
-        ("n_train", n_train),
-        ("n_test", n_test),
-        ("n_pool_mmlu", n_pool_mmlu),
-        ("n_pool_reasoning", n_pool_reasoning),
-        ("n_pool_gsm8k", n_pool_gsm8k),
+    for name, value in (  # named by the flags of `ntkselect eval-data`, which passes them straight here
+        ("--n-train", n_train),
+        ("--n-test", n_test),
+        ("--pool-mmlu", n_pool_mmlu),
+        ("--pool-reasoning", n_pool_reasoning),
+        ("--pool-gsm8k", n_pool_gsm8k),
     ):
         _check_count(name, value)
     if n_train == 0 or n_test == 0:

@@ -121,7 +121,8 @@ class TestQuestions:
     __test__ = False  # not a pytest class
 
     def __init__(self, records: Iterable[Record]):
-        Entry = tuple[tuple[str, ...], list[tuple[str, ...]], str]  # (words, options that must be in the record too, test id)
+        # (words, options that must be in the record too, test id, whether the words must end the field)
+        Entry = tuple[tuple[str, ...], list[tuple[str, ...]], str, bool]
         self.long: dict[tuple[str, ...], list[Entry]] = {}
         self.short: dict[tuple[str, ...], list[tuple[list[tuple[str, ...]], str]]] = {}  # whole-field matches
         self.n = 0
@@ -135,20 +136,20 @@ class TestQuestions:
             opts: list[tuple[str, ...]] = []
             if len(words) < SPECIFIC_WORDS and isinstance(options, list):
                 opts = _option_words(o for o in options if isinstance(o, (str, int, float)))
-            self._add(words, [] if len(words) < MIN_WORDS else opts, r.id)
+            self._add(words, [] if len(words) < MIN_WORDS else opts, r.id, False)
             stem, listed = split_options(text)
             stem_words = normalise(stem)
             if listed and stem_words and stem_words != words:  # also the stem, with its options anywhere in the record
                 need = _option_words(listed) if len(stem_words) < SPECIFIC_WORDS else []
                 if need or len(stem_words) >= SPECIFIC_WORDS:
-                    self._add(stem_words, need, r.id)
+                    self._add(stem_words, need, r.id, True)
         self._firsts = {k[0] for k in self.long}
 
-    def _add(self, words: tuple[str, ...], opts: list[tuple[str, ...]], tid: str) -> None:
+    def _add(self, words: tuple[str, ...], opts: list[tuple[str, ...]], tid: str, at_end: bool) -> None:
         if len(words) < MIN_WORDS:
             self.short.setdefault(words, []).append((opts, tid))
         else:
-            self.long.setdefault(words[:_KEY], []).append((words, opts, tid))
+            self.long.setdefault(words[:_KEY], []).append((words, opts, tid, at_end))
 
     def find(self, raw: dict) -> str | None:
         """The id of a test question that the training record ``raw`` contains, else None."""
@@ -164,8 +165,8 @@ class TestQuestions:
             for i, w in enumerate(hay):
                 if w not in self._firsts:
                     continue
-                for words, opts, tid in self.long.get(tuple(hay[i : i + _KEY]), ()):
-                    if tuple(hay[i : i + len(words)]) != words:
+                for words, opts, tid, at_end in self.long.get(tuple(hay[i : i + _KEY]), ()):
+                    if tuple(hay[i : i + len(words)]) != words or (at_end and i + len(words) != len(hay)):
                         continue
                     if present(opts):
                         return tid
