@@ -362,9 +362,17 @@ def test_diagnose_errors_are_one_line(tmp_path):
 
 
 def test_options_from_a_run_take_its_data_and_model(tmp_path):
-    (tmp_path / "manifest.json").write_text(json.dumps({"config": {"domain": "d.jsonl", "pool": "p.jsonl", "model": "m", "lora_r": 4, "max_length": 128}}))
+    from ntkselect.files import sha256_path
+
+    d, p = tmp_path / "d.jsonl", tmp_path / "p.jsonl"
+    d.write_text('{"text": "domain"}\n')
+    p.write_text('{"text": "pool"}\n')
+    inputs = {"domain": {"path": str(d), "sha256": sha256_path(d)}, "pool": {"path": str(p), "sha256": sha256_path(p)}}
+    cfg = {"domain": str(d), "pool": str(p), "model": "m", "lora_r": 4, "max_length": 128}
+    manifest = {"tool": "ntkselect", "complete": True, "method": "ntk", "summary": {}, "config": cfg, "inputs": inputs}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     opts = DiagnoseOptions.from_run(str(tmp_path), out="o", lora_r=8, max_length=64)
-    assert (opts.domain, opts.pool, opts.model, opts.lora_r, opts.max_length) == ("d.jsonl", "p.jsonl", "m", 4, 64)  # a default does not override; a flag does
+    assert (opts.domain, opts.pool, opts.model, opts.lora_r, opts.max_length) == (str(d), str(p), "m", 4, 64)  # a default does not override; a flag does
 
 
 @pytest.mark.slow

@@ -140,10 +140,20 @@ def test_excluded_records_are_counted_and_left_out(tmp_path, tokenizer):
     path = write_any(tmp_path, "jsonl", rows, "pool")
     texts = {record_text(r) for r in rows[:3]}
     store = build_store(path, tokenizer, 24, "plain", tmp_path / "s", drop=[("dupes", lambda r: record_text(r.raw) in texts)], progress=False)
-    assert store.meta["excluded"] == {"dupes": 3} and store.n == len(rows) - 3
+    # the messages shape repeats its text: a repeat of an earlier record is kept in the store but is no candidate
+    first: dict[str, int] = {}
+    repeats = []  # (row, the earlier row with its text)
+    for k, r in enumerate(rows[3:]):
+        if record_text(r) in first:
+            repeats.append((k, first[record_text(r)]))
+        else:
+            first[record_text(r)] = k
+    assert repeats and store.duplicates.tolist() == [list(x) for x in repeats]
+    assert store.meta["excluded"] == {"dupes": 3, "duplicates_in_pool": len(repeats)} and store.n == len(rows) - 3
     assert [r.id for r in PoolRecords(store)] == [r["id"] for r in rows[3:]]
+    assert [r.id for r in PoolRecords(store, store.keep)] == [r["id"] for k, r in enumerate(rows[3:]) if k not in dict(repeats)]
     scan = scan_pool(path, tokenizer, 24, "plain", [("dupes", lambda r: record_text(r.raw) in texts)], progress=False)
-    assert scan.lengths.tolist() == PoolExamples(store).lengths.tolist() and scan.excluded == {"dupes": 3}
+    assert scan.lengths.tolist() == PoolExamples(store, store.keep).lengths.tolist() and scan.excluded == store.meta["excluded"]
 
 
 def test_find_store_refuses_another_tokenizer_max_length_or_file(tmp_path, tokenizer):
@@ -322,7 +332,7 @@ def test_worker_processes_write_the_same_store_and_the_same_first_error(tmp_path
     for f in sorted(p.relative_to(one.folder) for p in one.folder.rglob("*") if p.is_file() and p.name != "store.json"):
         assert (one.folder / f).read_bytes() == (two.folder / f).read_bytes(), f
     strip = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "workers")}  # noqa: E731
-    assert strip(one.meta) == strip(two.meta) and one.meta["excluded"] == {"dupes": 4}
+    assert strip(one.meta) == strip(two.meta) and one.meta["excluded"]["dupes"] == 4  # (and the pool's repeated texts, found the same way)
     # a bad line deep in the file, and a duplicate id after it: the line is reported, by both
     lines = path.read_text().splitlines()
     lines[57] = '{"text": broken'

@@ -95,7 +95,7 @@ def test_report_reads_renamed_fields_and_other_methods(run_dir, tmp_path):
     run = _copy(run_dir, tmp_path)
     m = json.loads((run / "manifest.json").read_text())
     m["method"] = "random"
-    for key in ("timings", "stage1", "stage2", "warmup", "config", "versions", "inputs"):
+    for key in ("timings", "stage1", "stage2", "warmup", "config", "versions", "inputs", "outputs"):  # as an older run's (no checksums of its files)
         m.pop(key)
     m["summary"].pop("by_source")
     (run / "manifest.json").write_text(json.dumps(m))
@@ -150,10 +150,15 @@ def test_report_on_a_folder_without_a_manifest_is_one_line(tmp_path):
 
 def test_report_with_a_damaged_scores_file_names_the_line(run_dir, tmp_path, capsys):
     run = _copy(run_dir, tmp_path)
+    m = json.loads((run / "manifest.json").read_text())
+    m.pop("outputs")  # an older run's manifest: its files are not checked by hash, so the parse names the line
+    (run / "manifest.json").write_text(json.dumps(m))
     (run / "scores.jsonl").write_text('{"id": "1", "ntk_score": 1.0, "selected": true}\n{broken\n')
     assert main(["report", str(run)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = [x for x in lines if x.startswith("ntkselect: error:")]
     assert len(err) == 1 and "scores.jsonl:2" in err[0]
+    assert len(lines) == 2 and "has no checksums of the run's files (written by an older ntkselect)" in lines[0]
 
 
 def _chromium() -> str | None:

@@ -32,11 +32,12 @@ from ntkselect.model.loading import check_model_options, load_tokenizer, resolve
 from ntkselect.model.preflight import preflight_select
 from ntkselect.model.runtime import Runtime, resolve_device, resolve_precision
 from ntkselect.runs.folder import SELECT, Run, check_paths, open_run
+from ntkselect.runs.manifest import output_hashes
 from ntkselect.runs.shards import digest
 from ntkselect.selection import Ranking, SelectionContext, get_selector, selector_spec
 from ntkselect.selection.ntk_variants.selector import ignored_options
 
-__all__ = ["SelectionResult", "Inputs", "select", "load_inputs", "make_runtime", "write_selection", "package_versions", "summarise"]
+__all__ = ["SelectionResult", "Inputs", "select", "select_in", "load_inputs", "make_runtime", "write_selection", "package_versions", "summarise"]
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class Inputs:
     ``pool`` / ``pool_ex`` read a record or an example back when indexed."""
 
     domain: list[Record]
-    pool: Sequence[Record]  # usable pool (a PoolRecords): exact duplicates of domain records removed
+    pool: Sequence[Record]  # usable pool (a PoolRecords): exact duplicates of domain records and of earlier pool records removed
     pool_records_in_file: int
     excluded: dict  # {reason: count}
     tokenizer: Any  # a Hugging Face tokenizer
@@ -227,12 +228,13 @@ def _pool_tests(cfg: SelectConfig, domain: list[Record], exclude_texts: set[str]
     return tests, digest(key_parts)
 
 
-def _temp_store(out: str | os.PathLike) -> Path:
-    """A new temporary folder beside ``out`` (same file system, so moving it into the run is a rename)."""
-    parent = Path(out).absolute().parent
+def _temp_store(where: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A new temporary folder ``.ntkpool-XXXXXXXX`` in ``where``: the locked run folder ``out``
+    (on its file system, so moving the store into the run is a rename; swept by a later run if
+    this one is killed), or beside ``out`` for callers without a run folder."""
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=".ntkpool-", dir=parent))
+        Path(where).mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".ntkpool-", dir=where))
     except OSError as err:
         raise NtkSelectError(f"cannot write to --out {out}: {err.strerror or err}; choose a writable folder") from None
 
@@ -245,13 +247,15 @@ def load_inputs(
     drop: Sequence[tuple[str, Callable[[Record], bool], Any]] = (),
     store_dir: str | os.PathLike | None = None,
     reuse: Sequence[str | os.PathLike] = (),
+    temp_dir: str | os.PathLike | None = None,
 ) -> Inputs:
     """Read, de-duplicate and tokenize D (into memory) and C (streamed once into a token store).
     ``exclude_texts`` drops further pool records (``ntkselect evaluate`` passes the test set's
     texts, so no method can select a test question); ``drop`` are further (reason, predicate,
-    key) tests. The store is made in ``store_dir`` (default: a temporary folder beside
-    ``cfg.out``, which :meth:`Inputs.close` removes), or a finished one in ``reuse`` made from
-    the same file, tokenizer and options is used."""
+    key) tests. The store is made in ``store_dir`` (default: a temporary folder in ``temp_dir``,
+    the run folder the caller has locked, else beside ``cfg.out``; :meth:`Inputs.close` removes
+    it), or a finished one in ``reuse`` made from the same file, tokenizer and options is used:
+    ``reuse`` inside a run folder only while the caller holds its lock (runs/folder.py)."""
     log = log or logger.info
     t = time.perf_counter()
     dstream = RecordStream(cfg.domain)
@@ -266,12 +270,13 @@ def load_inputs(
         log(f"ntkselect: reusing the tokenised pool in {store.folder} ({store.n} records)")
     else:
         if store_dir is None:
-            store_dir, owned = _temp_store(cfg.out) / "pool", True
+            where = temp_dir if temp_dir is not None else Path(cfg.out).absolute().parent
+            store_dir, owned = _temp_store(where, cfg.out) / "pool", True
 
         def check(rows: int, records: int) -> None:
             if cfg.n > rows:
                 dropped = records - rows
-                why = f", after excluding {dropped} duplicates of domain (or test) records" if dropped else ""
+                why = f", after excluding {dropped} duplicate records (of domain or test records, or of earlier pool records)" if dropped else ""
                 raise NtkSelectError(f"--n {cfg.n} is larger than the pool ({rows} usable records in {cfg.pool}{why}); lower --n or add candidates")
 
         try:
@@ -285,12 +290,12 @@ def load_inputs(
         pass_s = time.perf_counter() - t_pass
     inp = Inputs(
         domain,
-        PoolRecords(store),
+        PoolRecords(store, store.keep),  # a record that repeats an earlier one's text is not a candidate
         int(store.meta["source"]["records"]),
         {},
         tokenizer,
         dom_ex,
-        PoolExamples(store),
+        PoolExamples(store, store.keep),
         dom_stats,
         TokenizeStats(**store.meta["stats"]),
         time.perf_counter() - t,
@@ -312,9 +317,17 @@ def load_inputs(
         for reason, _, _ in drop:
             if ex.get(reason):
                 inp.excluded[reason] = int(ex[reason])
+        if len(store.duplicates):
+            inp.excluded["duplicates_in_pool"] = len(store.duplicates)
+            row, first = (int(x) for x in store.duplicates[0])
+            lines = store.record(row).line, store.record(first).line
+            logger.warning(
+                f"ntkselect: warning: {len(store.duplicates)} records of --pool {cfg.pool} repeat the text of an earlier record exactly "
+                f"(e.g. line {lines[0]} repeats line {lines[1]}); only the first copy is a candidate, so none is selected twice"
+            )
         if cfg.n > len(inp.pool):
             dropped = inp.pool_records_in_file - len(inp.pool)
-            why = f", after excluding {dropped} duplicates of domain (or test) records" if dropped else ""
+            why = f", after excluding {dropped} duplicate records (of domain or test records, or of earlier pool records)" if dropped else ""
             raise NtkSelectError(f"--n {cfg.n} is larger than the pool ({len(inp.pool)} usable records in {cfg.pool}{why}); lower --n or add candidates")
         for name, st in (("domain", dom_stats), ("pool", inp.pool_stats)):
             if st.truncated:
@@ -348,17 +361,29 @@ def select(cfg: SelectConfig, log: Callable[[str], None] | None = None) -> Selec
     Progress messages go to ``log`` (default: this module's logger, at INFO)."""
     log = log or logger.info
     cfg.validate()
-    for line in ignored_options(cfg):  # e.g. --kernel trace with --method ntk
-        logger.warning(line)
     t_start = time.perf_counter()
     check_paths(cfg.out, SELECT, _run_inputs(cfg))  # before the inputs are read: fail in a second
+    # the lock is the first thing that touches --out: a second run into a folder another live run
+    # owns is refused before it reads, reuses, moves or deletes anything in it (runs/folder.py)
+    with open_run(cfg.out, SELECT, _run_inputs(cfg, resolve_model(cfg.model)), log=log) as run:
+        return select_in(run, cfg, log, t_start)
+
+
+def select_in(run: Run, cfg: SelectConfig, log: Callable[[str], None], t_start: float | None = None) -> SelectionResult:
+    """:func:`select` in a run folder this process has locked (``open_run(cfg.out, SELECT, ...)``)."""
+    t_start = time.perf_counter() if t_start is None else t_start
+    for line in ignored_options(cfg):  # e.g. --kernel trace with --method ntk
+        logger.warning(line)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    # bad input fails before --out is touched; a tokenised pool left by an unfinished run of
-    # the same pool file, tokenizer and options is reused (the store is moved into the run below)
-    inp = load_inputs(cfg, log, reuse=_stores_in(cfg.out))
+    if run.state == "finished" and not cfg.overwrite:  # refused before the inputs are read
+        raise NtkSelectError(f"{run.out} already holds a finished run (manifest.json); pass --overwrite to replace it or choose another --out")
+    # bad input fails before --out is written; a tokenised pool left by an unfinished run of the
+    # same pool file, tokenizer and options is reused (moved into the run below); a new one is
+    # built in a temporary folder inside the locked --out
+    inp = load_inputs(cfg, log, reuse=_stores_in(run.out), temp_dir=run.out)
     try:
-        return _select(cfg, inp, log, t_start)
+        return _select(cfg, inp, log, t_start, run)
     finally:
         inp.close()
 
@@ -369,51 +394,54 @@ def _stores_in(out: str | os.PathLike) -> list[Path]:
     return [out / "work" / "pool", out / SELECT.staging / "work" / "pool"]
 
 
-def _select(cfg: SelectConfig, inp: Inputs, log: Callable[[str], None], t_start: float) -> SelectionResult:
+def _select(cfg: SelectConfig, inp: Inputs, log: Callable[[str], None], t_start: float, run: Run | None = None) -> SelectionResult:
+    if run is None:  # (tests with inputs of their own): lock --out here
+        with open_run(cfg.out, SELECT, _run_inputs(cfg, resolve_model(cfg.model)), log=log) as locked:
+            return _select(cfg, inp, log, t_start, locked)
     if selector_spec(cfg.method).uses_model:
         check_model_options(cfg.model, cfg.target_modules(), cfg.lora_r, "--lora-target-modules", "--lora-r", tokenizer=inp.tokenizer)
     fp = run_fingerprint(cfg, inp.hashes)
     origin = None
     if inp.store is not None and not inp.owned:
-        # a reused store sits inside --out, which preparing the run may clear: hold it aside meanwhile
+        # a reused store sits inside --out, which preparing the run may clear: hold it aside
+        # meanwhile, in a temporary folder inside the locked --out (a rename; swept if killed)
         origin = inp.store.folder
-        inp.move_store(_temp_store(cfg.out) / "pool")
+        inp.move_store(_temp_store(run.out, cfg.out) / "pool")
         inp.owned = True
-    with open_run(cfg.out, SELECT, _run_inputs(cfg, resolve_model(cfg.model)), log=log) as run:
-        # an unsupported model fails in the preflight, in seconds, after --out's refusals and before it is written
-        preflight = []
-        try:
-            wdir = _prepare_out(
-                cfg, run, fp, log, before_write=lambda: preflight.append(preflight_select(cfg, inp.dom_ex, inp.tokenizer.pad_token_id, keep=True, log=log))
-            )
-        except BaseException:
-            if origin is not None and inp.store is not None:  # refused: put the reused store back where the earlier run keeps it
-                aside = inp.store.folder.parent
-                inp.move_store(origin)
-                shutil.rmtree(aside, ignore_errors=True)
-            raise
-        checked = preflight[0]
-        if inp.store is not None:
-            tmp = inp.store.folder.parent if inp.owned else None
-            inp.move_store(wdir / "work" / "pool")  # kept until the run has finished: a rerun after a crash reuses it
-            if tmp is not None and tmp.name.startswith(".ntkpool-"):
-                shutil.rmtree(tmp, ignore_errors=True)
-        rt = make_runtime(cfg, inp.tokenizer)
-        ctx = SelectionContext(
-            cfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=str(wdir / "work"), key=digest(fp), log_path=str(wdir / "shards.jsonl")
+    # an unsupported model fails in the preflight, in seconds, after --out's refusals and before it is written
+    preflight = []
+    try:
+        wdir = _prepare_out(
+            cfg, run, fp, log, before_write=lambda: preflight.append(preflight_select(cfg, inp.dom_ex, inp.tokenizer.pad_token_id, keep=True, log=log))
         )
-        ctx.adopt(checked)
-        ctx.store.log(
-            {"event": "start", "method": cfg.method, "executor": cfg.executor, "shard_size": cfg.shard_size, "pool": len(inp.pool), "domain": len(inp.domain)}
-        )
-        try:
-            ranking = get_selector(cfg.method).rank(ctx, cfg.n)
-            result = write_selection(wdir, cfg, inp, ctx, ranking, rt, t_start, input_hashes=fp["inputs"])
-        finally:
-            ctx.release()
-        ctx.store.log({"event": "finish", "seconds": round(time.perf_counter() - t_start, 3)})
-        shutil.rmtree(wdir / "work", ignore_errors=True)  # the manifest now vouches for the results; shards are no longer needed
-        run.commit()  # with --overwrite: the new run replaces the earlier one only now
+    except BaseException:
+        if origin is not None and inp.store is not None:  # refused: put the reused store back where the earlier run keeps it
+            aside = inp.store.folder.parent
+            inp.move_store(origin)
+            shutil.rmtree(aside, ignore_errors=True)
+        raise
+    checked = preflight[0]
+    if inp.store is not None:
+        tmp = inp.store.folder.parent if inp.owned else None
+        inp.move_store(wdir / "work" / "pool")  # kept until the run has finished: a rerun after a crash reuses it
+        if tmp is not None and tmp.name.startswith(".ntkpool-"):
+            shutil.rmtree(tmp, ignore_errors=True)
+    rt = make_runtime(cfg, inp.tokenizer)
+    ctx = SelectionContext(
+        cfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=str(wdir / "work"), key=digest(fp), log_path=str(wdir / "shards.jsonl")
+    )
+    ctx.adopt(checked)
+    ctx.store.log(
+        {"event": "start", "method": cfg.method, "executor": cfg.executor, "shard_size": cfg.shard_size, "pool": len(inp.pool), "domain": len(inp.domain)}
+    )
+    try:
+        ranking = get_selector(cfg.method).rank(ctx, cfg.n)
+        result = write_selection(wdir, cfg, inp, ctx, ranking, rt, t_start, input_hashes=fp["inputs"])
+    finally:
+        ctx.release()
+    ctx.store.log({"event": "finish", "seconds": round(time.perf_counter() - t_start, 3)})
+    shutil.rmtree(wdir / "work", ignore_errors=True)  # the manifest now vouches for the results; shards are no longer needed
+    run.commit()  # with --overwrite: the new run replaces the earlier one only now
     return result
 
 
@@ -486,6 +514,7 @@ def write_selection(
             },
             "model": _model_fingerprint(resolve_model(cfg.model)),
         },
+        "outputs": output_hashes(out),  # what `report` and `diagnose --run` check the files against
         "token_convention": token_convention(inp.dom_stats.template, inp.tokenizer),
         "tokens": {"domain": inp.dom_stats.to_dict(), "pool": inp.pool_stats.to_dict()},
         "runtime": rt.describe(),

@@ -10,9 +10,9 @@ from pathlib import Path
 from ntkselect.config import MAX_INT, SelectConfig
 from ntkselect.data.demo import build_demo_data
 from ntkselect.errors import NtkSelectError
-from ntkselect.model.loading import check_model_options
-from ntkselect.pipeline import SelectionResult, select
-from ntkselect.runs.folder import DEMO_DATA, SELECT, check_paths
+from ntkselect.model.loading import check_model_options, resolve_model
+from ntkselect.pipeline import SelectionResult, select_in
+from ntkselect.runs.folder import DEMO_DATA, SELECT, check_paths, open_run
 from ntkselect.selection.registry import selector_spec
 
 __all__ = ["run_demo"]
@@ -45,9 +45,13 @@ def run_demo(
     if selector_spec(pre.method).uses_model:
         check_model_options(pre.model, pre.target_modules(), pre.lora_r)
     check_paths(data, DEMO_DATA, {})
-    info = build_demo_data(data, domain=domain, n_domain=n_domain, n_pool_mmlu=n_pool_mmlu, n_pool_reasoning=n_pool_reasoning, seed=data_seed)
-    log(f"ntkselect demo: D = {info['counts']['domain'] if 'counts' in info else n_domain} {domain} questions, pool written to {data}")
     cfg = replace(base or SelectConfig(n=100), domain=str(data / "domain.jsonl"), pool=str(data / "pool.jsonl"), out=str(out))
     if cfg.n <= 0:
         raise NtkSelectError("--n must be a positive integer")
-    return select(cfg, log=log)
+    model = resolve_model(cfg.model)
+    # --out is locked before anything is written in it, the demo data included: a second demo
+    # into the same --out is refused before it rewrites the data a live run is reading
+    with open_run(out, SELECT, {"--model": model if Path(model).is_dir() else None}, log=log) as run:
+        info = build_demo_data(data, domain=domain, n_domain=n_domain, n_pool_mmlu=n_pool_mmlu, n_pool_reasoning=n_pool_reasoning, seed=data_seed)
+        log(f"ntkselect demo: D = {info['counts']['domain'] if 'counts' in info else n_domain} {domain} questions, pool written to {data}")
+        return select_in(run, cfg.validate(), log)

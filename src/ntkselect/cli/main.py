@@ -16,7 +16,9 @@ import contextlib
 import errno
 import logging
 import os
+import signal
 import sys
+import threading
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -189,9 +191,48 @@ def _console_logging():
         lg.propagate = saved[1]
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is so that cleanup runs as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _signals(process: bool):
+    """While a command runs in the main thread: SIGTERM ends it like Ctrl-C (temporary files
+    removed, an unfinished run left to resume) instead of killing it mid-write. A signal that
+    reaches a forked child (a worker) ends that child as if unhandled. After an interrupt, a
+    second Ctrl-C or SIGTERM exits at once, also while the interpreter exits (``process``: this
+    is the process's command line); the handlers are restored after a call with an argv list."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    me = os.getpid()
+
+    def on_term(signum, frame):
+        if os.getpid() != me:  # a forked child: die as the default would
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise _Terminated()
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        if not (process and signal.getsignal(signal.SIGINT) is _quiet_exit):
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+
+
+def _quiet_exit(signum, frame) -> None:
+    # a second Ctrl-C (or SIGTERM) while the first one's cleanup or the interpreter's exit runs:
+    # leave at once, without a traceback (a later run sweeps what is left)
+    os._exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with _console_logging():
+    with _console_logging(), _signals(process=argv is None):
         return _run(args)
 
 
@@ -269,9 +310,13 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    except KeyboardInterrupt:
-        print("ntkselect: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, _quiet_exit)
+        term = isinstance(err, _Terminated)
+        print(f"ntkselect: {'terminated' if term else 'interrupted'} (a rerun resumes an unfinished run)", file=sys.stderr)
+        return 143 if term else 130
     except Exception as err:  # noqa: BLE001 - the last line of defence: one line, never a traceback
         return _unexpected(err)
 

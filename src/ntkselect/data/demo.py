@@ -461,18 +461,18 @@ def build_eval_data(
     """
     if domain not in DOMAINS:
         raise NtkSelectError(f"unknown domain {domain!r}; known domains: {', '.join(sorted(DOMAINS))}")
-    for name, value in (
-        ("n_train", n_train),
-        ("n_test", n_test),
-        ("n_pool_mmlu", n_pool_mmlu),
-        ("n_pool_reasoning", n_pool_reasoning),
-        ("n_pool_gsm8k", n_pool_gsm8k),
+    for name, value in (  # named by the flags of `ntkselect eval-data`, which passes them straight here
+        ("--n-train", n_train),
+        ("--n-test", n_test),
+        ("--pool-mmlu", n_pool_mmlu),
+        ("--pool-reasoning", n_pool_reasoning),
+        ("--pool-gsm8k", n_pool_gsm8k),
     ):
         _check_count(name, value)
     if n_train == 0 or n_test == 0:
         raise NtkSelectError("--n-train and --n-test must be positive")
     if n_pool_gsm8k and gsm8k is None:
-        raise NtkSelectError("--n-pool-gsm8k needs --gsm8k PATH (a local GSM8K JSONL)")
+        raise NtkSelectError("--pool-gsm8k needs --gsm8k PATH (a local GSM8K JSONL)")
     out_dir = check_paths(out_dir, EVAL_DATA, {"--gsm8k": gsm8k})
     subjects = DOMAINS[domain]
     all_mmlu = load_mmlu()

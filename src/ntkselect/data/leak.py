@@ -23,6 +23,13 @@ counts as contained only when every option text of more than one character is in
 too: a short stem such as "Which of the following is true?" is a different question with
 different options.
 
+A question whose text lists lettered options ("A. ...", "B) ...", one per line) is also matched
+in parts, so that splitting it across fields does not hide it: its stem (the text before the
+options) is found as above (contained when it has :data:`MIN_WORDS` words or more, else equal to
+a whole field), and then every option text of more than one character must be in some field of
+the record too (for stems of :data:`SPECIFIC_WORDS` words or more the stem alone suffices). A
+record with the stem in ``instruction`` and the options in ``input`` (in either order) leaks.
+
 Matching is linear in the training text: the questions are indexed by their first three
 words, each training field is scanned once, and a candidate is confirmed by comparing words.
 10,000 training records against 1,000 test questions take about a second (docs/RESULTS.md).
@@ -37,7 +44,7 @@ from collections.abc import Iterable, Sequence
 from ntkselect.data.records import Record, prompt_response, record_kind, record_text
 from ntkselect.errors import NtkSelectError
 
-__all__ = ["MIN_WORDS", "SPECIFIC_WORDS", "TestQuestions", "normalise", "training_fields", "question_text"]
+__all__ = ["MIN_WORDS", "SPECIFIC_WORDS", "TestQuestions", "normalise", "training_fields", "question_text", "split_options"]
 
 #: test questions with fewer words are matched only by equality with a whole field
 MIN_WORDS = 6
@@ -46,6 +53,26 @@ SPECIFIC_WORDS = 12
 _KEY = 3  # questions are indexed by their first _KEY words
 _WORD = re.compile(r"[^\W_]+")
 _FIELDS = ("prompt", "response", "instruction", "input", "output", "question", "answer", "text")
+_OPTION = re.compile(r"^\s*[(\[]?([A-Za-z])\s*[.):\]]\s*(.*?)\s*$")  # "A. text", "B) text", "(C) text", "[D] text"
+
+
+def split_options(question: str) -> tuple[str, list[str]]:
+    """(stem, option texts) of a question that lists lettered options one per line, A first, in
+    order; (question, []) for any other."""
+    lines = question.splitlines()
+    for start, line in enumerate(lines):
+        m = _OPTION.match(line)
+        if m and m.group(1).upper() == "A":
+            opts: list[str] = []
+            for later in lines[start:]:
+                m = _OPTION.match(later)
+                if not m or m.group(1).upper() != chr(ord("A") + len(opts)):
+                    break
+                opts.append(m.group(2))
+            if len(opts) >= 2:
+                return "\n".join(lines[:start]), opts
+            break
+    return question, []
 
 
 def normalise(text: str | int | float) -> tuple[str, ...]:
@@ -83,43 +110,65 @@ def _contains(hay: Sequence[str], needle: Sequence[str]) -> bool:
     return False
 
 
+def _option_words(options: Iterable[str | int | float]) -> list[tuple[str, ...]]:
+    """The normalised option texts of more than one character (a bare letter is no evidence)."""
+    return [w for w in (normalise(o) for o in options) if w and len(" ".join(w)) > 1]
+
+
 class TestQuestions:
     """The test set's questions, indexed for containment checks against training records."""
 
     __test__ = False  # not a pytest class
 
     def __init__(self, records: Iterable[Record]):
-        self.long: dict[tuple[str, ...], list[tuple[tuple[str, ...], list[tuple[str, ...]], str]]] = {}
-        self.short: dict[tuple[str, ...], str] = {}
+        # (words, options that must be in the record too, test id, whether the words must end the field)
+        Entry = tuple[tuple[str, ...], list[tuple[str, ...]], str, bool]
+        self.long: dict[tuple[str, ...], list[Entry]] = {}
+        self.short: dict[tuple[str, ...], list[tuple[list[tuple[str, ...]], str]]] = {}  # whole-field matches
         self.n = 0
         for r in records:
             self.n += 1
-            words = normalise(question_text(r.raw))
+            text = question_text(r.raw)
+            words = normalise(text)
             if not words:
                 continue
-            if len(words) < MIN_WORDS:
-                self.short.setdefault(words, r.id)
-                continue
             options = r.raw.get("options", r.raw.get("choices"))
-            opts = []
+            opts: list[tuple[str, ...]] = []
             if len(words) < SPECIFIC_WORDS and isinstance(options, list):
-                opts = [w for w in (normalise(o) for o in options if isinstance(o, (str, int, float))) if w and len(" ".join(w)) > 1]
-            self.long.setdefault(words[:_KEY], []).append((words, opts, r.id))
+                opts = _option_words(o for o in options if isinstance(o, (str, int, float)))
+            self._add(words, [] if len(words) < MIN_WORDS else opts, r.id, False)
+            stem, listed = split_options(text)
+            stem_words = normalise(stem)
+            if listed and stem_words and stem_words != words:  # also the stem, with its options anywhere in the record
+                need = _option_words(listed) if len(stem_words) < SPECIFIC_WORDS else []
+                if need or len(stem_words) >= SPECIFIC_WORDS:
+                    self._add(stem_words, need, r.id, True)
         self._firsts = {k[0] for k in self.long}
+
+    def _add(self, words: tuple[str, ...], opts: list[tuple[str, ...]], tid: str, at_end: bool) -> None:
+        if len(words) < MIN_WORDS:
+            self.short.setdefault(words, []).append((opts, tid))
+        else:
+            self.long.setdefault(words[:_KEY], []).append((words, opts, tid, at_end))
 
     def find(self, raw: dict) -> str | None:
         """The id of a test question that the training record ``raw`` contains, else None."""
         fields = [normalise(f) for f in training_fields(raw)]
+
+        def present(opts: list[tuple[str, ...]]) -> bool:
+            return all(any(_contains(f, o) for f in fields) for o in opts)
+
         for hay in fields:
-            if hay in self.short:
-                return self.short[hay]
+            for opts, tid in self.short.get(hay, ()):
+                if present(opts):
+                    return tid
             for i, w in enumerate(hay):
                 if w not in self._firsts:
                     continue
-                for words, opts, tid in self.long.get(tuple(hay[i : i + _KEY]), ()):
-                    if tuple(hay[i : i + len(words)]) != words:
+                for words, opts, tid, at_end in self.long.get(tuple(hay[i : i + _KEY]), ()):
+                    if tuple(hay[i : i + len(words)]) != words or (at_end and i + len(words) != len(hay)):
                         continue
-                    if all(any(_contains(f, o) for f in fields) for o in opts):
+                    if present(opts):
                         return tid
         return None
 

@@ -16,6 +16,9 @@ time) and appends them to a :class:`TokenStore` folder::
         id.bin, id_off.npy   each record's id (UTF-8), the same way
         line.npy     int64   the record's line (row) in the pool file          (rows,)
         meta.npy     int32   [trained tokens, truncated, group code, source code] (rows, 4)
+    duplicates.npy int64 [row, the earlier row with the same text] of every row that repeats an
+                   earlier record's text exactly (the 128-bit BLAKE2 of ``record_text``): kept
+                   in the store, but not a candidate (:attr:`TokenStore.keep`)     (dups, 2)
     store.json     written last: what the store was made from (the file's SHA-256, size and
                    modification time, the tokenizer's fingerprint, --max-length, the template,
                    the exclusions) and its totals; a folder without it is never trusted.
@@ -39,6 +42,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -57,6 +61,7 @@ from ntkselect.data.records import (
     check_id,
     check_record,
     parse_json_line,
+    record_text,
     resolve_template,
     tokenize_batch,
 )
@@ -87,7 +92,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SHARD_ROWS = 1 << 16  # records per token-store shard
-FORMAT = 1  # the store's layout version; a store of another version is rebuilt
+FORMAT = 2  # the store's layout version; a store of another version is rebuilt (2: duplicates.npy)
 
 
 @functools.lru_cache(maxsize=256)
@@ -251,6 +256,7 @@ class _Chunk:
     tok_off: np.ndarray  # (kept + 1,) int64
     trained: np.ndarray  # (kept,) int64
     truncated: np.ndarray  # (kept,) int64 0/1
+    text_hash: np.ndarray  # (kept, 16) uint8: BLAKE2 of each kept record's text, for the duplicate check
     stats: dict
 
 
@@ -303,8 +309,18 @@ def _work(chunk: list) -> _Chunk:
         tok_off=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
         trained=np.asarray([sum(e.train_mask) for e in exs], dtype=np.int64),
         truncated=np.asarray([e.truncated for e in exs], dtype=np.int64),
+        text_hash=np.frombuffer(
+            b"".join(hashlib.blake2b(record_text(r.raw).encode("utf-8"), digest_size=16).digest() for r in kept[: len(exs)]), np.uint8
+        ).reshape(-1, 16),
         stats=stats.to_dict(),
     )
+
+
+def _worker_signals() -> None:
+    """In a forked worker: Ctrl-C is the driver's to handle (it stops the workers), and SIGTERM
+    (how the driver stops them) ends the worker at once; neither prints a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def default_workers() -> int:
@@ -331,7 +347,7 @@ def _chunk_results(chunks: Iterable[list], workers: int) -> Iterator[Iterator[_C
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        pool = multiprocessing.get_context("fork").Pool(workers)
+        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_signals)
     finally:
         if saved is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
@@ -406,6 +422,19 @@ def _pass(path, tokenizer, max_length: int, template: str, drop, workers: int, p
     return stream, resolved, prog, _chunk_results(chunks(), workers)
 
 
+def _duplicates(hashes: list[np.ndarray]) -> np.ndarray:
+    """(dups, 2) int64 [row, first row with the same text] for every row whose text hash an
+    earlier row has (rows in pool order)."""
+    h = np.concatenate(hashes) if hashes else np.zeros((0, 16), np.uint8)
+    if len(h) == 0:
+        return np.zeros((0, 2), np.int64)
+    keys = np.ascontiguousarray(h).view(np.dtype((np.void, 16))).ravel()  # (rows,) one 16-byte key each
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    origin = first[inverse.ravel()]  # (rows,) the first row with each row's text
+    rows = np.flatnonzero(origin != np.arange(len(h)))
+    return np.stack([rows, origin[rows]], 1).astype(np.int64)
+
+
 def _accept(stream: RecordStream, part: _Chunk, seen: dict, stats: TokenizeStats, excluded: Counter) -> None:
     """The driver's share of a chunk, in file order: the unique-id check, then its error."""
     for rid, line, implicit in part.checked:
@@ -429,9 +458,11 @@ def _build(path, tokenizer, max_length, template, folder: Path, drop, exclusion_
     shards = 0
     shard_rows = SHARD_ROWS  # read at call time (tests make it small)
     writer: _ShardWriter | None = None
+    hashes: list[np.ndarray] = []
     with results as parts:
         for part in parts:
             _accept(stream, part, seen, stats, excluded)
+            hashes.append(part.text_hash)
             at, n = 0, len(part.rids)
             while at < n:
                 if writer is None:
@@ -447,13 +478,17 @@ def _build(path, tokenizer, max_length, template, folder: Path, drop, exclusion_
         writer.close()
         shards += 1
     stream.finish()
+    dups = _duplicates(hashes)
+    if len(dups):
+        excluded["duplicates_in_pool"] = len(dups)
     if check is not None:
-        check(stats.examples, stream.records)
+        check(stats.examples - len(dups), stream.records)
     prog.set_total(prog.done)  # the estimate from the bytes read becomes the count
     prog.close()
     stat_after = source_stat(path)
     if stat_before != stat_after:
         raise NtkSelectError(f"{path}: the file changed while it was being read; rerun once it is complete")
+    np.save(folder / "duplicates.npy", dups)
     meta = {
         "format": FORMAT,
         "source": {"name": str(path), "stat": stat_after, "sha256": stream.sha256, "records": stream.records},
@@ -549,6 +584,9 @@ class TokenStore:
         self.group_codes, self.source_codes = m[:, 2], m[:, 3]
         self._maps: dict[tuple[int, str], np.ndarray] = {}
         self._fds: dict[tuple[int, str], int] = {}
+        #: (dups, 2) [row, the earlier row with its text]; ``keep``: the other rows, the candidates (None: all rows)
+        self.duplicates = np.load(self.folder / "duplicates.npy")
+        self.keep = np.setdiff1d(np.arange(self.n, dtype=np.int64), self.duplicates[:, 0]) if len(self.duplicates) else None
 
     def _read(self, s: int, name: str, dtype, a: int, b: int) -> np.ndarray:
         """Items [a, b) of shard ``s``'s file ``name``."""
@@ -741,20 +779,26 @@ def scan_pool(
     seen: dict[str, tuple[int, bool]] = {}
     lengths: list[np.ndarray] = []
     trained: list[np.ndarray] = []
+    hashes: list[np.ndarray] = []
     nbytes = 0
     with results as parts:
         for part in parts:
             _accept(stream, part, seen, stats, excluded)
+            hashes.append(part.text_hash)
             lengths.append(np.diff(part.tok_off))
             trained.append(part.trained)
             nbytes += sum(len(b) + 1 for b in part.blobs)  # the records' JSON, for the disk estimate
             prog.update(len(part.checked), int(part.tok_off[-1]))
     stream.finish()
+    dups = _duplicates(hashes)
+    if len(dups):
+        excluded["duplicates_in_pool"] = len(dups)
     if check is not None:
-        check(stats.examples, stream.records)
+        check(stats.examples - len(dups), stream.records)
     prog.set_total(prog.done)  # the estimate from the bytes read becomes the count
     prog.close()
     cat = lambda xs: np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, np.int64)  # noqa: E731
-    scan = PoolScan(cat(lengths), cat(trained), stats, stream.records, dict(excluded), stream.sha256, time.perf_counter() - t0, nbytes)
+    keep = np.setdiff1d(np.arange(stats.examples), dups[:, 0])  # the candidates: duplicates left out, as in a run
+    scan = PoolScan(cat(lengths)[keep], cat(trained)[keep], stats, stream.records, dict(excluded), stream.sha256, time.perf_counter() - t0, nbytes)
     scan.workers = workers
     return scan

@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import re
 import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -318,6 +319,13 @@ def _read_json(path: Path, name: str, h: Any = None) -> Iterable[tuple]:
         raise NtkSelectError(f"{name} line {err.lineno}: not valid JSON ({err.msg} at column {err.colno}); fix the file{hint}") from None
     except (ValueError, RecursionError) as err:  # an integer of thousands of digits, nesting too deep
         raise NtkSelectError(f"{name}: cannot read this JSON ({_short(err)}); fix the file") from None
+    if isinstance(data, dict) and any(_present(data, k) for k in _SHAPE_KEYS):
+        # one record (a conversation, a prompt/response pair), not a container of records: said so
+        # in one line rather than read as a list of its messages
+        raise NtkSelectError(
+            f"{name}: holds a single record (an object with {', '.join(repr(k) for k in _SHAPE_KEYS if k in data)}), not an array of records; "
+            "wrap it in [ ] or write it as one line of a .jsonl file"
+        )
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) != 1:
@@ -331,11 +339,16 @@ def _read_json(path: Path, name: str, h: Any = None) -> Iterable[tuple]:
     return list(enumerate(data, 1))
 
 
+_SHAPE_KEYS = ("messages", "text", "prompt", "response", "instruction", "output", "question", "answer")
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape decodes an invalid byte to
+
+
 def _read_csv(path: Path, name: str, h: Any = None) -> Iterable[tuple]:
     try:
         # csv module, not pandas: every cell stays a string and empty cells stay "". Streamed
         # (a pipe works), every byte read passing through ``h``.
-        with open(path, "rb") as raw, io.TextIOWrapper(io.BufferedReader(_HashingRaw(raw, h)), newline="", encoding="utf-8-sig") as f:
+        # Bytes that are not UTF-8 decode to lone surrogates (surrogateescape), found in the row that holds them: the error names its line.
+        with open(path, "rb") as raw, io.TextIOWrapper(io.BufferedReader(_HashingRaw(raw, h)), newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             reader = csv.reader(f)
             header: list[str] | None = None
             prev = 0  # reader.line_num after the previous row: the next row starts on prev + 1
@@ -343,6 +356,10 @@ def _read_csv(path: Path, name: str, h: Any = None) -> Iterable[tuple]:
                 start, prev = prev + 1, reader.line_num
                 if not row:
                     continue  # blank line
+                bad = next((k for k, c in enumerate(row) if _NOT_UTF8.search(c)), None)
+                if bad is not None:
+                    col = f"column {bad + 1}" + (f" ({header[bad]!r})" if header and bad < len(header) else "")
+                    raise NtkSelectError(f"{name} line {start}: not UTF-8 text (in {col}); save the file as UTF-8")
                 if header is None:
                     header = row
                     dupes = sorted({c for c in header if header.count(c) > 1})
@@ -521,6 +538,10 @@ class RecordStream:
             raise NtkSelectError(f"{name}: no such file or folder; check the path")
         self.pipe = is_pipe(p)
         ext = p.suffix.lower()
+        if ext not in _READERS and name.startswith(("/dev/", "/proc/")) and not p.is_dir():
+            # /dev/stdin (or /dev/fd/N) redirected from a file: that file's format, else JSON Lines as for a pipe
+            real = Path(os.path.realpath(p)).suffix.lower()
+            ext = real if real in _READERS else ".jsonl"
         if p.is_dir():
             self.reader = _read_hf
         elif ext in _READERS:

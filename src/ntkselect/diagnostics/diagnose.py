@@ -32,7 +32,6 @@ kernels), PNG plots and the LoRA checkpoints.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -60,6 +59,7 @@ from ntkselect.model.preflight import check_model
 from ntkselect.model.runtime import Runtime, resolve_device, resolve_precision
 from ntkselect.progress import Progress
 from ntkselect.runs.folder import DIAGNOSE, Run, check_paths, open_run
+from ntkselect.runs.manifest import input_changed, read_manifest
 
 __all__ = [
     "DiagnoseOptions",
@@ -201,13 +201,8 @@ class DiagnoseOptions:
     @classmethod
     def from_run(cls, run_dir: str, **given) -> DiagnoseOptions:
         """Options for the data and model of a selection run; ``given`` (non-default) values win."""
-        path = Path(run_dir) / "manifest.json"
-        try:
-            cfg = json.loads(path.read_text()).get("config", {})
-        except FileNotFoundError:
-            raise NtkSelectError(f"--run {run_dir}: no manifest.json there; pass the folder of a finished selection run") from None
-        except (OSError, json.JSONDecodeError) as err:
-            raise NtkSelectError(f"--run {run_dir}: cannot read manifest.json ({err}); pass the folder of a finished selection run") from None
+        manifest = read_manifest(run_dir, flag="--run")  # a damaged run is refused in one line
+        cfg = manifest["config"]
         mapping = {
             "domain": "domain",
             "pool": "pool",
@@ -221,6 +216,14 @@ class DiagnoseOptions:
         defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
         kw = {mine: cfg[theirs] for mine, theirs in mapping.items() if cfg.get(theirs) not in (None, "")}
         kw.update({k: v for k, v in given.items() if v is not None and (k not in kw or v != defaults.get(k))})
+        for name in ("domain", "pool"):  # the run's inputs, unless given: they must be the files the run read
+            if kw.get(name) != cfg.get(name):
+                continue
+            where = (manifest["inputs"].get(name) or {}).get("path")
+            if where and not os.path.exists(kw[name]) and os.path.exists(where):  # a relative path, from another folder
+                kw[name] = where
+            if (why := input_changed(manifest, name, kw[name])) is not None:
+                raise NtkSelectError(f"--run {run_dir}: the --{name} of the run, {why}; restore it, or pass --{name} to diagnose another file")
         return cls(**{**kw, "run": str(run_dir)})
 
 
@@ -587,13 +590,19 @@ def _check_memory(opts: DiagnoseOptions, n_lora: int, tokenizer) -> None:
         )
 
 
-def _prepare_out(opts: DiagnoseOptions, stack: contextlib.ExitStack, log: Callable[[str], None], before_write=None) -> Run:
-    """Lock --out and decide where the diagnostics go (runfolder.py): finished diagnostics are
-    refused without --overwrite, and with it the new ones are written aside and swapped in once
-    they are complete; the leftovers of an unfinished run (ntkselect's own) are cleared."""
+def _lock_out(opts: DiagnoseOptions, stack: contextlib.ExitStack, log: Callable[[str], None]) -> Run:
+    """Lock --out, the first thing that touches it (runfolder.py); finished diagnostics are
+    refused without --overwrite."""
     run = stack.enter_context(open_run(opts.out, DIAGNOSE, _diagnose_inputs(opts), log=log))
     if run.state == "finished" and not opts.overwrite:
         raise NtkSelectError(f"{run.out} already holds diagnostics (diagnostics.json); pass --overwrite to replace them or choose another --out")
+    return run
+
+
+def _prepare_out(run: Run, before_write=None) -> Run:
+    """Decide where the diagnostics go in the locked --out: with --overwrite the new ones are
+    written aside and swapped in once they are complete; the leftovers of an unfinished run
+    (ntkselect's own) are cleared."""
     if before_write is not None:
         before_write()  # the preflight: after every refusal of --out, before anything is written to it
     if run.state == "finished":
@@ -644,6 +653,7 @@ def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
     opts.validate()
     require_matplotlib()
     check_paths(opts.out, DIAGNOSE, _diagnose_inputs(opts))
+    run = _lock_out(opts, stack, log)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     if opts.threads:
@@ -653,8 +663,13 @@ def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
     # -- data ------------------------------------------------------------------------------
     t = time.perf_counter()
     domain, pool_all = load_records(opts.domain), load_records(opts.pool)
-    dom_texts = {record_text(r.raw) for r in domain}
-    pool = [r for r in pool_all if record_text(r.raw) not in dom_texts]
+    seen = {record_text(r.raw) for r in domain}  # copies of domain records, and repeats of an earlier pool record, are left out (as in select)
+    pool = []
+    for r in pool_all:
+        text = record_text(r.raw)
+        if text not in seen:
+            seen.add(text)
+            pool.append(r)
     labelled = [r for r in domain if _label(r.raw) is not None]
     krr_note = None
     if opts.n_test == 0:
@@ -727,7 +742,7 @@ def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
         ).memory  # and its batches are sized to the memory budget
         loaded.append(model)
 
-    run = _prepare_out(opts, stack, log, before_write=load_and_check)  # inputs, options, --out and the model are checked: only now is --out written
+    _prepare_out(run, before_write=load_and_check)  # inputs, options, --out and the model are checked: only now is --out written
     model, out = loaded[0], run.dir
     assert out is not None  # _prepare_out chose the folder
     params = lora_parameters(model)

@@ -303,23 +303,32 @@ def _meta(cfg: EvalConfig, inp, test) -> dict:
     }
 
 
-def _prepare(cfg: EvalConfig, log, stack: contextlib.ExitStack, before_write=None) -> Run:
-    """Lock --out and decide where this evaluation writes (runfolder.py): a rerun with the same
-    configuration resumes in place, another one is refused; --overwrite writes the new evaluation
-    aside and swaps it in only once it has finished. Only ntkselect's own entries are replaced."""
-    check_model_options(cfg.model, "all-linear", cfg.lora_r, tokenizer=load_tokenizer(cfg.model))
+def _refuse(cfg: EvalConfig, run: Run) -> dict | None:
+    """In the locked --out: refuse an earlier evaluation with another configuration (without
+    --overwrite), before the inputs are read; the fingerprint of this one (None for a new --out:
+    it is taken once the inputs have been read)."""
+    if run.state == "new" or cfg.overwrite:
+        return None
     fp = _fingerprint(cfg)
-    run = stack.enter_context(open_run(cfg.out, EVALUATE, _eval_inputs(cfg), log=log))
+    old = run.setup()
+    if old.get("fingerprint") != fp:
+        changed = [k for k in fp["config"] if old.get("fingerprint", {}).get("config", {}).get(k) != fp["config"][k]]
+        changed += [f"{k} (contents)" for k in fp["inputs"] if old.get("fingerprint", {}).get("inputs", {}).get(k) != fp["inputs"][k]]
+        raise NtkSelectError(
+            f"{run.out} holds an evaluation with a different configuration ({', '.join(changed) or 'format'}); "
+            "pass --overwrite to start over or choose another --out"
+        )
+    return fp
+
+
+def _prepare(cfg: EvalConfig, run: Run, fp: dict | None, log, before_write=None) -> Run:
+    """Decide where this evaluation writes in the locked --out (runfolder.py): a rerun with the
+    same configuration resumes in place (another one was refused by :func:`_refuse`);
+    --overwrite writes the new evaluation aside and swaps it in only once it has finished. Only
+    ntkselect's own entries are replaced."""
+    check_model_options(cfg.model, "all-linear", cfg.lora_r, tokenizer=load_tokenizer(cfg.model))
+    fp = fp or _fingerprint(cfg)
     out = run.out
-    if run.state != "new" and not cfg.overwrite:
-        old = run.setup()
-        if old.get("fingerprint") != fp:
-            changed = [k for k in fp["config"] if old.get("fingerprint", {}).get("config", {}).get(k) != fp["config"][k]]
-            changed += [f"{k} (contents)" for k in fp["inputs"] if old.get("fingerprint", {}).get("inputs", {}).get(k) != fp["inputs"][k]]
-            raise NtkSelectError(
-                f"{out} holds an evaluation with a different configuration ({', '.join(changed) or 'format'}); "
-                "pass --overwrite to start over or choose another --out"
-            )
     if before_write is not None:
         before_write()  # e.g. the preflight: after every refusal of --out, before anything is written to it
     if run.state != "new" and not cfg.overwrite:
@@ -462,6 +471,9 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
     cfg.validate()
     t_start = time.perf_counter()
     check_paths(cfg.out, EVALUATE, _eval_inputs(cfg))
+    # the lock is the first thing that touches --out (runfolder.py): a second evaluation into it is refused here
+    run = stack.enter_context(open_run(cfg.out, EVALUATE, _eval_inputs(cfg), log=log))
+    fp = _refuse(cfg, run)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seeds, methods = cfg.seed_list(), cfg.method_list()
@@ -474,7 +486,7 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
     base_cfg = cfg.select_config("ntk", seeds[0], cfg.out)
     # no method may select a test question: such pool records are left out as the pool is read, for every method alike
     leaks = ("test_questions", lambda r: test_q.leaks(r.raw), sha256_path(cfg.domain_test))
-    inp = load_inputs(base_cfg, log, exclude_texts=None, drop=[leaks])
+    inp = load_inputs(base_cfg, log, exclude_texts=None, drop=[leaks], temp_dir=run.out)
     stack.callback(inp.close)  # the temporary token store goes with the run
     if inp.excluded.get("test_questions"):
         log(f"ntkselect evaluate: excluded {inp.excluded['test_questions']} pool records whose question is in the test set")
@@ -495,7 +507,7 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
     # the model through every path the methods and the fine-tune use, on a tiny batch: an unsupported one fails now
     preflight = []
     rt = make_runtime(base_cfg, tokenizer)
-    fp = _fingerprint(cfg)
+    fp = fp or _fingerprint(cfg)
     label = device_label(rt)  # the device type and precision: cells of another are never mixed in
     meta = _meta(cfg, inp, test)
     recs: list[RecordSet] = []
@@ -505,7 +517,7 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
             recs.append(RecordSet.open(cfg.records, _records_fingerprint(fp), label, meta))
         preflight.append(preflight_select(base_cfg, inp.dom_ex, tokenizer.pad_token_id, methods=methods, finetune=True, log=log))
 
-    run = _prepare(cfg, log, stack, before_write=before_write)
+    _prepare(cfg, run, fp, log, before_write=before_write)
     checked = preflight[0]  # the inputs and the model are checked: only now is --out written
     out = run.dir
     assert checked is not None and out is not None  # the fine-tune uses the model; _prepare chose the folder

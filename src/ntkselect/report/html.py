@@ -23,6 +23,7 @@ import collections
 import html
 import io
 import json
+import logging
 import math
 import re
 import time
@@ -34,9 +35,12 @@ import numpy as np
 
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_open
+from ntkselect.runs.manifest import check_outputs, input_changed, read_manifest
 
 __all__ = ["build_report", "load_run", "nearest_domain", "require_matplotlib", "new_figure", "png_bytes", "write_png", "score_of", "rank_of"]
 
+
+logger = logging.getLogger(__name__)
 
 # -- plotting helpers (matplotlib's object API: no global state, no display backend) -----------
 
@@ -114,19 +118,12 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def load_run(run_dir: str | Path) -> dict:
-    """{manifest, scores, selected, domain (records or None), domain_note} of a run folder."""
+    """{manifest, scores, selected, domain (records or None), domain_note} of a finished run
+    folder. Every file read is checked against the manifest (runs/manifest.py): a damaged run is
+    refused in one line; a domain file changed since the run is not shown, with a note."""
     run = Path(run_dir)
-    if not run.is_dir():
-        raise NtkSelectError(f"{run} is not a folder; pass the --out folder of a selection run")
-    mpath = run / "manifest.json"
-    if not mpath.exists():
-        raise NtkSelectError(f"{run} has no manifest.json, so it holds no finished selection run; pass the --out folder of a finished run")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise NtkSelectError(f"{mpath}: cannot read it ({err}); rerun the selection") from None
-    if not isinstance(manifest, dict):
-        raise NtkSelectError(f"{mpath}: expected a JSON object; rerun the selection")
+    manifest = read_manifest(run)
+    check_outputs(run, manifest, ("scores.jsonl", "selected.jsonl"))
     domain, note = None, None
     cfg = manifest.get("config") or {}
     dpath = cfg.get("domain") or ((manifest.get("inputs") or {}).get("domain") or {}).get("path")
@@ -134,6 +131,9 @@ def load_run(run_dir: str | Path) -> dict:
         dpath = str(run / dpath)
     if not dpath:
         note = "the manifest names no domain file"
+    elif (why := input_changed(manifest, "domain", dpath)) is not None:
+        note = f"the domain file is not the one the run read: {why}"
+        logger.warning(f"ntkselect: warning: report: {note}; the nearest domain examples are not shown")
     else:
         from ntkselect.data.records import load_records
 
@@ -388,7 +388,15 @@ def _kv_table(d: dict) -> str:
 
 
 def render_report(run: dict, top: int = 5, neighbours: int = 3) -> str:
-    """The HTML page for a loaded run (see :func:`load_run`)."""
+    """The HTML page for a loaded run (see :func:`load_run`). Text in the plots is literal: a
+    subject or source named ``$x$`` is shown as written, never parsed as mathtext."""
+    import matplotlib
+
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return _render(run, top, neighbours)
+
+
+def _render(run: dict, top: int, neighbours: int) -> str:
     m = run["manifest"]
     summ = m.get("summary") or {}
     method = m.get("method", "ntk")
@@ -449,9 +457,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, top: int = 
     if top <= 0 or neighbours <= 0:
         raise NtkSelectError(f"--{'top' if top <= 0 else 'neighbours'} must be a positive integer")
     require_matplotlib()
-    run = load_run(run_dir)
-    page = render_report(run, top, neighbours)
     if out:
+        page = render_report(load_run(run_dir), top, neighbours)
         path = Path(out)
         try:
             with atomic_open(path) as f:
@@ -459,10 +466,15 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, top: int = 
         except OSError as err:
             raise NtkSelectError(f"cannot write {path}: {err.strerror or err}") from None
         return path
-    # into the run folder: under its lock, and only over a report.html that ntkselect wrote (runfolder.py)
-    from ntkselect.runs.folder import SELECT, open_run
+    # into the run folder: its lock first (a run being written or replaced is not read), and only
+    # over a report.html that ntkselect wrote (runfolder.py)
+    from ntkselect.runs.folder import SELECT, check_paths, open_run
 
+    if not Path(run_dir).is_dir():
+        raise NtkSelectError(f"{run_dir} is not a folder; pass the --out folder of a selection run")
+    check_paths(run_dir, SELECT, {}, flag="run folder")
     with open_run(run_dir, SELECT, flag="run folder", log=lambda _: None, only=("report.html",)) as rf:
+        page = render_report(load_run(run_dir), top, neighbours)
         rf.in_place(clear=False)
         with atomic_open(rf.out / "report.html") as f:
             f.write(page)

@@ -10,11 +10,18 @@ Every command that writes a folder (``select``, ``evaluate``, ``diagnose``, ``re
   anything is written; nothing unrecorded is ever deleted or replaced.
 * **Inputs are never outputs.** An input at (or inside) a path the run writes, or an ``--out``
   inside an input folder, is refused before anything is written.
-* **One run at a time.** ``.ntkselect.lock`` holds an exclusive ``flock`` for the life of the
-  run, with the pid, host and command in it for the message a second process prints. The
-  kernel drops the lock when its process dies (``kill -9`` included), so a lock left behind
-  by a dead process is recognised as stale and taken over; where ``flock`` is not available
-  the pid (and its start time) is checked instead.
+* **One run at a time, and the lock first.** Every command takes ``.ntkselect.lock`` before it
+  reads, moves or deletes anything inside its folder (a token store to reuse included), so a
+  refused second run leaves the live one's bytes untouched. The lock is an exclusive ``flock``
+  held for the life of the run, with the pid, host and command in it for the message a second
+  process prints. The kernel (or, on NFS, the server) drops it when its process dies (``kill
+  -9`` included), so a lock file left behind by a dead process is recognised as stale and
+  taken over, with a line saying so. Forked worker processes close their copy of the lock, so
+  a killed run's lingering workers do not keep it. Where ``flock`` is not available the file
+  decides: a lock of this host is stale when its pid no longer runs (or is another process,
+  started at another time); a lock of another host (a shared file system) is stale when its
+  heartbeat is old: the holder touches the lock file every ``HEARTBEAT`` seconds, and one
+  not touched for ``STALE_AFTER`` seconds (by the file system's clock) is taken over.
 * **--overwrite swaps, it does not delete first.** A run that replaces an earlier one is
   written aside into ``.ntkselect-next-<command>/``; only once it has succeeded are the old
   run's entries moved aside (its finish marker first) and the new ones moved in (the new
@@ -22,7 +29,11 @@ Every command that writes a folder (``select``, ``evaluate``, ``diagnose``, ``re
   run or the new one, and the next run completes the swap.
 * **Temporary files of interrupted runs are swept** (while holding the lock): only names of
   the shapes ntkselect's own temporary files have (``.NAME.XXXXXXXX.tmp`` of one of its
-  outputs, ``.adapter-XXXXXXXX`` and the like), and anything inside folders it owns.
+  outputs, ``.adapter-XXXXXXXX``, ``.ntkpool-XXXXXXXX`` and the like), and anything inside
+  folders it owns. Temporary folders are made inside the locked folder, never beside it, so
+  they are on its file system (moving them in is a rename) and a later run sweeps them. A
+  finished run's scratch entries (``select``'s ``work/``, kept until the finish marker is
+  written) are removed when the run was killed between the two.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 LOCK = ".ntkselect.lock"
 RECORD = ".ntkselect.json"
+HEARTBEAT = 30.0  # seconds between touches of a held lock file
+STALE_AFTER = 600.0  # without flock: a lock of another host not touched for this long is stale
 _TMP_CHARS = "[a-z0-9_]{8}"  # tempfile's random names
 
 
@@ -61,6 +75,7 @@ class Layout:
     finished: str | None = None  # the entry written last: its presence marks a finished run
     setup: str | None = None  # the entry written first: what the run is computed from (resume)
     temp_prefixes: tuple[str, ...] = ()  # tempfile.mkdtemp prefixes it uses at the top level
+    scratch: tuple[str, ...] = ()  # outputs kept only until the finish marker is written
 
     @property
     def staging(self) -> str:
@@ -84,14 +99,15 @@ SELECT = Layout(
     ("run.json", "work", "shards.jsonl", "adapter", "selected.jsonl", "scores.jsonl", "train.jsonl", "report.html", "manifest.json"),
     finished="manifest.json",
     setup="run.json",
-    temp_prefixes=(".adapter-",),
+    temp_prefixes=(".adapter-", ".ntkpool-"),
+    scratch=("work",),
 )
 EVALUATE = Layout(
     "evaluate",
     ("evaluate_config.json", "cells", "selections", "work", "results.csv", "results.md", "results.png", "manifest.json"),
     finished="manifest.json",
     setup="evaluate_config.json",
-    temp_prefixes=(".work-",),  # the per-seed work of versions before work/: swept
+    temp_prefixes=(".work-", ".ntkpool-"),  # the per-seed work of versions before work/, and a temporary token store: swept
 )
 DIAGNOSE = Layout(
     "diagnose",
@@ -142,10 +158,11 @@ def _proc_start(pid: int) -> str | None:
         return None
 
 
-def _alive(info: dict) -> bool:
-    """Whether the process a lock names may still run (another host: assume it does)."""
+def _alive(info: dict, age: float | None) -> bool:
+    """Whether the process a lock file names may still run (without flock). Another host's:
+    while its heartbeat (the file's modification ``age`` in seconds) is recent."""
     if info.get("host") != socket.gethostname():
-        return True
+        return age is None or age < STALE_AFTER
     pid = info.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return False
@@ -161,7 +178,8 @@ def _alive(info: dict) -> bool:
 
 def _busy(path: Path, info: dict, flag: str, out: Path, unsure: bool) -> NtkSelectError:
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["time"])) if isinstance(info.get("time"), (int, float)) else "?"
-    hint = f" (if no such run is alive, delete {path})" if unsure else ""  # a held flock: the kernel vouches that it is
+    # a held flock: the kernel vouches that it is alive; otherwise say when it is taken over by itself
+    hint = f" (if no such run is alive, delete {path}; a lock of another host untouched for {STALE_AFTER:.0f} s is taken over)" if unsure else ""
     return NtkSelectError(
         f"{flag} {out} is in use by another ntkselect run (pid {info.get('pid', '?')} on {info.get('host', '?')}, "
         f"`ntkselect {info.get('command', '?')}` since {since}); wait for it to finish or choose another {flag}{hint}"
@@ -175,6 +193,31 @@ def _read_lock(fd: int) -> dict:
         return info if isinstance(info, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def _age(fd: int) -> float | None:
+    """Seconds since the lock file was last touched (its heartbeat), by the file system's clock
+    as far as it can be seen: the modification time against the time now."""
+    try:
+        return max(0.0, time.time() - os.fstat(fd).st_mtime)
+    except OSError:
+        return None
+
+
+_HELD: set[int] = set()  # this process's lock descriptors: closed in forked children (os.register_at_fork)
+
+
+def _close_held_in_child() -> None:
+    # a forked worker (the pool pass's) shares the lock's open file description; closing its copy
+    # lets the lock go when the run dies, even while a killed run's workers linger for a moment
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 class _Lock:
@@ -208,7 +251,7 @@ class _Lock:
                 os.close(fd)
                 continue
             old = _read_lock(fd)
-            if not flocked and old.get("pid") not in (None, os.getpid()) and _alive(old):
+            if not flocked and old.get("pid") not in (None, os.getpid()) and _alive(old, _age(fd)):
                 os.close(fd)
                 raise _busy(self.path, old, flag, out, unsure=True)
             self.stale = old if old.get("pid") not in (None, os.getpid()) else None  # left by a dead process
@@ -218,13 +261,28 @@ class _Lock:
             os.write(fd, (json.dumps(me) + "\n").encode())
             os.fsync(fd)
             self.fd: int | None = fd
+            _HELD.add(fd)
+            self._stop = threading.Event()
+            self._beat = threading.Thread(target=self._heartbeat, name="ntkselect-lock-heartbeat", daemon=True)
+            self._beat.start()
             return
+
+    def _heartbeat(self) -> None:
+        """Touch the lock file every HEARTBEAT seconds while it is held (see _alive)."""
+        while not self._stop.wait(HEARTBEAT):
+            fd = self.fd
+            if fd is None:
+                return
+            with contextlib.suppress(OSError):
+                os.utime(fd)
 
     def release(self) -> None:
         if self.fd is None:
             return
+        self._stop.set()
         with contextlib.suppress(OSError):
             os.unlink(self.path)  # while still holding it: a process that opened it meanwhile retries on a new file
+        _HELD.discard(self.fd)
         with contextlib.suppress(OSError):
             os.close(self.fd)
         self.fd = None
@@ -256,7 +314,7 @@ def _remove(path: Path) -> None:
 
 
 _TOP_TMP = re.compile(rf"^\.(?P<base>.+)\.(?:{_TMP_CHARS}\.tmp|old)$")
-_NESTED_TMP = re.compile(rf"^\..+\.(?:{_TMP_CHARS}\.tmp|old)$|^\.(?:adapter|ckpt|work)-{_TMP_CHARS}$")
+_NESTED_TMP = re.compile(rf"^\..+\.(?:{_TMP_CHARS}\.tmp|old)$|^\.(?:adapter|ckpt|work|ntkpool)-{_TMP_CHARS}$")
 
 
 @dataclass
@@ -409,6 +467,12 @@ class Run:
             self._committed = False
         elif self.mine(lay.previous) and os.path.lexists(self.out / lay.previous):
             _remove(self.out / lay.previous)
+        if lay.finished and (self.out / lay.finished).exists():
+            left = [n for n in lay.scratch if self.mine(n) and os.path.lexists(self.out / n)]
+            for n in left:  # killed between writing the finish marker and removing its scratch
+                _remove(self.out / n)
+            if left:
+                self.log(f"ntkselect: removed {', '.join(n + '/' for n in left)} of the finished run in {self.out} (left by an interrupted run)")
         gone = [n for n in self.entries if not os.path.lexists(self.out / n)]  # claimed, never written (or swapped away)
         for n in gone:
             del self.entries[n]
@@ -483,7 +547,9 @@ def open_run(
                 f"{'it' if len(foreign) == 1 else 'them'}: move {'it' if len(foreign) == 1 else 'them'} away or choose another {flag}"
             )
         if lock.stale:
-            log(f"ntkselect: took over the lock of an ntkselect run that is no longer running (pid {lock.stale.get('pid')})")
+            host = lock.stale.get("host")
+            where = f" on {host}" if host and host != socket.gethostname() else ""
+            log(f"ntkselect: took over the lock of an ntkselect run that is no longer running (pid {lock.stale.get('pid')}){where}")
         run._recover()
         swept = run._sweep()
         if swept:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import time
 
 import numpy as np
@@ -14,6 +15,8 @@ from ntkselect.selection.base import Ranking, SelectionContext, Selector, ordere
 from ntkselect.selection.registry import register_selector
 
 __all__ = ["BM25Selector"]
+
+logger = logging.getLogger(__name__)
 
 _MISSING = "--method bm25 needs the bm25s package: pip install 'ntkselect[baselines]'"
 
@@ -34,6 +37,11 @@ class BM25Selector(Selector):
         corpus = [record_text(r.raw) for r in ctx.pool]
         queries = [record_text(r.raw) for r in ctx.domain]
         tok = bm25s.tokenize(corpus, stopwords="en", show_progress=False)
+        if not tok.vocab:  # bm25s cannot index a corpus without a single term
+            raise NtkSelectError(
+                f"--method bm25: no record of --pool {ctx.cfg.pool} has a word BM25 can match (two or more letters or digits, not an "
+                "English stop word), so every score would be 0; use another --method"
+            )
         retriever = bm25s.BM25()  # Lucene variant, k1 = 1.5, b = 0.75
         retriever.index(tok, show_progress=False)
         vocab = tok.vocab  # {word: id}
@@ -44,6 +52,11 @@ class BM25Selector(Selector):
             if known:
                 scores += retriever.get_scores(known)
         scores /= max(1, len(queries))
+        if not scores.any():
+            logger.warning(
+                "ntkselect: warning: --method bm25: no domain example shares a word with the pool, so every score is 0 and the "
+                "selection is the pool's first --n records; a lexical method cannot rank this pool, consider another --method"
+            )
         order, sc = ordered(np.arange(len(corpus)), scores)
         return Ranking(
             order,
