@@ -18,7 +18,7 @@ import numpy as np
 
 from ntkselect.errors import NtkSelectError
 from ntkselect.runs.executors.base import Executor, Job
-from ntkselect.runs.shards import ShardSpec, ShardTask
+from ntkselect.runs.tasks import ShardSpec, ShardTask
 
 __all__ = ["RayExecutor", "worker_spec"]
 
