@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ntkselect.config import SelectConfig, field_help
 from ntkselect.errors import NtkSelectError
+from ntkselect.selection.registry import describe_methods, selector_names
 
 __all__ = ["main", "build_parser"]
 
@@ -33,13 +34,14 @@ def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), de
             continue
         flag = "--" + f.name.replace("_", "-")
         default = defaults.get(f.name, f.default if f.default is not MISSING else None)
-        help_ = field_help(f)  # --method: the registered selectors
+        help_ = describe_methods() if f.name == "method" else field_help(f)  # --method: the registered selectors
         if f.type in ("bool", bool):
             p.add_argument(flag, action="store_true", default=default, help=help_)  # no "(default: False)" noise
             continue
         typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
         required = bool(f.metadata.get("required")) and f.name not in defaults
-        kw = {"choices": f.metadata["choices"]} if f.metadata.get("choices") else {}
+        choices = selector_names() if f.name == "method" else f.metadata.get("choices")
+        kw = {"choices": choices} if choices else {}
         p.add_argument(flag, type=typ, default=argparse.SUPPRESS if required else default, required=required, help=help_, **kw)
 
 
