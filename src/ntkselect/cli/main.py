@@ -19,6 +19,7 @@ import os
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
+from typing import Any
 
 from ntkselect.config import SelectConfig, field_help
 from ntkselect.errors import NtkSelectError
@@ -40,7 +41,7 @@ def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), de
             continue
         typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
         required = bool(f.metadata.get("required")) and f.name not in defaults
-        choices = selector_names() if f.name == "method" else f.metadata.get("choices")
+        choices: Any = selector_names() if f.name == "method" else f.metadata.get("choices")
         kw = {"choices": choices} if choices else {}
         p.add_argument(flag, type=typ, default=argparse.SUPPRESS if required else default, required=required, help=help_, **kw)
 
