@@ -29,9 +29,10 @@ from ntkselect.data.records import Record, RecordStream, TokenizeStats, record_t
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, sha256_path
 from ntkselect.model.loading import check_model_options, load_tokenizer, resolve_model
-from ntkselect.model.preflight import preflight_select
-from ntkselect.model.runtime import Runtime, resolve_device, resolve_precision
+from ntkselect.model.runtime import Runtime
 from ntkselect.runs.folder import SELECT, Run, check_paths, open_run
+from ntkselect.runs.preflight import preflight_select
+from ntkselect.runs.setup import make_runtime
 from ntkselect.runs.shards import digest
 from ntkselect.selection import Ranking, SelectionContext, get_selector, selector_spec
 from ntkselect.selection.ntk_variants.selector import ignored_options
@@ -323,18 +324,6 @@ def load_inputs(
         inp.close()
         raise
     return inp
-
-
-def make_runtime(cfg: SelectConfig, tokenizer) -> Runtime:
-    device = resolve_device(cfg.device)
-    return Runtime(
-        device=device,
-        dtype=resolve_precision(cfg.precision, device),
-        batch_size=cfg.batch_size,
-        max_batch_tokens=cfg.max_batch_tokens,
-        padding_side=cfg.padding_side,
-        pad_id=tokenizer.pad_token_id,
-    )
 
 
 def _run_inputs(cfg: SelectConfig, model_path: str | None = None) -> dict:

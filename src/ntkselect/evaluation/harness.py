@@ -46,9 +46,9 @@ from ntkselect.evaluation.metrics import evaluate_mc, heldout_loss, is_mc_record
 from ntkselect.evaluation.stats import bootstrap_indices, gap_closed, paired_bootstrap, paired_sign_flip_test
 from ntkselect.files import atomic_open, atomic_write_json, sha256_path
 from ntkselect.model.loading import check_model_options, load_model, load_tokenizer
-from ntkselect.model.preflight import preflight_select
 from ntkselect.pipeline import load_inputs, make_runtime, package_versions, record_group, write_selection
 from ntkselect.runs.folder import EVALUATE, Run, check_paths, open_run
+from ntkselect.runs.preflight import preflight_select
 from ntkselect.selection import SelectionContext, get_selector, selector_names
 from ntkselect.training.finetune import FinetuneRecipe, finetune
 

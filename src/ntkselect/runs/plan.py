@@ -15,7 +15,7 @@ models the expensive part:
   largest batch + the projection buffers;
 * disk: the outputs and the temporary arrays a run writes into --out.
 
-It also runs the run's preflight (:mod:`ntkselect.model.preflight`: the model is loaded, gets the
+It also runs the run's preflight (:mod:`ntkselect.runs.preflight`: the model is loaded, gets the
 run's adapter, and a tiny batch goes through every path the run will use), so a model the
 run could not handle stops the dry run with the same one-line error. Nothing is written. :func:`format_plan` renders the dict as the table the CLI prints.
 """
@@ -41,8 +41,8 @@ from ntkselect.data.records import load_records, record_text, tokenize_records
 from ntkselect.errors import NtkSelectError
 from ntkselect.model.loading import DEFAULT_MODEL, load_tokenizer
 from ntkselect.model.memory import rss_bytes
-from ntkselect.model.preflight import preflight_select
 from ntkselect.runs.folder import SELECT, check_paths
+from ntkselect.runs.preflight import preflight_select
 
 __all__ = ["estimate", "format_plan", "model_facts", "calibrate", "PlanBuilder"]
 

@@ -42,7 +42,7 @@ __all__ = [
 
 #: names ``ntkselect evaluate`` uses for its own rows, so no selector may take them
 RESERVED_NAMES = ("domain-only", "oracle", "base")
-#: model paths the preflight (:mod:`ntkselect.model.preflight`) can check for a method, beyond
+#: model paths the preflight (:mod:`ntkselect.runs.preflight`) can check for a method, beyond
 #: the warm-up and the stage-1 embeddings every model / embedding method gets
 PREFLIGHT_PATHS = ("ntk", "less")
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
