@@ -28,6 +28,7 @@ from ntkselect.errors import NtkSelectError
 from ntkselect.model.lm import decoder_of, trained_logits
 from ntkselect.model.runtime import Runtime
 from ntkselect.progress import Progress
+from ntkselect.training.warmup import per_example_loss
 
 __all__ = ["MCItem", "MCResult", "mc_items", "is_mc_record", "option_loglikelihoods", "evaluate_mc", "LossResult", "heldout_loss"]
 
@@ -236,8 +237,6 @@ def heldout_loss(model, examples: Sequence, rt: Runtime, ids: Sequence[str] | No
     prompt/response or chat record, every token of a text record), with the model's full
     log-softmax at those positions. Batches are length-sorted and capped by ``rt``; results are
     put back in input order, so they do not depend on batching or padding (tested)."""
-    from ntkselect.training.warmup import per_example_loss
-
     t = time.perf_counter()
     model.eval()
     out = np.zeros(len(examples), dtype=np.float64)

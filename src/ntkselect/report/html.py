@@ -32,8 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from ntkselect.data.records import load_records, record_text
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_open
+from ntkselect.runs.folder import SELECT, open_run
 
 __all__ = ["build_report", "load_run", "nearest_domain", "require_matplotlib", "new_figure", "png_bytes", "write_png", "score_of", "rank_of"]
 
@@ -135,8 +137,6 @@ def load_run(run_dir: str | Path) -> dict:
     if not dpath:
         note = "the manifest names no domain file"
     else:
-        from ntkselect.data.records import load_records
-
         try:
             domain = load_records(dpath)
         except NtkSelectError as err:
@@ -255,8 +255,6 @@ def _snippet(text: str, limit: int = 400) -> str:
 
 
 def _record_text(raw: dict) -> str:
-    from ntkselect.data.records import record_text
-
     core = {k: v for k, v in raw.items() if k not in _ADDED_KEYS}
     try:
         return record_text(core)
@@ -460,8 +458,6 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, top: int = 
             raise NtkSelectError(f"cannot write {path}: {err.strerror or err}") from None
         return path
     # into the run folder: under its lock, and only over a report.html that ntkselect wrote (runfolder.py)
-    from ntkselect.runs.folder import SELECT, open_run
-
     with open_run(run_dir, SELECT, flag="run folder", log=lambda _: None, only=("report.html",)) as rf:
         rf.in_place(clear=False)
         with atomic_open(rf.out / "report.html") as f:

@@ -39,10 +39,15 @@ from ntkselect.data.batching import make_batches
 from ntkselect.data.pool import default_workers, lengths_of, scan_pool, trained_of
 from ntkselect.data.records import load_records, record_text, tokenize_records
 from ntkselect.errors import NtkSelectError
-from ntkselect.model.loading import DEFAULT_MODEL, load_tokenizer
-from ntkselect.model.memory import rss_bytes
+from ntkselect.grads.projection import BLOCK_ROWS, RademacherProjector, make_projector
+from ntkselect.model.loading import DEFAULT_MODEL, cache_dir, gguf_path, load_tokenizer
+from ntkselect.model.memory import overhead, rss_bytes
+from ntkselect.model.runtime import Runtime, resolve_device, resolve_precision
 from ntkselect.runs.folder import SELECT, check_paths
 from ntkselect.runs.preflight import preflight_select
+from ntkselect.selection.ntk_variants.selector import ignored_options
+from ntkselect.selection.registry import selector_spec
+from ntkselect.training.warmup import WarmupOptions, add_lora, micro_batches, warmup_batches
 
 __all__ = ["estimate", "format_plan", "model_facts", "calibrate", "PlanBuilder"]
 
@@ -62,8 +67,6 @@ def _model_config(model: str):
     from transformers import AutoConfig
 
     if model in (None, "", "default", DEFAULT_MODEL):
-        from ntkselect.model.loading import cache_dir, gguf_path
-
         cached = sorted(p for p in cache_dir().glob(f"{DEFAULT_MODEL}-*") if (p / "config.json").exists())
         if cached:
             return AutoConfig.from_pretrained(str(cached[-1])), str(cached[-1])
@@ -83,8 +86,6 @@ def model_facts(cfg: SelectConfig) -> dict:
     """Parameter count, shapes and the LoRA gradient dimension of ``cfg.model`` with ``cfg``'s
     adapter, from a copy of the model on the ``meta`` device (shapes only, no memory, no weights)."""
     from transformers import AutoModelForCausalLM
-
-    from ntkselect.training.warmup import WarmupOptions, add_lora
 
     config, path = _model_config(cfg.model)
     with torch.device("meta"), warnings.catch_warnings():
@@ -157,8 +158,6 @@ def calibrate(device: torch.device, dtype: torch.dtype, proj_dim: int = 0) -> di
 
 def _time_block(device: torch.device, proj_dim: int) -> dict:
     """Seconds to generate and apply one block of a ``proj_dim`` projection on ``device``."""
-    from ntkselect.grads.projection import BLOCK_ROWS, RademacherProjector, make_projector
-
     proj = make_projector(BLOCK_ROWS, proj_dim, 0, device=device)
     if not isinstance(proj, RademacherProjector):  # proj_dim = 0 is the identity: no blocks to time
         raise ValueError(f"a projection block needs proj_dim > 0 (got {proj_dim})")
@@ -202,8 +201,6 @@ class PlanBuilder:
     scores.jsonl; default the pool)."""
 
     def __init__(self, cfg: SelectConfig, dom_ex, pool_ex, dom_stats, pool_stats, stages: list, facts: dict | None, cal: dict | None, costs, device, dtype):
-        from ntkselect.model.runtime import Runtime
-
         self.cfg, self.dom_stats, self.pool_stats, self.stages, self.facts, self.cal = cfg, dom_stats, pool_stats, stages, facts, cal
         self.device = device
         self.dom_len = [len(e.input_ids) for e in dom_ex]
@@ -277,10 +274,6 @@ class PlanBuilder:
 
 def estimate(cfg: SelectConfig) -> dict:
     """The plan of a selection with ``cfg``: tokens, time, peak memory and disk per stage."""
-    from ntkselect.model.runtime import resolve_device, resolve_precision
-    from ntkselect.selection.ntk_variants.selector import ignored_options
-    from ntkselect.selection.registry import selector_spec
-
     cfg.validate()
     for line in ignored_options(cfg):  # e.g. --kernel trace with --method ntk
         logging.getLogger(__name__).warning(line)
@@ -350,9 +343,6 @@ def estimate(cfg: SelectConfig) -> dict:
     plan = PlanBuilder(cfg, dom_ex, (scan.lengths, scan.trained), dom_stats, pool_stats, stages, facts, cal, pre.memory if pre else None, device, dtype)
     act = plan.activations
     if uses_model:  # the shared work: the warm-up, and stage 1's embeddings for the methods that use them
-        from ntkselect.model.memory import overhead
-        from ntkselect.training.warmup import WarmupOptions, micro_batches, warmup_batches
-
         dom_len, dom_tr = plan.dom_len, plan.dom_tr
         if cfg.warmup_epochs > 0:
             wopts = WarmupOptions(epochs=cfg.warmup_epochs, batch_size=cfg.warmup_batch_size, seed=cfg.seed)

@@ -17,8 +17,12 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from ntkselect.errors import NtkSelectError
+from ntkselect.model.loading import load_model
+from ntkselect.model.memory import MemoryCosts, activation_budget
+from ntkselect.model.runtime import Runtime
 from ntkselect.runs.executors.base import Executor, Job
 from ntkselect.runs.tasks import ShardSpec, ShardTask
+from ntkselect.training.warmup import WarmupOptions, add_lora
 
 __all__ = ["RayExecutor", "worker_spec"]
 
@@ -54,10 +58,6 @@ def _worker_class():
         def __init__(self, spec: dict):
             import torch
 
-            from ntkselect.model.loading import load_model
-            from ntkselect.model.runtime import Runtime
-            from ntkselect.training.warmup import WarmupOptions, add_lora
-
             if spec.get("threads"):
                 torch.set_num_threads(spec["threads"])
             device = torch.device("cuda") if torch.cuda.is_available() and spec.get("use_gpu") else torch.device("cpu")
@@ -80,8 +80,6 @@ def _worker_class():
             )
             mem = spec.get("memory")
             if mem is not None and device.type == spec.get("device_type") and str(dtype).replace("torch.", "") == spec["dtype"]:
-                from ntkselect.model.memory import MemoryCosts, activation_budget
-
                 # the driver's measured costs hold for the same device kind and precision; the budget is this worker's own
                 self.rt.memory = MemoryCosts(mem.passes, activation_budget(device))
 

@@ -47,6 +47,7 @@ from ntkselect.model.memory import gradient_pass
 from ntkselect.model.runtime import Runtime
 from ntkselect.progress import Progress
 from ntkselect.runs.shards import Sharding, ShardTask, digest, register_task
+from ntkselect.training.warmup import per_example_loss
 
 __all__ = [
     "Stage2Result",
@@ -157,8 +158,6 @@ def dot_pass(model, batch, rt: Runtime, tracker) -> None:
 
 def _pass_kind(stream: tuple, objective) -> str:
     """Which measured cost (:mod:`ntkselect.model.memory`) a backward pass has."""
-    from ntkselect.training.warmup import per_example_loss
-
     if stream[0] in ("sum", "dot"):
         return stream[0]
     return "less" if objective is per_example_loss else "per_example"
