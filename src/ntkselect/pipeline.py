@@ -28,11 +28,11 @@ from ntkselect.data.pool import PoolExamples, PoolRecords, TokenStore, build_sto
 from ntkselect.data.records import Record, RecordStream, TokenizeStats, record_text, token_convention, tokenize_records
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, sha256_path
-from ntkselect.model.loading import check_model_options, load_tokenizer, resolve_model
+from ntkselect.model.loading import check_model_options
 from ntkselect.model.runtime import Runtime
 from ntkselect.runs.folder import SELECT, Run, check_paths, open_run
 from ntkselect.runs.preflight import preflight_select
-from ntkselect.runs.setup import make_runtime
+from ntkselect.runs.setup import RunSetup, make_runtime
 from ntkselect.runs.shards import digest
 from ntkselect.selection import Ranking, SelectionContext, get_selector, selector_spec
 from ntkselect.selection.ntk_variants.selector import ignored_options
@@ -79,13 +79,13 @@ EXECUTION_ONLY = (
 )
 
 
-def run_fingerprint(cfg: SelectConfig, hashes: dict | None = None) -> dict:
+def run_fingerprint(cfg: SelectConfig, hashes: dict | None = None, setup: RunSetup | None = None) -> dict:
     """What a run's results depend on: the options, the inputs' contents (``hashes``: their
-    sha256 as read, else hashed now) and the model."""
+    sha256 as read, else hashed now) and the model (``setup``'s fingerprint, else resolved now)."""
     return {
         "config": {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_ONLY},
         "inputs": hashes or {"domain": sha256_path(cfg.domain), "pool": sha256_path(cfg.pool)},
-        "model": _model_fingerprint(resolve_model(cfg.model)),
+        "model": (setup or RunSetup.of(cfg)).model_fingerprint,
     }
 
 
@@ -136,15 +136,6 @@ def _prepare_out(cfg: SelectConfig, run: Run, fp: dict, log: Callable[[str], Non
     return wdir
 
 
-def _model_fingerprint(path: str) -> dict:
-    p = Path(path)
-    if not p.is_dir():
-        return {"path": path}
-    files = {f.name: f.stat().st_size for f in sorted(p.iterdir()) if f.is_file()}
-    cfg = p / "config.json"
-    return {"path": str(p), "config_sha256": sha256_path(cfg) if cfg.exists() else None, "file_sizes": files}
-
-
 def record_group(rec: Record) -> str:
     return group_of(rec.raw, rec.path)
 
@@ -189,6 +180,7 @@ class Inputs:
     store: TokenStore | None = None
     owned: bool = False  # whether the store is a temporary one that close() removes
     pool_pass_seconds: float | None = None  # the pool's one read-and-tokenise pass (None: a finished store was reused)
+    setup: RunSetup | None = None  # the run's model, tokenizer, device, precision and these hashes, resolved once
 
     def close(self) -> None:
         """Remove a temporary token store (one not moved into a run folder) and its temporary folder."""
@@ -246,18 +238,21 @@ def load_inputs(
     drop: Sequence[tuple[str, Callable[[Record], bool], Any]] = (),
     store_dir: str | os.PathLike | None = None,
     reuse: Sequence[str | os.PathLike] = (),
+    setup: RunSetup | None = None,
 ) -> Inputs:
     """Read, de-duplicate and tokenize D (into memory) and C (streamed once into a token store).
     ``exclude_texts`` drops further pool records (``ntkselect evaluate`` passes the test set's
     texts, so no method can select a test question); ``drop`` are further (reason, predicate,
     key) tests. The store is made in ``store_dir`` (default: a temporary folder beside
     ``cfg.out``, which :meth:`Inputs.close` removes), or a finished one in ``reuse`` made from
-    the same file, tokenizer and options is used."""
+    the same file, tokenizer and options is used. ``setup`` (default: a new one for ``cfg``) gives
+    the tokenizer and keeps the inputs' hashes; the inputs keep it (``.setup``) for the rest of the run."""
     log = log or logger.info
+    setup = setup or RunSetup.of(cfg)
     t = time.perf_counter()
     dstream = RecordStream(cfg.domain)
     domain = list(dstream)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = setup.tokenizer
     dom_ex, dom_stats = tokenize_records(domain, tokenizer, cfg.max_length, cfg.template)
     tests, key = _pool_tests(cfg, domain, exclude_texts, exclude_reason, drop)
     store = find_store(reuse, cfg.pool, tokenizer, cfg.max_length, cfg.template, key, log=log)
@@ -295,11 +290,13 @@ def load_inputs(
         dom_stats,
         TokenizeStats(**store.meta["stats"]),
         time.perf_counter() - t,
-        hashes={"domain": dstream.sha256, "pool": store.sha256},
+        hashes=setup.hashes,
         store=store,
         owned=owned,
         pool_pass_seconds=pass_s,
+        setup=setup,
     )
+    setup.hashes.update(domain=dstream.sha256, pool=store.sha256)
     try:
         ex = store.meta["excluded"]
         inp.excluded = {"duplicates_of_domain": int(ex.get("duplicates_of_domain", 0))}
@@ -357,22 +354,22 @@ def _stores_in(out: str | os.PathLike) -> list[Path]:
 
 
 def _select(cfg: SelectConfig, inp: Inputs, log: Callable[[str], None], t_start: float) -> SelectionResult:
+    setup = inp.setup = inp.setup or RunSetup.of(cfg)
     if selector_spec(cfg.method).uses_model:
-        check_model_options(cfg.model, cfg.target_modules(), cfg.lora_r, "--lora-target-modules", "--lora-r", tokenizer=inp.tokenizer)
-    fp = run_fingerprint(cfg, inp.hashes)
+        check_model_options(setup.model_path, cfg.target_modules(), cfg.lora_r, "--lora-target-modules", "--lora-r", tokenizer=inp.tokenizer)
+    fp = run_fingerprint(cfg, inp.hashes, setup)
     origin = None
     if inp.store is not None and not inp.owned:
         # a reused store sits inside --out, which preparing the run may clear: hold it aside meanwhile
         origin = inp.store.folder
         inp.move_store(_temp_store(cfg.out) / "pool")
         inp.owned = True
-    with open_run(cfg.out, SELECT, _run_inputs(cfg, resolve_model(cfg.model)), log=log) as run:
+    with open_run(cfg.out, SELECT, _run_inputs(cfg, setup.model_path), log=log) as run:
         # an unsupported model fails in the preflight, in seconds, after --out's refusals and before it is written
         preflight = []
+        check = lambda: preflight.append(preflight_select(cfg, inp.dom_ex, inp.tokenizer.pad_token_id, keep=True, log=log, setup=setup))
         try:
-            wdir = _prepare_out(
-                cfg, run, fp, log, before_write=lambda: preflight.append(preflight_select(cfg, inp.dom_ex, inp.tokenizer.pad_token_id, keep=True, log=log))
-            )
+            wdir = _prepare_out(cfg, run, fp, log, before_write=check)
         except BaseException:
             if origin is not None and inp.store is not None:  # refused: put the reused store back where the earlier run keeps it
                 aside = inp.store.folder.parent
@@ -385,9 +382,19 @@ def _select(cfg: SelectConfig, inp: Inputs, log: Callable[[str], None], t_start:
             inp.move_store(wdir / "work" / "pool")  # kept until the run has finished: a rerun after a crash reuses it
             if tmp is not None and tmp.name.startswith(".ntkpool-"):
                 shutil.rmtree(tmp, ignore_errors=True)
-        rt = make_runtime(cfg, inp.tokenizer)
+        rt = make_runtime(cfg, inp.tokenizer, setup)
         ctx = SelectionContext(
-            cfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=str(wdir / "work"), key=digest(fp), log_path=str(wdir / "shards.jsonl")
+            cfg,
+            inp.domain,
+            inp.pool,
+            inp.dom_ex,
+            inp.pool_ex,
+            rt,
+            log,
+            work_dir=str(wdir / "work"),
+            key=digest(fp),
+            log_path=str(wdir / "shards.jsonl"),
+            setup=setup,
         )
         ctx.adopt(checked)
         ctx.store.log(
@@ -471,7 +478,7 @@ def write_selection(
                 "excluded_duplicates_of_domain": inp.excluded.get("duplicates_of_domain", 0),
                 "excluded": inp.excluded,
             },
-            "model": _model_fingerprint(resolve_model(cfg.model)),
+            "model": (inp.setup or RunSetup.of(cfg)).model_fingerprint,
         },
         "token_convention": token_convention(inp.dom_stats.template, inp.tokenizer),
         "tokens": {"domain": inp.dom_stats.to_dict(), "pool": inp.pool_stats.to_dict()},

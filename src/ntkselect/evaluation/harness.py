@@ -429,12 +429,14 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
         cfg,
         log,
         stack,
-        before_write=lambda: preflight.append(preflight_select(base_cfg, inp.dom_ex, tokenizer.pad_token_id, methods=methods, finetune=True, log=log)),
+        before_write=lambda: preflight.append(
+            preflight_select(base_cfg, inp.dom_ex, tokenizer.pad_token_id, methods=methods, finetune=True, log=log, setup=inp.setup)
+        ),
     )
     checked = preflight[0]  # the inputs and the model are checked: only now is --out written
     out = run.dir
     assert checked is not None and out is not None  # the fine-tune uses the model; _prepare chose the folder
-    rt = make_runtime(base_cfg, tokenizer)
+    rt = make_runtime(base_cfg, tokenizer, inp.setup)
     rt.memory = checked.memory  # batches sized to the memory budget (ntkselect.model.memory)
     recipe = cfg.recipe()
     ft_cache: dict[str, list] = {}
@@ -472,7 +474,7 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
             continue
         scfg = cfg.select_config("ntk", seed, str(out))
         with tempfile.TemporaryDirectory(prefix=".work-", dir=out) as work:
-            ctx = SelectionContext(scfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=work)
+            ctx = SelectionContext(scfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=work, setup=inp.setup)
             for method in todo:
                 log(f"ntkselect evaluate: seed {seed}, {method}")
                 t = time.perf_counter()

@@ -40,11 +40,12 @@ from ntkselect.data.pool import default_workers, lengths_of, scan_pool, trained_
 from ntkselect.data.records import load_records, record_text, tokenize_records
 from ntkselect.errors import NtkSelectError
 from ntkselect.grads.projection import BLOCK_ROWS, RademacherProjector, make_projector
-from ntkselect.model.loading import DEFAULT_MODEL, cache_dir, gguf_path, load_tokenizer
+from ntkselect.model.loading import DEFAULT_MODEL, cache_dir, gguf_path
 from ntkselect.model.memory import overhead, rss_bytes
-from ntkselect.model.runtime import Runtime, resolve_device, resolve_precision
+from ntkselect.model.runtime import Runtime
 from ntkselect.runs.folder import SELECT, check_paths
 from ntkselect.runs.preflight import preflight_select
+from ntkselect.runs.setup import RunSetup
 from ntkselect.selection.ntk_variants.selector import ignored_options
 from ntkselect.selection.registry import selector_spec
 from ntkselect.training.warmup import WarmupOptions, add_lora, micro_batches, warmup_batches
@@ -288,7 +289,8 @@ def estimate(cfg: SelectConfig) -> dict:
     domain = load_records(cfg.domain)
     dom_texts = {record_text(r.raw) for r in domain}
     keep = getattr(cfg, "keep_domain_duplicates", False)
-    tokenizer = load_tokenizer(cfg.model)
+    setup = RunSetup.of(cfg)  # the model's folder, tokenizer, device and precision, resolved once for the plan and its preflight
+    tokenizer = setup.tokenizer
     dom_ex, dom_stats = tokenize_records(domain, tokenizer, cfg.max_length, cfg.template)
     # the pool in one streamed pass, as a run reads it, keeping only its per-record numbers
     drop = [] if keep else [("duplicates_of_domain", lambda r: record_text(r.raw) in dom_texts)]
@@ -318,13 +320,12 @@ def estimate(cfg: SelectConfig) -> dict:
         "m": None,
     }
 
-    device = resolve_device(cfg.device)
-    dtype = resolve_precision(cfg.precision, device)
+    device, dtype = setup.device, setup.dtype
     uses_model = spec.uses_model
     notes: list[str] = []
     process_bytes = rss_bytes()  # this process now; with a model, replaced by what it holds after the preflight (below)
     # the model, the adapter and a tiny batch through every path the run will use: an unsupported model stops the dry run too
-    pre = preflight_select(cfg, dom_ex, tokenizer.pad_token_id, log=notes.append) if uses_model else None
+    pre = preflight_select(cfg, dom_ex, tokenizer.pad_token_id, log=notes.append, setup=setup) if uses_model else None
     facts = model_facts(cfg) if uses_model else None
     cal = calibrate(device, dtype) if uses_model else None
 

@@ -40,7 +40,7 @@ from ntkselect.model.lm import decoder_of, summed_head, summed_logits
 from ntkselect.model.loading import load_model
 from ntkselect.model.memory import MemoryCosts, activation_budget, measure_costs, rss_bytes
 from ntkselect.model.runtime import Runtime
-from ntkselect.runs.setup import make_runtime
+from ntkselect.runs.setup import RunSetup, make_runtime
 from ntkselect.selection.ntk.outputs import output_gradients
 from ntkselect.selection.ntk.stage1 import embed, forward_pass
 from ntkselect.selection.ntk.stage2 import domain_vector, dot_pass, per_example_gradients, projected_features, score_against, sum_pass
@@ -269,12 +269,14 @@ def preflight_select(
     finetune: bool = False,
     keep: bool = False,
     log: Callable[[str], None] | None = None,
+    setup: RunSetup | None = None,
 ) -> Preflight | None:
     """The preflight of a selection (``select``, ``--dry-run``) or an evaluation with ``cfg``
     (a :class:`~ntkselect.config.SelectConfig`): load the model, add the run's adapter, check
     every path ``methods`` (default: ``cfg.method``) and, with ``finetune``, the fine-tune and
     the test losses use. With ``keep`` the checked model is returned (``.model``) for the run to
-    use, exactly as a freshly loaded one; otherwise it is freed. None when nothing uses a model."""
+    use, exactly as a freshly loaded one; otherwise it is freed. None when nothing uses a model.
+    ``setup``: the run's resolved model folder, device and precision (default: resolved from ``cfg``)."""
     methods = list(methods or [cfg.method])
     used = [s for s in map(find_selector, methods) if s is not None and s.uses_model]  # evaluate's baseline and oracle are not selectors
     if not used and not finetune:
@@ -292,9 +294,10 @@ def preflight_select(
     class _Tok:  # make_runtime reads only the pad id
         pad_token_id = pad_id
 
-    rt = make_runtime(cfg, _Tok())
+    setup = setup or RunSetup.of(cfg)
+    rt = make_runtime(cfg, _Tok(), setup)
     opts = WarmupOptions(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules(), seed=cfg.seed)
-    model = add_lora(load_model(cfg.model).to(rt.device), opts)
+    model = add_lora(load_model(setup.model_path).to(rt.device), opts)
     res = check_model(model, rt, examples, paths, proj_dim=cfg.proj_dim, seed=cfg.seed, fused_warmup=cfg.lora_dropout == 0, log=log)
     if keep:
         res.model = model

@@ -1,19 +1,82 @@
-"""What a run is computed with, resolved from its configuration: the runtime (device,
-precision, batching) the stages are handed."""
+"""What a run is computed with, resolved once: the model's folder and fingerprint, the
+tokenizer, the device, the precision, and the inputs' hashes.
+
+A run makes one :class:`RunSetup` from its configuration (:func:`ntkselect.pipeline.load_inputs`
+does, and keeps it on the inputs) and hands it down: to the input reading (the tokenizer; the
+hashes are taken as the files are read), the run folder's fingerprint, the preflight, the
+selection context and the manifest. Each piece is resolved the first time it is needed, so a run
+that fails early resolves no more than it needs, and nothing is resolved or hashed twice.
+"""
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
+import torch
+
 from ntkselect.config import SelectConfig
+from ntkselect.files import sha256_path
+from ntkselect.model.loading import load_tokenizer, resolve_model
 from ntkselect.model.runtime import Runtime, resolve_device, resolve_precision
 
-__all__ = ["make_runtime"]
+__all__ = ["RunSetup", "make_runtime", "model_fingerprint"]
 
 
-def make_runtime(cfg: SelectConfig, tokenizer) -> Runtime:
-    device = resolve_device(cfg.device)
+def model_fingerprint(path: str) -> dict:
+    """What a run's results depend on of the model folder ``path``: its config's sha256 and its files' sizes."""
+    p = Path(path)
+    if not p.is_dir():
+        return {"path": path}
+    files = {f.name: f.stat().st_size for f in sorted(p.iterdir()) if f.is_file()}
+    cfg = p / "config.json"
+    return {"path": str(p), "config_sha256": sha256_path(cfg) if cfg.exists() else None, "file_sizes": files}
+
+
+class RunSetup:
+    """A run's model, tokenizer, device, precision and input hashes, each resolved once, when first used.
+
+    ``model``, ``device`` and ``precision`` are the options as given (``--model default``,
+    ``--device auto``, ``--precision auto``); the properties are what they resolve to here."""
+
+    def __init__(self, model: str, device: str = "auto", precision: str = "auto"):
+        self.model, self.device_name, self.precision_name = model, device, precision
+        self.hashes: dict[str, str] = {}  # {"domain": sha256, "pool": sha256} of the bytes read, set as the inputs are read
+
+    @classmethod
+    def of(cls, cfg: SelectConfig) -> RunSetup:
+        return cls(cfg.model, cfg.device, cfg.precision)
+
+    @functools.cached_property
+    def model_path(self) -> str:
+        """The folder (or cached name) the model loads from; for the default model its converted copy."""
+        return resolve_model(self.model)
+
+    @functools.cached_property
+    def model_fingerprint(self) -> dict:
+        return model_fingerprint(self.model_path)
+
+    @functools.cached_property
+    def tokenizer(self):
+        # from the option as given: the default model's tokenizer is read without converting its weights
+        return load_tokenizer(self.model)
+
+    @functools.cached_property
+    def device(self) -> torch.device:
+        return resolve_device(self.device_name)
+
+    @functools.cached_property
+    def dtype(self) -> torch.dtype:
+        return resolve_precision(self.precision_name, self.device)
+
+
+def make_runtime(cfg: SelectConfig, tokenizer, setup: RunSetup | None = None) -> Runtime:
+    """The runtime the stages are handed: ``setup``'s device and precision (default: resolved from
+    ``cfg``), ``cfg``'s batching, the tokenizer's pad id."""
+    setup = setup or RunSetup.of(cfg)
     return Runtime(
-        device=device,
-        dtype=resolve_precision(cfg.precision, device),
+        device=setup.device,
+        dtype=setup.dtype,
         batch_size=cfg.batch_size,
         max_batch_tokens=cfg.max_batch_tokens,
         padding_side=cfg.padding_side,
