@@ -62,7 +62,7 @@ def add_check(check: Callable[[SelectConfig], None]) -> Callable[[SelectConfig],
 
 
 def field_help(f) -> str:
-    """A field's help text (``help_fn`` computes it where it depends on the registry)."""
+    """A field's help text (a ``help_fn`` in its metadata computes it when it is asked for)."""
     return f.metadata["help_fn"]() if "help_fn" in f.metadata else f.metadata.get("help", "")
 
 
