@@ -189,3 +189,40 @@ def test_every_kernel_equals_autograd_across_heads(family, kind):
     s, diag = kernel_reference(gd, gc)
     close(got[:, 0], s)
     close(got[:, 1], diag)
+
+
+# -- 5. the cosine kernel (ntk-cos, ntk-plus --cosine) -----------------------------------------
+
+
+def cosine_reference(gd, gc):
+    """(n_c,) mean_i Θ(x_i, c_j) / √(Θ(x_i, x_i) Θ(c_j, c_j)) from (n, G, D) gradients, Θ = (1/G) Σ_g ⟨·, ·⟩."""
+    G = gd.shape[1]
+    theta = torch.einsum("igd,jgd->ij", gd, gc) / G  # (n_d, n_c)
+    nd, nc = ((g**2).sum((1, 2)) / G for g in (gd, gc))
+    return (theta / torch.sqrt(nd[:, None] * nc[None, :])).mean(0).numpy()
+
+
+@pytest.mark.parametrize("kind", ["sum", "trace", "loss"])
+def test_cosine_kernel_equals_the_mean_cosine_of_autograd_gradients(kind, model, examples, tokenizer):
+    dom, cand = examples[:4], examples[4:]
+    k = Kernel(kind, probes=3 if kind == "trace" else 1, seed=2)
+    rt = rt_(tokenizer.pad_token_id, batch_size=3)
+    vecs, info = domain_vectors(model, dom, rt, k, cosine=True)
+    got = candidate_scores(model, cand, rt, k, vecs)  # (n, 2): mean_i Θ(x_i, c) / √Θ(x_i, x_i), Θ(c, c)
+    V = model.get_output_embeddings().weight.shape[0]
+    f = {"sum": probed(torch.ones(1, V)), "trace": probed(probe_signs(V, 3, 2)), "loss": mean_nll}[kind]
+    gd, gc = (naive_objective_gradients(model, x, tokenizer.pad_token_id, f) for x in (dom, cand))
+    close(got[:, 0] / np.sqrt(got[:, 1]), cosine_reference(gd, gc))
+    assert info["tokens"] == 2 * k.groups * sum(len(e.input_ids) for e in dom)  # the norms' pass and the weighted sum
+    plain = candidate_scores(model, cand, rt, k, domain_vectors(model, dom, rt, k)[0])
+    assert not np.allclose(got[:, 0], plain[:, 0], rtol=1e-2)  # the domain side is normalised too
+
+
+def test_a_domain_example_with_a_zero_gradient_has_no_cosine(model, examples, tokenizer):
+    import dataclasses
+
+    from ntkselect.errors import NtkSelectError
+
+    dead = dataclasses.replace(examples[0], train_mask=[False] * len(examples[0].input_ids))  # no trained token: f = 0
+    with pytest.raises(NtkSelectError, match="zero gradient, so its cosine is undefined"):
+        domain_vectors(model, [dead, *examples[1:3]], rt_(tokenizer.pad_token_id), Kernel("sum"), cosine=True, ids=["a", "b", "c"])

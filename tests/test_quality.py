@@ -45,6 +45,38 @@ def test_heldout_loss_equals_a_hand_computed_nll(tiny_model_dir, texts, tokenize
     assert res.tokens[pr] < len(ex[pr].input_ids) - 1
 
 
+@pytest.mark.parametrize("template,batch_size,padding_side", [("plain", 3, "right"), ("plain", 8, "left"), ("chat", 2, "right")])
+def test_accuracy_from_the_loss_pass_equals_the_second_pass(tiny_model_dir, tokenizer, template, batch_size, padding_side):
+    """MMLU test records (response "B. ...", options the letters): the option log-likelihoods read
+    off the held-out loss pass equal those of the separate option pass, record by record."""
+    from ntkselect.data.records import tokenize_records
+    from ntkselect.evaluation.metrics import heldout_loss, loss_pass_probes, mc_from_probes, mc_items, option_loglikelihoods
+    from ntkselect.model.loading import load_model
+    from ntkselect.model.runtime import Runtime
+
+    model = load_model(tiny_model_dir).eval()
+    rows = []
+    for i in range(7):
+        letter = "ABCD"[i % 4]
+        prompt = f"Question {i}: " + "which organ " * i + "?\nA. heart\nB. lung\nC. liver\nD. kidney\nAnswer:"
+        rows.append({"prompt": prompt, "response": f"{letter}. organ {i}", "answer": letter, "options": ["A", "B", "C", "D"]})
+    rows.append({"prompt": "Short?\nA. yes\nB. no\nAnswer:", "response": "an answer without its letter", "answer": "A", "options": ["A", "B"]})
+    recs = _records(rows)
+    items = mc_items(recs)
+    ex, _ = tokenize_records(recs, tokenizer, max_length=512, template=template)
+    rt = Runtime(batch_size=batch_size, max_batch_tokens=4096, padding_side=padding_side, pad_id=tokenizer.pad_token_id, progress=False)
+    probes = loss_pass_probes(tokenizer, items, ex, template, 512)
+    assert sorted(probes) == list(range(len(rows)))  # every prompt is followed by a trained token, every option one token
+    res = heldout_loss(model, ex, rt, probes=probes)
+    old, _ = option_loglikelihoods(model, tokenizer, items, Runtime(batch_size=4, pad_id=tokenizer.pad_token_id, progress=False), template, 512)
+    for i in range(len(rows)):
+        np.testing.assert_allclose(res.probes[i], old[i], rtol=1e-5, atol=1e-5)
+    assert mc_from_probes(items, [res.probes[i] for i in range(len(rows))]).pred.tolist() == [int(np.argmax(x)) for x in old]
+    np.testing.assert_array_equal(res.loss, heldout_loss(model, ex, rt).loss)  # the loss itself is unchanged by probing
+    # a prompt the loss example does not start with (cut to max_length) is left to the option pass
+    assert 0 not in loss_pass_probes(tokenizer, items, ex, template, 5)
+
+
 def test_is_mc_record_separates_loss_only_records():
     from ntkselect.errors import NtkSelectError
     from ntkselect.evaluation.metrics import is_mc_record, mc_items

@@ -109,3 +109,13 @@ def test_a_worker_killed_mid_run_is_restarted_and_the_result_is_unchanged(big, t
     assert killed, "no worker was running to be killed"
     assert proc.returncode == 0, stderr[-2000:]
     assert run_outputs(out) == run_outputs(reference)
+
+
+def test_the_drivers_gpu_is_named_as_the_node_names_it_and_left_out():
+    from ntkselect.runs.executors.ray import driver_gpu, gpus_without
+
+    assert driver_gpu(0, None) == "0" and driver_gpu(2, "") == "2"
+    assert driver_gpu(1, "3,5,7") == "5"  # cuda:1 of a driver that sees GPUs 3, 5, 7 is GPU 5
+    assert gpus_without(4, None, "0") == ["1", "2", "3"]
+    assert gpus_without(3, "3,5,7", "5") == ["3", "7"]
+    assert gpus_without(1, None, "0") == []

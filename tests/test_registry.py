@@ -17,6 +17,7 @@ from ntkselect.selection import registry
 
 #: the built-in selectors, in --method's order
 BUILTINS = ["ntk", "random", "embedding", "bm25", "less", "tsds", "ntk-plus", "ntk-norm", "ntk-trace", "ntk-loss", "ntk-diverse", "ntk-ensemble"]
+BUILTINS += ["ntk-cos", "ntk-vote", "ntk-max", "ntk-rr", "ntk-whiten", "ntk-tsds", "ntk-rules"]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,8 @@ def test_an_unknown_method_is_refused_in_one_line_as_before(toy, data, tiny_mode
     err = capsys.readouterr().err
     assert err == (
         "ntkselect: error: argument --method: invalid choice: 'magic' (choose from 'ntk', 'random', 'embedding', 'bm25', 'less', "
-        "'tsds', 'ntk-plus', 'ntk-norm', 'ntk-trace', 'ntk-loss', 'ntk-diverse', 'ntk-ensemble', 'longest') (see `ntkselect select --help`)\n"
+        "'tsds', 'ntk-plus', 'ntk-norm', 'ntk-trace', 'ntk-loss', 'ntk-diverse', 'ntk-ensemble', 'ntk-cos', 'ntk-vote', "
+        "'ntk-max', 'ntk-rr', 'ntk-whiten', 'ntk-tsds', 'ntk-rules', 'longest') (see `ntkselect select --help`)\n"
     )
     assert not (tmp_path / "run").exists()
     listed = ", ".join([*BUILTINS, "longest"])

@@ -59,6 +59,10 @@ def test_each_selector_returns_n_distinct_pool_ids_deterministically(data, tiny_
     assert all(r["selection_method"] == method for r in a)
     if method == "tsds":  # in the order drawn; the score is the probability it was drawn with
         assert all(0 < r["selection_score"] <= 1 for r in a)
+    elif method == "ntk-tsds":  # as tsds, over stage 1's candidates (fewer than N may have a nonzero probability)
+        assert all(0 <= r["selection_score"] <= 1 for r in a)
+    elif method == "ntk-rr":  # in the order taken; the score is the cosine of the take
+        assert all(-1 - 1e-9 <= r["selection_score"] <= 1 + 1e-9 for r in a)
     else:
         assert [r["selection_score"] for r in a] == sorted((r["selection_score"] for r in a), reverse=True)
     assert a == b  # same seed, same selection and scores

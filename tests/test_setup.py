@@ -1,5 +1,6 @@
 """One selection resolves its inputs once (runs/setup.py): the model's folder and fingerprint, the
-tokenizer, the device, the precision and the inputs' hashes, however many stages read them."""
+tokenizer, the device, the weights' dtype, the precision and the inputs' hashes, however many
+stages read them."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def test_a_selection_resolves_model_tokenizer_device_precision_and_hashes_once(d
         (loading, "load_tokenizer"),
         (loading, "load_model"),
         (loading, "meta_model"),
+        (loading, "resolve_model_dtype"),
         (runtime, "resolve_device"),
         (runtime, "resolve_precision"),
         (files, "sha256_path"),
@@ -51,6 +53,7 @@ def test_a_selection_resolves_model_tokenizer_device_precision_and_hashes_once(d
         "load_model": 1,  # the preflight's model is the run's
         "meta_model": 1,  # the LoRA options checked against the model's modules
         "resolve_device": 1,
+        "resolve_model_dtype": 1,  # the weights' dtype (--model-dtype)
         "resolve_precision": 1,
         "sha256_path": 1,  # the model's config.json, for the fingerprint; the inputs are hashed as they are read
     }

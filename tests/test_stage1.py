@@ -7,7 +7,7 @@ import torch
 
 from helpers import make_lora_model
 from ntkselect.model.runtime import Runtime
-from ntkselect.selection.ntk.stage1 import embed, knn_votes, preselect
+from ntkselect.selection.ntk.stage1 import embed, knn_votes, preselect, vote_degeneracy
 
 
 def brute_votes(d, p, k):
@@ -62,6 +62,44 @@ def test_m_larger_than_pool_keeps_everything():
     assert sorted(preselect(d, p, m=50, k=2).selected.tolist()) == list(range(10))
 
 
+def brute_weighted(d, p, k, weight):
+    """Each domain example's k nearest by cosine, weighted naively: (K - r) / K for the r-th, or its cosine."""
+    d, p = d.astype(np.float64), p.astype(np.float64)
+    dn = d / np.linalg.norm(d, axis=1, keepdims=True)
+    pn = p / np.linalg.norm(p, axis=1, keepdims=True)
+    w = np.zeros(len(p))
+    for row in dn @ pn.T:
+        for r, j in enumerate(np.argsort(-row, kind="stable")[:k]):
+            w[j] += (k - r) / k if weight == "rank" else row[j]
+    return w
+
+
+def test_weighted_votes_match_brute_force_and_order_a_homogeneous_domain():
+    rng = np.random.default_rng(3)
+    centre = rng.normal(size=16)
+    d = (centre + 0.01 * rng.normal(size=(10, 16))).astype(np.float32)  # near-copies of one template
+    p = rng.normal(size=(60, 16)).astype(np.float32)
+    count = preselect(d, p, m=8, k=8)
+    deg = vote_degeneracy(count)
+    assert deg["max_votes"] == 10 and deg["kept_at_max_votes"] == 1.0 and deg["distinct_vote_counts_kept"] == 1  # the count orders nothing
+    for weight in ("rank", "similarity"):
+        res = preselect(d, p, m=8, k=8, weight=weight)
+        ref = brute_weighted(d, p, 8, weight)
+        np.testing.assert_allclose(res.weight, ref, rtol=1e-6, atol=1e-9)  # the search runs in float32
+        np.testing.assert_array_equal(res.votes, count.votes)
+        assert res.selected.tolist() == np.lexsort((np.arange(60), -ref))[:8].tolist()
+        deg = vote_degeneracy(res)
+        assert deg["vote"] == weight and deg["distinct_vote_weights_kept"] > 1  # the weights still order it
+    assert preselect(d, p, m=8, k=8, weight="rank").selected.tolist() == preselect(d, p, m=8, k=8, weight="rank").selected.tolist()
+
+
+def test_count_vote_degeneracy_counts_distinct_votes():
+    d = np.array([[1, 0], [0, 1]], np.float32)
+    p = np.array([[1, 0.1], [1, 0.1], [0.1, 1], [0.1, 1], [1, 1], [-1, -1]], np.float32)
+    res = preselect(d, p, m=5, k=3)
+    assert vote_degeneracy(res) == {"vote": "count", "max_votes": 2, "kept_at_max_votes": 0.2, "distinct_vote_counts_kept": 2, "distinct_vote_counts": 2}
+
+
 def test_embeddings_are_masked_means_and_batch_invariant(tiny_model_dir, examples, tokenizer, tmp_path):
     model = make_lora_model(tiny_model_dir)
     a = embed(model, examples, Runtime(batch_size=8, pad_id=tokenizer.pad_token_id, progress=False))
@@ -78,3 +116,45 @@ def test_embeddings_are_masked_means_and_batch_invariant(tiny_model_dir, example
     with torch.no_grad():
         h2 = model.get_base_model().model(input_ids=torch.tensor([e.input_ids])).last_hidden_state[0]
     assert torch.equal(h, h2)
+
+
+class _Counted:
+    """A shard that counts the rows read from it."""
+
+    def __init__(self, a, log):
+        self.a, self.log = a, log
+
+    def __len__(self):
+        return len(self.a)
+
+    def __getitem__(self, key):
+        out = self.a[key]
+        self.log.append(len(out))
+        return out
+
+
+def test_search_is_piece_and_sharding_invariant_and_reads_the_pool_once(monkeypatch):
+    """Pieces of a few rows and chunks of a few queries (a tiny budget) give the same top-k, ties
+    included (duplicated rows: the earlier position first), and every pool row is read once."""
+    from ntkselect.selection.ntk import stage1
+    from ntkselect.selection.tsds import tsds
+
+    rng = np.random.default_rng(3)
+    d, p = rng.normal(size=(9, 6)).astype(np.float32), rng.normal(size=(150, 6)).astype(np.float32)
+    p[100:110] = p[10:20]  # exact duplicates: equal cosines
+    ref_s, ref_i = stage1.knn_search(d, p, 12)
+    monkeypatch.setattr(stage1, "SEARCH_BUDGET", 40)  # pieces of 12 rows, 1-2 queries per sort
+    log: list[int] = []
+    shards = [_Counted(p[a:b], log) for a, b in ((0, 37), (37, 38), (38, 150))]
+    got_s, got_i = stage1.knn_search(d, shards, 12)
+    np.testing.assert_array_equal(got_i, ref_i)
+    np.testing.assert_allclose(got_s, ref_s, rtol=1e-6)  # a matmul's last bit depends on its shape
+    assert sum(log) == len(p)
+    for row_i, row_s in zip(ref_i, ref_s):  # equal cosines: earlier pool position first
+        for j in range(len(row_i) - 1):
+            assert row_s[j] > row_s[j + 1] or row_i[j] < row_i[j + 1]
+    sims = (d / np.linalg.norm(d, axis=1, keepdims=True)).astype(np.float64) @ (p / np.linalg.norm(p, axis=1, keepdims=True)).T
+    np.testing.assert_allclose(ref_s, -np.sort(-sims, axis=1)[:, :12], rtol=1e-6, atol=1e-6)  # float32 cosines, float64 reference
+    log.clear()
+    r = tsds(d, shards, max_k=5, kde_k=3)
+    assert sum(log) == len(p) + r.neighbourhood  # the search's one read, then U's rows for the KDE

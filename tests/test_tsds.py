@@ -90,11 +90,17 @@ def test_probabilities_equal_a_naive_transcription(case, seed):
     dom, pool = clustered(seed)
     r = tsds(dom, pool, alpha=alpha, c=c, sigma=sigma, max_k=max_k, kde_k=kde_k)
     want, s, union, rho = brute_tsds(dom.astype(np.float64), pool.astype(np.float64), alpha, c, sigma, max_k, kde_k)
-    np.testing.assert_allclose(r.probs, want, rtol=1e-9, atol=1e-12)
-    assert r.level == pytest.approx(s, rel=1e-12)
+    # the search and the KDE's kernel values are float32 (the reference: float64), the rest float64
+    # (a share 1/M - S/(M s) cancels: its error is relative to 1/M, not to itself)
+    np.testing.assert_allclose(r.probs, want, rtol=1e-5, atol=1e-6 / len(dom))
+    # a candidate whose share is 1/M - S/(M s) = 0 up to rounding (~1e-17) may come out 0 or not
+    np.testing.assert_array_equal(r.probs > 1e-12, want > 1e-12)
+    assert r.level == pytest.approx(s, rel=1e-5)
     assert r.neighbourhood == len(union)
-    np.testing.assert_allclose(r.kde[union], [rho[u] for u in union], rtol=1e-9)
+    np.testing.assert_allclose(r.kde[union], [rho[u] for u in union], rtol=1e-5)
     assert r.probs.sum() == pytest.approx(1.0)
+    clean = lambda p: np.where(p > 1e-12, p, 0.0)  # noqa: E731
+    np.testing.assert_array_equal(draw_order(clean(r.probs), r.nearest, 0), draw_order(clean(want), r.nearest, 0))  # the same selection
 
 
 def test_the_cases_cover_stopping_capping_and_duplicates():

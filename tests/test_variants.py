@@ -11,7 +11,7 @@ import pytest
 
 from ntkselect.cli.main import main
 
-PRESETS = ("ntk-plus", "ntk-norm", "ntk-trace", "ntk-loss", "ntk-diverse", "ntk-ensemble")
+PRESETS = ("ntk-plus", "ntk-norm", "ntk-trace", "ntk-loss", "ntk-diverse", "ntk-ensemble", "ntk-cos", "ntk-vote")
 
 
 def _args(data, model, out, method, *extra):
@@ -41,19 +41,22 @@ def test_each_variant_selects_n_distinct_candidates_of_stage_1(method, data, tin
     sel, scores, man = _rows(out)
     assert len(sel) == 4 and all(r["selection_method"] == method for r in sel)
     assert [r["selection_score"] for r in sel] == sorted((r["selection_score"] for r in sel), reverse=True)
-    assert {r["id"] for r in scores} == {r["id"] for r in ntk_run[1]}  # the same stage-1 candidates as ntk
+    if method != "ntk-vote":
+        assert {r["id"] for r in scores} == {r["id"] for r in ntk_run[1]}  # the same stage-1 candidates as ntk
     assert (out / "adapter").exists() and man["method"] == method and man["cost"]["tokens"] > 0
     assert {"kernel_score", "grad_norm", "votes"} <= set(scores[0])
     var = man["selector"]["variant"]
     assert (
         var
         == {
-            "ntk-plus": {"kernel": "sum", "probes": 1, "normalise": False, "diversity_lambda": 0.0, "checkpoints": 1},
-            "ntk-norm": {"kernel": "sum", "probes": 1, "normalise": True, "diversity_lambda": 0.0, "checkpoints": 1},
-            "ntk-trace": {"kernel": "trace", "probes": 3, "normalise": False, "diversity_lambda": 0.0, "checkpoints": 1},
-            "ntk-loss": {"kernel": "loss", "probes": 1, "normalise": False, "diversity_lambda": 0.0, "checkpoints": 1},
-            "ntk-diverse": {"kernel": "sum", "probes": 1, "normalise": False, "diversity_lambda": 0.5, "checkpoints": 1},
-            "ntk-ensemble": {"kernel": "sum", "probes": 1, "normalise": False, "diversity_lambda": 0.0, "checkpoints": 3},
+            "ntk-plus": {"kernel": "sum", "probes": 1, "normalise": False, "diversity_lambda": 0.0, "checkpoints": 1, "cosine": False, "vote": "count"},
+            "ntk-norm": {"kernel": "sum", "probes": 1, "normalise": True, "diversity_lambda": 0.0, "checkpoints": 1, "cosine": False, "vote": "count"},
+            "ntk-trace": {"kernel": "trace", "probes": 3, "normalise": False, "diversity_lambda": 0.0, "checkpoints": 1, "cosine": False, "vote": "count"},
+            "ntk-loss": {"kernel": "loss", "probes": 1, "normalise": False, "diversity_lambda": 0.0, "checkpoints": 1, "cosine": False, "vote": "count"},
+            "ntk-diverse": {"kernel": "sum", "probes": 1, "normalise": False, "diversity_lambda": 0.5, "checkpoints": 1, "cosine": False, "vote": "count"},
+            "ntk-ensemble": {"kernel": "sum", "probes": 1, "normalise": False, "diversity_lambda": 0.0, "checkpoints": 3, "cosine": False, "vote": "count"},
+            "ntk-cos": {"kernel": "sum", "probes": 1, "normalise": False, "diversity_lambda": 0.0, "checkpoints": 1, "cosine": True, "vote": "count"},
+            "ntk-vote": {"kernel": "sum", "probes": 1, "normalise": False, "diversity_lambda": 0.0, "checkpoints": 1, "cosine": False, "vote": "rank"},
         }[method]
     )
     if method == "ntk-norm":
@@ -61,6 +64,16 @@ def test_each_variant_selects_n_distinct_candidates_of_stage_1(method, data, tin
             assert r["score"] == pytest.approx(r["kernel_score"] / r["grad_norm"], rel=1e-12)
     if method == "ntk-diverse":
         assert "max_similarity" in scores[0] and scores[0]["max_similarity"] == 0.0
+    if method == "ntk-cos":
+        for r in scores:
+            assert r["score"] == pytest.approx(r["kernel_score"] / r["grad_norm"], rel=1e-12) and -1 - 1e-9 <= r["score"] <= 1 + 1e-9  # a mean of cosines
+    deg = man["selector"]["stage1"]["vote_degeneracy"]
+    assert deg["vote"] == var["vote"] and 0 < deg["kept_at_max_votes"] <= 1 and deg["distinct_vote_counts_kept"] >= 1
+    if method == "ntk-vote":  # stage 2 is ntk's: the candidates both keep score the same
+        assert "vote_weight" in scores[0] and deg["distinct_vote_weights_kept"] >= 1
+        ref = {r["id"]: r["score"] for r in ntk_run[1]}
+        shared = [r for r in scores if r["id"] in ref]
+        assert shared and all(r["score"] == pytest.approx(ref[r["id"]], rel=1e-4) for r in shared)
 
 
 def test_ntk_plus_at_its_defaults_scores_like_ntk(data, tiny_model_dir, tmp_path, ntk_run):
@@ -83,7 +96,15 @@ def test_combinations_through_ntk_plus(data, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     assert main(_args(data, tiny_model_dir, out, "ntk-plus", "--kernel", "trace", "--normalise", "--diverse", "--diversity-lambda", 1)) == 0
     sel, scores, man = _rows(out)
-    assert man["selector"]["variant"] == {"kernel": "trace", "probes": 3, "normalise": True, "diversity_lambda": 1.0, "checkpoints": 1}
+    assert man["selector"]["variant"] == {
+        "kernel": "trace",
+        "probes": 3,
+        "normalise": True,
+        "diversity_lambda": 1.0,
+        "checkpoints": 1,
+        "cosine": False,
+        "vote": "count",
+    }
     assert {"normalised_score", "max_similarity"} <= set(scores[0]) and len({r.get("id") for r in sel}) == 4
 
 
@@ -96,6 +117,10 @@ def test_the_dry_run_prices_each_variant(method, data, tiny_model_dir, tmp_path)
     stages = {s["stage"]: s for s in plan["stages"]}
     assert {"warm-up", "stage 2"} <= set(stages) and stages["stage 2"]["seconds"] > 0
     assert ("diversity" in stages) == (method == "ntk-diverse")
+    if method == "ntk-cos":  # the domain twice (its norms, then the weighted sum)
+        ntk = estimate(config_from_args(build_parser().parse_args(_args(data, tiny_model_dir, tmp_path / "run", "ntk", "--dry-run"))))
+        base = next(s for s in ntk["stages"] if s["stage"] == "stage 2")
+        assert stages["stage 2"]["tokens"] > base["tokens"]
     if method == "ntk-trace":  # three objectives per example
         ntk = estimate(config_from_args(build_parser().parse_args(_args(data, tiny_model_dir, tmp_path / "run", "ntk", "--dry-run"))))
         base = next(s for s in ntk["stages"] if s["stage"] == "stage 2")
@@ -133,7 +158,9 @@ def test_evaluate_takes_the_variants_and_their_options(tmp_path):
     sc = cfg.select_config("ntk-trace", 1, "o")
     assert (sc.method, sc.probes, sc.diversity_lambda, sc.kernel, sc.normalise, sc.diverse) == ("ntk-trace", 8, 0.25, "loss", True, False)
     plain = _fingerprint(EvalConfig(**kw))["config"]
-    assert not {"kernel", "probes", "normalise", "diverse", "diversity_lambda", "ensemble", "checkpoints"} & set(plain)  # evaluations run before still resume
+    later = {"kernel", "probes", "normalise", "diverse", "diversity_lambda", "ensemble", "checkpoints"}
+    later |= {"cosine", "weighted_vote", "vote_weight", "features", "aggregate", "feature_dim", "whiten_shrinkage"}
+    assert not later & set(plain)  # evaluations run before still resume
     assert _fingerprint(cfg)["config"]["probes"] == 8
 
 

@@ -177,6 +177,37 @@ class SelectConfig:
         "--method ntk-diverse, or ntk-plus --diverse: lambda >= 0; a candidate loses lambda x sd(scores) x its largest cosine "
         "(centred projected gradient features) to one already selected; 0 is top N",
     )
+    # -- selection rules (issue 25): --method ntk-cos, ntk-vote (and ntk-plus), ntk-max, ntk-rr, ntk-whiten, ntk-tsds, ntk-rules --
+    cosine: bool = _opt(False, "--method ntk-plus: the cosine kernel, each kernel value divided by both examples' gradient norms (ntk-cos does this alone)")
+    weighted_vote: bool = _opt(False, "--method ntk-plus or ntk-rules: stage 1 keeps the candidates with the largest --vote-weight (ntk-vote does this alone)")
+    vote_weight: str = _opt(
+        "rank",
+        "--method ntk-vote, or ntk-plus / ntk-rules --weighted-vote: how a domain example's vote for its r-th nearest counts: "
+        "rank ((K - r) / K) or similarity (its cosine); stage 1 keeps the largest sums",
+        choices=("rank", "similarity"),
+    )
+    features: str = _opt(
+        "unit",
+        "--method ntk-rules: the per-example gradient features compared: unit (unit length, as LESS), centre (centred on the mean of D "
+        "and the candidates, then unit) or whiten (centred, whitened by their shrunk covariance, then unit, as TAROT)",
+        choices=("unit", "centre", "whiten"),
+    )
+    aggregate: str = _opt(
+        "mean",
+        "--method ntk-rules: how the cosines to the domain examples rank a candidate: mean, max, rr (round robin: each domain example "
+        "takes its next-best unselected candidate in turn) or tsds (TSDS's transport and density, --tsds-* options, on the features)",
+        choices=("mean", "max", "rr", "tsds"),
+    )
+    feature_dim: int = _opt(
+        8192,
+        "--method ntk-max, ntk-rr, ntk-whiten, ntk-tsds, ntk-rules: projection dimension p of the per-example gradient features "
+        "(LESS: 8192; 0: unprojected, for small models only)",
+    )
+    whiten_shrinkage: float = _opt(
+        0.5,
+        "--method ntk-whiten, ntk-tsds, or ntk-rules --features whiten: rho in (0, 1]; the covariance whitened by is "
+        "(1 - rho) S + rho (tr S / p) I (1: no whitening, only centring)",
+    )
     # -- TSDS (--method tsds; defaults: the authors' config.yaml) ----------------------------
     tsds_alpha: float = _opt(0.5, "--method tsds: weight of distribution alignment (optimal transport to D) against diversity, in [0, 1]")
     tsds_c: float = _opt(5.0, "--method tsds: C, the scale dividing the transport cost (the embeddings are unit-normalised)")
@@ -190,6 +221,12 @@ class SelectConfig:
         "auto",
         "matmul precision: auto (bfloat16 where the hardware has it), float32 or bfloat16; reductions stay float32",
         choices=("auto", "float32", "bfloat16"),
+    )
+    model_dtype: str = _opt(
+        "auto",
+        "dtype the model's weights are held in, loaded straight onto --device: auto (the checkpoint's own dtype on CUDA, "
+        "float32 on a CPU), bfloat16, float16 or float32; the LoRA adapter and every reduction stay float32",
+        choices=("auto", "bfloat16", "float16", "float32"),
     )
     padding_side: str = _opt("right", "pad batches on the right or left (scores do not depend on it)", choices=("right", "left"))
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
@@ -242,6 +279,10 @@ class SelectConfig:
             raise bad("checkpoints", f"must be an integer from 1 to {MAX_CHECKPOINTS}")
         if not 0 <= self.diversity_lambda < float("inf"):
             raise bad("diversity_lambda", "must be a number >= 0 (0 is top N)")
+        if self.feature_dim < 0 or self.feature_dim % 8:
+            raise bad("feature_dim", "must be 0 (unprojected) or a positive multiple of 8")
+        if not 0 < self.whiten_shrinkage <= 1:
+            raise bad("whiten_shrinkage", "must be in (0, 1] (1: centre only, no whitening)")
         if self.preselect_factor < 1:
             raise bad("preselect_factor", "must be at least 1")
         if self.max_batch_tokens < self.max_length:
@@ -254,7 +295,7 @@ class SelectConfig:
             raise bad("lora_target_modules", "must name modules or be all-linear")
         for check in _CHECKS:  # --method: a registered selector, and what the method itself needs (e.g. less: a warm-up; bm25: bm25s)
             check(self)
-        check_limits(self, ("proj_dim", "less_proj_dim"))
+        check_limits(self, ("proj_dim", "less_proj_dim", "feature_dim"))
         return self
 
     def target_modules(self) -> str | list[str]:

@@ -55,7 +55,7 @@ from ntkselect.grads.fused import lora_parameters
 from ntkselect.grads.projection import make_projector
 from ntkselect.model.heads import lm_head
 from ntkselect.model.lm import causal_lm, final_hidden
-from ntkselect.model.loading import check_model_options, load_model, load_tokenizer, meta_model
+from ntkselect.model.loading import MODEL_DTYPES, check_model_options, load_model, load_tokenizer, meta_model, resolve_model_dtype
 from ntkselect.model.runtime import Runtime, resolve_device, resolve_precision
 from ntkselect.progress import Progress
 from ntkselect.report.html import new_figure, require_matplotlib, write_png
@@ -130,6 +130,9 @@ class DiagnoseOptions:
     batch_size: int = _opt(16, "examples per batch for gradients and evaluation")
     max_batch_tokens: int = _opt(8192, "padded tokens per batch")
     precision: str = _opt("auto", "matmul precision: auto, float32 or bfloat16; reductions stay float32", choices=("auto", "float32", "bfloat16"))
+    model_dtype: str = _opt(
+        "auto", "dtype of the model's weights: auto (the checkpoint's own on CUDA, float32 on a CPU), bfloat16, float16 or float32", choices=MODEL_DTYPES
+    )
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     threads: int = _opt(0, "CPU threads for torch (0 = torch's default)")
 
@@ -650,9 +653,11 @@ def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
     _check_memory(opts, n_lora, tokenizer)
 
     device = resolve_device(opts.device)
+    model_dtype = resolve_model_dtype(opts.model_dtype, device, opts.model)
     rt = Runtime(
         device=device,
-        dtype=resolve_precision(opts.precision, device),
+        dtype=resolve_precision(opts.precision, device, model_dtype),
+        model_dtype=model_dtype,
         batch_size=opts.batch_size,
         max_batch_tokens=opts.max_batch_tokens,
         pad_id=tokenizer.pad_token_id,
@@ -670,7 +675,7 @@ def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
     loaded = []
 
     def load_and_check() -> None:
-        model = add_lora(load_model(opts.model).to(device), wopts)
+        model = add_lora(load_model(opts.model, model_dtype, device), wopts)
         # every path below, on a tiny batch, before the fine-tuning: an unsupported model fails now, in one line
         rt.memory = check_model(
             model, rt, train_ex, ("warmup", "diagnose"), proj_dim=opts.proj_dim, seed=opts.seed, jf_method=opts.jf_method, log=log

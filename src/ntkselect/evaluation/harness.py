@@ -27,7 +27,7 @@ import io
 import json
 import logging
 import os
-import tempfile
+import shutil
 import time
 import tomllib
 from collections.abc import Callable
@@ -42,15 +42,17 @@ from ntkselect.config import SelectConfig, check_types, value_problem
 from ntkselect.data.leak import TestQuestions
 from ntkselect.data.records import Record, load_records, tokenize_records
 from ntkselect.errors import NtkSelectError
-from ntkselect.evaluation.metrics import evaluate_mc, heldout_loss, is_mc_record, mc_items
+from ntkselect.evaluation.metrics import evaluate_mc, heldout_loss, is_mc_record, loss_pass_probes, mc_from_probes, mc_items
+from ntkselect.evaluation.records import RecordSet, device_label
 from ntkselect.evaluation.stats import bootstrap_indices, gap_closed, paired_bootstrap, paired_sign_flip_test
 from ntkselect.files import atomic_open, atomic_write_json, sha256_path
-from ntkselect.model.loading import check_model_options, load_model, load_tokenizer
+from ntkselect.model.loading import MODEL_DTYPES, check_model_options, load_model, load_tokenizer
 from ntkselect.pipeline import load_inputs, make_runtime, package_versions, record_group, write_selection
 from ntkselect.runs.folder import EVALUATE, Run, check_paths, open_run
 from ntkselect.runs.preflight import preflight_select
+from ntkselect.runs.shards import digest
 from ntkselect.selection import SelectionContext, get_selector, selector_names
-from ntkselect.training.finetune import FinetuneRecipe, finetune
+from ntkselect.training.finetune import FinetuneRecipe, finetune, finetune_options
 
 __all__ = ["EvalConfig", "run_evaluation", "paired_sign_flip_test"]
 
@@ -112,6 +114,13 @@ class EvalConfig:
     diversity_lambda: float = _opt(0.5, "ntk-diverse (ntk-plus --diverse): redundancy weight, 0 = top N")
     ensemble: bool = _opt(False, "ntk-plus: average the kernel over warm-up checkpoints")
     checkpoints: int = _opt(3, "ntk-ensemble (ntk-plus --ensemble): warm-up checkpoints")
+    cosine: bool = _opt(False, "ntk-plus: the cosine kernel (ntk-cos alone)")
+    weighted_vote: bool = _opt(False, "ntk-plus, ntk-rules: stage 1 by --vote-weight (ntk-vote alone)")
+    vote_weight: str = _opt("rank", "ntk-vote (ntk-plus / ntk-rules --weighted-vote): rank or similarity", choices=("rank", "similarity"))
+    features: str = _opt("unit", "ntk-rules: gradient features unit, centre or whiten", choices=("unit", "centre", "whiten"))
+    aggregate: str = _opt("mean", "ntk-rules: mean, max, rr (round robin) or tsds", choices=("mean", "max", "rr", "tsds"))
+    feature_dim: int = _opt(8192, "ntk-max, ntk-rr, ntk-whiten, ntk-tsds, ntk-rules: feature projection dimension")
+    whiten_shrinkage: float = _opt(0.5, "ntk-whiten, ntk-tsds (ntk-rules --features whiten): covariance shrinkage rho in (0, 1]")
     lora_r: int = _opt(8, "LoRA rank for the warm-up and the fine-tune")
     lora_alpha: float = _opt(16.0, "LoRA alpha for the warm-up and the fine-tune")
     # -- fine-tuning recipe (identical for every method) -----------------------------------
@@ -124,9 +133,17 @@ class EvalConfig:
     batch_size: int = _opt(16, "examples per batch for selection and testing")
     max_batch_tokens: int = _opt(8192, "padded tokens per batch")
     precision: str = _opt("auto", "auto (bfloat16 where supported), float32 or bfloat16", choices=("auto", "float32", "bfloat16"))
+    model_dtype: str = _opt(
+        "auto", "dtype of the model's weights: auto (the checkpoint's own on CUDA, float32 on a CPU), bfloat16, float16 or float32", choices=MODEL_DTYPES
+    )
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     threads: int = _opt(0, "CPU threads (0 = torch's default)")
     overwrite: bool = _opt(False, "discard finished cells in --out and start over")
+    records: str = _opt(
+        "",
+        "folder of benchmark records to keep in the repository: finished cells are read from it (a rerun on a fresh clone skips them) "
+        "and written to it, one JSON per cell, under <device>-<precision>/",
+    )
 
     def seed_list(self) -> list[int]:
         s = str(self.seeds).strip()
@@ -245,12 +262,13 @@ class EvalConfig:
 
 
 #: options added after evaluations were run (besides tsds_*): at their defaults they leave the fingerprint as it was
-_LATER_OPTIONS = ("domain_extra", "kernel", "probes", "normalise", "diverse", "diversity_lambda", "ensemble", "checkpoints")
+_LATER_OPTIONS: tuple[str, ...] = ("domain_extra", "kernel", "probes", "normalise", "diverse", "diversity_lambda", "ensemble", "checkpoints")
+_LATER_OPTIONS += ("cosine", "weighted_vote", "vote_weight", "features", "aggregate", "feature_dim", "whiten_shrinkage")  # issue 25
 
 
 def _fingerprint(cfg: EvalConfig) -> dict:
     # seeds and methods are left out: cells are per (method, seed), so adding either reuses the rest
-    keep = {k: v for k, v in cfg.to_dict().items() if k not in ("overwrite", "out", "threads", "device", "seeds", "methods")}
+    keep = {k: v for k, v in cfg.to_dict().items() if k not in ("overwrite", "out", "threads", "device", "seeds", "methods", "records")}
     # options added after evaluations were run count only when changed, so such an evaluation still resumes (and takes --methods tsds)
     keep = {k: v for k, v in keep.items() if not ((k.startswith("tsds_") or k in _LATER_OPTIONS) and v == EvalConfig.__dataclass_fields__[k].default)}
     return {"config": keep, "inputs": {k: sha256_path(getattr(cfg, k)) for k in _input_fields(cfg)}}
@@ -258,6 +276,31 @@ def _fingerprint(cfg: EvalConfig) -> dict:
 
 def _input_fields(cfg: EvalConfig) -> tuple[str, ...]:
     return ("domain_train", "domain_test", "pool") + (("domain_extra",) if cfg.domain_extra else ())
+
+
+def _records_fingerprint(fp: dict) -> dict:
+    """The fingerprint without the input paths (their contents' hashes stay): the same files
+    in another checkout, under another path, give the same records."""
+    paths = ("domain_train", "domain_test", "pool", "domain_extra")
+    return {"config": {k: v for k, v in fp["config"].items() if k not in paths}, "inputs": fp["inputs"]}
+
+
+def _meta(cfg: EvalConfig, inp, test) -> dict:
+    """What the results' text says about the inputs, besides the cells: enough to render the
+    tables from the records alone (:func:`results_markdown`)."""
+    return {
+        "domain_train": Path(cfg.domain_train).name,
+        "domain_test": Path(cfg.domain_test).name,
+        "pool": Path(cfg.pool).name,
+        "n": cfg.n,
+        "n_domain": len(inp.domain),
+        "n_pool": len(inp.pool),
+        "n_test": len(test.records),
+        "n_test_mc": len(test.items),
+        "model": cfg.model,
+        "recipe": cfg.recipe().to_dict(),
+        "excluded_test_questions": inp.excluded.get("test_questions", 0),
+    }
 
 
 def _prepare(cfg: EvalConfig, log, stack: contextlib.ExitStack, before_write=None) -> Run:
@@ -330,10 +373,16 @@ class _TestSet:
     examples: list  # TokenizedExample per record, the training convention's trained tokens
     items: list  # MCItem for the multiple-choice records
     questions: TestQuestions  # the leak check (leak.py)
+    mc_index: list[int] = field(default_factory=list)  # the record of each item
 
 
 def _test_model(model, tokenizer, test: _TestSet, rt, cfg: EvalConfig, desc: str) -> dict:
-    lr = heldout_loss(model, test.examples, rt, ids=[r.id for r in test.records], desc=f"{desc} (loss)")
+    # an item whose options are single tokens right after the prompt (MMLU: the response "B. ...")
+    # is scored from the loss pass's logits at that position: the same prefix, no second pass
+    probes = loss_pass_probes(tokenizer, test.items, [test.examples[i] for i in test.mc_index], cfg.template, cfg.eval_max_length)
+    lr = heldout_loss(
+        model, test.examples, rt, ids=[r.id for r in test.records], desc=f"{desc} (loss)", probes={test.mc_index[k]: v for k, v in probes.items()}
+    )
     row: dict[str, Any] = {
         "loss": lr.mean,
         "losses": [float(x) for x in lr.loss],
@@ -345,7 +394,15 @@ def _test_model(model, tokenizer, test: _TestSet, rt, cfg: EvalConfig, desc: str
     }
     if not test.items:
         return {**row, "accuracy": None, "mean_p_correct": None, "n_correct": None}
-    res = evaluate_mc(model, tokenizer, test.items, rt, cfg.template, cfg.eval_max_length, desc=desc)
+    loglik: list = [lr.probes.get(test.mc_index[k]) for k in range(len(test.items))]
+    rest = [k for k in range(len(test.items)) if k not in probes]
+    more_s, more_tok = 0.0, 0
+    if rest:  # the others need their own pass
+        more = evaluate_mc(model, tokenizer, [test.items[k] for k in rest], rt, cfg.template, cfg.eval_max_length, desc=desc)
+        for k, ll in zip(rest, more.loglik):
+            loglik[k] = ll
+        more_s, more_tok = more.seconds, more.tokens
+    res = mc_from_probes(test.items, loglik)
     # P(correct): the softmax over the options of the correct one's log-likelihood. Accuracy only
     # moves when an argmax flips; this moves with every question, so it sees smaller effects.
     p_correct = [float(np.exp(ll[it.answer] - np.logaddexp.reduce(ll))) for ll, it in zip(res.loglik, test.items)]
@@ -357,11 +414,22 @@ def _test_model(model, tokenizer, test: _TestSet, rt, cfg: EvalConfig, desc: str
             "n_correct": int(res.correct.sum()),
             "correct": res.correct.astype(int).tolist(),
             "pred": res.pred.tolist(),
-            "eval_seconds": lr.seconds + res.seconds,
-            "eval_tokens": row["eval_tokens"] + res.tokens,
+            "mc_from_loss_pass": len(probes),
+            "eval_seconds": lr.seconds + more_s,
+            "eval_tokens": row["eval_tokens"] + more_tok,
         }
     )
     return row
+
+
+def _warmup_is_finetune(ctx: SelectionContext, recipe: FinetuneRecipe, examples: list, seed: int) -> bool:
+    """Whether the seed's warm-up on D is exactly the domain-only fine-tune: the same training
+    loop with the same options (learning rate, epochs, batch size, LoRA, seed, no dropout) on the
+    same tokens. The benchmark's configs warm up at another learning rate, so there it is not."""
+    if dataclasses.asdict(ctx.lora_options()) != dataclasses.asdict(finetune_options(recipe, seed)):
+        return False
+    same = lambda a, b: list(a.input_ids) == list(b.input_ids) and list(a.train_mask) == list(b.train_mask)  # noqa: E731
+    return len(ctx.dom_ex) == len(examples) and all(same(a, b) for a, b in zip(ctx.dom_ex, examples))
 
 
 def _load_extra(cfg: EvalConfig, domain: list[Record], test: _TestSet) -> list[Record]:
@@ -400,7 +468,8 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
     test_records = load_records(cfg.domain_test)
     if not test_records:
         raise NtkSelectError(f"{cfg.domain_test}: the test set is empty")
-    items = mc_items([r for r in test_records if is_mc_record(r)])
+    mc_index = [i for i, r in enumerate(test_records) if is_mc_record(r)]
+    items = mc_items([test_records[i] for i in mc_index])
     test_q = TestQuestions(test_records)  # leak.py: containment in every field a record trains on
     base_cfg = cfg.select_config("ntk", seeds[0], cfg.out)
     # no method may select a test question: such pool records are left out as the pool is read, for every method alike
@@ -411,7 +480,7 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
         log(f"ntkselect evaluate: excluded {inp.excluded['test_questions']} pool records whose question is in the test set")
     tokenizer = inp.tokenizer
     test_ex = tokenize_records(test_records, tokenizer, cfg.eval_max_length, cfg.template)[0]
-    test = _TestSet(test_records, test_ex, items, test_q)
+    test = _TestSet(test_records, test_ex, items, test_q, mc_index)
     extra = _load_extra(cfg, inp.domain, test)
     if ORACLE in methods and len(extra) < cfg.n:
         raise NtkSelectError(f"--domain-extra {cfg.domain_extra} has {len(extra)} records, fewer than --n {cfg.n}; the oracle draws N of them")
@@ -425,18 +494,22 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
         raise NtkSelectError(f"--n {cfg.n} is larger than the usable pool ({len(inp.pool)} records); lower --n")
     # the model through every path the methods and the fine-tune use, on a tiny batch: an unsupported one fails now
     preflight = []
-    run = _prepare(
-        cfg,
-        log,
-        stack,
-        before_write=lambda: preflight.append(
-            preflight_select(base_cfg, inp.dom_ex, tokenizer.pad_token_id, methods=methods, finetune=True, log=log, setup=inp.setup)
-        ),
-    )
+    rt = make_runtime(base_cfg, tokenizer, inp.setup)
+    fp = _fingerprint(cfg)
+    label = device_label(rt)  # the device type and precision: cells of another are never mixed in
+    meta = _meta(cfg, inp, test)
+    recs: list[RecordSet] = []
+
+    def before_write() -> None:
+        if cfg.records:  # a records folder of another configuration is refused before anything is written
+            recs.append(RecordSet.open(cfg.records, _records_fingerprint(fp), label, meta))
+        preflight.append(preflight_select(base_cfg, inp.dom_ex, tokenizer.pad_token_id, methods=methods, finetune=True, log=log, setup=inp.setup))
+
+    run = _prepare(cfg, log, stack, before_write=before_write)
     checked = preflight[0]  # the inputs and the model are checked: only now is --out written
     out = run.dir
     assert checked is not None and out is not None  # the fine-tune uses the model; _prepare chose the folder
-    rt = make_runtime(base_cfg, tokenizer, inp.setup)
+    rec_set = recs[0] if recs else None
     rt.memory = checked.memory  # batches sized to the memory budget (ntkselect.model.memory)
     recipe = cfg.recipe()
     ft_cache: dict[str, list] = {}
@@ -448,14 +521,39 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
             ft_cache[key] = tokenize_records(records, tokenizer, recipe.max_length, cfg.template)[0]
         return ft_cache[key]
 
+    def done(method: str, seed: int | None) -> bool:
+        """Whether the cell is finished: in --out (then also kept in the records), or in the
+        records (then copied into --out)."""
+        path = _cell_path(out, method, seed)
+        if path.exists():
+            row = json.loads(path.read_text())
+            if row.get("label", label) != label:
+                raise NtkSelectError(
+                    f"{path}: computed on {row['label']}, this run is on {label}; cells of different devices or precisions are not mixed: choose another --out"
+                )
+            if rec_set is not None and "label" in row and rec_set.get(method, seed) is None:
+                rec_set.put(row, rt)
+            return True
+        row = rec_set.get(method, seed) if rec_set is not None else None
+        if row is None:
+            return False
+        atomic_write_json(path, row)
+        log(f"ntkselect evaluate: {method}{'' if seed is None else f', seed {seed}'}: taken from {rec_set.path(method, seed) if rec_set else ''}")
+        return True
+
+    def finished(row: dict) -> None:
+        atomic_write_json(_cell_path(out, row["method"], row["seed"]), row)
+        if rec_set is not None:
+            rec_set.put(row, rt)
+
     # -- the base model: no fine-tuning, one row ------------------------------------------
-    cell = _cell_path(out, "base", None)
-    if not cell.exists():
+    if not done("base", None):
         log("ntkselect evaluate: base model")
-        model = load_model(cfg.model).to(rt.device)
+        model = load_model(cfg.model, rt.model_dtype, rt.device)
         row = {
             "method": "base",
             "seed": None,
+            "label": label,
             "n_selected": 0,
             "selection_seconds": 0.0,
             "selection_tokens": 0,
@@ -465,16 +563,19 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
             **_composition([]),
         }
         row.update(_test_model(model, tokenizer, test, rt, cfg, "evaluate: base"))
-        atomic_write_json(cell, row)
+        finished(row)
         del model
 
     for seed in seeds:
-        todo = [m for m in methods if not _cell_path(out, m, seed).exists()]
+        todo = [m for m in methods if not done(m, seed)]
         if not todo:
             continue
         scfg = cfg.select_config("ntk", seed, str(out))
-        with tempfile.TemporaryDirectory(prefix=".work-", dir=out) as work:
-            ctx = SelectionContext(scfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=work, setup=inp.setup)
+        # the seed's shared selection work (warm-up, embeddings, shards) is kept in --out under a key of
+        # everything it is computed from, so an interrupted seed resumes it; it goes once the seed is done
+        work = out / "work" / f"seed{seed}"
+        ctx = SelectionContext(scfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=str(work), key=digest(fp, seed, label), setup=inp.setup)
+        try:
             for method in todo:
                 log(f"ntkselect evaluate: seed {seed}, {method}")
                 t = time.perf_counter()
@@ -493,28 +594,44 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
                 overlap = sum(test_q.leaks(r.raw) for r in train)
                 if overlap:
                     raise NtkSelectError(f"{method}, seed {seed}: {overlap} training examples share a question with the test set; refusing to report")
-                model, ft = finetune(cfg.model, ft_examples(train), recipe, rt, seed, desc=f"fine-tune: {method}, seed {seed}")
+                if method == BASELINE and _warmup_is_finetune(ctx, recipe, ft_examples(train), seed):
+                    # the seed's warm-up is this very fine-tune (same loop, options and tokens): train it once
+                    model = ctx.model()
+                    ft: dict[str, Any] = {
+                        "seconds_total": ctx.shared_seconds.get("warmup", 0.0),
+                        "tokens": int(round(sum(len(e.input_ids) for e in ft_examples(train)) * recipe.epochs)),
+                        "loss_last": (ctx.warmup_summary or {}).get("loss_last"),
+                        "shared": "warmup",
+                    }
+                else:
+                    model, ft = finetune(cfg.model, ft_examples(train), recipe, rt, seed, desc=f"fine-tune: {method}, seed {seed}")
                 row = {
                     "method": method,
                     "seed": seed,
+                    "label": label,
                     "n_selected": len(selected),
                     "selection_seconds": round(sel_s, 3),
                     "selection_tokens": int(sel_tok),
                     "finetune_seconds": round(ft["seconds_total"], 3),
                     "finetune_tokens": ft["tokens"],
                     "finetune_loss_last": ft.get("loss_last"),
+                    **({"finetune_shared": ft["shared"]} if "shared" in ft else {}),
                     "test_overlap": overlap,
                     "selected_ids": [r.id for r in selected],
                     **_composition(selected),
                 }
                 row.update(_test_model(model, tokenizer, test, rt, cfg, f"evaluate: {method}, seed {seed}"))
                 del model
-                atomic_write_json(_cell_path(out, method, seed), row)
+                finished(row)
                 acc = f", accuracy {row['accuracy']:.4f} ({row['n_correct']}/{row['n_test_mc']})" if row["accuracy"] is not None else ""
                 log(f"ntkselect evaluate: seed {seed}, {method}: held-out loss {row['loss']:.4f}{acc}")
+        finally:
             ctx.release()
+        shutil.rmtree(work, ignore_errors=True)  # ntkselect's own scratch, under the run's own work/
+    with contextlib.suppress(OSError):
+        (out / "work").rmdir()  # only when empty
 
-    manifest = write_results(cfg, out, seeds, methods, inp, time.perf_counter() - t_start)
+    manifest = write_results(cfg, out, seeds, methods, inp, time.perf_counter() - t_start, meta)
     run.commit()  # with --overwrite: the new evaluation replaces the earlier one only now
     return manifest
 
@@ -601,15 +718,16 @@ def _cost(cells: dict, m: str, seeds) -> dict:
     return {k: float(np.mean([cells[(m, s)][k] for s in seeds])) for k in ("selection_seconds", "selection_tokens", "finetune_seconds")}
 
 
-def write_results(cfg: EvalConfig, out: Path, seeds, methods, inp, seconds: float) -> dict:
+def write_results(cfg: EvalConfig, out: Path, seeds, methods, inp, seconds: float, meta: dict) -> dict:
     base, cells = _load_cells(out, seeds, methods)
     loss = summarise_loss(cells, methods, seeds)
     acc = summarise_accuracy(cells, methods, seeds)
     calib = calibration(loss, methods)
     cost = {m: _cost(cells, m, seeds) for m in methods}
     _write_csv(out / "results.csv", methods, seeds, base, cells, loss, acc, cost)
-    _write_md(out / "results.md", cfg, methods, seeds, base, cells, loss, acc, calib, cost, inp)
-    _plot(out / "results.png", methods, seeds, cells, loss, acc, base)
+    with atomic_open(out / "results.md") as f:
+        f.write(results_markdown(meta, methods, seeds, base, cells))
+    plot_results(out / "results.png", methods, seeds, cells, base)
     summary = {m: {**loss[m], **({"accuracy": acc[m]} if acc else {}), **cost[m], "seeds": len(seeds)} for m in methods}
     manifest = {
         "tool": "ntkselect",
@@ -743,13 +861,20 @@ def _ci(v: dict | None, scale: float = 1.0, fmt: str = "+.4f") -> str:
     return f"[{format(scale * lo, fmt)}, {format(scale * hi, fmt)}]" if np.isfinite(lo) and np.isfinite(hi) else "n/a"
 
 
-def _write_md(path: Path, cfg, methods, seeds, base, cells, loss, acc, calib, cost, inp) -> None:
+def results_markdown(meta: dict, methods, seeds, base: dict, cells: dict, level: int = 1) -> str:
+    """The results' text from the cells and :func:`_meta` alone (results.md; the records'
+    tables in docs/RESULTS.md). ``level`` is the depth of its first heading."""
+    loss = summarise_loss(cells, methods, seeds)
+    acc = summarise_accuracy(cells, methods, seeds)
+    calib = calibration(loss, methods)
+    cost = {m: _cost(cells, m, seeds) for m in methods}
+    h1, h2 = "#" * level, "#" * (level + 1)
     n_test, n_mc = base["n_test"], base.get("n_test_mc", 0)
     lines = [
-        f"# ntkselect evaluate: {Path(cfg.domain_train).name} + N = {cfg.n} from {Path(cfg.pool).name}",
+        f"{h1} ntkselect evaluate: {meta['domain_train']} + N = {meta['n']} from {meta['pool']}",
         "",
-        f"Test: {n_test} records from {Path(cfg.domain_test).name} ({n_mc} with options); |D| = {len(inp.domain)}; "
-        f"pool {len(inp.pool)} usable records; seeds {', '.join(map(str, seeds))}; model {cfg.model}.",
+        f"Test: {n_test} records from {meta['domain_test']} ({n_mc} with options); |D| = {meta['n_domain']}; "
+        f"pool {meta['n_pool']} usable records; seeds {', '.join(map(str, seeds))}; model {meta['model']}.",
         "",
     ]
     if calib["checked"]:
@@ -770,7 +895,7 @@ def _write_md(path: Path, cfg, methods, seeds, base, cells, loss, acc, calib, co
             "",
         ]
     lines += [
-        "## Held-out domain loss",
+        f"{h2} Held-out domain loss",
         "",
         "| method | loss (mean ± sd over seeds) | Δ vs domain-only [95% CI] | Δ vs random [95% CI] | paired p vs random "
         "| better / worse examples vs random | gap closed [95% CI] | related selected | selection time | selection tokens | fine-tune time |",
@@ -800,7 +925,7 @@ def _write_md(path: Path, cfg, methods, seeds, base, cells, loss, acc, calib, co
         ref = BASELINE if BASELINE in methods else None
         bacc = base["accuracy"]
         lines += [
-            "## Accuracy (option log-likelihood)",
+            f"{h2} Accuracy (option log-likelihood)",
             "",
             "| method | accuracy (mean ± sd over seeds) | Δ vs domain-only (mean ± sd) | paired p | better / worse questions "
             "| P(correct) | Δ P(correct) | paired p |",
@@ -823,7 +948,8 @@ def _write_md(path: Path, cfg, methods, seeds, base, cells, loss, acc, calib, co
             "per-question accuracy averaged over seeds.",
             "",
         ]
-    lines += [f"## What each method selected (seed {seeds[0]})", "", "| method | related / unrelated | by source | top subjects |", "| --- | --- | --- | --- |"]
+    lines += [f"{h2} What each method selected (seed {seeds[0]})", ""]
+    lines += ["| method | related / unrelated | by source | top subjects |", "| --- | --- | --- | --- |"]
     for m in methods:
         c = cells[(m, seeds[0])]
         lines.append(
@@ -832,18 +958,17 @@ def _write_md(path: Path, cfg, methods, seeds, base, cells, loss, acc, calib, co
         )
     lines += [
         "",
-        "## Fine-tuning recipe (every method)",
+        f"{h2} Fine-tuning recipe (every method)",
         "",
         "```json",
-        json.dumps(cfg.recipe().to_dict(), indent=1),
+        json.dumps(meta["recipe"], indent=1),
         "```",
         "",
         f"Test-set overlap with every training set: {max(c['test_overlap'] for c in cells.values())} (must be 0). "
-        f"Pool records excluded as test questions: {inp.excluded.get('test_questions', 0)}.",
+        f"Pool records excluded as test questions: {meta['excluded_test_questions']}.",
         "",
     ]
-    with atomic_open(path) as f:
-        f.write("\n".join(lines))
+    return "\n".join(lines)
 
 
 def _related(cells: dict, m: str, seeds) -> str:
@@ -876,8 +1001,10 @@ def _pc(x) -> str:
     return f"{100 * x:.2f}" if x is not None and np.isfinite(x) else ""
 
 
-def _plot(path: Path, methods, seeds, cells, loss, acc, base) -> None:
+def plot_results(path: Path, methods, seeds, cells, base) -> None:
     """Held-out loss (left) and, with options in the test set, accuracy (right), per method."""
+    loss = summarise_loss(cells, methods, seeds, n_boot=1)
+    acc = summarise_accuracy(cells, methods, seeds)
     try:
         import matplotlib
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,9 +28,20 @@ from ntkselect.errors import NtkSelectError
 from ntkselect.model.lm import decoder_of, trained_logits
 from ntkselect.model.runtime import Runtime
 from ntkselect.progress import Progress
-from ntkselect.training.warmup import per_example_loss
+from ntkselect.training.warmup import per_example_loss_and_logits
 
-__all__ = ["MCItem", "MCResult", "mc_items", "is_mc_record", "option_loglikelihoods", "evaluate_mc", "LossResult", "heldout_loss"]
+__all__ = [
+    "MCItem",
+    "MCResult",
+    "mc_items",
+    "is_mc_record",
+    "option_loglikelihoods",
+    "evaluate_mc",
+    "LossResult",
+    "heldout_loss",
+    "loss_pass_probes",
+    "mc_from_probes",
+]
 
 _LETTER_LINE = re.compile(r"^\s*([A-J])[.)]\s", re.MULTILINE)
 
@@ -223,6 +234,7 @@ class LossResult:
     loss: np.ndarray  # (n,) float64 mean NLL per trained token of each test record
     tokens: np.ndarray  # (n,) int64 trained tokens per record (the terms of its mean)
     seconds: float
+    probes: dict[int, np.ndarray] = field(default_factory=dict)  # example index -> (k,) float64 log p of the probed tokens
 
     @property
     def mean(self) -> float:
@@ -231,23 +243,76 @@ class LossResult:
 
 
 @torch.no_grad()
-def heldout_loss(model, examples: Sequence, rt: Runtime, ids: Sequence[str] | None = None, desc: str = "held-out loss") -> LossResult:
+def heldout_loss(
+    model,
+    examples: Sequence,
+    rt: Runtime,
+    ids: Sequence[str] | None = None,
+    desc: str = "held-out loss",
+    probes: dict[int, tuple[int, list[int]]] | None = None,
+) -> LossResult:
     """Each example's mean negative log-likelihood per trained token, over exactly the tokens
     the training convention trains on (``TokenizedExample.train_mask``: the response of a
     prompt/response or chat record, every token of a text record), with the model's full
     log-softmax at those positions. Batches are length-sorted and capped by ``rt``; results are
-    put back in input order, so they do not depend on batching or padding (tested)."""
-    t = time.perf_counter()
+    put back in input order, so they do not depend on batching or padding (tested).
+
+    ``probes`` {example index: (position t, token ids)}: also log p(token | the example's first
+    t + 1 tokens) for each token, from the same pass (t must predict a trained token; see
+    :func:`loss_pass_probes`)."""
+    t0 = time.perf_counter()
     model.eval()
+    probes = probes or {}
     out = np.zeros(len(examples), dtype=np.float64)
     ntok = np.array([sum(e.train_mask[1:]) for e in examples], dtype=np.int64)
+    got: dict[int, np.ndarray] = {}
     batches = make_batches([len(e.input_ids) for e in examples], rt.batch_size, rt.max_batch_tokens)
     prog = Progress(desc, len(examples), enabled=rt.progress)
     for batch in iter_batches(examples, batches, rt.pad_id, rt.padding_side):
         batch = batch.to(rt.device)
         with rt.autocast():
-            loss = per_example_loss(model, batch)  # (B,) token-mean NLL of each example
-        out[batch.index.numpy()] = loss.double().cpu().numpy()
+            loss, logits = per_example_loss_and_logits(model, batch)  # (B,) token-mean NLL of each example; (N, V)
+        idx = batch.index.tolist()
+        out[np.asarray(idx)] = loss.double().cpu().numpy()
+        if any(i in probes for i in idx):
+            first = np.concatenate([[0], np.cumsum(ntok[idx])[:-1]])  # each example's first row of logits
+            for b, i in enumerate(idx):
+                if i in probes:
+                    t, toks = probes[i]
+                    row = int(first[b]) + int(sum(examples[i].train_mask[1 : t + 1]))  # trained positions before t
+                    got[i] = torch.log_softmax(logits[row].float(), dim=-1)[toks].double().cpu().numpy()
         prog.update(len(batch.index), batch.n_tokens)
     prog.close()
-    return LossResult(ids=list(ids) if ids is not None else [str(i) for i in range(len(examples))], loss=out, tokens=ntok, seconds=time.perf_counter() - t)
+    ids = list(ids) if ids is not None else [str(i) for i in range(len(examples))]
+    return LossResult(ids=ids, loss=out, tokens=ntok, seconds=time.perf_counter() - t0, probes=got)
+
+
+def loss_pass_probes(tokenizer, items: Sequence[MCItem], examples: Sequence, template: str, max_length: int) -> dict[int, tuple[int, list[int]]]:
+    """{item index: (position, option token ids)} for the items whose option log-likelihoods the
+    held-out loss pass of ``examples`` (aligned with ``items``) already computes: every option is
+    one token, and the example starts with exactly the context :func:`option_loglikelihoods`
+    scores the options after, followed by a trained token (an MMLU record whose response is
+    "B. ..."). Their log p(option | prompt) is then the same number from the same prefix."""
+    template = resolve_template(tokenizer, template)
+    out = {}
+    for i, (it, ex) in enumerate(zip(items, examples)):
+        ctx = _context_ids(tokenizer, it.prompt, template)
+        opts = [token_ids(tokenizer, o, special=False) for o in it.options]
+        ids = list(ex.input_ids)
+        n = len(ctx)
+        if n <= max_length and all(len(o) == 1 for o in opts) and len(ids) > n and ids[:n] == ctx and ex.train_mask[n]:
+            out[i] = (n - 1, [o[0] for o in opts])
+    return out
+
+
+def mc_from_probes(items: Sequence[MCItem], loglik: Sequence[np.ndarray], seconds: float = 0.0, tokens: int = 0) -> MCResult:
+    """The :class:`MCResult` of option log-likelihoods (argmax: the first of equal scores)."""
+    pred = np.array([int(np.argmax(x)) for x in loglik], dtype=np.int64)
+    return MCResult(
+        ids=[it.id for it in items],
+        loglik=list(loglik),
+        pred=pred,
+        answer=np.array([it.answer for it in items], dtype=np.int64),
+        seconds=seconds,
+        tokens=tokens,
+    )

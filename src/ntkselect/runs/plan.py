@@ -40,9 +40,9 @@ from ntkselect.data.pool import default_workers, lengths_of, scan_pool, trained_
 from ntkselect.data.records import load_records, record_text, tokenize_records
 from ntkselect.errors import NtkSelectError
 from ntkselect.grads.projection import BLOCK_ROWS, RademacherProjector, make_projector
-from ntkselect.model.loading import DEFAULT_MODEL, cache_dir, gguf_path
+from ntkselect.model.loading import DEFAULT_MODEL, _config, cache_dir, gguf_path, is_random, resolve_model
 from ntkselect.model.memory import overhead, rss_bytes
-from ntkselect.model.runtime import Runtime
+from ntkselect.model.runtime import Runtime, resolve_precision
 from ntkselect.runs.folder import SELECT, check_paths
 from ntkselect.runs.preflight import preflight_select
 from ntkselect.runs.setup import RunSetup
@@ -73,6 +73,9 @@ def _model_config(model: str):
             return AutoConfig.from_pretrained(str(cached[-1])), str(cached[-1])
         gguf = gguf_path()  # not converted yet: the GGUF header holds the configuration
         return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name), str(gguf)
+
+    if is_random(model):
+        return _config(model), resolve_model(model)
     kw = {} if Path(model).exists() else {"local_files_only": True}
     try:
         return AutoConfig.from_pretrained(model, **kw), model
@@ -101,6 +104,8 @@ def model_facts(cfg: SelectConfig) -> dict:
     # every adapted linear layer: stage 2's hooks keep its input (d_in) and output gradient (d_out) per token
     sites = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer") and len(m.lora_A)]
     site_width = sum(_site_width(m) for m in sites)  # d_out + d_in (Linear, Conv1D, or a peft parameter wrapper)
+    # the adapted layers' weights: stages 1 and 2 hold W + sBA once more, merged once per stage (grads/fused.py)
+    adapted = sum(int(m.get_base_layer().weight.numel()) for m in sites if hasattr(m.get_base_layer(), "weight"))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(text.hidden_size)
     return {
@@ -116,6 +121,7 @@ def model_facts(cfg: SelectConfig) -> dict:
         "grad_dim": int(sum(p.numel() for _, p in lora)),
         "lora_modules": len(sites),
         "lora_site_width": int(site_width),
+        "adapted_weights": int(adapted),
     }
 
 
@@ -320,7 +326,10 @@ def estimate(cfg: SelectConfig) -> dict:
         "m": None,
     }
 
-    device, dtype = setup.device, setup.dtype
+    device = setup.device
+    # a method without a model holds no weights: float32 ones, and no checkpoint is read for their dtype
+    model_dtype = setup.model_dtype if spec.uses_model else torch.float32
+    dtype = setup.dtype if spec.uses_model else resolve_precision(cfg.precision, device, model_dtype)
     uses_model = spec.uses_model
     notes: list[str] = []
     process_bytes = rss_bytes()  # this process now; with a model, replaced by what it holds after the preflight (below)
@@ -378,12 +387,21 @@ def estimate(cfg: SelectConfig) -> dict:
     }
     if uses_model:
         assert facts is not None and pre is not None  # both made above for a method that uses the model
-        memory["weights"] = 4 * facts["params"]  # loaded in float32; autocast only changes the matmuls
+        # in --model-dtype; autocast only changes the matmuls
+        itemsize = torch.empty((), dtype=model_dtype).element_size()
+        # the weights, plus the merged W + sBA of every adapted layer that stages 1 and 2 hold
+        memory["weights"] = itemsize * (facts["params"] + facts["adapted_weights"])
         # the preflight ran every path once with the model loaded: what the process holds then (libraries initialised, the
-        # allocator's first arenas) is what a run holds before its stages; less the weights, counted on their own
-        memory["process"] = max(process_bytes, pre.rss - memory["weights"]) if pre.rss else process_bytes
+        # allocator's first arenas) is what a run holds before its stages; less the weights where they are on the host
+        host_weights = memory["weights"] if device.type == "cpu" else 0
+        memory["process"] = max(process_bytes, pre.rss - host_weights) if pre.rss else process_bytes
         memory["lora_and_optimizer"] = 4 * 4 * facts["grad_dim"]  # parameters, gradients, AdamW m and v
-    memory["peak"] = sum(memory.values())
+    if device.type == "cuda":
+        # the device holds the weights, the LoRA state, the activations and the projection; the host process is apart
+        memory["host"] = memory.pop("process")
+        memory["peak"] = sum(memory.values()) - memory["host"]
+    else:
+        memory["peak"] = sum(memory.values())
     static = memory["peak"] - memory["activations"]
     memory["by_stage"] = {k: int(static + factor * v) for k, v in act.items()}
     memory["budget"] = int(pre.memory.budget * factor) if pre and pre.memory and pre.memory.budget != float("inf") else None
@@ -425,6 +443,7 @@ def estimate(cfg: SelectConfig) -> dict:
         "method": cfg.method,
         "device": str(device),
         "precision": str(dtype).replace("torch.", ""),
+        "model_dtype": str(model_dtype).replace("torch.", ""),
         "model": facts,
         "lora": {"r": cfg.lora_r, "target_modules": cfg.lora_target_modules, "grad_dim": facts["grad_dim"] if facts else 0},
         "proj_dim": proj,
@@ -443,7 +462,8 @@ def estimate(cfg: SelectConfig) -> dict:
             "time: FLOPs ~ 2 x parameters x padded tokens forward, x 3 for forward + backward, at the rate of one timed matmul; "
             "a rough lower bound: a small model runs well below the matmul rate (on a CPU, expect 2-4 times longer)",
             "stage 2 scores M candidates of the pool's mean length (which M is known only after stage 1)",
-            "memory: this process's resident memory after the preflight (less the weights), the float32 weights, the LoRA and AdamW state, and the "
+            "memory: this process's resident memory after the preflight (less the weights; on a GPU counted apart as host memory), "
+            "the weights in --model-dtype, the LoRA and AdamW state, and the "
             "largest batch's activations, from the per-token costs the preflight measured on tiny batches (ntkselect.model.memory) times "
             "the allocator's share; batches of stages 1 and 2, LESS and warm-up micro-batches are sized to the memory budget",
         ],
@@ -509,9 +529,11 @@ def format_plan(plan: dict) -> str:
     mem = plan["memory"]
     lines.append("")
     lines.append(
-        f"  memory    peak ~{_bytes(mem['peak'])} resident: process {_bytes(mem['process'])}, weights {_bytes(mem['weights'])}, "
+        f"  memory    peak ~{_bytes(mem['peak'])} {'on ' + plan['device'] if 'host' in mem else 'resident'}: "
+        + (f"process {_bytes(mem['process'])}, " if "process" in mem else "")
+        + f"weights {_bytes(mem['weights'])} ({plan['model_dtype']}), "
         f"LoRA + AdamW state {_bytes(mem['lora_and_optimizer'])}, activations of the largest batch {_bytes(mem['activations'])}, "
-        f"projection {_bytes(mem['projection'])}"
+        f"projection {_bytes(mem['projection'])}" + (f"; host process {_bytes(mem['host'])}" if "host" in mem else "")
     )
     if mem.get("by_stage"):
         lines.append(

@@ -47,12 +47,29 @@ from ntkselect.selection.ntk.stage2 import domain_vector, dot_pass, per_example_
 from ntkselect.selection.registry import find_selector
 from ntkselect.training.warmup import WarmupOptions, add_lora, loss_and_grads, per_example_loss, warmup_pass
 
-__all__ = ["Preflight", "check_model", "preflight_select", "probe_examples", "MEASURED_PASSES"]
+__all__ = ["Preflight", "check_model", "preflight_select", "probe_examples", "tolerances", "weights_dtype", "MEASURED_PASSES"]
 
 logger = logging.getLogger(__name__)
 
-_GRAD_TOL = 5e-3  # relative, per example, float32 on a tiny batch: a structural error is O(1)
-_LOGIT_TOL = 1e-3  # relative to the largest logit
+# Tolerances by the dtype of the frozen weights. A structural error (a layer the fused path
+# misses, a head it misreads) is O(1); rounding is ~1e-6 in float32 and ~1e-2 in half precision
+# (bfloat16 keeps 8 mantissa bits: a tiny bfloat16 model's fused gradients differ from autograd's
+# by 8.4e-3, measured), so half-precision weights get ten times float32's bound and more.
+_GRAD_TOL = {torch.float32: 5e-3, torch.float64: 5e-3}  # relative, per example, on a tiny batch
+_LOGIT_TOL = {torch.float32: 1e-3, torch.float64: 1e-3}  # relative to the largest logit
+_HALF_GRAD_TOL, _HALF_LOGIT_TOL = 5e-2, 2e-2
+
+
+def weights_dtype(model) -> torch.dtype:
+    """The dtype of the frozen weights (the LoRA adapter may be float32 over half weights)."""
+    frozen = [p.dtype for p in model.parameters() if not p.requires_grad]
+    return frozen[0] if frozen else torch.float32
+
+
+def tolerances(model) -> tuple[float, float]:
+    """(gradient, logit) relative tolerances of the preflight's exactness checks for this model."""
+    d = weights_dtype(model)
+    return _GRAD_TOL.get(d, _HALF_GRAD_TOL), _LOGIT_TOL.get(d, _HALF_LOGIT_TOL)
 
 
 @dataclass
@@ -129,7 +146,7 @@ def _check_logits(model, batch, head: Head, name: str) -> None:
         ref = out.logits[m].float()  # (N, V)
         got = head.logits(h[m]).float()
         err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-    if not err <= _LOGIT_TOL:
+    if not err <= tolerances(model)[1]:
         raise NtkSelectError(
             f"{name}: its logits are not the LM head of its final hidden states with the post-processing ntkselect knows "
             f"(soft-capping, logit_scale, logits_scaling; relative difference {err:.1e} on a tiny batch), so its losses and "
@@ -157,7 +174,7 @@ def _check_gradients(model, batch, objective, head, name: str, what: str) -> Non
     for b in range(f.shape[0]):
         ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(f[b], [p for _, p in params], retain_graph=b + 1 < f.shape[0])]).cpu()
         err = float((got[b] - ref).norm() / ref.norm().clamp_min(1e-30))
-        if not err <= _GRAD_TOL:
+        if not err <= tolerances(model)[0]:
             raise NtkSelectError(
                 f"{name}: the per-example LoRA gradients of the {what} from ntkselect's fused path differ from autograd "
                 f"(relative error {err:.1e} on a tiny batch); this architecture is not supported"
@@ -297,7 +314,7 @@ def preflight_select(
     setup = setup or RunSetup.of(cfg)
     rt = make_runtime(cfg, _Tok(), setup)
     opts = WarmupOptions(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules(), seed=cfg.seed)
-    model = add_lora(load_model(setup.model_path).to(rt.device), opts)
+    model = add_lora(load_model(setup.model_path, rt.model_dtype, rt.device), opts)
     res = check_model(model, rt, examples, paths, proj_dim=cfg.proj_dim, seed=cfg.seed, fused_warmup=cfg.lora_dropout == 0, log=log)
     if keep:
         res.model = model

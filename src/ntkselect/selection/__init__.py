@@ -15,7 +15,11 @@ tsds        TSDS (Liu et al. 2024) on stage 1's embeddings: optimal transport to
             replacement in proportion to it (:mod:`~ntkselect.selection.tsds`)
 ntk-plus    NTK-Selector variants beyond the paper, same stage 1: --kernel sum / trace / loss,
             --normalise, --diverse, --ensemble; presets ntk-norm, ntk-trace, ntk-loss,
-            ntk-diverse, ntk-ensemble change one thing each (:mod:`~ntkselect.selection.ntk_variants`)
+            ntk-diverse, ntk-ensemble, ntk-cos (cosine kernel), ntk-vote (weighted stage-1 vote)
+            change one thing each (:mod:`~ntkselect.selection.ntk_variants`)
+ntk-rules   NTK gradient features of D and stage 1's candidates, unit / centred / whitened, by
+            mean, max, round robin or TSDS over D; presets ntk-max, ntk-rr, ntk-whiten,
+            ntk-tsds (:mod:`~ntkselect.selection.ntk_rules`)
 ==========  ================================================================================
 
 Each module registers its selector (:func:`~ntkselect.selection.registry.register_selector`)
@@ -43,6 +47,7 @@ from ntkselect.selection import bm25 as _bm25  # noqa: F401,E402
 from ntkselect.selection import less as _less  # noqa: F401,E402
 from ntkselect.selection import tsds as _tsds  # noqa: F401,E402
 from ntkselect.selection.ntk_variants import selector as _ntk_variants  # noqa: F401,E402
+from ntkselect.selection.ntk_rules import selector as _ntk_rules  # noqa: F401,E402
 # isort: on
 
 __all__ = [

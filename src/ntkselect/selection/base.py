@@ -149,7 +149,7 @@ class SelectionContext:
         if self._model is None:
             cfg, t = self.cfg, time.perf_counter()
             fresh, self._fresh = self._fresh, None
-            model = fresh if fresh is not None else add_lora(load_model(self.setup.model_path).to(self.rt.device), self.lora_options())
+            model = fresh if fresh is not None else add_lora(load_model(self.setup.model_path, self.rt.model_dtype, self.rt.device), self.lora_options())
             done = warmup_or_resume(
                 model,
                 self.dom_ex,

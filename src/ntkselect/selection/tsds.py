@@ -27,9 +27,10 @@ computed here exactly as the authors' ``tsds.py`` does, step for step:
    i.e. w_jk / (M s) to every neighbour whose breakpoint is at most s and the rest of its 1/M to
    the next one. A candidate's probability is the sum over the queries that reach it; Σ p = 1.
 
-Differences from the original, all deliberate: the search is exact (float64, streamed over the
-pool's shards) where the original uses an approximate FAISS ``IndexIVFFlat`` (nlist = sqrt(n)/2,
-nprobe 10); K is at least 2 and k_kde at least 1 on tiny pools (the original needs K >= 2 and
+Differences from the original, all deliberate: the search is exact (float32 cosines on the run's
+device, each pool shard read once) where the original uses an approximate FAISS ``IndexIVFFlat``
+(nlist = sqrt(n)/2, nprobe 10); the KDE's kernel values are float32 on the device too (the
+transport, steps 5-6, is float64 on the host: it is O(M K)); K is at least 2 and k_kde at least 1 on tiny pools (the original needs K >= 2 and
 fails there); a query whose nearest neighbour alone exceeds its share at level s (S_j0 > s,
 possible when alpha / C is large) gives that neighbour its whole 1/M, the limit of the formula
 above, where the original stops on an assertion; and embeddings are unit-normalised (the
@@ -52,15 +53,15 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from ntkselect.selection.base import Ranking, SelectionContext, Selector
-from ntkselect.selection.ntk.stage1 import as_shards, knn_search, normalise_rows
+from ntkselect.selection.ntk.stage1 import SEARCH_BUDGET, as_shards, search, unit_rows
 from ntkselect.selection.registry import register_selector
 
 __all__ = ["TsdsResult", "neighbour_caps", "neighbours", "kde", "transport", "tsds", "best_cosine", "draw_order", "TsdsSelector"]
 
 _DRAW_TAG = 0x54534453  # "TSDS": the draw's own numpy stream, apart from the other seeded uses of --seed
-_BUDGET = 1 << 22  # entries of one chunk's working arrays (a few x 8 bytes each): chunks of queries stay ~100 MiB
 
 
 @dataclass
@@ -84,28 +85,20 @@ def neighbour_caps(n_pool: int, max_k: int, kde_k: int) -> tuple[int, int]:
     return k, min(n_pool, max(1, min(kde_k, n_pool // 10)))
 
 
-def _chunked_search(queries: np.ndarray, shards, k: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`~ntkselect.selection.ntk.stage1.knn_search` over chunks of queries, each chunk's running top-k
-    (rows x (k + shard length)) within ``_BUDGET``; ``shards()`` gives the pool's shards anew."""
-    rows = max(1, _BUDGET // max(1, width))
-    parts = [knn_search(queries[a : a + rows], shards(), k) for a in range(0, len(queries), rows)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
 def _distance(cos: np.ndarray) -> np.ndarray:
     """Squared Euclidean distance of unit vectors from their cosine: d² = 2 - 2 cos (>= 0)."""
     return np.maximum(2.0 - 2.0 * cos, 0.0)
 
 
-def neighbours(domain_emb: np.ndarray, pool_emb, k: int) -> tuple[np.ndarray, np.ndarray]:
+def neighbours(domain_emb: np.ndarray, pool_emb, k: int, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Each domain example's k nearest candidates: distances (M, k) ascending and pool indices (M, k)."""
-    shards = as_shards(pool_emb)
-    cos, idx = _chunked_search(np.asarray(domain_emb), lambda: shards, k, k + max(len(s) for s in shards))  # (M, k) each
+    cos, idx = search(np.asarray(domain_emb), as_shards(pool_emb), k, device)  # (M, k) each, one read of the pool
     return np.sqrt(_distance(cos)), idx
 
 
 def _rows(shards, bounds: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """The rows ``idx`` (sorted pool indices) of the sharded pool, as one (len(idx), d) array."""
+    """The rows ``idx`` (sorted pool indices) of the sharded pool, as one (len(idx), d) array,
+    each shard visited once."""
     parts = []
     for shard, lo, hi in zip(shards, bounds[:-1], bounds[1:]):
         loc = idx[(idx >= lo) & (idx < hi)] - lo
@@ -114,36 +107,27 @@ def _rows(shards, bounds: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def kde(pool_emb, members: np.ndarray, sigma: float, k: int) -> tuple[np.ndarray, np.ndarray]:
+def kde(pool_emb, members: np.ndarray, sigma: float, k: int, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """ρ(x) for x in ``members`` (sorted unique pool indices): the sum over the k nearest members
     (x included) of max(0, 1 - ||x - y||² / σ²); and how many of those k lie within σ.
 
     The kernel falls with the distance, so that sum is the sum of x's k largest kernel values
-    among the members: exact, found with partial sorts in chunks of members, streamed over the
-    shards, reading only the members' rows. Pairs beyond σ contribute 0 and are never kept."""
+    among the members (ties do not change a sum): exact in float32, on ``device``. The members'
+    rows are read once (one visit per shard) and held there, (|U|, d); the |U|² kernel values
+    (the KDE among U is quadratic in |U|, as the original's index over U is) are made in chunks
+    of members of at most :data:`~ntkselect.selection.ntk.stage1.SEARCH_BUDGET` entries."""
     shards = as_shards(pool_emb)
     bounds = np.cumsum([0] + [len(s) for s in shards])  # (n_shards + 1,)
-    local = [members[(members >= lo) & (members < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
-    rows = max(1, _BUDGET // max(len(loc) for loc in local))
-    rho, within = np.empty(len(members)), np.empty(len(members), dtype=np.int64)
-    for a in range(0, len(members), rows):
-        xq = normalise_rows(_rows(shards, bounds, members[a : a + rows]))  # (r, d)
-        top = np.zeros((len(xq), 0))  # (r, <=k) the largest positive kernel values so far
-        count = np.zeros(len(xq), dtype=np.int64)  # (r,) members within σ so far
-        for shard, loc in zip(shards, local):
-            if not len(loc):
-                continue
-            kern = np.maximum(1.0 - _distance(xq @ normalise_rows(np.asarray(shard[loc])).T) / sigma**2, 0.0)  # (r, s)
-            pos = (kern > 0).sum(1)  # (r,)
-            count += pos
-            width = min(k, int(pos.max()))
-            if width == 0:
-                continue
-            best = -np.partition(-kern, width - 1, axis=1)[:, :width] if width < kern.shape[1] else kern  # (r, width) this shard's largest
-            top = np.concatenate([top, best], 1)
-            if top.shape[1] > k:
-                top = -np.partition(-top, k - 1, axis=1)[:, :k]  # (r, k)
-        rho[a : a + rows], within[a : a + rows] = top.sum(1), np.minimum(count, k)
+    x = unit_rows(_rows(shards, bounds, members), device)  # (|U|, d)
+    n = len(x)
+    width = min(k, n)
+    rows = max(1, SEARCH_BUDGET // n)
+    rho, within = np.empty(n), np.empty(n, dtype=np.int64)
+    for a in range(0, n, rows):
+        cos = x[a : a + rows] @ x.T  # (r, |U|)
+        kern = (1.0 - (2.0 - 2.0 * cos).clamp_min(0.0) / sigma**2).clamp_min(0.0)  # (r, |U|)
+        rho[a : a + rows] = torch.topk(kern, width, dim=1, sorted=False).values.double().sum(1).cpu().numpy()
+        within[a : a + rows] = (kern > 0).sum(1).clamp_max(k).cpu().numpy()
     return rho, within
 
 
@@ -173,34 +157,48 @@ def transport(dist: np.ndarray, rho: np.ndarray, alpha: float, c: float) -> tupl
     return p, s, stopped
 
 
-def best_cosine(domain_emb: np.ndarray, pool_emb) -> np.ndarray:
-    """(n_pool,) float64: each candidate's best cosine to a domain example, streamed over the shards."""
-    q = normalise_rows(domain_emb)  # (M, d)
-    return np.concatenate([(normalise_rows(np.asarray(s)) @ q.T).max(1) for s in as_shards(pool_emb)])
+def best_cosine(domain_emb: np.ndarray, pool_emb, device: str | torch.device = "cpu") -> np.ndarray:
+    """(n_pool,) float64: each candidate's best cosine to a domain example (float32 values), one read of the pool."""
+    q = unit_rows(domain_emb, device)  # (M, d)
+    piece = max(1, SEARCH_BUDGET // max(1, len(q)))
+    parts = [unit_rows(np.asarray(s[a : a + piece]), device) @ q.T for s in as_shards(pool_emb) for a in range(0, len(s), piece)]  # (s, M) each
+    return np.concatenate([c.max(1).values.double().cpu().numpy() for c in parts])
 
 
-def tsds(domain_emb: np.ndarray, pool_emb, alpha: float = 0.5, c: float = 5.0, sigma: float = 0.75, max_k: int = 5000, kde_k: int = 1000) -> TsdsResult:
+def tsds(
+    domain_emb: np.ndarray,
+    pool_emb,
+    alpha: float = 0.5,
+    c: float = 5.0,
+    sigma: float = 0.75,
+    max_k: int = 5000,
+    kde_k: int = 1000,
+    device: str | torch.device = "cpu",
+) -> TsdsResult:
     """TSDS probabilities over the pool (steps 1-6 above). ``pool_emb``: one (n_pool, d) array or
     a list of shards in pool order; the result does not depend on the sharding. The defaults are
-    the authors' ``config.yaml`` (alpha 0.5, C 5.0, sigma 0.75, max_K 5000, kde_K 1000)."""
+    the authors' ``config.yaml`` (alpha 0.5, C 5.0, sigma 0.75, max_K 5000, kde_K 1000). The
+    search and the KDE run on ``device``; the pool is read once for the search (which also gives
+    each candidate's best cosine) and U's rows once more for the KDE."""
     shards = as_shards(pool_emb)
     n_pool = sum(len(s) for s in shards)
     k, k_kde = neighbour_caps(n_pool, max_k, kde_k)
     t0 = time.perf_counter()
-    dist, idx = neighbours(domain_emb, shards, k)  # (M, K) each
+    cos, idx, nearest32 = search(np.asarray(domain_emb), shards, k, device, best=True)  # (M, K), (M, K), (n_pool,)
+    dist = np.sqrt(_distance(cos))  # (M, K) ascending
     t1 = time.perf_counter()
     members = np.unique(idx)  # (|U|,) sorted
     if sigma == 0:
         rho_u, within = np.ones(len(members)), None
     else:
-        rho_u, within = kde(shards, members, sigma, k_kde)  # (|U|,) each
+        rho_u, within = kde(shards, members, sigma, k_kde, device)  # (|U|,) each
     rho = rho_u[np.searchsorted(members, idx)]  # (M, K)
     t2 = time.perf_counter()
     p, s, stopped = transport(dist, rho, alpha, c)
     probs = np.bincount(idx.ravel(), weights=p.ravel(), minlength=n_pool)  # (n_pool,)
     kde_all = np.zeros(n_pool)
     kde_all[members] = rho_u
-    nearest = best_cosine(domain_emb, shards)
+    nearest = nearest32.astype(np.float64)
     t3 = time.perf_counter()
     return TsdsResult(
         probs=probs,
@@ -252,7 +250,7 @@ class TsdsSelector(Selector):
         cfg = ctx.cfg
         dom, pool = ctx.embeddings()
         t = time.perf_counter()
-        r = tsds(dom, pool, alpha=cfg.tsds_alpha, c=cfg.tsds_c, sigma=cfg.tsds_sigma, max_k=cfg.tsds_max_k, kde_k=cfg.tsds_kde_k)
+        r = tsds(dom, pool, alpha=cfg.tsds_alpha, c=cfg.tsds_c, sigma=cfg.tsds_sigma, max_k=cfg.tsds_max_k, kde_k=cfg.tsds_kde_k, device=ctx.rt.device)
         order = draw_order(r.probs, r.nearest, cfg.seed)
         nonzero = int((r.probs > 0).sum())
         ctx.log(
@@ -284,7 +282,8 @@ class TsdsSelector(Selector):
                 "kde_k_used": r.kde_k,
                 "caps": "K = min(max_k, pool // 10) >= 2, KDE K = min(kde_k, pool // 10) >= 1",
                 "embeddings": "stage-1 embeddings, L2-normalised; Euclidean distance",
-                "search": "exact float64 kNN (the original: approximate FAISS IndexIVFFlat); the KDE among the candidates in the neighbourhoods",
+                "search": "exact float32 kNN on the run's device (the original: approximate FAISS IndexIVFFlat); "
+                "the KDE among the candidates in the neighbourhoods",
                 "kernel": "max(0, 1 - |x - y|^2 / sigma^2) summed over the KDE K nearest, the candidate itself included",
                 "level_s": r.level,
                 "stopped_by_alpha_c": r.stopped,

@@ -19,7 +19,7 @@ from ntkselect.model.loading import load_model
 from ntkselect.model.runtime import Runtime
 from ntkselect.training.warmup import WarmupOptions, add_lora, warmup
 
-__all__ = ["FinetuneRecipe", "finetune"]
+__all__ = ["FinetuneRecipe", "finetune", "finetune_options"]
 
 
 @dataclass
@@ -47,13 +47,10 @@ class FinetuneRecipe:
         return dataclasses.asdict(self)
 
 
-def finetune(model_name: str, examples: Sequence, recipe: FinetuneRecipe, rt: Runtime, seed: int, desc: str = "fine-tune"):
-    """Train a fresh LoRA adapter on ``examples`` (tokenized D ∪ S); returns (model, summary)."""
-    recipe.validate()
-    t = time.perf_counter()
-    model = load_model(model_name).to(rt.device)
+def finetune_options(recipe: FinetuneRecipe, seed: int) -> WarmupOptions:
+    """The training loop's options for ``recipe``: the fine-tune is the warm-up's loop on D ∪ S."""
     t_mod = recipe.lora_target_modules.strip()
-    opts = WarmupOptions(
+    return WarmupOptions(
         r=recipe.lora_r,
         alpha=recipe.lora_alpha,
         dropout=0.0,
@@ -63,6 +60,14 @@ def finetune(model_name: str, examples: Sequence, recipe: FinetuneRecipe, rt: Ru
         batch_size=recipe.batch_size,
         seed=seed,
     )
+
+
+def finetune(model_name: str, examples: Sequence, recipe: FinetuneRecipe, rt: Runtime, seed: int, desc: str = "fine-tune"):
+    """Train a fresh LoRA adapter on ``examples`` (tokenized D ∪ S); returns (model, summary)."""
+    recipe.validate()
+    t = time.perf_counter()
+    model = load_model(model_name, rt.model_dtype, rt.device)
+    opts = finetune_options(recipe, seed)
     model = add_lora(model, opts)
     summary = warmup(model, examples, opts, rt, desc=desc)
     summary["tokens"] = int(round(sum(len(e.input_ids) for e in examples) * recipe.epochs))

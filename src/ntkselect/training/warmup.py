@@ -98,6 +98,13 @@ def warmup_pass(model, batch, rt: Runtime, tracker) -> None:
 def per_example_loss(model, batch, head=None) -> torch.Tensor:
     """(B,) each example's token-mean cross-entropy over its trained tokens: the objective whose
     per-example gradients LESS uses. ``head`` is ignored (the signature of a stage-2 objective)."""
+    return per_example_loss_and_logits(model, batch)[0]
+
+
+def per_example_loss_and_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`per_example_loss` (B,) and the logits it came from, (N, V), one row per trained
+    position in row-major order of ``batch.target_mask`` (so that other scores at those
+    positions need no second forward pass)."""
     h = final_hidden(model, batch)  # (B, L, d)
     pos = batch.target_mask.bool()  # (B, L)
     targets = batch.input_ids[:, 1:][pos[:, :-1]]  # (N,)
@@ -105,7 +112,7 @@ def per_example_loss(model, batch, head=None) -> torch.Tensor:
     logits = trained_logits(model, h[pos])  # (N, V) the model's own logits (soft-capping, scaling included)
     tok = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
     total = torch.zeros(pos.shape[0], device=tok.device).index_add(0, rows, tok)  # (B,)
-    return total / pos.sum(1).clamp_min(1)
+    return total / pos.sum(1).clamp_min(1), logits
 
 
 def loss_and_grads(model, batch, rt: Runtime, fused: bool, weight: float = 1.0, accumulate: bool = False) -> torch.Tensor:

@@ -23,5 +23,5 @@ def make_executor(
     rebuild that model from ``model_name``, the LoRA options ``lora`` and its adapter's weights.
     The Ray executor's message goes to ``log`` (default: its module's logger, at INFO)."""
     if kind == "ray":
-        return RayExecutor(worker_spec(model_fn(), model_name, lora or {}, rt), address or None, workers, log=log)
+        return RayExecutor(worker_spec(model_fn(), model_name, lora or {}, rt), address or None, workers, log=log, device=rt.device)
     return LocalExecutor(model_fn, rt)

@@ -11,7 +11,7 @@ import time
 from ntkselect.data.pool import ids_of
 from ntkselect.grads.projection import BLOCK_ROWS
 from ntkselect.selection.base import Ranking, SelectionContext, Selector, ordered
-from ntkselect.selection.ntk.stage1 import preselect
+from ntkselect.selection.ntk.stage1 import preselect, vote_degeneracy
 from ntkselect.selection.ntk.stage2 import SCORE, run_stage2
 from ntkselect.selection.registry import register_selector
 
@@ -53,7 +53,7 @@ class NtkSelector(Selector):
         cfg = ctx.cfg
         dom_emb, pool_emb = ctx.embeddings()
         t = time.perf_counter()
-        s1 = preselect(dom_emb, pool_emb, int(round(cfg.preselect_factor * n)), cfg.knn_k)
+        s1 = preselect(dom_emb, pool_emb, int(round(cfg.preselect_factor * n)), cfg.knn_k, ctx.rt.device)
         cand = s1.selected
         t2 = time.perf_counter()
         pool_ids = ids_of(ctx.pool)
@@ -91,6 +91,7 @@ class NtkSelector(Selector):
                     "k_used": s1.k_used,
                     "voted_candidates": int((s1.votes > 0).sum()),
                     "tie_break": "votes desc, best cosine desc, pool position asc",
+                    "vote_degeneracy": vote_degeneracy(s1),
                     "seconds": s1.seconds,
                 },
                 "stage2": {

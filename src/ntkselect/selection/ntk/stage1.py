@@ -2,10 +2,17 @@
 
 Each example is embedded as the masked mean of its final-layer hidden states (the warmed-up
 model's). Each domain example votes for its K nearest candidates by cosine similarity
-(exact float64 search over L2-normalised embeddings, streamed shard by shard); the M candidates with
+(an exact search over L2-normalised embeddings in float32 on the run's device, each pool
+shard read once, a piece at a time); the M candidates with
 the most votes go to stage 2. Ties are broken by the candidate's best cosine among its voters,
 then by its position in the pool, so the outcome is deterministic. If fewer than M
 candidates received a vote, K is doubled until enough have one (or K covers the pool).
+
+On a homogeneous domain the K nearest of every domain example coincide and the count orders
+nothing: every kept candidate has |D| votes and the tie-break decides. :func:`vote_degeneracy`
+measures that (for the manifest), and ``preselect(..., weight=...)`` offers votes that still
+order such a shortlist (:data:`VOTE_WEIGHTS`): ``rank`` (Borda: a domain example's r-th nearest,
+r = 0..K-1, gets (K - r) / K) and ``similarity`` (its cosine). ``count`` (1 per vote) is ntk's.
 
 :func:`embed_sets` is the run's stage-1 embedding: D in this process, the pool shard by shard
 (the :data:`EMBED` shard task) on the run's executor, each shard kept on disk and resumable.
@@ -30,7 +37,27 @@ from ntkselect.model.runtime import Runtime
 from ntkselect.progress import Progress
 from ntkselect.runs.shards import Sharding, ShardTask, register_task
 
-__all__ = ["Stage1Result", "embed", "embed_sets", "EMBED", "EmbedPayload", "knn_search", "knn_votes", "preselect", "forward_pass"]
+__all__ = [
+    "Stage1Result",
+    "embed",
+    "embed_sets",
+    "EMBED",
+    "EmbedPayload",
+    "knn_search",
+    "knn_votes",
+    "preselect",
+    "SEARCH_BUDGET",
+    "VOTE_WEIGHTS",
+    "vote_degeneracy",
+    "forward_pass",
+]
+
+#: entries of one piece's cosine matrix (queries x pool rows, float32, plus the running top-k and
+#: a sort's workspace: a few x 4-8 bytes each): pieces stay ~100-300 MiB on any device
+SEARCH_BUDGET = 1 << 24
+
+#: how a domain example's vote for its r-th nearest candidate counts (``count`` is ntk's)
+VOTE_WEIGHTS = ("count", "rank", "similarity")
 
 
 @dataclass
@@ -40,6 +67,8 @@ class Stage1Result:
     best_sim: np.ndarray  # (n_pool,) float32, best cosine among the domain examples that voted for it (-inf: no vote)
     k_used: int
     seconds: dict = field(default_factory=dict)
+    weight: np.ndarray | None = None  # (n_pool,) float64 summed vote weights (rank / similarity votes); None for the count
+    vote: str = "count"  # which of VOTE_WEIGHTS ordered the candidates
 
 
 @contextlib.contextmanager
@@ -136,55 +165,124 @@ def as_shards(pool_emb) -> list[np.ndarray]:
     return list(pool_emb) if isinstance(pool_emb, (list, tuple)) else [pool_emb]
 
 
-def knn_search(queries: np.ndarray, pool_emb, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's k nearest candidates by cosine: (n_q, k') float64 cosines, best first, and
-    their (n_q, k') int64 pool indices, k' = min(k, n_pool).
+def unit_rows(x: np.ndarray, device: str | torch.device) -> torch.Tensor:
+    """(n, d) float32 on ``device``: the rows L2-normalised (in float64, then rounded once)."""
+    return torch.from_numpy(normalise_rows(x).astype(np.float32)).to(device)
 
-    ``pool_emb`` is one (n_pool, d) array or an iterable of shards (memmaps) in pool order, read
-    once; the search is exact (float64 cosines of L2-normalised rows) and streams one shard at a
-    time, keeping a running top-k per query, so the pool never has to fit in memory and the
-    result does not depend on how the pool is sharded. Equal cosines go to the earlier pool position."""
-    q = normalise_rows(queries)  # (n_q, d)
-    top_s = np.full((len(q), 0), -np.inf)  # (n_q, <=k) running best cosines
-    top_i = np.zeros((len(q), 0), dtype=np.int64)  # (n_q, <=k) their pool indices
+
+def search(queries: np.ndarray, pool_emb, k: int, device: str | torch.device = "cpu", best: bool = False):
+    """:func:`knn_search`, and with ``best`` also each candidate's best cosine to any query
+    ((n_pool,) float32, from the same cosines: no second read of the pool)."""
+    q = unit_rows(queries, device)  # (n_q, d)
+    n_q = len(q)
+    top_s = torch.full((n_q, 0), -torch.inf, device=q.device)  # (n_q, <=k) running best cosines
+    top_i = torch.zeros((n_q, 0), dtype=torch.int64, device=q.device)  # (n_q, <=k) their pool indices, ties in pool order
+    piece = max(1, k, SEARCH_BUDGET // max(1, n_q))  # pool rows per piece: >= k, so sorting stays linear in the pool
+    q_rows = max(1, SEARCH_BUDGET // (k + piece))  # queries per sort
+    nearest = []
     start = 0
-    for shard in [pool_emb] if isinstance(pool_emb, np.ndarray) else pool_emb:
-        x = normalise_rows(np.asarray(shard))  # (s, d)
-        sims = q @ x.T  # (n_q, s) float64
-        ids = np.broadcast_to(np.arange(start, start + len(x), dtype=np.int64), sims.shape)
-        cat_s, cat_i = np.concatenate([top_s, sims], 1), np.concatenate([top_i, ids], 1)
-        order = np.lexsort((cat_i, -cat_s), axis=-1)[:, :k]  # best cosine first, then earliest position
-        top_s, top_i = np.take_along_axis(cat_s, order, 1), np.take_along_axis(cat_i, order, 1)
-        start += len(x)
-    return top_s, top_i
+    for shard in as_shards(pool_emb):
+        for a in range(0, len(shard), piece):
+            x = unit_rows(np.asarray(shard[a : a + piece]), q.device)  # (s, d): read once
+            ids = torch.arange(start + a, start + a + len(x), device=q.device)  # (s,)
+            sims = q @ x.T  # (n_q, s) float32
+            if best:
+                nearest.append(sims.max(0).values.cpu())
+            new_s, new_i = [], []
+            for b in range(0, n_q, q_rows):
+                cat_s = torch.cat([top_s[b : b + q_rows], sims[b : b + q_rows]], 1)  # (r, <=k + s): earlier pool positions first
+                cat_i = torch.cat([top_i[b : b + q_rows], ids.expand(len(cat_s), -1)], 1)
+                val, pos = torch.sort(cat_s, dim=1, descending=True, stable=True)  # equal cosines keep pool order
+                new_s.append(val[:, :k])
+                new_i.append(torch.gather(cat_i, 1, pos[:, :k]))
+            top_s, top_i = torch.cat(new_s), torch.cat(new_i)
+        start += len(shard)
+    out = (top_s.double().cpu().numpy(), top_i.cpu().numpy())
+    return (*out, torch.cat(nearest).numpy()) if best else out
 
 
-def knn_votes(domain_emb: np.ndarray, pool_emb, k: int) -> tuple[np.ndarray, np.ndarray]:
+def knn_search(queries: np.ndarray, pool_emb, k: int, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Each query's k nearest candidates by cosine: (n_q, k') cosines (float32 values, as
+    float64), best first, and their (n_q, k') int64 pool indices, k' = min(k, n_pool).
+
+    ``pool_emb`` is one (n_pool, d) array or an iterable of shards (memmaps) in pool order, each
+    read once, a piece of at most :data:`SEARCH_BUDGET` cosines at a time, onto ``device``; the
+    search is exact (float32 cosines of L2-normalised rows, no index, no approximation) and keeps
+    a running top-k per query, so the pool never has to fit in memory and the result does not
+    depend on how the pool is sharded (up to the last bit of a float32 cosine, which a matmul
+    may round differently for another shape of piece). Equal cosines go to the earlier pool position. Time is
+    linear in the pool: n_q x n_pool cosines, one sort of k + piece entries per query and piece."""
+    return search(queries, pool_emb, k, device)
+
+
+def knn_votes(domain_emb: np.ndarray, pool_emb, k: int, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Votes (n_pool,) and best cosine (n_pool,) when each domain example votes for its k nearest.
 
     ``pool_emb`` is one (n_pool, d) array or a list of shards (memmaps) in pool order; the
-    search is :func:`knn_search` (exact, streamed, independent of the sharding)."""
-    shards = as_shards(pool_emb)
-    n_pool = sum(len(s) for s in shards)
-    top_s, top_i = knn_search(domain_emb, shards, min(k, n_pool))
-    votes = np.bincount(top_i.ravel(), minlength=n_pool).astype(np.int64)
-    best = np.full(n_pool, -np.inf, dtype=np.float32)
-    np.maximum.at(best, top_i.ravel(), top_s.ravel().astype(np.float32))
+    search is :func:`knn_search` on ``device`` (exact, streamed, independent of the sharding)."""
+    votes, best, _ = _tally(domain_emb, pool_emb, k, "count", device)
     return votes, best
 
 
-def preselect(domain_emb: np.ndarray, pool_emb, m: int, k: int) -> Stage1Result:
+def _tally(domain_emb: np.ndarray, pool_emb, k: int, weight: str, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(votes, best cosine, summed weights or None for ``count``), each (n_pool,), from one search on ``device``."""
+    shards = as_shards(pool_emb)
+    n_pool = sum(len(s) for s in shards)
+    top_s, top_i = knn_search(domain_emb, shards, min(k, n_pool), device)  # (n_q, k') each, nearest first
+    votes = np.bincount(top_i.ravel(), minlength=n_pool).astype(np.int64)
+    best = np.full(n_pool, -np.inf, dtype=np.float32)
+    np.maximum.at(best, top_i.ravel(), top_s.ravel().astype(np.float32))
+    if weight == "count":
+        return votes, best, None
+    if weight == "rank":
+        kk = top_i.shape[1]
+        w = np.broadcast_to((kk - np.arange(kk, dtype=np.float64)) / kk, top_i.shape)  # (n_q, k') the r-th nearest: (K - r) / K
+    elif weight == "similarity":
+        w = top_s  # (n_q, k') its cosine
+    else:
+        raise ValueError(f"vote weight {weight!r}: use one of {', '.join(VOTE_WEIGHTS)}")
+    return votes, best, np.bincount(top_i.ravel(), weights=np.ravel(w), minlength=n_pool)
+
+
+def preselect(domain_emb: np.ndarray, pool_emb, m: int, k: int, device: str | torch.device = "cpu", weight: str = "count") -> Stage1Result:
     """Keep the m pool candidates with the most votes (all of them when m >= pool size).
-    ``pool_emb``: one array or a list of shards, as for :func:`knn_votes`."""
+    ``pool_emb``: one array or a list of shards, as for :func:`knn_votes`; the search runs on ``device``.
+
+    ``weight`` (:data:`VOTE_WEIGHTS`): ``count`` orders by votes, then best cosine (ntk's);
+    ``rank`` and ``similarity`` order the candidates with a vote by their summed vote weight,
+    then best cosine, then pool position, and those without one after them. K is raised the same
+    way for every weight (until m candidates have a vote), so they keep the same candidates
+    whenever fewer than m have a vote and differ only in which of them come first."""
     t = time.perf_counter()
     n_pool = sum(len(s) for s in as_shards(pool_emb))
     m = min(m, n_pool)
     k = min(k, n_pool)
     while True:
-        votes, best = knn_votes(domain_emb, pool_emb, k)
+        votes, best, w = _tally(domain_emb, pool_emb, k, weight, device)
         if int((votes > 0).sum()) >= m or k >= n_pool:
             break
         k = min(2 * k, n_pool)
-    # most votes first, then highest best cosine, then earliest in the pool
-    order = np.lexsort((np.arange(n_pool), -best.astype(np.float64), -votes))
-    return Stage1Result(selected=order[:m], votes=votes, best_sim=best, k_used=k, seconds={"knn": time.perf_counter() - t})
+    if w is None:  # most votes first, then highest best cosine, then earliest in the pool
+        order = np.lexsort((np.arange(n_pool), -best.astype(np.float64), -votes))
+    else:  # voted first, by summed weight, then highest best cosine, then earliest in the pool
+        order = np.lexsort((np.arange(n_pool), -best.astype(np.float64), -w, votes == 0))
+    return Stage1Result(selected=order[:m], votes=votes, best_sim=best, k_used=k, seconds={"knn": time.perf_counter() - t}, weight=w, vote=weight)
+
+
+def vote_degeneracy(s1: Stage1Result) -> dict:
+    """How much the vote ordered the kept candidates (for the manifest): the largest vote count,
+    the share of the kept candidates that have it, and how many distinct counts there are among
+    the kept and among all voted candidates (1 distinct count among the kept: the count ordered
+    nothing, the tie-break chose); for a weighted vote also the distinct summed weights among the kept."""
+    kept = s1.votes[s1.selected]  # (M,)
+    top = int(s1.votes.max()) if len(s1.votes) else 0
+    out = {
+        "vote": s1.vote,
+        "max_votes": top,
+        "kept_at_max_votes": float((kept == top).mean()) if len(kept) else 0.0,
+        "distinct_vote_counts_kept": int(len(np.unique(kept))),
+        "distinct_vote_counts": int(len(np.unique(s1.votes[s1.votes > 0]))),
+    }
+    if s1.weight is not None:
+        out["distinct_vote_weights_kept"] = int(len(np.unique(s1.weight[s1.selected])))
+    return out

@@ -41,7 +41,7 @@ from ntkselect.data.batching import collate, make_batches
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_open, atomic_write_json
 from ntkselect.grads.fused import flatten_grads, gradient_hooks, lora_parameters
-from ntkselect.grads.projection import AbstractProjector, make_projector
+from ntkselect.grads.projection import AbstractProjector, chunk_bytes_for, make_projector
 from ntkselect.model.lm import summed_head, summed_logits
 from ntkselect.model.memory import gradient_pass
 from ntkselect.model.runtime import Runtime
@@ -284,9 +284,10 @@ def projected_features(
     """(n, p) float32 φ(g(x)) for every example, in input order: the explicit route, for per-pair
     kernels, max-over-D aggregation and diagnostics.
 
-    Per-example gradients are gathered into a chunk of at most ``chunk_bytes`` and projected
-    together, so each pass over the projection blocks (the expensive part on a CPU, where the
-    blocks are generated) is shared by the whole chunk. With ``out_path`` the features go to a
+    Per-example gradients are gathered into a chunk of at most ``chunk_bytes`` (on CUDA at
+    least a quarter of the free memory: :func:`~ntkselect.grads.projection.chunk_bytes_for`) and
+    projected together, so each pass over the projection blocks (generating them is the
+    expensive part) is shared by the whole chunk. With ``out_path`` the features go to a
     disk-backed ``.npy``, so memory does not grow with the number of examples.
 
     ``objective`` replaces the summed logits (see :func:`backward_batches`); ``transform``
@@ -295,7 +296,7 @@ def projected_features(
     dim, n = projector.dim, len(examples)
     shape = (n, projector.proj_dim)
     out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=shape) if out_path else np.zeros(shape, np.float32)
-    cap = max(1, min(n, projector.chunk_rows(chunk_bytes)))
+    cap = max(1, min(n, projector.chunk_rows(chunk_bytes_for(rt.device, chunk_bytes))))
     buf = torch.zeros(cap, dim, dtype=torch.float32, device=rt.device)  # (C, D)
     rows: list[int] = []
 

@@ -83,7 +83,7 @@ def warmup_checkpoints(ctx, n: int) -> tuple[list[dict[str, torch.Tensor] | None
         saved = torch.load(wdir / "checkpoints.pt", map_location="cpu", weights_only=True)
         return [saved[str(s)] for s in earlier] + [None], steps, 0
     ctx.log(f"ntkselect: replaying the warm-up to step {earlier[-1]} of {total} for the checkpoints at steps {', '.join(map(str, earlier))}")
-    replay = add_lora(load_model(ctx.setup.model_path).to(ctx.rt.device), opts)
+    replay = add_lora(load_model(ctx.setup.model_path, ctx.rt.model_dtype, ctx.rt.device), opts)
     states: dict[int, dict[str, torch.Tensor]] = {}
 
     def on_step(step: int, _total: int) -> None:

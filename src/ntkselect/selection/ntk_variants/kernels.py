@@ -303,8 +303,12 @@ def kernel_pass(
     norms: bool = False,
     desc: str = "kernel",
     ids: Sequence[str] | None = None,
+    weights: np.ndarray | None = None,
 ) -> KernelPass:
-    """One batched forward + backward of every (example, objective) row, reduced in the hooks."""
+    """One batched forward + backward of every (example, objective) row, reduced in the hooks.
+
+    ``weights`` (n,): example i's objectives are multiplied by weights[i], so its gradients (the
+    sums, dots and norms) are w_i ∇f_g(x_i)."""
     G = kernel.groups
     rows = kernel.rows(examples)
     row_ids = [i for i in ids for _ in range(G)] if ids is not None else None
@@ -312,9 +316,12 @@ def kernel_pass(
     hooks = RowHooks(model, G, dev_vecs, sums=sums, norms=norms)
     base = kernel.objective(model)
 
+    w_rows = torch.as_tensor(np.repeat(np.asarray(weights, dtype=np.float32), G)) if weights is not None else None  # (n G,) each row's weight
+
     def objective(m, batch, head):
         hooks.set_rows((batch.index % G).to(rt.device))
-        return base(m, batch, head)
+        f = base(m, batch, head)  # (B,)
+        return f if w_rows is None else f * w_rows[batch.index].to(f.device)
 
     kind = "less" if kernel.kind == "loss" else "sum"  # the measured cost closest to it (ntkselect.model.memory): x is kept per layer, as in "sum"
     shapes = {n: p.shape for n, p in lora_parameters(model)}
@@ -349,12 +356,33 @@ def kernel_pass(
 
 
 def domain_vectors(
-    model, domain: Sequence, rt: Runtime, kernel: Kernel, proj_dim: int = 0, seed: int = 0, ids: Sequence[str] | None = None
+    model,
+    domain: Sequence,
+    rt: Runtime,
+    kernel: Kernel,
+    proj_dim: int = 0,
+    seed: int = 0,
+    ids: Sequence[str] | None = None,
+    cosine: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """{name: (G, *shape)} v_g = φ*(φ(ḡ_g)), ḡ_g = mean_i ∇f_g(x_i) (ḡ_g itself for ``proj_dim = 0``),
-    so that s_j = (1/G) Σ_g ⟨v_g, ∇f_g(c_j)⟩ = mean_i (1/G) Σ_g ⟨φ(∇f_g(x_i)), φ(∇f_g(c_j))⟩."""
+    so that s_j = (1/G) Σ_g ⟨v_g, ∇f_g(c_j)⟩ = mean_i (1/G) Σ_g ⟨φ(∇f_g(x_i)), φ(∇f_g(c_j))⟩.
+
+    ``cosine``: ḡ_g = mean_i ∇f_g(x_i) / √Θ(x_i, x_i) (Θ(x, x) = (1/G) Σ_g ‖∇f_g(x)‖², unprojected),
+    so s_j = mean_i Θ(x_i, c_j) / √Θ(x_i, x_i): the domain side of the cosine kernel. Its norms
+    take one more pass over D (the weights must be known before the weighted sum)."""
     t = time.perf_counter()
-    res = kernel_pass(model, domain, rt, kernel, sums=True, desc=f"{kernel.kind} kernel: domain gradients", ids=ids)
+    weights, norms = None, None
+    if cosine:
+        sq = kernel_pass(model, domain, rt, kernel, norms=True, desc=f"{kernel.kind} kernel: domain gradient norms", ids=ids).sqnorms
+        assert sq is not None
+        norms = np.sqrt(sq.mean(1))  # (n,) √Θ(x_i, x_i)
+        if not (norms > 0).all():
+            bad = int(np.flatnonzero(~(norms > 0))[0])
+            name = f"example id {ids[bad]!r}" if ids is not None else f"example #{bad}"
+            raise NtkSelectError(f"{kernel.kind} kernel: domain {name} has a zero gradient, so its cosine is undefined; check its text or leave it out")
+        weights = 1.0 / norms
+    res = kernel_pass(model, domain, rt, kernel, sums=True, desc=f"{kernel.kind} kernel: domain gradients", ids=ids, weights=weights)
     gbar = {n: s / len(domain) for n, s in res.sums.items()}
     for n, g in gbar.items():
         if not torch.isfinite(g).all():
@@ -376,7 +404,7 @@ def domain_vectors(
         "proj_dim": proj_dim,
         "projector": projector.describe(),
         "seconds": {"domain_gradients": t_grad, "projection": time.perf_counter() - t},
-        "tokens": res.tokens,
+        "tokens": res.tokens * (2 if cosine else 1),
     }
     return vec, info
 
