@@ -50,6 +50,7 @@ from ntkselect.model.lm import final_hidden
 from ntkselect.model.loading import load_model
 from ntkselect.model.memory import measure_costs
 from ntkselect.model.runtime import Runtime
+from ntkselect.runs.preflight import MEASURED_PASSES
 from ntkselect.selection.ntk.stage1 import embed
 from ntkselect.selection.ntk.stage2 import domain_mean_gradient, projected_features, score_against
 from ntkselect.training.warmup import WarmupOptions, add_lora
@@ -196,7 +197,7 @@ def check_shape(name: str, shape: Shape, device: torch.device, args, deadline: f
     speed = random_examples(shape.speed_candidates, shape.length, vocab, 2)
     n_tok = shape.speed_candidates * shape.length
     B, L = args.batch_size, shape.length
-    costs = measure_costs(model, rth, ("forward", "sum", "dot", "per_example"), vocab=vocab)
+    costs = measure_costs(model, rth, ("forward", "sum", "dot", "per_example"), vocab=vocab, passes=MEASURED_PASSES)
     merged = torch.empty((), dtype=half).element_size() * adapted  # W + sBA of every adapted layer, held during a stage
 
     def predicted(kind: str, extra: float = 0.0, with_merged: bool = True, batch: int = B) -> int:

@@ -48,7 +48,7 @@ def test_cuda_scores_do_not_depend_on_batch_size():
 def test_bfloat16_weights_on_cuda_rank_like_float32():
     """bfloat16 weights (straight onto the GPU) against float32: scores within a few percent and
     the same order of the clearly separated candidates."""
-    from ntkselect.model.preflight import check_model
+    from ntkselect.runs.preflight import check_model
     from ntkselect.selection.ntk.stage2 import domain_mean_gradient, score_against
 
     model = tiny_lora_model("llama").to("cuda")

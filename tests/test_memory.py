@@ -13,6 +13,7 @@ from ntkselect.grads.fused import FusedLoraGradients, lora_parameters
 from ntkselect.model.lm import summed_head, summed_logits
 from ntkselect.model.memory import LiveBytes, MemoryCosts, PassCost, measure_costs
 from ntkselect.model.runtime import Runtime
+from ntkselect.runs.preflight import MEASURED_PASSES
 from ntkselect.selection.ntk.stage2 import run_stage2
 from ntkselect.training.warmup import batch_loss_and_grads, micro_batches
 
@@ -41,7 +42,7 @@ def test_measured_costs_predict_a_larger_batch(model, examples, tokenizer):
     """Fitted on two-example probes of at most 64 tokens, the cost predicts the live peak of the
     real 8-example batch (padding, trained masks) within 25%."""
     rt = rt_(tokenizer)
-    costs = measure_costs(model, rt, ("sum", "dot", "warmup"), vocab=len(tokenizer))
+    costs = measure_costs(model, rt, ("sum", "dot", "warmup"), vocab=len(tokenizer), passes=MEASURED_PASSES)
     b = collate(examples, range(len(examples)), tokenizer.pad_token_id)
     B, L, N = len(examples), b.input_ids.shape[1], int(b.target_mask.sum())
     head = summed_head(model)

@@ -102,8 +102,8 @@ def test_preflight_accepts_bfloat16_weights_and_still_catches_a_wrong_gradient(m
     """Half-precision weights get a tolerance that fits their rounding; a structural error is
     still O(1) above it."""
     from ntkselect.errors import NtkSelectError
-    from ntkselect.model import preflight
     from ntkselect.model.runtime import Runtime
+    from ntkselect.runs import preflight
 
     model = tiny_lora_model("llama")
     with torch.no_grad():

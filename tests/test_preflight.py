@@ -192,8 +192,8 @@ def test_soft_capped_model_selects_with_a_one_line_notice(files, family_dir, tmp
 def test_the_checked_model_comes_back_unchanged(tiny_model_dir, examples, tokenizer):
     from helpers import make_lora_model
     from ntkselect.grads.fused import lora_parameters
-    from ntkselect.model.preflight import check_model
     from ntkselect.model.runtime import Runtime
+    from ntkselect.runs.preflight import check_model
 
     model = make_lora_model(tiny_model_dir, seed=3)
     model.train()

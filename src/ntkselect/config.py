@@ -4,9 +4,9 @@ The CLI builds its flags from these fields (name, type, default and help), so th
 and the command line cannot drift apart. :meth:`SelectConfig.validate` names the bad field
 and the fix in a one-line :class:`~ntkselect.errors.NtkSelectError`.
 
-``--method``'s choices and help come from the selector registry
-(:mod:`ntkselect.selection.registry`), looked up when they are used: the selectors register
-when :mod:`ntkselect.selection` is imported, and that package imports this module.
+``--method`` is checked where the selectors are registered: the registry
+(:mod:`ntkselect.selection.registry`, a layer above this module) adds its check with
+:func:`add_check`, and the CLI takes the flag's choices and help from it.
 """
 
 from __future__ import annotations
@@ -14,13 +14,25 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ntkselect.errors import NtkSelectError
+from ntkselect.model.runtime import check_device
 
-__all__ = ["SelectConfig", "check_types", "value_problem", "MAX_INT", "MAX_PROJ_DIM", "MAX_PROBES", "MAX_CHECKPOINTS", "check_limits", "field_help"]
+__all__ = [
+    "SelectConfig",
+    "add_check",
+    "check_types",
+    "value_problem",
+    "MAX_INT",
+    "MAX_PROJ_DIM",
+    "MAX_PROBES",
+    "MAX_CHECKPOINTS",
+    "check_limits",
+    "field_help",
+]
 
 #: the largest integer any option takes (torch and numpy seeds and sizes are 64-bit)
 MAX_INT = 2**63 - 1
@@ -36,40 +48,21 @@ def _opt(default: Any, help: str, **kw) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
-class _Selectors(Sequence):
-    """The registered selector names, read from the registry each time (a selector registered
-    after this module was imported is a choice too)."""
-
-    @staticmethod
-    def _names() -> tuple[str, ...]:
-        from ntkselect.selection.registry import selector_names
-
-        return selector_names()
-
-    def __getitem__(self, i):
-        return self._names()[i]
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-    def __contains__(self, value) -> bool:
-        return value in self._names()
-
-    def __iter__(self):
-        return iter(self._names())
-
-    def __repr__(self) -> str:
-        return repr(self._names())
+#: checks of a whole configuration by the layers above that own what they check, run by every
+#: :meth:`SelectConfig.validate` after its own: the selector registry adds ``--method``'s
+#: (:func:`ntkselect.selection.registry.check_method`) when it is imported
+_CHECKS: list[Callable[[SelectConfig], None]] = []
 
 
-def _method_help() -> str:
-    from ntkselect.selection.registry import describe_methods
-
-    return describe_methods()
+def add_check(check: Callable[[SelectConfig], None]) -> Callable[[SelectConfig], None]:
+    """Run ``check(cfg)`` (raising a one-line :class:`NtkSelectError`) in every :meth:`SelectConfig.validate`."""
+    if check not in _CHECKS:
+        _CHECKS.append(check)
+    return check
 
 
 def field_help(f) -> str:
-    """A field's help text (``help_fn`` computes it where it depends on the registry)."""
+    """A field's help text (a ``help_fn`` in its metadata computes it when it is asked for)."""
     return f.metadata["help_fn"]() if "help_fn" in f.metadata else f.metadata.get("help", "")
 
 
@@ -114,8 +107,6 @@ def check_types(obj, flag=lambda name: "--" + name.replace("_", "-")) -> None:
 
 def check_limits(obj, names_proj=("proj_dim",), flag=lambda name: "--" + name.replace("_", "-")) -> None:
     """Upper limits shared by the commands: threads (the CPUs), projection dimensions, the device."""
-    from ntkselect.model.runtime import check_device
-
     cpus = os.cpu_count() or 1
     if getattr(obj, "threads", 0) > cpus:
         raise NtkSelectError(f"{flag('threads')}: must be at most the number of CPUs here ({cpus}) (got {obj.threads})")
@@ -133,7 +124,7 @@ class SelectConfig:
     pool: str = _opt("", "candidate pool C, same formats", required=True)
     n: int = _opt(0, "how many pool examples to select (N)", required=True)
     out: str = _opt("", "run folder for selected.jsonl, scores.jsonl, adapter/, train.jsonl, manifest.json", required=True)
-    method: str = _opt("ntk", "selector: one of the registered selectors (ntkselect.selection.registry)", help_fn=_method_help, choices=_Selectors())
+    method: str = _opt("ntk", "selector: one of the registered selectors (ntkselect.selection.registry)")
     model: str = _opt("default", "Hugging Face causal-LM folder or cached name; 'default' = embedded SmolLM2-135M-Instruct")
     template: str = _opt(
         "auto", "how prompt/response records are rendered: auto (chat if the tokenizer has a chat template), chat or plain", choices=("auto", "chat", "plain")
@@ -302,10 +293,7 @@ class SelectConfig:
             raise bad("threads", "must be >= 0")
         if not self.lora_target_modules.strip() or not self.target_modules():
             raise bad("lora_target_modules", "must name modules or be all-linear")
-        from ntkselect.selection.registry import selector_spec
-
-        check = selector_spec(self.method).check  # what the method itself needs (e.g. less: a warm-up; bm25: bm25s)
-        if check is not None:
+        for check in _CHECKS:  # --method: a registered selector, and what the method itself needs (e.g. less: a warm-up; bm25: bm25s)
             check(self)
         check_limits(self, ("proj_dim", "less_proj_dim", "feature_dim"))
         return self

@@ -28,11 +28,12 @@ from ntkselect.data.pool import PoolExamples, PoolRecords, TokenStore, build_sto
 from ntkselect.data.records import Record, RecordStream, TokenizeStats, record_text, token_convention, tokenize_records
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, sha256_path
-from ntkselect.model.loading import check_model_options, load_tokenizer, resolve_model, resolve_model_dtype
-from ntkselect.model.preflight import preflight_select
-from ntkselect.model.runtime import Runtime, resolve_device, resolve_precision
+from ntkselect.model.loading import check_model_options
+from ntkselect.model.runtime import Runtime
 from ntkselect.runs.folder import SELECT, Run, check_paths, open_run
 from ntkselect.runs.manifest import output_hashes
+from ntkselect.runs.preflight import preflight_select
+from ntkselect.runs.setup import RunSetup, make_runtime
 from ntkselect.runs.shards import digest
 from ntkselect.selection import Ranking, SelectionContext, get_selector, selector_spec
 from ntkselect.selection.ntk_variants.selector import ignored_options
@@ -79,13 +80,13 @@ EXECUTION_ONLY = (
 )
 
 
-def run_fingerprint(cfg: SelectConfig, hashes: dict | None = None) -> dict:
+def run_fingerprint(cfg: SelectConfig, hashes: dict | None = None, setup: RunSetup | None = None) -> dict:
     """What a run's results depend on: the options, the inputs' contents (``hashes``: their
-    sha256 as read, else hashed now) and the model."""
+    sha256 as read, else hashed now) and the model (``setup``'s fingerprint, else resolved now)."""
     return {
         "config": {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_ONLY},
         "inputs": hashes or {"domain": sha256_path(cfg.domain), "pool": sha256_path(cfg.pool)},
-        "model": _model_fingerprint(resolve_model(cfg.model)),
+        "model": (setup or RunSetup.of(cfg)).model_fingerprint,
     }
 
 
@@ -136,15 +137,6 @@ def _prepare_out(cfg: SelectConfig, run: Run, fp: dict, log: Callable[[str], Non
     return wdir
 
 
-def _model_fingerprint(path: str) -> dict:
-    p = Path(path)
-    if not p.is_dir():
-        return {"path": path}
-    files = {f.name: f.stat().st_size for f in sorted(p.iterdir()) if f.is_file()}
-    cfg = p / "config.json"
-    return {"path": str(p), "config_sha256": sha256_path(cfg) if cfg.exists() else None, "file_sizes": files}
-
-
 def record_group(rec: Record) -> str:
     return group_of(rec.raw, rec.path)
 
@@ -189,6 +181,7 @@ class Inputs:
     store: TokenStore | None = None
     owned: bool = False  # whether the store is a temporary one that close() removes
     pool_pass_seconds: float | None = None  # the pool's one read-and-tokenise pass (None: a finished store was reused)
+    setup: RunSetup | None = None  # the run's model, tokenizer, device, precision and these hashes, resolved once
 
     def close(self) -> None:
         """Remove a temporary token store (one not moved into a run folder) and its temporary folder."""
@@ -248,6 +241,7 @@ def load_inputs(
     store_dir: str | os.PathLike | None = None,
     reuse: Sequence[str | os.PathLike] = (),
     temp_dir: str | os.PathLike | None = None,
+    setup: RunSetup | None = None,
 ) -> Inputs:
     """Read, de-duplicate and tokenize D (into memory) and C (streamed once into a token store).
     ``exclude_texts`` drops further pool records (``ntkselect evaluate`` passes the test set's
@@ -255,12 +249,15 @@ def load_inputs(
     key) tests. The store is made in ``store_dir`` (default: a temporary folder in ``temp_dir``,
     the run folder the caller has locked, else beside ``cfg.out``; :meth:`Inputs.close` removes
     it), or a finished one in ``reuse`` made from the same file, tokenizer and options is used:
-    ``reuse`` inside a run folder only while the caller holds its lock (runs/folder.py)."""
+    ``reuse`` inside a run folder only while the caller holds its lock (runs/folder.py).
+    ``setup`` (default: a new one for ``cfg``) gives the tokenizer and keeps the inputs' hashes;
+    the inputs keep it (``.setup``) for the rest of the run."""
     log = log or logger.info
+    setup = setup or RunSetup.of(cfg)
     t = time.perf_counter()
     dstream = RecordStream(cfg.domain)
     domain = list(dstream)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = setup.tokenizer
     dom_ex, dom_stats = tokenize_records(domain, tokenizer, cfg.max_length, cfg.template)
     tests, key = _pool_tests(cfg, domain, exclude_texts, exclude_reason, drop)
     store = find_store(reuse, cfg.pool, tokenizer, cfg.max_length, cfg.template, key, log=log)
@@ -299,11 +296,13 @@ def load_inputs(
         dom_stats,
         TokenizeStats(**store.meta["stats"]),
         time.perf_counter() - t,
-        hashes={"domain": dstream.sha256, "pool": store.sha256},
+        hashes=setup.hashes,
         store=store,
         owned=owned,
         pool_pass_seconds=pass_s,
+        setup=setup,
     )
+    setup.hashes.update(domain=dstream.sha256, pool=store.sha256)
     try:
         ex = store.meta["excluded"]
         inp.excluded = {"duplicates_of_domain": int(ex.get("duplicates_of_domain", 0))}
@@ -338,20 +337,6 @@ def load_inputs(
     return inp
 
 
-def make_runtime(cfg: SelectConfig, tokenizer) -> Runtime:
-    device = resolve_device(cfg.device)
-    model_dtype = resolve_model_dtype(cfg.model_dtype, device, cfg.model)
-    return Runtime(
-        device=device,
-        dtype=resolve_precision(cfg.precision, device, model_dtype),
-        model_dtype=model_dtype,
-        batch_size=cfg.batch_size,
-        max_batch_tokens=cfg.max_batch_tokens,
-        padding_side=cfg.padding_side,
-        pad_id=tokenizer.pad_token_id,
-    )
-
-
 def _run_inputs(cfg: SelectConfig, model_path: str | None = None) -> dict:
     return {"--domain": cfg.domain, "--pool": cfg.pool, "--model": model_path if model_path and Path(model_path).is_dir() else None}
 
@@ -363,13 +348,14 @@ def select(cfg: SelectConfig, log: Callable[[str], None] | None = None) -> Selec
     cfg.validate()
     t_start = time.perf_counter()
     check_paths(cfg.out, SELECT, _run_inputs(cfg))  # before the inputs are read: fail in a second
+    setup = RunSetup.of(cfg)  # the run's model, tokenizer, device and precision, each resolved once
     # the lock is the first thing that touches --out: a second run into a folder another live run
     # owns is refused before it reads, reuses, moves or deletes anything in it (runs/folder.py)
-    with open_run(cfg.out, SELECT, _run_inputs(cfg, resolve_model(cfg.model)), log=log) as run:
-        return select_in(run, cfg, log, t_start)
+    with open_run(cfg.out, SELECT, _run_inputs(cfg, setup.model_path), log=log) as run:
+        return select_in(run, cfg, log, t_start, setup)
 
 
-def select_in(run: Run, cfg: SelectConfig, log: Callable[[str], None], t_start: float | None = None) -> SelectionResult:
+def select_in(run: Run, cfg: SelectConfig, log: Callable[[str], None], t_start: float | None = None, setup: RunSetup | None = None) -> SelectionResult:
     """:func:`select` in a run folder this process has locked (``open_run(cfg.out, SELECT, ...)``)."""
     t_start = time.perf_counter() if t_start is None else t_start
     for line in ignored_options(cfg):  # e.g. --kernel trace with --method ntk
@@ -381,7 +367,7 @@ def select_in(run: Run, cfg: SelectConfig, log: Callable[[str], None], t_start: 
     # bad input fails before --out is written; a tokenised pool left by an unfinished run of the
     # same pool file, tokenizer and options is reused (moved into the run below); a new one is
     # built in a temporary folder inside the locked --out
-    inp = load_inputs(cfg, log, reuse=_stores_in(run.out), temp_dir=run.out)
+    inp = load_inputs(cfg, log, reuse=_stores_in(run.out), temp_dir=run.out, setup=setup)
     try:
         return _select(cfg, inp, log, t_start, run)
     finally:
@@ -395,12 +381,13 @@ def _stores_in(out: str | os.PathLike) -> list[Path]:
 
 
 def _select(cfg: SelectConfig, inp: Inputs, log: Callable[[str], None], t_start: float, run: Run | None = None) -> SelectionResult:
+    setup = inp.setup = inp.setup or RunSetup.of(cfg)
     if run is None:  # (tests with inputs of their own): lock --out here
-        with open_run(cfg.out, SELECT, _run_inputs(cfg, resolve_model(cfg.model)), log=log) as locked:
+        with open_run(cfg.out, SELECT, _run_inputs(cfg, setup.model_path), log=log) as locked:
             return _select(cfg, inp, log, t_start, locked)
     if selector_spec(cfg.method).uses_model:
-        check_model_options(cfg.model, cfg.target_modules(), cfg.lora_r, "--lora-target-modules", "--lora-r", tokenizer=inp.tokenizer)
-    fp = run_fingerprint(cfg, inp.hashes)
+        check_model_options(setup.model_path, cfg.target_modules(), cfg.lora_r, "--lora-target-modules", "--lora-r", tokenizer=inp.tokenizer)
+    fp = run_fingerprint(cfg, inp.hashes, setup)
     origin = None
     if inp.store is not None and not inp.owned:
         # a reused store sits inside --out, which preparing the run may clear: hold it aside
@@ -412,7 +399,11 @@ def _select(cfg: SelectConfig, inp: Inputs, log: Callable[[str], None], t_start:
     preflight = []
     try:
         wdir = _prepare_out(
-            cfg, run, fp, log, before_write=lambda: preflight.append(preflight_select(cfg, inp.dom_ex, inp.tokenizer.pad_token_id, keep=True, log=log))
+            cfg,
+            run,
+            fp,
+            log,
+            before_write=lambda: preflight.append(preflight_select(cfg, inp.dom_ex, inp.tokenizer.pad_token_id, keep=True, log=log, setup=setup)),
         )
     except BaseException:
         if origin is not None and inp.store is not None:  # refused: put the reused store back where the earlier run keeps it
@@ -426,9 +417,19 @@ def _select(cfg: SelectConfig, inp: Inputs, log: Callable[[str], None], t_start:
         inp.move_store(wdir / "work" / "pool")  # kept until the run has finished: a rerun after a crash reuses it
         if tmp is not None and tmp.name.startswith(".ntkpool-"):
             shutil.rmtree(tmp, ignore_errors=True)
-    rt = make_runtime(cfg, inp.tokenizer)
+    rt = make_runtime(cfg, inp.tokenizer, setup)
     ctx = SelectionContext(
-        cfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=str(wdir / "work"), key=digest(fp), log_path=str(wdir / "shards.jsonl")
+        cfg,
+        inp.domain,
+        inp.pool,
+        inp.dom_ex,
+        inp.pool_ex,
+        rt,
+        log,
+        work_dir=str(wdir / "work"),
+        key=digest(fp),
+        log_path=str(wdir / "shards.jsonl"),
+        setup=setup,
     )
     ctx.adopt(checked)
     ctx.store.log(
@@ -512,7 +513,7 @@ def write_selection(
                 "excluded_duplicates_of_domain": inp.excluded.get("duplicates_of_domain", 0),
                 "excluded": inp.excluded,
             },
-            "model": _model_fingerprint(resolve_model(cfg.model)),
+            "model": (inp.setup or RunSetup.of(cfg)).model_fingerprint,
         },
         "outputs": output_hashes(out),  # what `report` and `diagnose --run` check the files against
         "token_convention": token_convention(inp.dom_stats.template, inp.tokenizer),

@@ -21,9 +21,19 @@ import sys
 import threading
 from dataclasses import MISSING, fields
 from pathlib import Path
+from typing import Any
 
+from ntkselect.cli.demo import run_demo
 from ntkselect.config import SelectConfig, field_help
+from ntkselect.data.demo import build_eval_data
+from ntkselect.diagnostics.diagnose import DiagnoseOptions, diagnose
+from ntkselect.diagnostics.diagnose import summarise as summarise_diagnosis
 from ntkselect.errors import NtkSelectError
+from ntkselect.evaluation.harness import EvalConfig, run_evaluation
+from ntkselect.pipeline import select, summarise
+from ntkselect.report.html import build_report
+from ntkselect.runs.plan import estimate, format_plan
+from ntkselect.selection.registry import describe_methods, selector_names
 
 __all__ = ["main", "build_parser"]
 
@@ -35,13 +45,14 @@ def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), de
             continue
         flag = "--" + f.name.replace("_", "-")
         default = defaults.get(f.name, f.default if f.default is not MISSING else None)
-        help_ = field_help(f)  # --method: the registered selectors
+        help_ = describe_methods() if f.name == "method" else field_help(f)  # --method: the registered selectors
         if f.type in ("bool", bool):
             p.add_argument(flag, action="store_true", default=default, help=help_)  # no "(default: False)" noise
             continue
         typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
         required = bool(f.metadata.get("required")) and f.name not in defaults
-        kw = {"choices": f.metadata["choices"]} if f.metadata.get("choices") else {}
+        choices: Any = selector_names() if f.name == "method" else f.metadata.get("choices")
+        kw = {"choices": choices} if choices else {}
         p.add_argument(flag, type=typ, default=argparse.SUPPRESS if required else default, required=required, help=help_, **kw)
 
 
@@ -93,8 +104,6 @@ def _add_evaluate_commands(sub) -> None:
 
 
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
-    from ntkselect.evaluation.harness import EvalConfig
-
     p.add_argument("--config", help="TOML file with any of these options as keys (bare or under [evaluate]); flags given on the command line win")
     for f in fields(EvalConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -108,8 +117,6 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_config(args: argparse.Namespace):
-    from ntkselect.evaluation.harness import EvalConfig
-
     given = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(EvalConfig)}}
     if getattr(args, "config", None):
         return EvalConfig.from_toml(args.config, given)
@@ -124,8 +131,6 @@ def config_from_args(args: argparse.Namespace) -> SelectConfig:
 
 def _add_diagnostic_commands(sub) -> None:
     """``diagnose`` (flags from :class:`~ntkselect.diagnostics.diagnose.DiagnoseOptions`) and ``report``."""
-    from ntkselect.diagnostics.diagnose import DiagnoseOptions
-
     diag = sub.add_parser(
         "diagnose",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -149,15 +154,11 @@ def _add_diagnostic_commands(sub) -> None:
 
 def _diagnostic_command(args: argparse.Namespace) -> int:
     if args.command == "report":
-        from ntkselect.report.html import build_report
-
         print(f"ntkselect: wrote {build_report(args.run_dir, top=args.top, neighbours=args.neighbours)}")
         return 0
-    from ntkselect.diagnostics.diagnose import DiagnoseOptions, diagnose, summarise
-
     kw = {f.name: getattr(args, f.name) for f in fields(DiagnoseOptions)}
     opts = DiagnoseOptions.from_run(args.run, **kw) if args.run else DiagnoseOptions(**kw)
-    print(summarise(diagnose(opts)))
+    print(summarise_diagnosis(diagnose(opts)))
     return 0
 
 
@@ -240,27 +241,17 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.command in ("diagnose", "report"):
             return _diagnostic_command(args)
-        from ntkselect.pipeline import summarise
-
         if args.command == "select":
-            from ntkselect.pipeline import select
-
             cfg = config_from_args(args)
             if cfg.dry_run:
-                from ntkselect.runs.plan import estimate, format_plan
-
                 print(format_plan(estimate(cfg)))
                 return 0
             result = select(cfg)
         elif args.command == "evaluate":
-            from ntkselect.evaluation.harness import run_evaluation
-
             m = run_evaluation(_eval_config(args))
             print((Path(m["config"]["out"]) / "results.md").read_text())
             return 0
         elif args.command == "eval-data":
-            from ntkselect.data.demo import build_eval_data
-
             info = build_eval_data(
                 args.out, args.domain_name, args.n_train, args.n_test, args.pool_mmlu, args.pool_reasoning, args.gsm8k, args.pool_gsm8k, args.seed
             )
@@ -270,8 +261,6 @@ def _run(args: argparse.Namespace) -> int:
             )
             return 0
         else:
-            from ntkselect.cli.demo import run_demo
-
             cfg = config_from_args(argparse.Namespace(**{**vars(args), "domain": "-", "pool": "-"}))
             result = run_demo(
                 args.out,

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ntkselect.errors import NtkSelectError
-from ntkselect.files import atomic_write_jsonl, sha256_path
+from ntkselect.files import atomic_write_json, atomic_write_jsonl, sha256_path
 from ntkselect.runs.folder import DEMO_DATA, EVAL_DATA, check_paths, open_run
 
 __all__ = [
@@ -526,7 +526,6 @@ def build_eval_data(
             "checks": checks,
             "ids": {"train": [r["id"] for r in train], "test": [r["id"] for r in test]},
         }
-        from ntkselect.files import atomic_write_json
 
         atomic_write_json(out_dir / "split.json", info)
         run.commit()

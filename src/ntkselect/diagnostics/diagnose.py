@@ -50,16 +50,20 @@ from ntkselect.data.batching import collate, make_batches
 from ntkselect.data.records import Record, TokenizedExample, load_records, prompt_response, record_text, tokenize_record, tokenize_records
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_replace_dir, atomic_write_json
-from ntkselect.grads.fused import flatten_grads, gradient_hooks, lora_parameters
+from ntkselect.grads.fused import lora_parameters
 from ntkselect.grads.projection import make_projector
 from ntkselect.model.heads import lm_head
 from ntkselect.model.lm import causal_lm, final_hidden
-from ntkselect.model.loading import MODEL_DTYPES, resolve_model_dtype
-from ntkselect.model.preflight import check_model
+from ntkselect.model.loading import MODEL_DTYPES, check_model_options, load_model, load_tokenizer, meta_model, resolve_model_dtype
 from ntkselect.model.runtime import Runtime, resolve_device, resolve_precision
 from ntkselect.progress import Progress
+from ntkselect.report.html import new_figure, require_matplotlib, write_png
 from ntkselect.runs.folder import DIAGNOSE, Run, check_paths, open_run
 from ntkselect.runs.manifest import input_changed, read_manifest
+from ntkselect.runs.preflight import check_model
+from ntkselect.selection.ntk.outputs import output_gradients
+from ntkselect.selection.ntk.stage2 import per_example_gradients, projected_features
+from ntkselect.training.warmup import WarmupOptions, add_lora, warmup
 
 __all__ = [
     "DiagnoseOptions",
@@ -364,45 +368,6 @@ def letter_accuracy(model, mc: MultipleChoice, rt: Runtime) -> tuple[float, np.n
 # -- gradients of individual outputs --------------------------------------------------------
 
 
-def output_gradients(model, example: TokenizedExample, cotangents: torch.Tensor, rt: Runtime, head=None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """(S, P) float32: row s is ∇_LoRA (1/T) Σ_t h_t · c_s over the example's trained positions.
-
-    With c_s = w_k (row k of the LM head, times any logit scale) this is ∇F_k(x); with c = e_j it
-    is row j of H(x). For a soft-capped head pass ``head`` (a :class:`~ntkselect.model.heads.Head`),
-    the raw rows w_k and their ``bias`` b_k: row s is then ∇ (1/T) Σ_t post(h_t · w_k + b_k),
-    the model's own output k. The example is repeated once per cotangent in a batch, and the
-    per-example gradient factors of the LoRA hooks give every row from one backward pass."""
-    from ntkselect.selection.ntk.stage2 import backward_attention
-
-    names = [n for n, _ in lora_parameters(model)]
-    dim = sum(p.numel() for _, p in lora_parameters(model))
-    S = len(cotangents)
-    out = torch.zeros(S, dim, dtype=torch.float32)
-    bs = max(1, min(rt.batch_size, rt.max_batch_tokens // max(1, len(example.input_ids))))
-    model.eval()
-    with backward_attention(model, rt), gradient_hooks(model, fused=True) as hooks:
-        for start in range(0, S, bs):
-            C = cotangents[start : start + bs].to(rt.device, torch.float32)  # (B, d)
-            batch = collate([example] * len(C), list(range(len(C))), rt.pad_id, rt.padding_side).to(rt.device)
-            hooks.clear()
-            hooks.set_mask(batch.attention_mask)
-            hooks.stream("per_example")
-            with rt.autocast():
-                h = final_hidden(model, batch)  # (B, L, d)
-            s = torch.einsum("bld,bd->bl", h.float(), C)  # (B, L)
-            if head is not None:  # the model's own (soft-capped) output k
-                if bias is not None:
-                    s = s + bias[start : start + len(C)].to(s.device, torch.float32)[:, None]
-                s = head.post(s)
-            m = batch.target_mask  # (B, L)
-            f = (s * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B,)
-            f.sum().backward()  # copies do not interact: each copy's gradient is its own row
-            out[start : start + len(C)] = flatten_grads(hooks.per_example(), names).cpu()
-    for _, p in lora_parameters(model):
-        p.grad = None
-    return out
-
-
 def _head_matrix(model) -> tuple[torch.Tensor, torch.Tensor]:
     """(W (V, d) float32 with any logit scale applied, w̄ = Σ_k w_k (d,)); for a soft-capped head
     the raw rows (the scale is part of its post-processing)."""
@@ -442,8 +407,6 @@ def output_kernel_check(
 ) -> dict:
     """Trace of the exact multi-output kernel against Θ̃ for every pair of ``examples``, and the
     cross-output gradient cosines within each example (see the module docstring)."""
-    from ntkselect.selection.ntk.stage2 import per_example_gradients
-
     W, wbar = _head_matrix(model)  # (V, d), (d,)
     V, d = W.shape
     head = lm_head(model)
@@ -571,8 +534,6 @@ def _diagnose_inputs(opts: DiagnoseOptions) -> dict:
 def _check_memory(opts: DiagnoseOptions, n_lora: int, tokenizer) -> None:
     """Refuse, before any work, a Jacobian-free check whose gradients cannot fit in memory: the
     exact route keeps a d x P Jacobian per example, the sampled route S x P gradients."""
-    from ntkselect.model.loading import meta_model
-
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -614,8 +575,6 @@ def _prepare_out(run: Run, before_write=None) -> Run:
 
 def _features(model, examples, rt: Runtime, proj_dim: int, seed: int) -> np.ndarray:
     """(n, p) φ(g(x)), or (n, P) g(x) itself when proj_dim = 0 (the identity projection)."""
-    from ntkselect.selection.ntk.stage2 import projected_features
-
     dim = sum(p.numel() for _, p in lora_parameters(model))
     projector = make_projector(dim, proj_dim, seed, device=rt.device)
     chunk = min(max(1 << 30, 4 * dim * len(examples)), 4 << 30)  # one pass over the blocks when it fits in 4 GiB
@@ -646,10 +605,6 @@ def diagnose(opts: DiagnoseOptions, log: Callable[[str], None] | None = None) ->
 
 
 def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
-    from ntkselect.model.loading import check_model_options, load_model, load_tokenizer
-    from ntkselect.report.html import require_matplotlib
-    from ntkselect.training.warmup import WarmupOptions, add_lora, warmup
-
     opts.validate()
     require_matplotlib()
     check_paths(opts.out, DIAGNOSE, _diagnose_inputs(opts))
@@ -936,8 +891,6 @@ def summarise(diag: dict) -> str:
 
 
 def _plots(diag: dict, out: Path) -> list[str]:
-    from ntkselect.report.html import new_figure, write_png
-
     written = []
     nan = lambda v: float("nan") if v is None else v  # noqa: E731 (JSON null back to nan)
     ck = [{k: nan(v) for k, v in r.items()} for r in diag["kernel_stability"]["checkpoints"]]

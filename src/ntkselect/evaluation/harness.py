@@ -47,9 +47,9 @@ from ntkselect.evaluation.records import RecordSet, device_label
 from ntkselect.evaluation.stats import bootstrap_indices, gap_closed, paired_bootstrap, paired_sign_flip_test
 from ntkselect.files import atomic_open, atomic_write_json, sha256_path
 from ntkselect.model.loading import MODEL_DTYPES, check_model_options, load_model, load_tokenizer
-from ntkselect.model.preflight import preflight_select
 from ntkselect.pipeline import load_inputs, make_runtime, package_versions, record_group, write_selection
 from ntkselect.runs.folder import EVALUATE, Run, check_paths, open_run
+from ntkselect.runs.preflight import preflight_select
 from ntkselect.runs.shards import digest
 from ntkselect.selection import SelectionContext, get_selector, selector_names
 from ntkselect.training.finetune import FinetuneRecipe, finetune, finetune_options
@@ -506,7 +506,7 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
         raise NtkSelectError(f"--n {cfg.n} is larger than the usable pool ({len(inp.pool)} records); lower --n")
     # the model through every path the methods and the fine-tune use, on a tiny batch: an unsupported one fails now
     preflight = []
-    rt = make_runtime(base_cfg, tokenizer)
+    rt = make_runtime(base_cfg, tokenizer, inp.setup)
     fp = fp or _fingerprint(cfg)
     label = device_label(rt)  # the device type and precision: cells of another are never mixed in
     meta = _meta(cfg, inp, test)
@@ -515,7 +515,7 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
     def before_write() -> None:
         if cfg.records:  # a records folder of another configuration is refused before anything is written
             recs.append(RecordSet.open(cfg.records, _records_fingerprint(fp), label, meta))
-        preflight.append(preflight_select(base_cfg, inp.dom_ex, tokenizer.pad_token_id, methods=methods, finetune=True, log=log))
+        preflight.append(preflight_select(base_cfg, inp.dom_ex, tokenizer.pad_token_id, methods=methods, finetune=True, log=log, setup=inp.setup))
 
     _prepare(cfg, run, fp, log, before_write=before_write)
     checked = preflight[0]  # the inputs and the model are checked: only now is --out written
@@ -586,7 +586,7 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
         # the seed's shared selection work (warm-up, embeddings, shards) is kept in --out under a key of
         # everything it is computed from, so an interrupted seed resumes it; it goes once the seed is done
         work = out / "work" / f"seed{seed}"
-        ctx = SelectionContext(scfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=str(work), key=digest(fp, seed, label))
+        ctx = SelectionContext(scfg, inp.domain, inp.pool, inp.dom_ex, inp.pool_ex, rt, log, work_dir=str(work), key=digest(fp, seed, label), setup=inp.setup)
         try:
             for method in todo:
                 log(f"ntkselect evaluate: seed {seed}, {method}")

@@ -1,1 +1,1 @@
-"""ntkselect.model.loading: loading models, LM heads, adapters, the runtime, memory budgets and the preflight."""
+"""ntkselect.model.loading: loading models, LM heads, adapters, the runtime and memory budgets."""

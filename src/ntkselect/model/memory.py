@@ -26,17 +26,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from ntkselect.data.batching import collate
+from ntkselect.data.records import TokenizedExample
+from ntkselect.grads.fused import FusedLoraGradients, lora_parameters
+from ntkselect.model.heads import Head
+from ntkselect.model.lm import summed_head
 
 __all__ = [
     "LiveBytes",
     "PassCost",
     "MemoryCosts",
     "measure_costs",
+    "gradient_pass",
     "activation_budget",
     "overhead",
     "available_bytes",
@@ -266,28 +273,49 @@ def _fit(lengths, peaks) -> tuple[float, float, float]:
 
 
 _LOSS_KINDS = ("warmup", "less")
+#: the kinds measured by a pass of their own; "less" and "per_example" derive from "warmup" and "sum"
+MEASURED = ("warmup", "sum", "dot", "forward")
 
 
-def measure_costs(model, rt, kinds=tuple(KINDS), vocab: int = 0, lengths: tuple[int, ...] = (16, 32, 64)) -> dict[str, PassCost]:
+def gradient_pass(model, batch, rt, tracker, objective, mode: str, attention=None) -> None:
+    """One backward pass of ``objective(model, batch, head)`` the way the stages take gradients
+    (the fused LoRA hooks; gradients summed over the batch, ``mode`` "sum", or dotted per
+    example with a vector, "dot"), with ``tracker`` (a :class:`LiveBytes`) entered around it and
+    the context manager ``attention`` (if any) outside it. The stages' own passes for
+    :func:`measure_costs` are made of it (``ntkselect.selection.ntk.stage2.sum_pass``, ...)."""
+    params = lora_parameters(model)
+    vec = {n: torch.zeros_like(p) for n, p in params} if mode == "dot" else None
+    head = summed_head(model)
+    with attention if attention is not None else contextlib.nullcontext(), FusedLoraGradients(model) as hooks, tracker:
+        hooks.set_mask(batch.attention_mask)
+        hooks.stream(mode, vec)
+        with rt.autocast():
+            f = objective(model, batch, head)
+        f.sum().backward()
+        out = hooks.batch_sum() if vec is None else hooks.dot(vec)  # vec: mode "dot"
+        del f, out
+        hooks.clear()
+    for _, p in params:
+        p.grad = None
+
+
+def measure_costs(
+    model, rt, kinds=tuple(KINDS), vocab: int = 0, lengths: tuple[int, ...] = (16, 32, 64), *, passes: Mapping[str, Callable[..., None]]
+) -> dict[str, PassCost]:
     """Peak live bytes of each kind of pass the run uses, on batches of random tokens: two
     examples of L and 3L/4 tokens (so padding masks are formed, as in a real batch) for three
     L, one trained position each, fitted to k + 2(a·L + b·L²); then the longest batch with
     every position trained gives c, the bytes per trained token (the vocabulary-sized logits
     of a loss). The per-example gradient (e, for the per-example passes) is the LoRA dimension
-    in float32."""
-    from ntkselect.data.batching import collate
-    from ntkselect.data.records import TokenizedExample
-    from ntkselect.grads.fused import FusedLoraGradients, lora_parameters
-    from ntkselect.model.heads import Head
-    from ntkselect.model.lm import summed_head, summed_logits
-    from ntkselect.selection.ntk.stage1 import embed_batch, fused_forward
-    from ntkselect.selection.ntk.stage2 import backward_attention
-    from ntkselect.training.warmup import trained_token_loss
+    in float32.
 
+    ``passes`` maps each kind of :data:`MEASURED` the run uses to the function that runs one
+    such pass, ``pass_(model, batch, rt, tracker)`` with ``tracker`` entered around what it
+    measures; each lives beside the stage it measures (the preflight,
+    :mod:`ntkselect.runs.preflight`, hands them in: ``MEASURED_PASSES``)."""
     g = torch.Generator().manual_seed(0)
     params = lora_parameters(model)
     dim = sum(p.numel() for _, p in params)
-    vec = {n: torch.zeros_like(p) for n, p in params}
     head = summed_head(model)
 
     def probe(L: int, all_trained: bool):
@@ -303,30 +331,7 @@ def measure_costs(model, rt, kinds=tuple(KINDS), vocab: int = 0, lengths: tuple[
 
     def peak(kind: str, batch) -> float:
         tracker = LiveBytes()
-        if kind == "forward":
-            with torch.no_grad(), fused_forward(model), tracker:
-                embed_batch(model, batch, rt, None, len(batch.index), None)
-            return float(tracker.peak)
-        mode = {"warmup": "sum", "sum": "sum", "dot": "dot"}[kind]
-        if kind == "warmup":
-
-            def objective(m, b, h):
-                return trained_token_loss(m, b).reshape(1)
-        else:
-            objective = summed_logits
-        # stage 2 and LESS take gradients under backward_attention; the warm-up does not
-        attention = contextlib.nullcontext() if kind == "warmup" else backward_attention(model, rt)
-        with attention, FusedLoraGradients(model) as hooks, tracker:
-            hooks.set_mask(batch.attention_mask)
-            hooks.stream(mode, vec if mode == "dot" else None)
-            with rt.autocast():
-                f = objective(model, batch, head)
-            f.sum().backward()
-            out = hooks.dot(vec) if mode == "dot" else hooks.batch_sum()
-            del f, out
-            hooks.clear()
-        for _, p in params:
-            p.grad = None
+        passes[kind](model, batch, rt, tracker)
         return float(tracker.peak)
 
     out: dict[str, PassCost] = {}

@@ -33,8 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from ntkselect.data.records import load_records, record_text
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_open
+from ntkselect.runs.folder import SELECT, check_paths, open_run
 from ntkselect.runs.manifest import check_outputs, input_changed, read_manifest
 
 __all__ = ["build_report", "load_run", "nearest_domain", "require_matplotlib", "new_figure", "png_bytes", "write_png", "score_of", "rank_of"]
@@ -135,8 +137,6 @@ def load_run(run_dir: str | Path) -> dict:
         note = f"the domain file is not the one the run read: {why}"
         logger.warning(f"ntkselect: warning: report: {note}; the nearest domain examples are not shown")
     else:
-        from ntkselect.data.records import load_records
-
         try:
             domain = load_records(dpath)
         except NtkSelectError as err:
@@ -255,8 +255,6 @@ def _snippet(text: str, limit: int = 400) -> str:
 
 
 def _record_text(raw: dict) -> str:
-    from ntkselect.data.records import record_text
-
     core = {k: v for k, v in raw.items() if k not in _ADDED_KEYS}
     try:
         return record_text(core)
@@ -468,8 +466,6 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, top: int = 
         return path
     # into the run folder: its lock first (a run being written or replaced is not read), and only
     # over a report.html that ntkselect wrote (runfolder.py)
-    from ntkselect.runs.folder import SELECT, check_paths, open_run
-
     if not Path(run_dir).is_dir():
         raise NtkSelectError(f"{run_dir} is not a folder; pass the --out folder of a selection run")
     check_paths(run_dir, SELECT, {}, flag="run folder")

@@ -1,1 +1,1 @@
-"""ntkselect.runs: run folders, dry-run plans, sharded resumable work and its executors."""
+"""ntkselect.runs: run folders, what a run resolves once, the preflight, dry-run plans, sharded resumable work and its executors."""

@@ -15,7 +15,7 @@ models the expensive part:
   largest batch + the projection buffers;
 * disk: the outputs and the temporary arrays a run writes into --out.
 
-It also runs the run's preflight (:mod:`ntkselect.model.preflight`: the model is loaded, gets the
+It also runs the run's preflight (:mod:`ntkselect.runs.preflight`: the model is loaded, gets the
 run's adapter, and a tiny batch goes through every path the run will use), so a model the
 run could not handle stops the dry run with the same one-line error. Nothing is written. :func:`format_plan` renders the dict as the table the CLI prints.
 """
@@ -39,10 +39,16 @@ from ntkselect.data.batching import make_batches
 from ntkselect.data.pool import default_workers, lengths_of, scan_pool, trained_of
 from ntkselect.data.records import load_records, record_text, tokenize_records
 from ntkselect.errors import NtkSelectError
-from ntkselect.model.loading import DEFAULT_MODEL, load_tokenizer
-from ntkselect.model.memory import rss_bytes
-from ntkselect.model.preflight import preflight_select
+from ntkselect.grads.projection import BLOCK_ROWS, RademacherProjector, make_projector
+from ntkselect.model.loading import DEFAULT_MODEL, _config, cache_dir, gguf_path, is_random, resolve_model
+from ntkselect.model.memory import overhead, rss_bytes
+from ntkselect.model.runtime import Runtime, resolve_precision
 from ntkselect.runs.folder import SELECT, check_paths
+from ntkselect.runs.preflight import preflight_select
+from ntkselect.runs.setup import RunSetup
+from ntkselect.selection.ntk_variants.selector import ignored_options
+from ntkselect.selection.registry import selector_spec
+from ntkselect.training.warmup import WarmupOptions, add_lora, micro_batches, warmup_batches
 
 __all__ = ["estimate", "format_plan", "model_facts", "calibrate", "PlanBuilder"]
 
@@ -62,14 +68,11 @@ def _model_config(model: str):
     from transformers import AutoConfig
 
     if model in (None, "", "default", DEFAULT_MODEL):
-        from ntkselect.model.loading import cache_dir, gguf_path
-
         cached = sorted(p for p in cache_dir().glob(f"{DEFAULT_MODEL}-*") if (p / "config.json").exists())
         if cached:
             return AutoConfig.from_pretrained(str(cached[-1])), str(cached[-1])
         gguf = gguf_path()  # not converted yet: the GGUF header holds the configuration
         return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name), str(gguf)
-    from ntkselect.model.loading import _config, is_random, resolve_model
 
     if is_random(model):
         return _config(model), resolve_model(model)
@@ -87,8 +90,6 @@ def model_facts(cfg: SelectConfig) -> dict:
     """Parameter count, shapes and the LoRA gradient dimension of ``cfg.model`` with ``cfg``'s
     adapter, from a copy of the model on the ``meta`` device (shapes only, no memory, no weights)."""
     from transformers import AutoModelForCausalLM
-
-    from ntkselect.training.warmup import WarmupOptions, add_lora
 
     config, path = _model_config(cfg.model)
     with torch.device("meta"), warnings.catch_warnings():
@@ -164,8 +165,6 @@ def calibrate(device: torch.device, dtype: torch.dtype, proj_dim: int = 0) -> di
 
 def _time_block(device: torch.device, proj_dim: int) -> dict:
     """Seconds to generate and apply one block of a ``proj_dim`` projection on ``device``."""
-    from ntkselect.grads.projection import BLOCK_ROWS, RademacherProjector, make_projector
-
     proj = make_projector(BLOCK_ROWS, proj_dim, 0, device=device)
     if not isinstance(proj, RademacherProjector):  # proj_dim = 0 is the identity: no blocks to time
         raise ValueError(f"a projection block needs proj_dim > 0 (got {proj_dim})")
@@ -209,8 +208,6 @@ class PlanBuilder:
     scores.jsonl; default the pool)."""
 
     def __init__(self, cfg: SelectConfig, dom_ex, pool_ex, dom_stats, pool_stats, stages: list, facts: dict | None, cal: dict | None, costs, device, dtype):
-        from ntkselect.model.runtime import Runtime
-
         self.cfg, self.dom_stats, self.pool_stats, self.stages, self.facts, self.cal = cfg, dom_stats, pool_stats, stages, facts, cal
         self.device = device
         self.dom_len = [len(e.input_ids) for e in dom_ex]
@@ -284,11 +281,6 @@ class PlanBuilder:
 
 def estimate(cfg: SelectConfig) -> dict:
     """The plan of a selection with ``cfg``: tokens, time, peak memory and disk per stage."""
-    from ntkselect.model.loading import resolve_model_dtype
-    from ntkselect.model.runtime import resolve_device, resolve_precision
-    from ntkselect.selection.ntk_variants.selector import ignored_options
-    from ntkselect.selection.registry import selector_spec
-
     cfg.validate()
     for line in ignored_options(cfg):  # e.g. --kernel trace with --method ntk
         logging.getLogger(__name__).warning(line)
@@ -303,7 +295,8 @@ def estimate(cfg: SelectConfig) -> dict:
     domain = load_records(cfg.domain)
     dom_texts = {record_text(r.raw) for r in domain}
     keep = getattr(cfg, "keep_domain_duplicates", False)
-    tokenizer = load_tokenizer(cfg.model)
+    setup = RunSetup.of(cfg)  # the model's folder, tokenizer, device and precision, resolved once for the plan and its preflight
+    tokenizer = setup.tokenizer
     dom_ex, dom_stats = tokenize_records(domain, tokenizer, cfg.max_length, cfg.template)
     # the pool in one streamed pass, as a run reads it, keeping only its per-record numbers
     drop = [] if keep else [("duplicates_of_domain", lambda r: record_text(r.raw) in dom_texts)]
@@ -333,14 +326,15 @@ def estimate(cfg: SelectConfig) -> dict:
         "m": None,
     }
 
-    device = resolve_device(cfg.device)
-    model_dtype = resolve_model_dtype(cfg.model_dtype, device, cfg.model) if spec.uses_model else torch.float32
-    dtype = resolve_precision(cfg.precision, device, model_dtype)
+    device = setup.device
+    # a method without a model holds no weights: float32 ones, and no checkpoint is read for their dtype
+    model_dtype = setup.model_dtype if spec.uses_model else torch.float32
+    dtype = setup.dtype if spec.uses_model else resolve_precision(cfg.precision, device, model_dtype)
     uses_model = spec.uses_model
     notes: list[str] = []
     process_bytes = rss_bytes()  # this process now; with a model, replaced by what it holds after the preflight (below)
     # the model, the adapter and a tiny batch through every path the run will use: an unsupported model stops the dry run too
-    pre = preflight_select(cfg, dom_ex, tokenizer.pad_token_id, log=notes.append) if uses_model else None
+    pre = preflight_select(cfg, dom_ex, tokenizer.pad_token_id, log=notes.append, setup=setup) if uses_model else None
     facts = model_facts(cfg) if uses_model else None
     cal = calibrate(device, dtype) if uses_model else None
 
@@ -359,9 +353,6 @@ def estimate(cfg: SelectConfig) -> dict:
     plan = PlanBuilder(cfg, dom_ex, (scan.lengths, scan.trained), dom_stats, pool_stats, stages, facts, cal, pre.memory if pre else None, device, dtype)
     act = plan.activations
     if uses_model:  # the shared work: the warm-up, and stage 1's embeddings for the methods that use them
-        from ntkselect.model.memory import overhead
-        from ntkselect.training.warmup import WarmupOptions, micro_batches, warmup_batches
-
         dom_len, dom_tr = plan.dom_len, plan.dom_tr
         if cfg.warmup_epochs > 0:
             wopts = WarmupOptions(epochs=cfg.warmup_epochs, batch_size=cfg.warmup_batch_size, seed=cfg.seed)

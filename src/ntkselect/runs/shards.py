@@ -7,9 +7,9 @@ marker that names what the result was computed from. A rerun after a crash, ``ki
 included, trusts a shard only if its marker exists and matches; the rest are recomputed,
 and since every shard is computed the same way the outcome equals an uninterrupted run.
 
-A :class:`ShardTask` is what runs on one shard: a function of (model, examples, runtime,
-payload) with a typed payload (a dataclass), registered under a name by the module that owns
-it (stage 1's embeddings, stage 2's scores, LESS's features). Executors
+A :class:`ShardTask` (:mod:`ntkselect.runs.tasks`) is what runs on one shard: a function of
+(model, examples, runtime, payload) with a typed payload (a dataclass), registered under a name
+by the module that owns it (stage 1's embeddings, stage 2's scores, LESS's features). Executors
 (:mod:`ntkselect.runs.executors`: in this process or on a Ray cluster) run a list of shard jobs
 and yield each result as it finishes; :func:`run_sharded` writes it. :class:`Sharding` is
 what a run hands its stages: the store, the executor, the run's key and the shard size.
@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -33,28 +33,14 @@ from ntkselect.data.pool import lengths_of
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_open, atomic_write_json
 from ntkselect.progress import Progress
+from ntkselect.runs.executors.base import Executor
+from ntkselect.runs.tasks import ShardSpec, ShardTask, get_task, plan_shards, register_task, task_names
 
-if TYPE_CHECKING:
-    from ntkselect.runs.executors.base import Executor
-
+# ShardSpec, plan_shards and the shard tasks live in ntkselect.runs.tasks (below the executors, which
+# run them); they are named here too, where the stages that register tasks have always found them
 __all__ = ["ShardSpec", "plan_shards", "ShardStore", "ShardTask", "register_task", "get_task", "task_names", "Sharding", "run_sharded", "digest"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    index: int
-    start: int
-    stop: int
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
-
-
-def plan_shards(n: int, shard_size: int) -> list[ShardSpec]:
-    return [ShardSpec(i, s, min(n, s + shard_size)) for i, s in enumerate(range(0, n, shard_size))]
 
 
 def digest(*parts: Any) -> str:
@@ -105,49 +91,6 @@ class ShardStore:
         line = json.dumps({"time": round(time.time(), 3), **row}, default=str) + "\n"
         with open(self.log_path, "a", encoding="utf-8") as f:  # one short line per write: appends do not interleave
             f.write(line)
-
-
-# -- shard tasks --------------------------------------------------------------------------------
-
-
-@dataclass
-class ShardTask:
-    """What runs on one shard: ``fn(model, examples, rt, payload, ids, desc) -> array`` whose
-    first axis is the shard's examples, with ``payload`` an instance of the dataclass
-    ``payload``. ``fn`` must be a module-level function (a Ray worker imports it by name)."""
-
-    name: str
-    fn: Callable[..., Any]
-    payload: type
-
-    def __call__(self, model, examples, rt, payload, ids=None, desc: str | None = None):
-        if not isinstance(payload, self.payload):
-            raise TypeError(f"shard task {self.name!r} takes a {self.payload.__name__} payload, not {type(payload).__name__}")
-        if desc is None:  # the task's own default label
-            return self.fn(model, examples, rt, payload, ids)
-        return self.fn(model, examples, rt, payload, ids, desc)
-
-
-_TASKS: dict[str, ShardTask] = {}
-
-
-def register_task(task: ShardTask) -> ShardTask:
-    """Make ``task`` known by its name (:func:`get_task`); returns it."""
-    old = _TASKS.get(task.name)
-    if old is not None and (old.fn.__module__, old.fn.__qualname__) != (task.fn.__module__, task.fn.__qualname__):
-        raise ValueError(f"a shard task named {task.name!r} is already registered ({old.fn.__module__}.{old.fn.__qualname__})")
-    _TASKS[task.name] = task
-    return task
-
-
-def get_task(name: str) -> ShardTask:
-    if name not in _TASKS:
-        raise KeyError(f"no shard task {name!r}; registered: {', '.join(_TASKS)}")
-    return _TASKS[name]
-
-
-def task_names() -> tuple[str, ...]:
-    return tuple(_TASKS)
 
 
 @dataclass

@@ -34,6 +34,7 @@ from ntkselect.data.records import Record
 from ntkselect.model.loading import load_model
 from ntkselect.model.runtime import Runtime
 from ntkselect.runs.executors import Executor, make_executor
+from ntkselect.runs.setup import RunSetup
 from ntkselect.runs.shards import Sharding, ShardStore, ShardTask, digest
 from ntkselect.selection.ntk.stage1 import embed_sets
 from ntkselect.training.warmup import WarmupOptions, add_lora, warmup_or_resume
@@ -101,9 +102,11 @@ class SelectionContext:
         work_dir: str | None = None,
         key: str = "",
         log_path: str | None = None,
+        setup: RunSetup | None = None,
     ):
         self.cfg, self.domain, self.pool, self.dom_ex, self.pool_ex, self.rt, self.log = cfg, domain, pool, dom_ex, pool_ex, rt, log or logger.info
         self.work_dir = work_dir
+        self.setup = setup or RunSetup.of(cfg)  # the run's resolved model folder (and device, precision)
         self.key = key or digest(cfg.to_dict())
         self.store = ShardStore(Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="ntkselect-")), log_path)
         self._model = None
@@ -146,7 +149,7 @@ class SelectionContext:
         if self._model is None:
             cfg, t = self.cfg, time.perf_counter()
             fresh, self._fresh = self._fresh, None
-            model = fresh if fresh is not None else add_lora(load_model(cfg.model, self.rt.model_dtype, self.rt.device), self.lora_options())
+            model = fresh if fresh is not None else add_lora(load_model(self.setup.model_path, self.rt.model_dtype, self.rt.device), self.lora_options())
             done = warmup_or_resume(
                 model,
                 self.dom_ex,
@@ -177,7 +180,7 @@ class SelectionContext:
                 self.cfg.executor,
                 self.model,
                 self.rt,
-                model_name=self.cfg.model,
+                model_name=self.cfg.model,  # as given: each Ray node resolves it where it runs
                 lora=dataclasses.asdict(self.lora_options()),
                 address=self.cfg.ray_address,
                 workers=self.cfg.ray_workers,

@@ -21,7 +21,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
+from ntkselect.config import SelectConfig, add_check
 from ntkselect.errors import NtkSelectError
+from ntkselect.runs.shards import ShardTask, register_task
+from ntkselect.selection.base import Selector
 
 __all__ = [
     "SelectorSpec",
@@ -33,12 +36,13 @@ __all__ = [
     "selector_names",
     "selector_specs",
     "describe_methods",
+    "check_method",
     "RESERVED_NAMES",
 ]
 
 #: names ``ntkselect evaluate`` uses for its own rows, so no selector may take them
 RESERVED_NAMES = ("domain-only", "oracle", "base")
-#: model paths the preflight (:mod:`ntkselect.model.preflight`) can check for a method, beyond
+#: model paths the preflight (:mod:`ntkselect.runs.preflight`) can check for a method, beyond
 #: the warm-up and the stage-1 embeddings every model / embedding method gets
 PREFLIGHT_PATHS = ("ntk", "less")
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
@@ -98,10 +102,6 @@ def register_selector(
         return lambda c: register_selector(
             name, c, summary=summary, uses_model=uses_model, uses_embeddings=uses_embeddings, options=options, cost=cost, tasks=tasks, check=check, paths=paths
         )
-    from ntkselect.config import SelectConfig
-    from ntkselect.runs.shards import ShardTask, register_task
-    from ntkselect.selection.base import Selector
-
     if not isinstance(name, str) or not _NAME.match(name) or name in RESERVED_NAMES:
         raise ValueError(
             f"selector name {name!r}: use lower-case letters, digits, '-' and '_', starting with a letter, and none of {', '.join(RESERVED_NAMES)}"
@@ -164,3 +164,16 @@ def describe_methods() -> str:
     items = [f"{s.name} ({s.summary})" if s.summary else s.name for s in _REGISTRY.values()]
     listed = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
     return "selector: " + listed
+
+
+def check_method(cfg: SelectConfig) -> None:
+    """``--method`` names a registered selector, and the configuration gives the method what it
+    needs (its registration's ``check``). Every :meth:`SelectConfig.validate` runs it."""
+    if cfg.method not in _REGISTRY:
+        raise NtkSelectError(f"--method: must be one of {', '.join(_REGISTRY)} (got {cfg.method!r})")
+    check = _REGISTRY[cfg.method].check
+    if check is not None:
+        check(cfg)
+
+
+add_check(check_method)

@@ -28,10 +28,11 @@ from ntkselect.files import atomic_open, atomic_write_json
 from ntkselect.grads.fused import FusedLoraGradients, lora_parameters
 from ntkselect.model.adapters import default_target_modules
 from ntkselect.model.lm import final_hidden, trained_logits
+from ntkselect.model.memory import gradient_pass
 from ntkselect.model.runtime import Runtime
 from ntkselect.progress import Progress
 
-__all__ = ["WarmupOptions", "add_lora", "warmup", "warmup_or_resume", "WarmupRun", "per_example_loss"]
+__all__ = ["WarmupOptions", "add_lora", "warmup", "warmup_or_resume", "WarmupRun", "per_example_loss", "warmup_pass"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,17 @@ def trained_token_loss(model, batch) -> torch.Tensor:
     targets = batch.input_ids[:, 1:][pos[:, :-1]]  # (N,) the tokens those positions predict
     logits = trained_logits(model, h[pos])  # (N, V) the model's own logits (soft-capping, scaling included)
     return torch.nn.functional.cross_entropy(logits.float(), targets)
+
+
+def _token_mean_loss(model, batch, head=None) -> torch.Tensor:
+    return trained_token_loss(model, batch).reshape(1)
+
+
+def warmup_pass(model, batch, rt: Runtime, tracker) -> None:
+    """A warm-up step's pass on one batch (forward + backward of the token-mean loss, gradients
+    summed over the batch), ``tracker`` around it: the "warmup" kind of
+    :func:`~ntkselect.model.memory.measure_costs`."""
+    gradient_pass(model, batch, rt, tracker, _token_mean_loss, "sum")
 
 
 def per_example_loss(model, batch, head=None) -> torch.Tensor:

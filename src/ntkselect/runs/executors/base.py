@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from ntkselect.runs.shards import ShardSpec, ShardTask
+from ntkselect.runs.tasks import ShardSpec, ShardTask
 
 __all__ = ["Executor", "Job"]
 

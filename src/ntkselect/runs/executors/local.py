@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ntkselect.runs.executors.base import Executor, Job
-from ntkselect.runs.shards import ShardSpec, ShardTask
+from ntkselect.runs.tasks import ShardSpec, ShardTask
 
 __all__ = ["LocalExecutor"]
 

@@ -23,8 +23,12 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from ntkselect.errors import NtkSelectError
+from ntkselect.model.loading import load_model
+from ntkselect.model.memory import MemoryCosts, activation_budget
+from ntkselect.model.runtime import Runtime
 from ntkselect.runs.executors.base import Executor, Job
-from ntkselect.runs.shards import ShardSpec, ShardTask
+from ntkselect.runs.tasks import ShardSpec, ShardTask
+from ntkselect.training.warmup import WarmupOptions, add_lora
 
 __all__ = ["RayExecutor", "worker_spec", "driver_gpu", "gpus_without"]
 
@@ -74,10 +78,6 @@ def _worker_class():
         def __init__(self, spec: dict):
             import torch
 
-            from ntkselect.model.loading import load_model
-            from ntkselect.model.runtime import Runtime
-            from ntkselect.training.warmup import WarmupOptions, add_lora
-
             if spec.get("threads"):
                 torch.set_num_threads(spec["threads"])
             if spec.get("use_gpu") and not torch.cuda.is_available():
@@ -106,8 +106,6 @@ def _worker_class():
             )
             mem = spec.get("memory")
             if mem is not None and device.type == spec.get("device_type") and str(dtype).replace("torch.", "") == spec["dtype"]:
-                from ntkselect.model.memory import MemoryCosts, activation_budget
-
                 # the driver's measured costs hold for the same device kind and precision; the budget is this worker's own
                 self.rt.memory = MemoryCosts(mem.passes, activation_budget(device))
 

@@ -49,6 +49,7 @@ __all__ = [
     "SEARCH_BUDGET",
     "VOTE_WEIGHTS",
     "vote_degeneracy",
+    "forward_pass",
 ]
 
 #: entries of one piece's cosine matrix (queries x pool rows, float32, plus the running top-k and
@@ -123,6 +124,13 @@ def embed_batch(model, batch, rt: Runtime, out, n: int, out_path, desc: str = "s
         out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=shape) if out_path else np.zeros(shape, np.float32)
     out[batch.index.numpy()] = e
     return out
+
+
+def forward_pass(model, batch, rt: Runtime, tracker) -> None:
+    """Stage 1's pass on one batch, with ``tracker`` (a :class:`~ntkselect.model.memory.LiveBytes`)
+    around it: the "forward" kind of :func:`~ntkselect.model.memory.measure_costs`."""
+    with torch.no_grad(), fused_forward(model), tracker:
+        embed_batch(model, batch, rt, None, len(batch.index), None)
 
 
 @dataclass

@@ -43,12 +43,16 @@ from ntkselect.files import atomic_open, atomic_write_json
 from ntkselect.grads.fused import flatten_grads, gradient_hooks, lora_parameters
 from ntkselect.grads.projection import AbstractProjector, chunk_bytes_for, make_projector
 from ntkselect.model.lm import summed_head, summed_logits
+from ntkselect.model.memory import gradient_pass
 from ntkselect.model.runtime import Runtime
 from ntkselect.progress import Progress
 from ntkselect.runs.shards import Sharding, ShardTask, digest, register_task
+from ntkselect.training.warmup import per_example_loss
 
 __all__ = [
     "Stage2Result",
+    "sum_pass",
+    "dot_pass",
     "backward_batches",
     "per_example_gradients",
     "domain_mean_gradient",
@@ -140,10 +144,20 @@ def backward_attention(model, rt: Runtime):
             lm.set_attn_implementation(before)
 
 
+def sum_pass(model, batch, rt: Runtime, tracker) -> None:
+    """The domain gradients' pass on one batch (summed logits, gradients summed over the batch),
+    ``tracker`` around it: the "sum" kind of :func:`~ntkselect.model.memory.measure_costs`."""
+    gradient_pass(model, batch, rt, tracker, summed_logits, "sum", backward_attention(model, rt))
+
+
+def dot_pass(model, batch, rt: Runtime, tracker) -> None:
+    """The candidates' pass on one batch (summed logits, per-example dot products with the domain
+    vector), ``tracker`` around it: the "dot" kind of :func:`~ntkselect.model.memory.measure_costs`."""
+    gradient_pass(model, batch, rt, tracker, summed_logits, "dot", backward_attention(model, rt))
+
+
 def _pass_kind(stream: tuple, objective) -> str:
     """Which measured cost (:mod:`ntkselect.model.memory`) a backward pass has."""
-    from ntkselect.training.warmup import per_example_loss
-
     if stream[0] in ("sum", "dot"):
         return stream[0]
     return "less" if objective is per_example_loss else "per_example"

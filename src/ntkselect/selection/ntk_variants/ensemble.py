@@ -22,7 +22,9 @@ import json
 import torch
 
 from ntkselect.files import atomic_open, atomic_write_json
+from ntkselect.model.loading import load_model
 from ntkselect.runs.shards import digest
+from ntkselect.training.warmup import add_lora, warmup, warmup_steps
 
 __all__ = ["checkpoint_steps", "warmup_checkpoints", "swapped_adapter", "adapter_state"]
 
@@ -67,9 +69,6 @@ def warmup_checkpoints(ctx, n: int) -> tuple[list[dict[str, torch.Tensor] | None
     for the last (the context's own warmed-up adapter); at most ``n`` checkpoints (fewer when the
     warm-up has fewer steps). The earlier ones replay the context's seeded warm-up on a fresh
     model, kept in ``ctx.store`` under the run's key."""
-    from ntkselect.model.loading import load_model
-    from ntkselect.training.warmup import add_lora, warmup, warmup_steps
-
     ctx.model()  # the shared warm-up, done once
     opts = ctx.lora_options()
     total = warmup_steps(len(ctx.dom_ex), opts)
@@ -84,7 +83,7 @@ def warmup_checkpoints(ctx, n: int) -> tuple[list[dict[str, torch.Tensor] | None
         saved = torch.load(wdir / "checkpoints.pt", map_location="cpu", weights_only=True)
         return [saved[str(s)] for s in earlier] + [None], steps, 0
     ctx.log(f"ntkselect: replaying the warm-up to step {earlier[-1]} of {total} for the checkpoints at steps {', '.join(map(str, earlier))}")
-    replay = add_lora(load_model(ctx.cfg.model, ctx.rt.model_dtype, ctx.rt.device), opts)
+    replay = add_lora(load_model(ctx.setup.model_path, ctx.rt.model_dtype, ctx.rt.device), opts)
     states: dict[int, dict[str, torch.Tensor]] = {}
 
     def on_step(step: int, _total: int) -> None:

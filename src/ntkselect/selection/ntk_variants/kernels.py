@@ -47,6 +47,7 @@ from ntkselect.model.runtime import Runtime
 from ntkselect.progress import Progress
 from ntkselect.runs.shards import ShardTask, register_task
 from ntkselect.selection.ntk.stage2 import backward_batches, projected_features
+from ntkselect.selection.ntk_variants.ensemble import swapped_adapter
 from ntkselect.training.warmup import per_example_loss
 
 __all__ = [
@@ -440,8 +441,6 @@ class VariantPayload:
 
 
 def _variant_shard(model, examples, rt, payload: VariantPayload, ids=None, desc="ntk variant: candidates") -> np.ndarray:
-    from ntkselect.selection.ntk_variants.ensemble import swapped_adapter
-
     with swapped_adapter(model, payload.adapter):
         return candidate_scores(model, examples, rt, payload.kernel, payload.vecs, desc=desc, ids=ids)  # (n, 2) float64
 

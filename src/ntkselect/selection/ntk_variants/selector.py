@@ -52,7 +52,8 @@ from ntkselect.selection.ntk.stage1 import preselect, vote_degeneracy
 from ntkselect.selection.ntk_variants.diversity import diverse_order, unit_features
 from ntkselect.selection.ntk_variants.ensemble import checkpoint_steps, swapped_adapter, warmup_checkpoints
 from ntkselect.selection.ntk_variants.kernels import VARIANT_SCORE, Kernel, VariantPayload, domain_vectors, kernel_features
-from ntkselect.selection.registry import register_selector
+from ntkselect.selection.registry import find_selector, register_selector
+from ntkselect.training.warmup import WarmupOptions, warmup_steps
 
 __all__ = ["Variant", "PRESETS", "variant_of", "NtkPlusSelector", "variant_cost", "DIVERSITY_DIM", "SELECTORS", "VARIANT_OPTIONS", "ignored_options"]
 
@@ -116,8 +117,6 @@ def variant_cost(plan) -> None:
     for ``--proj-dim``; for an ensemble the warm-up replay to its last earlier checkpoint; for the
     diversity rule one more per-example pass over the candidates and their projection to
     :data:`DIVERSITY_DIM` dimensions."""
-    from ntkselect.training.warmup import WarmupOptions, warmup_steps
-
     cfg, D = plan.cfg, plan.grad_dim
     var = variant_of(cfg)
     G = var.probes if var.kernel == "trace" else 1
@@ -344,8 +343,6 @@ def ignored_options(cfg: SelectConfig) -> list[str]:
     """One line per variant option that ``cfg`` sets away from its default but its method does not
     use (``--method ntk --kernel trace`` runs the paper's kernel: say so rather than ignore it)."""
     from dataclasses import fields
-
-    from ntkselect.selection.registry import find_selector
 
     spec = find_selector(cfg.method)
     defaults = {f.name: f.default for f in fields(SelectConfig)}

@@ -28,15 +28,26 @@ from dataclasses import dataclass
 
 import torch
 
+from ntkselect.config import SelectConfig
 from ntkselect.data.batching import collate
+from ntkselect.data.records import TokenizedExample
 from ntkselect.errors import NtkSelectError
+from ntkselect.evaluation.metrics import heldout_loss
 from ntkselect.grads.fused import FusedLoraGradients, flatten_grads, lora_parameters
+from ntkselect.grads.projection import make_projector
 from ntkselect.model.heads import Head, head_notice, lm_head
 from ntkselect.model.lm import decoder_of, summed_head, summed_logits
+from ntkselect.model.loading import load_model
 from ntkselect.model.memory import MemoryCosts, activation_budget, measure_costs, rss_bytes
 from ntkselect.model.runtime import Runtime
+from ntkselect.runs.setup import RunSetup, make_runtime
+from ntkselect.selection.ntk.outputs import output_gradients
+from ntkselect.selection.ntk.stage1 import embed, forward_pass
+from ntkselect.selection.ntk.stage2 import domain_vector, dot_pass, per_example_gradients, projected_features, score_against, sum_pass
+from ntkselect.selection.registry import find_selector
+from ntkselect.training.warmup import WarmupOptions, add_lora, loss_and_grads, per_example_loss, warmup_pass
 
-__all__ = ["Preflight", "check_model", "preflight_select", "probe_examples", "tolerances", "weights_dtype"]
+__all__ = ["Preflight", "check_model", "preflight_select", "probe_examples", "tolerances", "weights_dtype", "MEASURED_PASSES"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +85,13 @@ class Preflight:
 
 #: the measured kinds of pass (ntkselect.model.memory.KINDS) each path uses
 _PATH_KINDS = {"warmup": ("warmup",), "embed": ("forward",), "ntk": ("sum", "dot"), "less": ("less",), "diagnose": ("per_example",)}
+#: the pass that measures each kind (ntkselect.model.memory.measure_costs), each beside the stage it measures
+MEASURED_PASSES = {"warmup": warmup_pass, "sum": sum_pass, "dot": dot_pass, "forward": forward_pass}
 
 
 def probe_examples(examples: Sequence, lengths: tuple[int, ...] = (8, 5)) -> list:
     """Two of the user's examples cut to a few tokens, every token after the first trained, so
     the batch has padding and trained positions whatever the data."""
-    from ntkselect.data.records import TokenizedExample
-
     if not examples:
         raise NtkSelectError("preflight: no examples to check the model with")
     out = []
@@ -203,8 +214,6 @@ def check_model(
         with _untouched(model):
             model.eval()
             _check_logits(model, batch, head, name)
-            from ntkselect.training.warmup import per_example_loss
-
             if {"ntk", "diagnose"} & set(paths):
                 step = "the stage-2 gradient check"
                 _check_gradients(model, batch, summed_logits, summed_head(model), name, "summed logits")
@@ -217,7 +226,9 @@ def check_model(
                 step = "the memory measurement"
                 kinds = tuple(k for p in paths for k in _PATH_KINDS.get(p, ()))
                 memory = MemoryCosts(
-                    measure_costs(model, q, tuple(dict.fromkeys(kinds)), vocab=head.module.weight.shape[0], lengths=_probe_lengths(model)),
+                    measure_costs(
+                        model, q, tuple(dict.fromkeys(kinds)), vocab=head.module.weight.shape[0], lengths=_probe_lengths(model), passes=MEASURED_PASSES
+                    ),
                     activation_budget(rt.device),
                 )
             step = "the checks"
@@ -241,10 +252,6 @@ def _probe_lengths(model) -> tuple[int, int, int]:
 
 
 def _run_paths(model, q: Runtime, probe, batch, paths, proj_dim: int, seed: int, fused_warmup: bool, head: Head) -> None:
-    from ntkselect.selection.ntk.stage1 import embed
-    from ntkselect.selection.ntk.stage2 import domain_vector, projected_features, score_against
-    from ntkselect.training.warmup import loss_and_grads, per_example_loss
-
     if "warmup" in paths:
         model.train()
         loss = loss_and_grads(model, batch, q, fused=fused_warmup)
@@ -259,18 +266,11 @@ def _run_paths(model, q: Runtime, probe, batch, paths, proj_dim: int, seed: int,
         vec, _ = domain_vector(model, probe, q, proj_dim=min(proj_dim, 8), seed=seed)
         score_against(model, probe, vec, q, desc="preflight: scores")
     if "less" in paths:
-        from ntkselect.grads.projection import make_projector
-
         dim = sum(p.numel() for _, p in lora_parameters(model))
         projected_features(model, probe, make_projector(dim, 8, seed, device=q.device), q, objective=per_example_loss, desc="preflight: LESS features")
     if "loss" in paths:
-        from ntkselect.evaluation.metrics import heldout_loss
-
         heldout_loss(model, probe, q, desc="preflight: held-out loss")
     if "diagnose" in paths:
-        from ntkselect.diagnostics.diagnose import output_gradients
-        from ntkselect.selection.ntk.stage2 import per_example_gradients
-
         per_example_gradients(model, probe, q)
         W = head.module.weight.detach()[:2].float()
         output_gradients(
@@ -279,24 +279,21 @@ def _run_paths(model, q: Runtime, probe, batch, paths, proj_dim: int, seed: int,
 
 
 def preflight_select(
-    cfg,
+    cfg: SelectConfig,
     examples: Sequence,
     pad_id: int,
     methods: Sequence[str] | None = None,
     finetune: bool = False,
     keep: bool = False,
     log: Callable[[str], None] | None = None,
+    setup: RunSetup | None = None,
 ) -> Preflight | None:
     """The preflight of a selection (``select``, ``--dry-run``) or an evaluation with ``cfg``
     (a :class:`~ntkselect.config.SelectConfig`): load the model, add the run's adapter, check
     every path ``methods`` (default: ``cfg.method``) and, with ``finetune``, the fine-tune and
     the test losses use. With ``keep`` the checked model is returned (``.model``) for the run to
-    use, exactly as a freshly loaded one; otherwise it is freed. None when nothing uses a model."""
-    from ntkselect.model.loading import load_model
-    from ntkselect.pipeline import make_runtime
-    from ntkselect.selection.registry import find_selector
-    from ntkselect.training.warmup import WarmupOptions, add_lora
-
+    use, exactly as a freshly loaded one; otherwise it is freed. None when nothing uses a model.
+    ``setup``: the run's resolved model folder, device and precision (default: resolved from ``cfg``)."""
     methods = list(methods or [cfg.method])
     used = [s for s in map(find_selector, methods) if s is not None and s.uses_model]  # evaluate's baseline and oracle are not selectors
     if not used and not finetune:
@@ -314,9 +311,10 @@ def preflight_select(
     class _Tok:  # make_runtime reads only the pad id
         pad_token_id = pad_id
 
-    rt = make_runtime(cfg, _Tok())
+    setup = setup or RunSetup.of(cfg)
+    rt = make_runtime(cfg, _Tok(), setup)
     opts = WarmupOptions(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules(), seed=cfg.seed)
-    model = add_lora(load_model(cfg.model, rt.model_dtype, rt.device), opts)
+    model = add_lora(load_model(setup.model_path, rt.model_dtype, rt.device), opts)
     res = check_model(model, rt, examples, paths, proj_dim=cfg.proj_dim, seed=cfg.seed, fused_warmup=cfg.lora_dropout == 0, log=log)
     if keep:
         res.model = model
