@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import write_eval_data
@@ -150,8 +151,10 @@ def test_render_writes_the_tables_from_the_records_alone(first_run, tmp_path):
     assert text.startswith("# Results\n\nHand-written text stays.\n") and render.BEGIN in text and render.END in text
     # the tables are the ones evaluate wrote from its cells (headings one level deeper)
     ours = [ln for ln in (tmp / "a" / "results.md").read_text().splitlines() if ln.startswith("|")]
-    rendered = [ln for ln in text.splitlines() if ln.startswith("|")]
+    sets, verdict = text.split("### Verdict across domains")
+    rendered = [ln for ln in sets.splitlines() if ln.startswith("|")]
     assert rendered == ours and any(ln.startswith("| ntk |") for ln in rendered)
+    assert "| ntk |" in verdict and "not yet: 1 of 3 domains" in verdict  # the toy set has no TSDS: the bar is not judged
     assert (tmp_path / "quality-toy-cpu-float32.png").read_bytes()[:4] == b"\x89PNG"
     assert render.main(["--records", str(rec.parent), "--doc", str(doc), "--check"]) == 0
     assert render.main(["--records", str(rec.parent), "--doc", str(doc)]) == 0 and doc.read_text() == text  # the same bytes again
@@ -196,3 +199,37 @@ def test_domain_only_is_the_warm_up_when_they_train_the_same(tiny_model_dir, tmp
     test, _ = tokenize_records(load_records(str(p["test"])), tok, 512, "auto")
     assert cell["losses"] == pytest.approx(heldout_loss(model, test, rt).loss.tolist(), rel=1e-6, abs=1e-6)
     assert "finetune_shared" not in json.loads((out / "cells" / "ntk-seed0.json").read_text())
+
+
+def _cells(domain_shift: dict[str, float], seeds=(0, 1), n=80, seed=0) -> dict:
+    """Synthetic cells: every method's per-record losses are a shared per-record difficulty plus noise plus its shift."""
+    rng = np.random.default_rng(seed)
+    hard = rng.normal(2.0, 0.3, n)
+    return {
+        (m, s): {"losses": (hard + shift + rng.normal(0, 0.01, n)).tolist(), "selection_tokens": 100.0 if m != "random" else 0.0, "selection_seconds": 1.0}
+        for m, shift in domain_shift.items()
+        for s in seeds
+    }
+
+
+def test_the_verdict_applies_issue_25s_bar_to_paired_comparisons():
+    render = _render_module()
+    base = {"domain-only": 0.5, "oracle": -0.3, "random": 0.2, "embedding": 0.0, "tsds": 0.0}
+    win, level, lose = {**base, "ntk-x": -0.05}, {**base, "ntk-x": 0.0}, {**base, "ntk-x": +0.05}
+    seeds = [0, 1]
+
+    def verdict(*domains):
+        return {f"d{i}": render.compare_domain(_cells(sh, seed=i), list(sh), seeds) for i, sh in enumerate(domains)}
+
+    per = verdict(win, win, level)
+    assert per["d0"]["ntk-x"]["rank"] == 1 and per["d0"]["ntk-x"]["tsds"]["p_value"] < 0.05 and per["d0"]["ntk-x"]["tsds"]["delta"] < 0
+    assert per["d2"]["ntk-x"]["tsds"]["p_value"] > 0.05  # the same losses up to noise: level
+    assert per["d0"]["ntk-x"]["best_baseline"]["ref"] in ("embedding", "tsds")
+    assert render.bar(per, "ntk-x")[1] is True
+    assert render.bar(verdict(win, win, lose), "ntk-x")[1] is False  # significantly worse on the third domain
+    assert render.bar(verdict(win, level, level), "ntk-x")[1] is False  # wins on one domain only
+    assert render.bar(verdict(win, win), "ntk-x") == ("not yet: 2 of 3 domains with TSDS and embedding", False)
+    assert render.bar(per, "tsds") == ("a peer", False)
+    doms = {"a": win, "b": win, "c": level}
+    text = render.render_verdict("cpu-float32", {d: (list(win), seeds, _cells(sh, seed=i)) for i, (d, sh) in enumerate(doms.items())})
+    assert "Cleared the bar: ntk-x." in text and any(ln.startswith("| ntk-x | 3 | ") and "| 2 / 1 / 0 | 2 / 1 / 0 |" in ln for ln in text.splitlines())
