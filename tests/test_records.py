@@ -233,3 +233,20 @@ def test_the_verdict_applies_issue_25s_bar_to_paired_comparisons():
     doms = {"a": win, "b": win, "c": level}
     text = render.render_verdict("cpu-float32", {d: (list(win), seeds, _cells(sh, seed=i)) for i, (d, sh) in enumerate(doms.items())})
     assert "Cleared the bar: ntk-x." in text and any(ln.startswith("| ntk-x | 3 | ") and "| 2 / 1 / 0 | 2 / 1 / 0 |" in ln for ln in text.splitlines())
+
+
+def test_why_reports_the_length_correlation_and_the_generators_covered(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "why.py"
+    spec = importlib.util.spec_from_file_location("quality_why", path)
+    why = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(why)
+    rel = lambda i: "related" if i < 6 else "unrelated"  # noqa: E731
+    pool = {f"r{i}": {"id": f"r{i}", "prompt": "x" * (10 + i), "response": "y" * (30 - i), "subject": "ab"[i % 2], "relation": rel(i)} for i in range(10)}
+    sel = tmp_path / "selections" / "ntk-seed0"
+    sel.mkdir(parents=True)
+    # scores fall with the prompt's length (short records score high, as faithful NTK's do) and the top 3 are selected
+    (sel / "scores.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "score": 10.0 - i}) + "\n" for i in range(10)))
+    (sel / "selected.jsonl").write_text("".join(json.dumps(pool[f"r{i}"]) + "\n" for i in (0, 2, 4)))
+    r = why.analyse(sel, pool)
+    assert r["rho_prompt"] == pytest.approx(-1.0) and r["rho_response"] == pytest.approx(1.0)
+    assert r["related_share"] == 1.0 and (r["covers"], r["of_related"]) == (1, 2) and r["composition"] == [("a", 3)]
