@@ -31,39 +31,12 @@ import sys
 import time
 from pathlib import Path
 
+from tiny import tiny_model  # benchmarks/tiny.py: the shared tiny random Llama
+
 RESULTS = ("selected.jsonl", "scores.jsonl", "train.jsonl")
 WORDS = ["heart", "kidney", "liver", "lung", "contract", "court", "prime", "vector", "river", "poem", "engine", "virus"]
 # what a finished select run folder may hold (runs/folder.py's SELECT layout, without work/ and run.json's siblings of an unfinished run)
 FINISHED = {"run.json", "shards.jsonl", "adapter", "selected.jsonl", "scores.jsonl", "train.jsonl", "manifest.json", ".ntkselect.json"}
-
-
-def tiny_model(folder: Path) -> str:
-    """A 2-layer random Llama with the SmolLM2 vocabulary (as the tests' tiny_model_dir)."""
-    if (folder / "config.json").exists():
-        return str(folder)
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from ntkselect.model.loading import load_tokenizer
-
-    tok = load_tokenizer(None)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
 
 
 def write_data(folder: Path, pool_size: int) -> tuple[Path, Path]:

@@ -47,6 +47,8 @@ import sys
 import time
 from pathlib import Path
 
+from tiny import tiny_model  # benchmarks/tiny.py: the shared tiny random Llama
+
 GENERATOR_VERSION = 1  # part of the file names: bump it when the generator changes
 SOURCES = ("web", "books", "code", "math", "dialogue")
 SOURCE_P = (0.4, 0.2, 0.15, 0.15, 0.1)
@@ -158,42 +160,6 @@ def ensure_data(work: Path, n: int, seed: int, kind: str = "pool") -> tuple[Path
     t = time.perf_counter()
     _write_records(path, n, seed, kind)
     return path, time.perf_counter() - t
-
-
-def tiny_model(path: Path) -> str:
-    """The test suite's tiny random Llama (2 layers, d = 32) with the SmolLM2 tokenizer, saved once to ``path``.
-
-    A copy of benchmarks/stage2.py's ``tiny_model`` (same config and seed), kept here so that this
-    benchmark does not import stage2.py's use of the loading code that it measures."""
-    if (path / "config.json").exists() and (path / "tokenizer_config.json").exists():
-        return str(path)
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from ntkselect.model.loading import load_tokenizer
-
-    tok = load_tokenizer(None)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    LlamaForCausalLM(cfg).save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    return str(path)
 
 
 def raw_throughput(tok, pool: Path, sample: int, batch: int = 1000) -> dict:

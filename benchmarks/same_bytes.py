@@ -33,18 +33,6 @@ FILES = ("selected.jsonl", "scores.jsonl", "train.jsonl", "adapter/adapter_model
 #: manifest keys whose values differ between any two runs of the same thing
 VOLATILE = {"timings", "out", "command", "seconds", "pool_pass_seconds", "rss", "peak_rss_bytes"}
 
-_MODEL = r"""
-import sys, torch
-from transformers import LlamaConfig, LlamaForCausalLM
-from ntkselect.model.loading import load_tokenizer
-tok = load_tokenizer(None)
-torch.manual_seed(0)
-cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-                  pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-LlamaForCausalLM(cfg).save_pretrained(sys.argv[1])
-tok.save_pretrained(sys.argv[1])
-"""
 
 TOPICS = ["blood pressure", "the kidney", "a fracture", "insulin", "fever", "asthma", "the liver", "a stroke", "anaemia", "the thyroid"]
 OTHER = ["algebra", "a contract", "primes", "torts", "integrals", "a judge", "vectors", "a treaty", "matrices", "an appeal"]
@@ -104,7 +92,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     model = work / "tiny-llama"
     if not (model / "config.json").exists():
-        subprocess.run([sys.executable, "-c", _MODEL, str(model)], env=_env(args.before.resolve()), check=True)
+        subprocess.run([sys.executable, str(Path(__file__).with_name("tiny.py")), str(model)], env=_env(args.before.resolve()), check=True)
     dom, pool = write_data(work)
     bad = 0
     for method in args.methods.split(","):

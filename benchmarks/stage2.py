@@ -25,8 +25,10 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
+from tiny import tiny_model  # benchmarks/tiny.py: the shared tiny random Llama
 
 from ntkselect.data.batching import collate
 from ntkselect.data.records import load_records, tokenize_records
@@ -124,31 +126,6 @@ def plain_forward(base, examples, rt):
             final_hidden(base, batch)
 
 
-def tiny_model() -> str:
-    """The test suite's tiny random Llama (2 layers, d = 32) with the SmolLM2 tokenizer, in a temp folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = load_tokenizer(None)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    path = tempfile.mkdtemp(prefix="ntkselect-tiny-")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default", help="what `ntkselect select --model` takes, or `tiny` for the tests' tiny random Llama")
@@ -172,7 +149,7 @@ def main(argv=None):
     skip = set(filter(None, args.skip.split(",")))
 
     if args.model == "tiny":
-        args.model = tiny_model()
+        args.model = tiny_model(Path(tempfile.mkdtemp(prefix="ntkselect-tiny-")) / "tiny")
     device = resolve_device(args.device)
     rt = Runtime(
         device=device, dtype=resolve_precision(args.precision, device), batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, progress=False
