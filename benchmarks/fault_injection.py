@@ -9,7 +9,9 @@ cleanup. An attempt that finishes before its kill is compared with the reference
 is started afresh. After the last kill, one attempt runs to the end and is compared. Every
 comparison is byte for byte; every finished folder must also hold nothing but the run's own
 entries (no lock, no work/, no temporary folder). The stage each kill hit is read from what the
-killed attempt left behind.
+killed attempt left behind. A kill that lands after the manifest (the run had finished, its
+cleanup had not) is followed by one rerun that must refuse the finished run in one line, exit 2,
+and clear what the kill left; the folder is then compared as a finished one and started afresh.
 
     PYTHONPATH=src .venv/bin/python benchmarks/fault_injection.py --kills 20 --methods ntk,ntk-trace,tsds
 
@@ -162,6 +164,15 @@ def run_method(method: str, kills: int, rng: random.Random, dom: Path, pool: Pat
             where = stage_reached(out)
             hits[where] = hits.get(where, 0) + 1
             log(f"  {method}: kill {k + 1} at {at:.1f} s, in the {where}")
+            if where == "after the manifest":
+                # the run had finished: a rerun must refuse it (exit 2, one line) and clear what the kill left (work/, the lock)
+                chk = subprocess.run(command(method, dom, pool, model, out, threads), capture_output=True, text=True)
+                attempts += 1
+                found = [] if chk.returncode == 2 and "already holds a finished run" in chk.stderr else [f"the rerun exited {chk.returncode}"]
+                found += check_finished(out, ref)
+                problems += [f"attempt {attempts}: {x}" for x in found]
+                log(f"  {method}: attempt {attempts} refused the finished run: {'identical, nothing left' if not found else '; '.join(found)}")
+                shutil.rmtree(out)  # start afresh: the next kill lands in a new run
             continue
         if rc != 0:
             problems.append(f"attempt {attempts} exited {rc}: {err.strip().splitlines()[-1:] if err.strip() else ''}")
