@@ -3,13 +3,15 @@
 For each method, an uninterrupted run gives the reference outputs (selected.jsonl, scores.jsonl,
 train.jsonl) and its wall time T. Then, into one --out, attempts are started one after another
 and each is killed with SIGKILL (the main process only, as `kill -9 PID` does: the pool pass's
-forked workers may linger a moment) at a moment drawn uniformly from [0.3 s, T]; a kill can land
-in the start-up, the pool pass, the warm-up, stage 1, stage 2, the write, the swap or the
-cleanup. An attempt that finishes before its kill is compared with the reference and the folder
-is started afresh. After the last kill, one attempt runs to the end and is compared. Every
-comparison is byte for byte; every finished folder must also hold nothing but the run's own
-entries (no lock, no work/, no temporary folder). The stage each kill hit is read from what the
-killed attempt left behind. A kill that lands after the manifest (the run had finished, its
+forked workers may linger a moment). Each kill aims at a stage drawn uniformly from those the
+uninterrupted run went through (start-up and pool pass, warm-up, stage 1, stage 2, the write),
+at a moment drawn uniformly within that stage's length in the uninterrupted run, counted from when
+the attempt prints that it entered the stage (its progress bars and log lines are read as they
+come). An attempt that resumes past its target stage, or finishes before its kill, is compared
+with the reference and the folder is started afresh. After the last kill, one attempt runs to the
+end and is compared. Every comparison is byte for byte; every finished folder must also hold
+nothing but the run's own entries (no lock, no work/, no temporary folder). The stage each kill
+landed in is the last one the attempt had printed. A kill that lands after the manifest (the run had finished, its
 cleanup had not) is followed by one rerun that must refuse the finished run in one line, exit 2,
 and clear what the kill left; the folder is then compared as a finished one and started afresh.
 
@@ -30,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -91,35 +94,6 @@ def command(method: str, dom: Path, pool: Path, model: str, out: Path, threads: 
     ]
 
 
-def stage_reached(out: Path) -> str:
-    """What a killed attempt left behind, as the latest stage it reached."""
-    if not out.exists():
-        return "start-up"
-    names = {p.name for p in out.iterdir()}
-    if "manifest.json" in names:
-        return "after the manifest"
-    if any(n.startswith(".ntkselect-swap") for n in names):
-        return "swap"
-    log = out / "shards.jsonl"
-    events = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
-    stages = {e.get("stage") for e in events if e.get("event") == "shard_done"}
-    if "selected.jsonl" in names or "scores.jsonl" in names or ".adapter-" in " ".join(names):
-        return "write"
-    if stages - {"stage1"}:
-        return "stage 2"
-    if "stage1" in stages:
-        return "stage 1"
-    if any(e.get("event") == "warmup_done" for e in events):
-        return "stage 1"
-    if (out / "work" / "warmup").exists():
-        return "warm-up"
-    if "run.json" in names:
-        return "preflight / warm-up"
-    if any(n.startswith(".ntkpool-") for n in names):
-        return "pool pass"
-    return "start-up"
-
-
 def results(out: Path) -> dict[str, bytes]:
     return {f: (out / f).read_bytes() for f in RESULTS}
 
@@ -134,36 +108,88 @@ def check_finished(out: Path, ref: dict[str, bytes]) -> list[str]:
     return problems
 
 
+#: what a run prints as it enters a stage (progress bars and log lines, stdout and stderr together), in order
+MARKERS = (
+    ("warm-up", ("warm-up:",)),
+    ("stage 1", ("stage 1:",)),
+    ("stage 2", ("stage 2:", "rules:", "ntk variant:", "kernel:", "less:", "ensemble:")),
+    ("write", ("ntkselect: selected",)),
+)
+STAGES = ("start-up and pool pass", *(name for name, _ in MARKERS))
+
+
+class Watched:
+    """A run whose merged output is read as it comes: the moment each stage first appeared."""
+
+    def __init__(self, cmd: list[str]):
+        self.t0 = time.perf_counter()
+        self.seen: dict[str, float] = {STAGES[0]: 0.0}
+        self.tail = ""
+        self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        buf = b""
+        while chunk := self.p.stdout.read1(65536):
+            buf = (buf + chunk)[-4096:]
+            text = buf.decode(errors="replace")
+            now = time.perf_counter() - self.t0
+            for name, keys in MARKERS:
+                if name not in self.seen and any(k in text for k in keys):
+                    self.seen[name] = now
+            self.tail = text
+
+    def stage(self) -> str:
+        """The latest stage this run has entered."""
+        return max(self.seen, key=lambda n: self.seen[n])
+
+    def wait(self) -> int:
+        rc = self.p.wait()
+        self.reader.join(timeout=5)
+        return rc
+
+
 def run_method(method: str, kills: int, rng: random.Random, dom: Path, pool: Path, model: str, work: Path, threads: int, log) -> dict:
     ref_out = work / f"{method}-ref"
     shutil.rmtree(ref_out, ignore_errors=True)
-    t = time.perf_counter()
-    proc = subprocess.run(command(method, dom, pool, model, ref_out, threads), capture_output=True, text=True)
-    t_ref = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise SystemExit(f"{method}: the uninterrupted run failed: {proc.stderr.strip().splitlines()[-1:]}")
+    ref_run = Watched(command(method, dom, pool, model, ref_out, threads))
+    if ref_run.wait() != 0:
+        raise SystemExit(f"{method}: the uninterrupted run failed: {ref_run.tail.strip().splitlines()[-1:]}")
+    t_ref = time.perf_counter() - ref_run.t0
+    # each stage's window in the uninterrupted run: from its first output to the next stage's (the last: to the exit)
+    starts = sorted(ref_run.seen.items(), key=lambda kv: kv[1])
+    windows = {name: (t, (starts[i + 1][1] if i + 1 < len(starts) else t_ref) - t) for i, (name, t) in enumerate(starts)}
+    log(f"  {method}: uninterrupted {t_ref:.1f} s; stage windows " + ", ".join(f"{n} {w:.1f} s" for n, (_, w) in windows.items()))
     ref = results(ref_out)
     out = work / f"{method}-killed"
     shutil.rmtree(out, ignore_errors=True)
     hits: dict[str, int] = {}
     problems: list[str] = []
     finished_early = attempts = 0
+    targets = [name for name in STAGES if name in windows]
     for k in range(kills + 1):
         last = k == kills
         attempts += 1
-        p = subprocess.Popen(command(method, dom, pool, model, out, threads), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # the target: a stage drawn uniformly from those the uninterrupted run went through, then a moment drawn
+        # uniformly within its window, counted from when this attempt enters it (a resumed attempt may skip it)
+        target = rng.choice(targets)
+        delay = rng.uniform(0.0, max(windows[target][1], 0.05))
+        w = Watched(command(method, dom, pool, model, out, threads))
+        killed_in = None
         if not last:
-            at = rng.uniform(0.3, t_ref)
-            try:
-                p.wait(timeout=at)
-            except subprocess.TimeoutExpired:
-                os.kill(p.pid, signal.SIGKILL)
-        rc = p.wait()
-        err = p.stderr.read() if p.stderr else ""
+            while w.p.poll() is None:
+                if target in w.seen and time.perf_counter() - w.t0 >= w.seen[target] + delay:
+                    killed_in = w.stage()
+                    os.kill(w.p.pid, signal.SIGKILL)
+                    break
+                time.sleep(0.01)
+        rc = w.wait()
         if rc == -signal.SIGKILL:
-            where = stage_reached(out)
+            where = "after the manifest" if (out / "manifest.json").exists() else (killed_in or w.stage())
             hits[where] = hits.get(where, 0) + 1
-            log(f"  {method}: kill {k + 1} at {at:.1f} s, in the {where}")
+            log(f"  {method}: kill {k + 1} aimed at {target} + {delay:.1f} s, landed in {where} (at {time.perf_counter() - w.t0:.1f} s)")
             if where == "after the manifest":
                 # the run had finished: a rerun must refuse it (exit 2, one line) and clear what the kill left (work/, the lock)
                 chk = subprocess.run(command(method, dom, pool, model, out, threads), capture_output=True, text=True)
@@ -175,19 +201,21 @@ def run_method(method: str, kills: int, rng: random.Random, dom: Path, pool: Pat
                 shutil.rmtree(out)  # start afresh: the next kill lands in a new run
             continue
         if rc != 0:
-            problems.append(f"attempt {attempts} exited {rc}: {err.strip().splitlines()[-1:] if err.strip() else ''}")
-            log(f"  {method}: attempt {attempts} FAILED (exit {rc}): {err.strip()[-300:]}")
+            problems.append(f"attempt {attempts} exited {rc}: {w.tail.strip().splitlines()[-1:]}")
+            log(f"  {method}: attempt {attempts} FAILED (exit {rc}): {w.tail.strip()[-300:]}")
             shutil.rmtree(out, ignore_errors=True)
             continue
         found = check_finished(out, ref)
         problems += [f"attempt {attempts}: {x}" for x in found]
-        log(f"  {method}: attempt {attempts} finished{' before its kill' if not last else ''}: {'identical' if not found else '; '.join(found)}")
+        when = f" before its kill (aimed at {target})" if not last else ""
+        log(f"  {method}: attempt {attempts} finished{when}: {'identical' if not found else '; '.join(found)}")
         if not last:
             finished_early += 1
             shutil.rmtree(out)  # start afresh: the next kill lands in a new run
     return {
         "method": method,
         "uninterrupted_seconds": round(t_ref, 1),
+        "stage_windows_seconds": {n: round(w, 2) for n, (_, w) in windows.items()},
         "kills": kills,
         "finished_before_kill": finished_early,
         "hits": hits,
