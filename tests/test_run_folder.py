@@ -567,3 +567,26 @@ def test_eval_data_and_demo_refuse_the_users_files(tiny_model_dir, tmp_path, cap
         "not by ntkselect",
     )
     assert snapshot(demo) == before
+
+
+_SAVE = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from helpers import tiny_lora_model
+from ntkselect.model.adapters import save_adapter
+save_adapter(tiny_lora_model("llama"), sys.argv[1])
+"""
+
+
+def test_the_adapter_has_the_same_bytes_whatever_the_string_hash_seed(tmp_path):
+    # peft writes target_modules in a set's order, which follows PYTHONHASHSEED: the demo's adapter_config.json
+    # differed between two runs of the same selection (issue 24's before/after check) until save_adapter sorted it
+    tests = str(Path(__file__).parent)
+    got = set()
+    for seed in ("1", "2", "3", "4", "5"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", _SAVE, str(tmp_path / seed), tests], env=env, check=True)
+        got.add((tmp_path / seed / "adapter_config.json").read_bytes() + (tmp_path / seed / "adapter_model.safetensors").read_bytes())
+    assert len(got) == 1
+    cfg = json.loads((tmp_path / "1" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == sorted(cfg["target_modules"]) and len(cfg["target_modules"]) > 1

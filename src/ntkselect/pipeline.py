@@ -28,6 +28,7 @@ from ntkselect.data.pool import PoolExamples, PoolRecords, TokenStore, build_sto
 from ntkselect.data.records import Record, RecordStream, TokenizeStats, record_text, token_convention, tokenize_records
 from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, sha256_path
+from ntkselect.model.adapters import save_adapter
 from ntkselect.model.loading import check_model_options
 from ntkselect.model.runtime import Runtime
 from ntkselect.runs.folder import SELECT, Run, check_paths, open_run
@@ -458,7 +459,7 @@ def write_selection(
     t = time.perf_counter()
     if selector_spec(cfg.method).uses_model and ctx.has_model:
         tmp_adapter = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out))
-        ctx.model().save_pretrained(tmp_adapter)
+        save_adapter(ctx.model(), tmp_adapter)
         atomic_replace_dir(tmp_adapter, out / "adapter")
     pool, domain, method = inp.pool, inp.domain, cfg.method
     if len(ranking.order) < cfg.n or len(set(ranking.order[: cfg.n].tolist())) != cfg.n:

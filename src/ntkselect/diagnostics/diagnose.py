@@ -52,6 +52,7 @@ from ntkselect.errors import NtkSelectError
 from ntkselect.files import atomic_replace_dir, atomic_write_json
 from ntkselect.grads.fused import lora_parameters
 from ntkselect.grads.projection import make_projector
+from ntkselect.model.adapters import save_adapter
 from ntkselect.model.heads import lm_head
 from ntkselect.model.lm import causal_lm, final_hidden
 from ntkselect.model.loading import MODEL_DTYPES, check_model_options, load_model, load_tokenizer, meta_model, resolve_model_dtype
@@ -716,7 +717,7 @@ def _diagnose(opts: DiagnoseOptions, log, stack: contextlib.ExitStack) -> dict:
     def save(step: int) -> None:
         (out / "checkpoints").mkdir(exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=out))
-        model.save_pretrained(tmp)
+        save_adapter(model, tmp)
         atomic_replace_dir(tmp, out / "checkpoints" / f"step-{step:05d}")
 
     save(0)

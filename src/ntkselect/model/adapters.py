@@ -21,9 +21,12 @@ passes ``all-linear`` to peft unchanged). Naming experts or routers explicitly i
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from torch import nn
 
-__all__ = ["is_moe", "default_target_modules", "ROUTER_NAMES"]
+__all__ = ["is_moe", "default_target_modules", "ROUTER_NAMES", "save_adapter"]
 
 #: child names of an MoE block that route tokens (never adapted by default)
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate", "switch_gate")
@@ -69,3 +72,19 @@ def default_target_modules(model: nn.Module) -> list[str] | None:
             continue
         out.append(name)
     return sorted(out)
+
+
+def save_adapter(model, folder: str | Path) -> None:
+    """``model.save_pretrained(folder)`` with the same bytes in every process.
+
+    peft keeps ``target_modules`` as a set and writes it in the set's order, which follows the
+    process's string-hash seed: two runs of the same selection wrote the same weights but
+    ``adapter_config.json`` with the modules in a different order. The list is written sorted,
+    in peft's own format (``json.dumps(indent=2, sort_keys=True)``); peft reads it back as a set."""
+    model.save_pretrained(folder)
+    for cfg_path in Path(folder).rglob("adapter_config.json"):
+        cfg = json.loads(cfg_path.read_text())
+        tm = cfg.get("target_modules")
+        if isinstance(tm, list) and all(isinstance(x, str) for x in tm):
+            cfg["target_modules"] = sorted(tm)
+            cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
