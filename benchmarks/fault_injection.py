@@ -61,6 +61,10 @@ def write_data(folder: Path, pool_size: int) -> tuple[Path, Path]:
     return d, p
 
 
+#: --warmup-epochs of every run (--warmup-epochs of this script: more epochs give the kills a longer warm-up to land in)
+WARMUP_EPOCHS = ["2"]
+
+
 def command(method: str, dom: Path, pool: Path, model: str, out: Path, threads: int) -> list[str]:
     return [
         sys.executable,
@@ -80,7 +84,7 @@ def command(method: str, dom: Path, pool: Path, model: str, out: Path, threads: 
         "--model",
         model,
         "--warmup-epochs",
-        "2",
+        WARMUP_EPOCHS[0],
         "--knn-k",
         "8",
         "--precision",
@@ -231,7 +235,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="--threads of each run (also the pool pass's worker processes)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     ap.add_argument("--work", default="runs/fault-injection", help="folder for the model, the data and the runs")
+    ap.add_argument("--warmup-epochs", type=int, default=2, help="--warmup-epochs of each run (the warm-up on 6 records is short: more epochs lengthen it)")
     a = ap.parse_args(argv)
+    WARMUP_EPOCHS[0] = str(a.warmup_epochs)
     work = Path(a.work).absolute()
     work.mkdir(parents=True, exist_ok=True)
     model = tiny_model(work / "tiny-llama")
