@@ -340,3 +340,71 @@ def test_12_dev_stdin_redirected_from_a_file_works(files, tiny_model_dir, tmp_pa
     assert main(sel(tiny_model_dir, tmp_path / "file", files["domain"], files["pool"])) == 0
     for f in RESULTS:
         assert (tmp_path / "stdin" / f).read_bytes() == (tmp_path / "file" / f).read_bytes()
+
+
+# ----------------------------------------------------------------- 13: a 16 MB record
+
+
+def _long_cases() -> dict[str, dict]:
+    import random
+
+    rng = random.Random(13)
+    words = ["heart", "kidney", "the", "of", "patient", "ü", "日本語", "12345", "naïve", "\n", "  "]
+    prose = " ".join(rng.choice(words) for _ in range(6000))  # ~30K characters of mixed scripts and whitespace
+    word = "a" * 20_000  # one pre-token: byte-pair merges run across the whole word
+    return {
+        "text": {"text": prose},
+        "one long word": {"text": word + " end"},
+        "long prompt": {"prompt": prose, "response": "The answer is 4."},
+        "long response": {"prompt": "Tell me.", "response": prose},
+        "both long": {"prompt": prose, "response": prose[::-1]},
+        "long word in the prompt": {"prompt": "x " + word, "response": "ok"},
+        "instruction and input": {"instruction": "Summarise.", "input": prose, "output": "Short."},
+        "messages": {
+            "messages": [
+                {"role": "system", "content": prose[:9000]},
+                {"role": "user", "content": prose},
+                {"role": "assistant", "content": "First answer."},
+                {"role": "user", "content": prose[::-1]},
+                {"role": "assistant", "content": prose},
+            ]
+        },
+    }
+
+
+@pytest.mark.parametrize("template", ["plain", "chat"])
+@pytest.mark.parametrize("max_length", [32, 200])
+def test_13_a_long_record_keeps_the_tokens_of_whole_tokenisation(tokenizer, template, max_length):
+    from ntkselect.data.records import tokenize_batch, tokenize_record
+
+    for name, raw in _long_cases().items():
+        if template == "plain" and "messages" in raw:
+            continue
+        rec = Record(id=name, raw=raw, path="pool.jsonl", line=1)
+        whole = tokenize_record(rec, tokenizer, max_length, template, _whole=True)  # the old path: tokenise everything, then truncate
+        assert whole.truncated, name
+        assert tokenize_record(rec, tokenizer, max_length, template) == whole, name
+        short = Record(id="s", raw={"prompt": "hi", "response": "there"}, path="pool.jsonl", line=2)
+        assert tokenize_batch([short, rec, short], tokenizer, max_length, template)[1] == whole, name
+
+
+_RSS = """
+import resource, sys
+from ntkselect.data.records import Record, tokenize_records
+from ntkselect.model.loading import load_tokenizer
+tok = load_tokenizer(None)
+big = ("heart kidney the patient 12345 " * 600_000)[:16_000_000]
+recs = [Record(id=str(i), raw=raw, path="pool.jsonl", line=i + 1)
+        for i, raw in enumerate([{"text": big}, {"prompt": big, "response": "4"}, {"prompt": "Q?", "response": big}, {"prompt": "hi", "response": "there"}])]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ex, stats = tokenize_records(recs, tok, 320, sys.argv[1])
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024, stats.truncated)
+"""
+
+
+@pytest.mark.parametrize("template", ["plain", "chat"])
+def test_13_a_16_mb_record_costs_memory_bounded_by_max_length(template):
+    # before: the record was tokenised whole (ids and character offsets of ~3.2M tokens), 2.4-3.1 GB above the baseline
+    proc = subprocess.run([sys.executable, "-c", _RSS, template], capture_output=True, text=True, check=True)
+    growth_mb, truncated = map(int, proc.stdout.split())
+    assert truncated == 3 and growth_mb < 300, proc.stdout

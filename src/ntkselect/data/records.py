@@ -874,8 +874,72 @@ def _finish(ids: list[int], mask: list[bool], kind: str, where: str, max_length:
     return TokenizedExample(input_ids=ids, train_mask=mask, truncated=truncated)
 
 
-def tokenize_record(record: Record, tokenizer, max_length: int, template: str) -> TokenizedExample:
+#: a record with a text field longer than this many characters per --max-length token is tokenised
+#: from a bounded cut of its fields (:func:`_tokenize_long`); no token of an ordinary text spans that many
+LONG_CHARS_PER_TOKEN = 16
+
+
+def _longest_field(raw: dict) -> int:
+    """The length in characters of a record's longest text field (message contents included)."""
+    n = max((len(v) for v in raw.values() if isinstance(v, str)), default=0)
+    msgs = raw.get("messages")
+    if isinstance(msgs, list):
+        n = max([n, *(len(m["content"]) for m in msgs if isinstance(m, dict) and isinstance(m.get("content"), str))])
+    return n
+
+
+def _cut(record: Record, kind: str, chars: int) -> Record:
+    """The record with each text field cut to ``chars`` characters, on the side truncation keeps:
+    trained text (``text``, a response, an assistant turn and what follows the first one) keeps its
+    start; context before the first trained token (a prompt, the messages before the first assistant
+    turn) keeps its end, since the truncation window starts a quarter of --max-length before the
+    first trained token. Only for tokenising: the record itself is never changed."""
+    raw = record.raw
+    head = lambda t: t[:chars]  # noqa: E731
+    tail = lambda t: t[-chars:] if len(t) > chars else t  # noqa: E731
+    if kind == "text":
+        cut = {"text": head(_as_str(raw, "text"))}
+    elif kind == "prompt_response":
+        prompt, response = _prompt_response(raw)
+        cut = {"prompt": tail(prompt), "response": head(response)}
+    else:
+        first = next((i for i, m in enumerate(raw["messages"]) if m["role"] == "assistant"), len(raw["messages"]))
+        cut = {"messages": [{**m, "content": (tail if i < first else head)(m["content"])} for i, m in enumerate(raw["messages"])]}
+    return Record(id=record.id, raw=cut, path=record.path, line=record.line)
+
+
+def _tokenize_long(record: Record, tokenizer, max_length: int, template: str) -> TokenizedExample:
+    """:func:`tokenize_record` of a record with a very long field, in memory bounded by --max-length.
+
+    Tokenising a 16 MB field whole costs about 2.5 GB (ids and character offsets of millions of
+    tokens) to keep max_length of them. Instead the fields are cut (:func:`_cut`) to C characters,
+    C = 16 x max_length at first, and doubled until the cuts at C, C + 1 and C / 2 give the same ids,
+    mask and truncation: the tokens truncation keeps lie far from the cut, so neither a longer cut nor
+    one a character off changes them. The cut one character off matters for a field that is one long
+    word: byte-pair merges run across the whole word, so its tokens near the cut follow the cut's
+    position (a run of "a" splits by parity) and cuts at C and 2C alone can agree by accident. A record
+    whose kept tokens still move (a long word in the window, a field of fewer tokens than the window
+    needs) reaches its full length and is tokenised whole, exactly as before."""
+    _, kind, _ = _kind_and_template(record, tokenizer, max_length, template)
+    longest = _longest_field(record.raw)
+    chars = LONG_CHARS_PER_TOKEN * max_length
+    prev: TokenizedExample | None = None
+
+    def at(c: int) -> TokenizedExample:
+        return tokenize_record(_cut(record, kind, c), tokenizer, max_length, template, _whole=True)
+
+    while chars + 1 < longest:
+        ex = at(chars)
+        if ex == prev and at(chars + 1) == ex:
+            return ex
+        prev, chars = ex, 2 * chars
+    return tokenize_record(record, tokenizer, max_length, template, _whole=True)
+
+
+def tokenize_record(record: Record, tokenizer, max_length: int, template: str, _whole: bool = False) -> TokenizedExample:
     """Token ids and the trained-token mask of one record (``template``: "chat" or "plain")."""
+    if not _whole and isinstance(record.raw, dict) and _longest_field(record.raw) > LONG_CHARS_PER_TOKEN * max_length:
+        return _tokenize_long(record, tokenizer, max_length, template)
     where, kind, template = _kind_and_template(record, tokenizer, max_length, template)
     if kind == "text":
         ids = token_ids(tokenizer, _as_str(record.raw, "text"), special=True)
@@ -916,6 +980,9 @@ def tokenize_batch(records: Sequence[Record], tokenizer, max_length: int, templa
     for i, rec in enumerate(records):
         try:
             where, kind, tmpl = _kind_and_template(rec, tokenizer, max_length, template)
+            if _longest_field(rec.raw) > LONG_CHARS_PER_TOKEN * max_length:  # memory bounded by max_length, not by the field
+                out[i] = _tokenize_long(rec, tokenizer, max_length, template)
+                continue
             if kind == "text":
                 plans.append((i, where, kind, "text", len(special)))
                 special.append(_as_str(rec.raw, "text"))
