@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ntkselect.data.batching import iter_batches, make_batches
+from ntkselect.data.batching import collate, make_batches
 from ntkselect.data.records import Record, location, prompt_response, render_ids, resolve_template, token_ids
 from ntkselect.errors import NtkSelectError
 from ntkselect.model.lm import decoder_of, trained_logits
-from ntkselect.model.runtime import Runtime
+from ntkselect.model.runtime import Runtime, run_batches
 from ntkselect.progress import Progress
 from ntkselect.training.warmup import per_example_loss_and_logits
 
@@ -268,20 +268,24 @@ def heldout_loss(
     got: dict[int, np.ndarray] = {}
     batches = make_batches([len(e.input_ids) for e in examples], rt.batch_size, rt.max_batch_tokens)
     prog = Progress(desc, len(examples), enabled=rt.progress)
-    for batch in iter_batches(examples, batches, rt.pad_id, rt.padding_side):
-        batch = batch.to(rt.device)
+
+    def one(idx: list[int]) -> None:  # one batch; an out-of-memory error splits it (run_batches)
+        batch = collate([examples[i] for i in idx], idx, rt.pad_id, rt.padding_side).to(rt.device)
         with rt.autocast():
             loss, logits = per_example_loss_and_logits(model, batch)  # (B,) token-mean NLL of each example; (N, V)
-        idx = batch.index.tolist()
-        out[np.asarray(idx)] = loss.double().cpu().numpy()
+        mine: dict[int, np.ndarray] = {}
         if any(i in probes for i in idx):
             first = np.concatenate([[0], np.cumsum(ntok[idx])[:-1]])  # each example's first row of logits
             for b, i in enumerate(idx):
                 if i in probes:
                     t, toks = probes[i]
                     row = int(first[b]) + int(sum(examples[i].train_mask[1 : t + 1]))  # trained positions before t
-                    got[i] = torch.log_softmax(logits[row].float(), dim=-1)[toks].double().cpu().numpy()
+                    mine[i] = torch.log_softmax(logits[row].float(), dim=-1)[toks].double().cpu().numpy()
+        out[np.asarray(idx)] = loss.double().cpu().numpy()  # written only once the batch has succeeded
+        got.update(mine)
         prog.update(len(batch.index), batch.n_tokens)
+
+    run_batches(batches, one, rt.device, desc, lambda i: f"test record {ids[i]!r}" if ids is not None else f"test record #{i}")
     prog.close()
     ids = list(ids) if ids is not None else [str(i) for i in range(len(examples))]
     return LossResult(ids=ids, loss=out, tokens=ntok, seconds=time.perf_counter() - t0, probes=got)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,7 +17,52 @@ from ntkselect.errors import NtkSelectError
 if TYPE_CHECKING:
     from ntkselect.model.memory import MemoryCosts
 
-__all__ = ["Runtime", "check_device", "resolve_device", "resolve_precision", "cpu_has_bf16"]
+__all__ = ["Runtime", "check_device", "resolve_device", "resolve_precision", "cpu_has_bf16", "is_oom", "run_batches"]
+
+logger = logging.getLogger(__name__)
+
+
+def is_oom(err: BaseException) -> bool:
+    """An out-of-memory error of any device (CUDA's OutOfMemoryError, or a RuntimeError saying so)."""
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def run_batches(
+    batches: Sequence[Sequence[int]],
+    run: Callable[[list[int]], None],
+    device: torch.device,
+    desc: str,
+    label: Callable[[int], str] = lambda i: f"example #{i}",
+    hint: str = "lower --max-length",
+) -> int:
+    """``run(idx)`` for each batch of example indices, in order; on out-of-memory, the batch is split
+    in halves and retried (and every later batch is capped at that size), down to one example, where
+    the error is one line naming the example and ``hint``. ``run`` must write its results only after
+    its computation succeeded (an out-of-memory error then leaves nothing half-written), and compute
+    each example's result on its own (a forward pass: a smaller batch changes nothing but float
+    rounding in batched matmuls). Returns the batch cap in the end (the largest batch if none fell).
+
+    Stage 2's backward loop (selection/ntk/stage2.py) has the same policy with its own hooks."""
+    pending = [list(b) for b in batches]
+    cap = max((len(b) for b in pending), default=1)
+    while pending:
+        idx = pending.pop(0)
+        if len(idx) > cap:
+            pending[:0] = [idx[i : i + cap] for i in range(0, len(idx), cap)]
+            continue
+        try:
+            run(idx)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not is_oom(err):
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(idx) == 1:
+                raise NtkSelectError(f"{desc}: out of memory on a single example ({label(idx[0])}); {hint}") from None
+            cap = max(1, len(idx) // 2)
+            logger.warning(f"{desc}: out of memory with {len(idx)} examples per batch; retrying with {cap}")
+            pending.insert(0, idx)
+    return cap
 
 
 @functools.lru_cache(maxsize=1)

@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ntkselect.data.batching import iter_batches, make_batches
+from ntkselect.data.batching import collate, make_batches
 from ntkselect.errors import NtkSelectError
 from ntkselect.grads.fused import FusedLoraGradients
 from ntkselect.model.lm import final_hidden
-from ntkselect.model.runtime import Runtime
+from ntkselect.model.runtime import Runtime, run_batches
 from ntkselect.progress import Progress
 from ntkselect.runs.shards import Sharding, ShardTask, register_task
 
@@ -95,16 +95,25 @@ def embed(
     batches = make_batches([len(e.input_ids) for e in examples], rt.batch_size, rt.max_batch_tokens, fits=rt.fits("forward"))
     out = None
     prog = Progress(desc, len(examples), enabled=rt.progress)
+
+    def one(idx: list[int]) -> None:  # one batch; an out-of-memory error splits it (run_batches)
+        nonlocal out
+        batch = collate([examples[i] for i in idx], idx, rt.pad_id, rt.padding_side)
+        out = embed_batch(model, batch, rt, out, len(examples), out_path, desc, ids)
+        prog.update(len(batch.index), batch.n_tokens)
+
     with fused_forward(model):
-        for batch in iter_batches(examples, batches, rt.pad_id, rt.padding_side):
-            out = embed_batch(model, batch, rt, out, len(examples), out_path, desc, ids)
-            prog.update(len(batch.index), batch.n_tokens)
+        run_batches(batches, one, rt.device, desc, _labeller(ids))
     prog.close()
     if out is None:  # no batch ran: d (the hidden size) is only known from the first one
         raise ValueError(f"{desc}: no examples to embed")
     if isinstance(out, np.memmap):
         out.flush()
     return out
+
+
+def _labeller(ids: Sequence[str] | None):
+    return lambda i: f"example id {ids[i]!r}" if ids is not None else f"example #{i}"
 
 
 def embed_batch(model, batch, rt: Runtime, out, n: int, out_path, desc: str = "stage 1: embeddings", ids: Sequence[str] | None = None):

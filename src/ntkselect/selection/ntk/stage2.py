@@ -44,7 +44,7 @@ from ntkselect.grads.fused import flatten_grads, gradient_hooks, lora_parameters
 from ntkselect.grads.projection import AbstractProjector, chunk_bytes_for, make_projector
 from ntkselect.model.lm import summed_head, summed_logits
 from ntkselect.model.memory import gradient_pass
-from ntkselect.model.runtime import Runtime
+from ntkselect.model.runtime import Runtime, is_oom
 from ntkselect.progress import Progress
 from ntkselect.runs.shards import Sharding, ShardTask, digest, register_task
 from ntkselect.training.warmup import per_example_loss
@@ -86,10 +86,6 @@ def _check_finite(f: torch.Tensor, batch, desc: str, ids: Sequence[str] | None =
     if not torch.isfinite(f).all():
         bad = int(batch.index[int((~torch.isfinite(f)).nonzero()[0, 0])])
         raise NtkSelectError(f"{desc}: {_label(bad, ids)} gives a non-finite summed logit; check its text or use --precision float32")
-
-
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
 def backward_batches(
@@ -191,7 +187,7 @@ def _backward_loop(
                 # Σ_b f_b: examples do not interact, so each example's share of the gradient is its own
                 f.sum().backward()
             except (torch.OutOfMemoryError, RuntimeError) as err:
-                if not _is_oom(err):
+                if not is_oom(err):
                     raise
                 hooks.clear()
                 del batch
