@@ -29,7 +29,7 @@ from ntkselect.grads.fused import FusedLoraGradients, lora_parameters
 from ntkselect.model.adapters import default_target_modules
 from ntkselect.model.lm import final_hidden, trained_logits
 from ntkselect.model.memory import gradient_pass
-from ntkselect.model.runtime import Runtime
+from ntkselect.model.runtime import Runtime, is_oom
 from ntkselect.progress import Progress
 
 __all__ = ["WarmupOptions", "add_lora", "warmup", "warmup_or_resume", "WarmupRun", "per_example_loss", "warmup_pass"]
@@ -152,11 +152,38 @@ def micro_batches(examples, idx: list[int], rt: Runtime) -> list[list[int]]:
     return [[idx[j] for j in part] for part in make_batches(lengths, len(idx), None, fits=fits, trained=trained)]
 
 
-def batch_loss_and_grads(model, examples, idx: list[int], rt: Runtime, fused: bool) -> tuple[torch.Tensor, int]:
+def batch_loss_and_grads(
+    model, examples, idx: list[int], rt: Runtime, fused: bool, cap: list[int] | None = None, desc: str = "warm-up"
+) -> tuple[torch.Tensor, int]:
     """(loss, real tokens) of the batch ``idx``, with ``.grad`` set: in one pass when it fits the
     memory budget, else accumulated over micro-batches, each weighted by its share of the
-    batch's trained tokens (the same token-mean loss and gradient, up to float rounding)."""
-    parts = micro_batches(examples, idx, rt)
+    batch's trained tokens (the same token-mean loss and gradient, up to float rounding).
+
+    Out of device memory, the step is redone from scratch with micro-batches of half the size (the
+    same weighted accumulation, so the same gradient up to float rounding), down to one example,
+    where the error is one line. ``cap`` ([largest micro-batch]) carries the size that fitted to
+    the next steps, so a step that ran out of memory once is not retried at full size every time."""
+    cap = cap if cap is not None else [len(idx)]
+    while True:
+        try:
+            return _loss_and_grads_in_parts(model, examples, idx, rt, fused, cap[0])
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not is_oom(err):
+                raise
+            for p in model.parameters():
+                p.grad = None  # the failed step's partial sums
+            if rt.device.type == "cuda":
+                torch.cuda.empty_cache()
+            largest = min(cap[0], len(idx))
+            if largest <= 1:
+                longest = max(len(examples[i].input_ids) for i in idx)
+                raise NtkSelectError(f"{desc}: out of memory on a single training example ({longest} tokens); lower --max-length") from None
+            cap[0] = max(1, largest // 2)
+            logger.warning(f"{desc}: out of memory with {largest} examples per pass; accumulating over passes of {cap[0]}")
+
+
+def _loss_and_grads_in_parts(model, examples, idx: list[int], rt: Runtime, fused: bool, cap: int) -> tuple[torch.Tensor, int]:
+    parts = [q[j : j + cap] for q in micro_batches(examples, idx, rt) for j in range(0, len(q), cap)]
     if len(parts) == 1:
         batch = collate([examples[i] for i in idx], idx, rt.pad_id, rt.padding_side).to(rt.device)
         return loss_and_grads(model, batch, rt, fused), batch.n_tokens
@@ -208,8 +235,9 @@ def warmup(model, examples, opts: WarmupOptions, rt: Runtime, adam_state: dict |
     model.train()
     prog = Progress(desc, total * opts.batch_size if total else 0, enabled=rt.progress)
     losses = []
+    cap = [opts.batch_size]  # the largest pass that fits; halved on out-of-memory (batch_loss_and_grads)
     for step, idx in enumerate(warmup_batches(n, opts)):
-        loss, n_tokens = batch_loss_and_grads(model, examples, idx, rt, fused=opts.dropout == 0)
+        loss, n_tokens = batch_loss_and_grads(model, examples, idx, rt, fused=opts.dropout == 0, cap=cap, desc=desc)
         if not torch.isfinite(loss):
             raise NtkSelectError(f"warm-up: the loss became non-finite at step {step + 1}; lower --warmup-lr or use --precision float32")
         torch.nn.utils.clip_grad_norm_(params, 1.0)
