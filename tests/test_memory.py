@@ -108,3 +108,17 @@ def test_dry_run_reports_memory_by_stage_within_the_budget(tiny_model_dir, tmp_p
     assert set(mem["by_stage"]) == {"warm-up", "stage 1", "stage 2"}
     assert mem["peak"] == max(mem["by_stage"].values())
     assert 0 < mem["activations"] <= mem["budget"] and mem["process"] > 0
+
+
+def test_evaluate_budgets_for_its_second_model_on_a_gpu_only(monkeypatch):
+    # evaluate holds the selection's warmed-up model and the fine-tune's fresh one at once (issue 21)
+    from ntkselect.model.memory import GPU_FRACTION, MemoryCosts, with_second_model
+
+    monkeypatch.delenv("NTKSELECT_MEMORY_BUDGET", raising=False)
+    costs = MemoryCosts({}, budget=10e9)
+    gpu = with_second_model(costs, torch.device("cuda"), 16e9)  # an 8B model in bfloat16
+    assert gpu.budget == pytest.approx(10e9 - GPU_FRACTION * 16e9)
+    assert with_second_model(costs, torch.device("cuda"), 40e9).budget == 0.0  # never below zero
+    assert with_second_model(costs, torch.device("cpu"), 16e9) is costs  # the CPU cap stays
+    monkeypatch.setenv("NTKSELECT_MEMORY_BUDGET", "4G")
+    assert with_second_model(costs, torch.device("cuda"), 16e9) is costs  # the user's budget stays

@@ -47,8 +47,10 @@ from ntkselect.evaluation.records import RecordSet, device_label
 from ntkselect.evaluation.stats import bootstrap_indices, gap_closed, paired_bootstrap, paired_sign_flip_test
 from ntkselect.files import atomic_open, atomic_write_json, sha256_path
 from ntkselect.model.loading import MODEL_DTYPES, check_model_options, load_model, load_tokenizer
+from ntkselect.model.memory import with_second_model
 from ntkselect.pipeline import load_inputs, make_runtime, package_versions, record_group, write_selection
 from ntkselect.runs.folder import EVALUATE, Run, check_paths, open_run
+from ntkselect.runs.plan import model_facts
 from ntkselect.runs.preflight import preflight_select
 from ntkselect.runs.shards import digest
 from ntkselect.selection import SelectionContext, get_selector, selector_names
@@ -523,6 +525,10 @@ def _run_evaluation(cfg: EvalConfig, log, stack: contextlib.ExitStack) -> dict:
     assert checked is not None and out is not None  # the fine-tune uses the model; _prepare chose the folder
     rec_set = recs[0] if recs else None
     rt.memory = checked.memory  # batches sized to the memory budget (ntkselect.model.memory)
+    if rt.device.type == "cuda" and checked.memory is not None:
+        # the selection's warmed-up model and each fine-tune's fresh one are on the device at once; the preflight budgeted one
+        itemsize = torch.empty((), dtype=rt.model_dtype).element_size()
+        rt.memory = with_second_model(checked.memory, rt.device, itemsize * model_facts(base_cfg)["params"])
     recipe = cfg.recipe()
     ft_cache: dict[str, list] = {}
 

@@ -236,6 +236,19 @@ def activation_budget(device: torch.device, override: float | None = None) -> fl
     return resident / overhead(device)
 
 
+def with_second_model(memory: MemoryCosts, device: torch.device, weight_bytes: float) -> MemoryCosts:
+    """The costs with the budget of a process that holds a second model of ``weight_bytes``
+    (``evaluate``: the selection's warmed-up model and the fine-tune's fresh one at once).
+
+    On a GPU the budget is half of the free memory the preflight saw with one model loaded, so the
+    second one takes half its bytes off the budget (never below zero). On a CPU the budget is a
+    fixed cap (``CPU_BUDGET``) well below the host memory and stays; so does a budget set by
+    ``NTKSELECT_MEMORY_BUDGET``, which is the user's."""
+    if device.type != "cuda" or os.environ.get("NTKSELECT_MEMORY_BUDGET") or memory.budget == float("inf"):
+        return memory
+    return MemoryCosts(memory.passes, max(0.0, memory.budget - GPU_FRACTION * weight_bytes / overhead(device)))
+
+
 def _parse_bytes(text: str) -> float | None:
     text = text.strip().upper().removesuffix("B").removesuffix("I")
     if not text:
