@@ -124,3 +124,23 @@ def test_cuda_blocks_equal_cpu_blocks(dtype):
         assert torch.equal(got, want)
         G = torch.randn(4, D)
         torch.testing.assert_close(gpu.project(G.cuda()).cpu(), cpu.project(G), rtol=1e-4, atol=1e-3)
+
+
+def test_the_plan_counts_what_a_projection_pass_holds_on_either_device(monkeypatch):
+    # issue 21: on CUDA a pass gathers up to a quarter of the free memory of rows and makes up to 1 GiB of signs
+    # at once, which the plan used to count as one block; pass_bytes is now what both sides size from
+    from ntkselect.grads import projection as P
+
+    D, p = 21_000_000, 8192
+    R = P.RademacherProjector(D, p, seed=0)
+    cpu = P.pass_bytes(D, p, "cpu", torch.float32, rows=1000, chunk_bytes=1 << 30)
+    assert cpu == 4 * D * R.chunk_rows(1 << 30) + P.BLOCK_ROWS * p * 4 + P.BLOCK_ROWS * p // 8
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 << 30, 141 << 30))  # an H200 with 100 GiB free
+    gpu = P.pass_bytes(D, p, "cuda", torch.float32, rows=1000, chunk_bytes=1 << 30)
+    rows = R.chunk_rows(P.chunk_bytes_for("cuda", 1 << 30))
+    assert rows == (25 << 30) // (4 * D) and rows > 4 * R.chunk_rows(1 << 30)
+    g = P.group_blocks(R.n_blocks, p, torch.float32, "cuda")
+    assert g * P.BLOCK_ROWS * p * 4 <= 1 << 30 < (g + 1) * P.BLOCK_ROWS * p * 4  # the group generation makes
+    assert gpu == 4 * D * rows + int(g * P.BLOCK_ROWS * p * 4 * (1 + P.GENERATION_OVERHEAD))
+    assert gpu > 20 * cpu  # what the plan missed on a GPU
+    assert P.pass_bytes(D, 0, "cuda", torch.float32, rows=3, chunk_bytes=1 << 30) == 3 * 4 * D  # no projection: the rows only

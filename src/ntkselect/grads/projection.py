@@ -32,7 +32,17 @@ import torch
 
 from ntkselect.grads.fused import flatten_grads, unflatten_grads
 
-__all__ = ["AbstractProjector", "RademacherProjector", "NoOpProjector", "make_projector", "philox4x64", "chunk_bytes_for", "BLOCK_ROWS", "PAPER_PROJ_DIM"]
+__all__ = [
+    "AbstractProjector",
+    "RademacherProjector",
+    "NoOpProjector",
+    "make_projector",
+    "philox4x64",
+    "chunk_bytes_for",
+    "pass_bytes",
+    "BLOCK_ROWS",
+    "PAPER_PROJ_DIM",
+]
 
 BLOCK_ROWS = 1024
 PAPER_PROJ_DIM = 8192  # the paper's p
@@ -197,6 +207,39 @@ def chunk_bytes_for(device: str | torch.device, default: int) -> int:
     return max(default, free // 4)
 
 
+#: device bytes that generating a group of signs holds per byte of signs, beyond the signs themselves:
+#: the int32 byte indices (a quarter of bfloat16 signs) and the Philox words with their rounds'
+#: int64 temporaries (about 6 words per 16 bytes of bfloat16 signs); estimated from _torch_signs' tensors
+GENERATION_OVERHEAD = 0.625
+
+
+def group_blocks(n_blocks: int, proj_dim: int, dtype: torch.dtype, device: str | torch.device) -> int:
+    """How many blocks one generation makes at a time: one on the CPU (numpy makes them one by one),
+    on CUDA as many as fit in ``_DEVICE_GROUP_BYTES`` of signs."""
+    if torch.device(device).type == "cpu":
+        return 1
+    per_block = BLOCK_ROWS * proj_dim * torch.finfo(dtype).bits // 8
+    return max(1, min(n_blocks, _DEVICE_GROUP_BYTES // per_block))
+
+
+def pass_bytes(dim: int, proj_dim: int, device: str | torch.device, dtype: torch.dtype, rows: int, chunk_bytes: int) -> int:
+    """Bytes one pass over R holds at most on ``device``, besides the model: the per-example gradients
+    gathered for it (``rows`` of them, at most :func:`chunk_bytes_for` ``(device, chunk_bytes)``, float32)
+    and the signs being made (:func:`group_blocks` blocks, with their generation's temporaries on CUDA;
+    one block and its bytes on the CPU). The dry run's plan counts projections with this, from the
+    same sizes the passes use, so the two cannot drift apart."""
+    per_row = 4 * dim
+    gather = per_row * max(1, min(rows, chunk_bytes_for(device, chunk_bytes) // per_row))
+    if not proj_dim:
+        return gather
+    itemsize = torch.finfo(dtype).bits // 8
+    per_block = BLOCK_ROWS * proj_dim * itemsize
+    if torch.device(device).type == "cpu":
+        return gather + per_block + BLOCK_ROWS * proj_dim // 8  # the block and numpy's bytes of it
+    g = group_blocks(math.ceil(dim / BLOCK_ROWS), proj_dim, dtype, device)
+    return gather + int(g * per_block * (1 + GENERATION_OVERHEAD))
+
+
 def make_projector(dim: int, proj_dim: int = 0, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> AbstractProjector:
     """The projection to ``proj_dim`` dimensions: the identity for 0, else the seeded Rademacher one."""
     if proj_dim == 0:
@@ -239,10 +282,7 @@ class RademacherProjector(AbstractProjector):
     def group(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """How many blocks one :meth:`blocks` call makes at a time on this projector's device
         (one on the CPU, where numpy makes them one by one anyway)."""
-        if self.device.type == "cpu":
-            return 1
-        per_block = BLOCK_ROWS * self.proj_dim * torch.finfo(dtype).bits // 8
-        return max(1, min(self.n_blocks, _DEVICE_GROUP_BYTES // per_block))
+        return group_blocks(self.n_blocks, self.proj_dim, dtype, self.device)
 
     def blocks(self, first: int, count: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """Rows of blocks first .. first + count - 1 of R, ∩ [0, D), as one (rows, p) ±1 tensor

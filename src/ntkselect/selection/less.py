@@ -18,7 +18,7 @@ from ntkselect.config import SelectConfig
 from ntkselect.data.pool import ids_of, lengths_of
 from ntkselect.errors import NtkSelectError
 from ntkselect.grads.fused import flatten_grads, lora_parameters
-from ntkselect.grads.projection import BLOCK_ROWS, make_projector
+from ntkselect.grads.projection import make_projector, pass_bytes
 from ntkselect.runs.shards import ShardTask
 from ntkselect.selection.base import Ranking, SelectionContext, Selector, ordered
 from ntkselect.selection.ntk.stage2 import projected_features
@@ -89,7 +89,7 @@ def less_cost(plan) -> None:
         extra_seconds=passes * math.ceil(D / block_rows) * block_s,
     )
     plan.activations["less"] = plan.worst("less", less_b)
-    plan.projection_bytes = 4 * chunk * D + 4 * BLOCK_ROWS * proj + 4 * 4 * D  # chunk, block, Adam m, v
+    plan.projection_bytes = pass_bytes(D, proj, plan.device, torch.float32, max(n_dom, n_pool), CHUNK_BYTES) + 4 * 4 * D  # chunk, signs, Adam m, v
     plan.temporary["less_features"] = n_pool * proj * 4  # (n_pool, p) float32 memmap, temporary
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import math
 import time
 
+import torch
+
 from ntkselect.data.pool import ids_of
-from ntkselect.grads.projection import BLOCK_ROWS
+from ntkselect.grads.projection import pass_bytes
 from ntkselect.selection.base import Ranking, SelectionContext, Selector, ordered
 from ntkselect.selection.ntk.stage1 import preselect, vote_degeneracy
 from ntkselect.selection.ntk.stage2 import SCORE, run_stage2
@@ -35,7 +37,8 @@ def ntk_cost(plan) -> None:
     plan.stage("stage 2", "forward+backward", plan.dom_stats.tokens + m * mean_pool, plan.padded(dom_b) + m * mean_pad, extra_seconds=extra_s)
     # the candidates are M of the pool, known after stage 1: the pool's worst batch bounds theirs
     plan.activations["stage 2"] = max(plan.worst("sum", dom_b), plan.worst("dot", pool_b))
-    plan.projection_bytes = 4 * 2 * D + (4 * BLOCK_ROWS * proj if proj else 0)  # ḡ_D and v (+ one block)
+    # ḡ_D and v, and with a projection its pass over the M candidates (gathered rows and the signs being made)
+    plan.projection_bytes = 4 * 2 * D + (pass_bytes(D, proj, plan.device, torch.float32, m, 1 << 30) if proj else 0)
 
 
 @register_selector(

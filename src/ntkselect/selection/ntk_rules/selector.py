@@ -26,11 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ntkselect.config import SelectConfig
 from ntkselect.data.pool import ids_of
 from ntkselect.grads.fused import lora_parameters
-from ntkselect.grads.projection import BLOCK_ROWS
+from ntkselect.grads.projection import pass_bytes
 from ntkselect.selection.base import Ranking, SelectionContext, Selector
 from ntkselect.selection.ntk.stage1 import preselect, vote_degeneracy
 from ntkselect.selection.ntk_rules.features import FEATURES, FeaturePayload, features_of
@@ -110,7 +111,7 @@ def rules_cost(plan) -> None:
         extra_seconds=extra_s,
     )
     plan.activations["features"] = max(plan.worst(kind, dom_b), plan.worst(kind, pool_b))
-    plan.projection_bytes = 4 * chunk * D + (4 * BLOCK_ROWS * p if p else 0)
+    plan.projection_bytes = pass_bytes(D, p, plan.device, torch.float32, G * max(n_dom, m), CHUNK_BYTES)
     plan.temporary["rule_features"] = 4 * m * q  # (M, G p) float32 shards
 
 

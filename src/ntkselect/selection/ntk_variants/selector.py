@@ -43,10 +43,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ntkselect.config import SelectConfig
 from ntkselect.data.pool import ids_of
-from ntkselect.grads.projection import BLOCK_ROWS, make_projector
+from ntkselect.grads.projection import make_projector, pass_bytes
 from ntkselect.selection.base import Ranking, SelectionContext, Selector, ordered
 from ntkselect.selection.ntk.stage1 import preselect, vote_degeneracy
 from ntkselect.selection.ntk_variants.diversity import diverse_order, unit_features
@@ -151,7 +152,7 @@ def variant_cost(plan) -> None:
     tokens = C * G * (dom_passes * plan.dom_stats.tokens + m * mean_pool)
     plan.stage("stage 2", "forward+backward", tokens, C * G * (dom_passes * plan.padded(dom_b) + m * mean_pad), extra_seconds=extra_s)
     plan.activations["stage 2"] = max(plan.worst(kind_dom, dom_b), plan.worst(kind_pool, pool_b))
-    plan.projection_bytes = 4 * 2 * G * D + (4 * BLOCK_ROWS * proj if proj else 0)
+    plan.projection_bytes = 4 * 2 * G * D + (pass_bytes(D, proj, plan.device, torch.float32, m * G, 1 << 30) if proj else 0)
     if var.diversity > 0:
         plan.proj_dim = DIVERSITY_DIM
         block_s, block_rows = plan.block_seconds()
@@ -166,7 +167,7 @@ def variant_cost(plan) -> None:
             extra_seconds=passes * block_s,
         )
         plan.activations["diversity"] = plan.worst(kind_pool, pool_b)
-        plan.projection_bytes = max(plan.projection_bytes, 4 * chunk * D + 4 * BLOCK_ROWS * DIVERSITY_DIM)
+        plan.projection_bytes = max(plan.projection_bytes, pass_bytes(D, DIVERSITY_DIM, plan.device, torch.float32, m * G, 1 << 30))
         plan.proj_dim = proj
 
 
