@@ -21,6 +21,7 @@ from helpers import write_jsonl
 from ntkselect.cli.main import main
 from ntkselect.data.leak import TestQuestions, split_options
 from ntkselect.data.records import Record
+from ntkselect.errors import NtkSelectError
 from ntkselect.runs import folder as runfolder
 
 RESULTS = ("selected.jsonl", "scores.jsonl", "train.jsonl")
@@ -266,6 +267,39 @@ def test_9_a_killed_run_whose_forked_workers_linger_does_not_keep_the_lock(tmp_p
     with runfolder.open_run(out, runfolder.SELECT, log=lines.append):  # not refused: the lingering child closed its copy of the lock
         pass
     assert any("took over the lock" in x for x in lines)
+
+
+def _orphan_holder(out: Path, hold: float) -> None:
+    """A run that dies (exit 9) leaving a forked worker that keeps its copy of the lock for
+    ``hold`` seconds before closing it: a worker not yet scheduled after the fork, or slow to die."""
+    code = (
+        "import os, sys, time\nfrom ntkselect.runs import folder\n"
+        "with folder.open_run(sys.argv[1], folder.SELECT, log=lambda _: None):\n"
+        "    fds = list(folder._HELD); folder._HELD.clear()\n"  # so that the child keeps its copy
+        "    if os.fork() == 0:\n"
+        "        time.sleep(float(sys.argv[2])); [os.close(f) for f in fds]; time.sleep(5); os._exit(0)\n"
+        "    os._exit(9)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code, str(out), str(hold)]).returncode == 9
+
+
+def test_9_a_dead_runs_lock_still_held_by_its_worker_for_a_moment_is_waited_for(tmp_path):
+    out = tmp_path / "run"
+    _orphan_holder(out, hold=1.5)
+    lines: list[str] = []
+    t0 = time.monotonic()
+    with runfolder.open_run(out, runfolder.SELECT, log=lines.append):
+        pass
+    assert time.monotonic() - t0 >= 1.0 and any("took over the lock" in x for x in lines)
+
+
+def test_9_a_dead_runs_lock_held_longer_than_the_grace_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(runfolder, "ORPHAN_GRACE", 0.5)
+    out = tmp_path / "run"
+    _orphan_holder(out, hold=10)
+    with pytest.raises(NtkSelectError, match="is in use by another ntkselect run"):
+        with runfolder.open_run(out, runfolder.SELECT, log=lambda _: None):
+            pass
 
 
 def test_9_without_flock_another_hosts_lock_is_stale_once_its_heartbeat_is_old(tmp_path, monkeypatch):

@@ -63,6 +63,7 @@ LOCK = ".ntkselect.lock"
 RECORD = ".ntkselect.json"
 HEARTBEAT = 30.0  # seconds between touches of a held lock file
 STALE_AFTER = 600.0  # without flock: a lock of another host not touched for this long is stale
+ORPHAN_GRACE = 10.0  # seconds a lock may stay held after its run died (forked workers closing their copies)
 _TMP_CHARS = "[a-z0-9_]{8}"  # tempfile's random names
 
 
@@ -227,6 +228,7 @@ class _Lock:
         except ImportError:  # not a POSIX system: the pid in the file decides
             fcntl = None  # type: ignore[assignment]
         self.path = out / LOCK
+        orphan_until = time.monotonic() + ORPHAN_GRACE
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)  # never through a symlink
             try:
@@ -237,6 +239,11 @@ class _Lock:
             except BlockingIOError:
                 info = _read_lock(fd)
                 os.close(fd)
+                if info.get("host") == socket.gethostname() and not _alive(info, None) and time.monotonic() < orphan_until:
+                    # held, yet its run is dead: a worker it forked that has not yet been scheduled
+                    # to close its copy of the lock (at fork), or is being killed; wait a moment
+                    time.sleep(0.05)
+                    continue
                 raise _busy(self.path, info, flag, out, unsure=False) from None
             except OSError as err:
                 if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
