@@ -94,14 +94,27 @@ def test_3_bm25_on_a_pool_without_a_word_is_one_line_and_no_shared_word_warns(fi
 # ----------------------------------------------------------------- 4: Ctrl-C twice, SIGTERM
 
 
-def _pool_big(path: Path, n: int = 6000) -> Path:
+def _pool_big(path: Path, n: int = 60000) -> Path:
+    # large enough that the load lasts seconds even on a fast machine: a test starved of CPU for a
+    # moment must still find it loading when its signal arrives (with 6000 records, a run under
+    # load once finished before the signal and exited 0)
     return write_jsonl(path, [{"prompt": f"Item {i}: say something about {i % 97} things.", "response": f"Thing {i} is said. " * 3} for i in range(n)])
 
 
 def _start_load(files, model, out, pool):
     args = sel(model, out, files["domain"], pool, n=2)
     args[args.index("--threads") + 1] = "2"  # forked workers in the pool pass, as on a real machine
-    proc = subprocess.Popen([sys.executable, "-m", "ntkselect", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ntkselect", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        # as from a terminal: a test run started in the background (`cmd &`, nohup) ignores SIGINT,
+        # its children inherit that, and Python keeps an inherited SIGINT ignored (the run then
+        # finished, exit 0, and this test failed only when CI ran in the background)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     while not (out.exists() and any(p.name.startswith(".ntkpool-") for p in out.iterdir())):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
