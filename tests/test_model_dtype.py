@@ -188,6 +188,8 @@ def test_device_check_smoke_mode_runs_every_phase(tmp_path):
     assert res["exactness"]["float32"]["relative_error"] < 1e-5
     assert res["exactness"]["float32"]["spearman"] == 1.0
     assert res["exactness"]["bfloat16"]["relative_error"] < 0.05
-    assert set(res["speed"]["rows"]) == {"forward", "stage1", "domain", "exact", "projected"}
+    assert set(res["speed"]["rows"]) == {"forward", "stage1", "domain", "exact", "projected", "projected_cached"}
     assert all("seconds" in r for r in res["speed"]["rows"].values())
-    assert {"stage1_throughput_vs_forward", "exact_time_vs_forward", "projected_time_vs_forward"} <= set(res["speed"]["ratios"])
+    assert {"stage1_throughput_vs_forward", "exact_time_vs_forward", "projected_time_vs_forward", "projected_cached_time_vs_forward"} <= set(
+        res["speed"]["ratios"]
+    )

@@ -40,6 +40,7 @@ __all__ = [
     "philox4x64",
     "chunk_bytes_for",
     "pass_bytes",
+    "cache_bytes_per_block",
     "BLOCK_ROWS",
     "PAPER_PROJ_DIM",
 ]
@@ -103,26 +104,42 @@ def philox4x64(counter: torch.Tensor, key0: int, key1: torch.Tensor | int) -> to
     return torch.stack(torch.broadcast_tensors(c0, c1, c2, c3), -1)
 
 
-def _numpy_signs(seed: int, first: int, count: int, proj_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Blocks first .. first + count - 1 as (count · BLOCK_ROWS · p,) ±1 on the CPU: numpy's C Philox."""
+def _numpy_bytes(seed: int, first: int, count: int, proj_dim: int) -> torch.Tensor:
+    """The generator's bytes of blocks first .. first + count - 1, (count, BLOCK_ROWS · p / 8) uint8
+    on the CPU: numpy's C Philox."""
     n_bytes = BLOCK_ROWS * proj_dim // 8  # per block; BLOCK_ROWS is a multiple of 8
-    parts = []
-    for i in range(first, first + count):
+    raw = np.empty((count, n_bytes), dtype=np.uint8)
+    for k, i in enumerate(range(first, first + count)):
         rng = np.random.Generator(np.random.Philox(key=np.array([seed, i], dtype=np.uint64)))
-        raw = np.frombuffer(rng.bytes(n_bytes), dtype=np.uint8)
-        parts.append(np.take(_SIGNS[dtype], raw, axis=0))  # (n_bytes, k) uint64 rows = 8 values each
-    return torch.from_numpy(parts[0] if count == 1 else np.concatenate(parts)).view(dtype).reshape(-1).to(device)
+        raw[k] = np.frombuffer(rng.bytes(n_bytes), dtype=np.uint8)
+    return torch.from_numpy(raw)
 
 
-def _torch_signs(seed: int, first: int, count: int, proj_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The same as :func:`_numpy_signs`, computed on ``device`` with torch ops (:func:`philox4x64`)."""
+def _torch_bytes(seed: int, first: int, count: int, proj_dim: int, device: torch.device) -> torch.Tensor:
+    """The same bytes as :func:`_numpy_bytes`, computed on ``device`` with torch ops (:func:`philox4x64`)."""
     n_bytes = BLOCK_ROWS * proj_dim // 8
     counter = torch.arange(1, n_bytes // 32 + 1, dtype=torch.int64, device=device)  # (n_calls,): 32 bytes per counter
     key1 = torch.arange(first, first + count, dtype=torch.int64, device=device).unsqueeze(1)  # (count, 1)
     words = philox4x64(counter, seed, key1)  # (count, n_calls, 4) int64; little-endian bytes = numpy's byte stream
-    raw = words.view(torch.uint8).reshape(-1).int()  # (count · n_bytes,)
-    table = torch.from_numpy(_SIGNS[dtype].view(np.int64)).to(device)  # (256, k) int64 rows = 8 values each
-    return table[raw].view(dtype).reshape(-1)  # (count · n_bytes · 8,)
+    return words.view(torch.uint8).reshape(count, n_bytes)
+
+
+def _signs(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(count, n_bytes) uint8 -> (count · n_bytes · 8,) ±1 of ``dtype`` on raw's device: one sign per bit."""
+    if raw.device.type == "cpu":
+        return torch.from_numpy(np.take(_SIGNS[dtype], raw.numpy().reshape(-1), axis=0)).view(dtype).reshape(-1)  # uint64 rows = 8 values each
+    table = torch.from_numpy(_SIGNS[dtype].view(np.int64)).to(raw.device)  # (256, k) int64 rows = 8 values each
+    return table[raw.reshape(-1).int()].view(dtype).reshape(-1)
+
+
+def _numpy_signs(seed: int, first: int, count: int, proj_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Blocks first .. first + count - 1 as (count · BLOCK_ROWS · p,) ±1 on the CPU: numpy's C Philox."""
+    return _signs(_numpy_bytes(seed, first, count, proj_dim), dtype).to(device)
+
+
+def _torch_signs(seed: int, first: int, count: int, proj_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The same as :func:`_numpy_signs`, computed on ``device`` with torch ops (:func:`philox4x64`)."""
+    return _signs(_torch_bytes(seed, first, count, proj_dim, device), dtype)
 
 
 class AbstractProjector(ABC):
@@ -213,6 +230,11 @@ def chunk_bytes_for(device: str | torch.device, default: int) -> int:
 GENERATION_OVERHEAD = 0.625
 
 
+def cache_bytes_per_block(proj_dim: int) -> int:
+    """Bytes a projector's cache keeps per block: the generator's bytes, one bit per sign."""
+    return BLOCK_ROWS * proj_dim // 8
+
+
 def group_blocks(n_blocks: int, proj_dim: int, dtype: torch.dtype, device: str | torch.device) -> int:
     """How many blocks one generation makes at a time: one on the CPU (numpy makes them one by one),
     on CUDA as many as fit in ``_DEVICE_GROUP_BYTES`` of signs."""
@@ -240,11 +262,14 @@ def pass_bytes(dim: int, proj_dim: int, device: str | torch.device, dtype: torch
     return gather + int(g * per_block * (1 + GENERATION_OVERHEAD))
 
 
-def make_projector(dim: int, proj_dim: int = 0, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> AbstractProjector:
-    """The projection to ``proj_dim`` dimensions: the identity for 0, else the seeded Rademacher one."""
+def make_projector(
+    dim: int, proj_dim: int = 0, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, cache_bytes: int = 0
+) -> AbstractProjector:
+    """The projection to ``proj_dim`` dimensions: the identity for 0, else the seeded Rademacher one
+    (keeping up to ``cache_bytes`` of its generator's bytes for later passes)."""
     if proj_dim == 0:
         return NoOpProjector(dim, device)
-    return RademacherProjector(dim, proj_dim, seed, device=device, dtype=dtype)
+    return RademacherProjector(dim, proj_dim, seed, device=device, dtype=dtype, cache_bytes=cache_bytes)
 
 
 class RademacherProjector(AbstractProjector):
@@ -254,14 +279,30 @@ class RademacherProjector(AbstractProjector):
     bfloat16 only rounds the gradients); accumulation over blocks is always float32.
     """
 
-    def __init__(self, dim: int, proj_dim: int = PAPER_PROJ_DIM, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        dim: int,
+        proj_dim: int = PAPER_PROJ_DIM,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        cache_bytes: int = 0,
+    ):
         if dim <= 0 or proj_dim <= 0:
             raise ValueError(f"dim and proj_dim must be positive (got {dim}, {proj_dim})")
         if not 0 <= seed <= _M64:
             raise ValueError(f"seed must be in [0, 2^64) (got {seed})")
+        if cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0 (got {cache_bytes})")
         self.dim, self.proj_dim, self.seed = int(dim), int(proj_dim), int(seed)
         self.device, self.dtype = torch.device(device), dtype
         self.n_blocks = math.ceil(self.dim / BLOCK_ROWS)
+        # the generator's bytes of the first blocks, kept after their first pass (one bit per sign:
+        # 1/16 of the bfloat16 signs), so that later passes only expand them. On a GPU, Philox in
+        # eager torch is what a pass costs (RESULTS.md, issue 21); expanding is a gather.
+        self.cached_blocks = min(self.n_blocks, int(cache_bytes) // cache_bytes_per_block(self.proj_dim))
+        self._cache: torch.Tensor | None = None  # (cached_blocks, BLOCK_ROWS · p / 8) uint8, made at first use
+        self._have = 0  # blocks 0 .. _have - 1 of the cache are filled (a pass visits them in order)
 
     def describe(self) -> dict:
         return {
@@ -272,6 +313,7 @@ class RademacherProjector(AbstractProjector):
             "block_rows": BLOCK_ROWS,
             "generator": "Philox4x64-10 key=(seed, block), counters from 1 (numpy Philox bytes), one sign per bit, MSB first; same on every device",
             "scale": "1/sqrt(proj_dim)",
+            "cached_blocks": self.cached_blocks,
         }
 
     def block(self, i: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -290,8 +332,33 @@ class RademacherProjector(AbstractProjector):
         if dtype not in _SIGNS:
             raise ValueError(f"projection blocks are bfloat16 or float32 (got {dtype})")
         rows = min(count * BLOCK_ROWS, self.dim - first * BLOCK_ROWS)
-        make = _numpy_signs if self.device.type == "cpu" else _torch_signs
-        return make(self.seed, first, count, self.proj_dim, dtype, self.device).reshape(count * BLOCK_ROWS, self.proj_dim)[:rows]
+        return _signs(self._bytes(first, count), dtype).to(self.device).reshape(count * BLOCK_ROWS, self.proj_dim)[:rows]
+
+    def _generate(self, first: int, count: int) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return _numpy_bytes(self.seed, first, count, self.proj_dim)
+        return _torch_bytes(self.seed, first, count, self.proj_dim, self.device)
+
+    def _bytes(self, first: int, count: int) -> torch.Tensor:
+        """(count, BLOCK_ROWS · p / 8) uint8: the generator's bytes of the blocks, from the cache
+        where it has them (filling it on the way), generated otherwise."""
+        end, nc = first + count, self.cached_blocks
+        if first >= nc:
+            return self._generate(first, count)
+        if self._cache is None:
+            self._cache = torch.empty(nc, cache_bytes_per_block(self.proj_dim), dtype=torch.uint8, device=self.device)
+        top = min(end, nc)
+        if self._have < top:  # fill the cache up to here (from where it stops: blocks come in order)
+            lo = self._have
+            if lo < first:  # a visit that skips ahead: fill the gap too, so the cache stays a prefix
+                self._cache[lo:first] = self._generate(lo, first - lo)
+                lo = first
+            self._cache[lo:top] = self._generate(lo, top - lo)
+            self._have = top
+        head = self._cache[first:top]
+        if top == end:
+            return head
+        return torch.cat([head, self._generate(top, end - top)])
 
     def _groups(self, dtype: torch.dtype):
         """(rows slice, blocks) for one pass over R, :meth:`group` blocks at a time."""
