@@ -348,12 +348,8 @@ class RademacherProjector(AbstractProjector):
         if self._cache is None:
             self._cache = torch.empty(nc, cache_bytes_per_block(self.proj_dim), dtype=torch.uint8, device=self.device)
         top = min(end, nc)
-        if self._have < top:  # fill the cache up to here (from where it stops: blocks come in order)
-            lo = self._have
-            if lo < first:  # a visit that skips ahead: fill the gap too, so the cache stays a prefix
-                self._cache[lo:first] = self._generate(lo, first - lo)
-                lo = first
-            self._cache[lo:top] = self._generate(lo, top - lo)
+        if self._have < top:  # fill from where it stops up to here (a gap too, so the cache stays a prefix)
+            self._cache[self._have : top] = self._generate(self._have, top - self._have)
             self._have = top
         head = self._cache[first:top]
         if top == end:
